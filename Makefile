@@ -1,0 +1,37 @@
+# mohico: two commands on a fresh machine -> `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+# pip prints one harmless "Location ... is ignored" line per package on this machine.
+QUIET_PIP := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[mohico] installing into $(VENV) (first time: ~2 min, ~6.5 GB)"
+	@set -o pipefail; $(PIP) install -q -c constraints.txt -e '.[dev]' $(QUIET_PIP)
+	@$(PY) -c "import torch, deepspeed, nvidia.dali, webdataset, wandb, cv2, av, omegaconf" \
+	  || { echo "[mohico] install is incomplete: see the pip output above"; exit 1; }
+	@touch $(STAMP)
+
+demo: venv
+	@DEMO_DIR=$(DEMO_DIR) PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+test: venv
+	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+
+test-fast: venv
+	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests
+
+bench: venv
+	@PATH=$(VENV)/bin:$$PATH bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(DEMO_DIR) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from mohico.launcher.cli import main
+
+sys.exit(main())

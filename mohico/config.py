@@ -1,0 +1,472 @@
+"""Typed experiment configs: one dataclass per component, loaded from YAML with OmegaConf.
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides=["optim.lr=0.02"])
+
+A YAML file may inherit from others with a top-level ``defaults:`` list (paths relative to
+the file); later files and then the command-line overrides win. YAML is parsed with
+OmegaConf's safe loader, ``${...}`` interpolations are resolved, and the result is checked
+against the dataclasses below: an unknown key or a wrong type fails with a
+:class:`ConfigError` naming the key, the file that set it and the closest valid key.
+Cross-field rules (per-method defaults, the MAL/ZeRO-3 restriction, ...) are checked in
+:func:`validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from mohico.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- components
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"          # checkpoints, resolved config, W&B files and logs live here
+    name: str = ""                     # human name (defaults to the directory's basename)
+
+
+@dataclass
+class AugmentConfig:
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # b, c, s, hue
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    flip_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                   # brace pattern, directory or file list of shard tars
+    batch_size: int = 8                # videos per rank per step
+    num_workers: int = 2               # loader worker processes per rank
+    shuffle_buffer: int = 64           # samples held for shuffling
+    resampled: bool = True             # infinite multi-epoch stream (webdataset resampling)
+    clip_len: int = 16                 # frames per clip (T)
+    frame_stride: int = 2              # take every n-th frame
+    crop_size: int = 112               # output H = W
+    motion_size: int = 14              # motion targets are (T, motion_size, motion_size)
+    decoder: Literal["auto", "dali", "pyav"] = "auto"   # auto: DALI if the codec decodes on this device
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    mean: list[float] = field(default_factory=lambda: [0.45, 0.45, 0.45])
+    std: list[float] = field(default_factory=lambda: [0.225, 0.225, 0.225])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SamplingConfig:
+    # MCL motion-focused temporal sampling
+    motion_prob: float = 0.7           # p of drawing the pair among clips at/above the median T-motion
+    # HiCo gradual temporal sampling
+    delta: float = 1.0                 # Delta (seconds, centre to centre) reached at the end of training
+    gradual: bool = True               # delta_max = progress * Delta; False: always Delta
+    far_min_gap: float = 0.0           # v_k at least this many seconds from v_i (0: anywhere)
+    # MCL motion-focused spatial cropping
+    crop_percentile: float = 90.0
+    crop_coverage: float = 0.8
+    crop_area: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_aspect: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    crop_max_sizes: int = 20
+    crop_max_positions: int = 40
+    motion_crop: bool = True           # False: plain random resized crop
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "r2plus1d_18"      # a name of mohico.models.backbones.BACKBONES
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    proj_dim: int = 128                # contrastive embedding size
+    proj_hidden: int = 0               # 0: the backbone's output size
+
+
+@dataclass
+class MALConfig:
+    variant: Literal["feature_map", "weighted_feature_map", "weighted_gradient_map"] = "weighted_gradient_map"
+    st: bool = True
+    s: bool = True
+    t: bool = True
+    warmup_weight: float = 2.0         # lambda during warm-up
+    weight: float = 1.0                # lambda after
+    warmup_epochs: float = 5.0
+
+
+@dataclass
+class MCLConfig:
+    weight: float = 0.0                # 0 disables the objective
+    tau: float = 0.1
+    momentum: float = 0.999            # EMA of the key encoder
+    bn: Literal["shuffle", "sync", "none"] = "shuffle"
+    mal: MALConfig = field(default_factory=MALConfig)
+    mal_enabled: bool = True
+
+
+@dataclass
+class HiCoConfig:
+    weight: float = 0.0                # 0 disables the objective
+    tau: float = 0.1
+    visual_weight: float = 1.0
+    topical_weight: float = 1.0
+    focal_gamma: float = 0.5
+    visual_hidden: int = 0             # 0: the backbone's output size
+    use_bank: bool = True              # bank keys join the NT-Xent negatives
+
+
+@dataclass
+class ObjectivesConfig:
+    mcl: MCLConfig = field(default_factory=MCLConfig)
+    hico: HiCoConfig = field(default_factory=HiCoConfig)
+
+
+@dataclass
+class BankConfig:
+    size: int = 65536                  # K, total over all data-parallel ranks
+    dim: int = 128
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = 0.02                   # base lr (see scale_lr_with_batch)
+    scale_lr_with_batch: bool = False  # lr = base * global_batch / 256 (HiCo's LARS rule)
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    lars_eta: float = 0.001
+    warmup_epochs: float = 5.0
+    warmup_start_factor: float = 0.01  # warm-up starts at lr * this
+    min_lr: float = 1e-6               # cosine floor
+    grad_clip: float = 0.0             # max grad norm; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    steps_per_epoch: int = 100         # what one "epoch" means for epoch-based schedules
+    seed: int = 0
+    zero_stage: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    grad_accum: int = 1
+    log_every: int = 10
+    deterministic: bool = False
+    nproc: int = 1                     # local ranks for `mohico train` (--nproc)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3
+    resume: str = "auto"               # auto | never | a checkpoint path
+    force: bool = False                # load a checkpoint from a different config
+
+
+@dataclass
+class WandbConfig:
+    project: str = "mohico"
+    entity: str = ""
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"   # auto: offline without an API key
+    image_every: int = 500
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 0            # 0: one task per GPU
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    signal_seconds: int = 120          # USR1 this long before the time limit
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (with its ``defaults:`` chain), apply dotted ``overrides``, validate.
+
+    ``path=None`` starts from the dataclass defaults. Raises :class:`ConfigError`.
+    """
+    from omegaconf import OmegaConf
+
+    sources: list[tuple[str, dict]] = []          # (origin, plain dict) in merge order
+    if path is not None:
+        _collect(Path(path), sources, stack=())
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except Exception as e:  # noqa: BLE001 - omegaconf raises several types
+            raise ConfigError(f"command-line overrides: {e}") from None
+        sources.append(("command line", OmegaConf.to_container(dot, resolve=False)))
+    for origin, data in sources:
+        _check_keys(data, Config, (), origin)
+    try:
+        merged = OmegaConf.merge(*[OmegaConf.create(d) for _, d in sources]) if sources else OmegaConf.create({})
+        plain = OmegaConf.to_container(merged, resolve=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: {e}") from None
+    cfg = _build(Config, plain, (), sources)
+    validate(cfg)
+    return cfg
+
+
+def _collect(path: Path, sources: list, stack: tuple) -> None:
+    from omegaconf import OmegaConf
+
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError(f"{path}: inheritance cycle in 'defaults': {chain}")
+    if not path.is_file():
+        where = f" (inherited by {stack[-1]})" if stack else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # safe YAML loader
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    parents = data.pop("defaults", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML paths relative to this file")
+    for parent in parents:
+        _collect(path.parent / parent, sources, (*stack, path))
+    sources.append((str(path), data))
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_keys(data: Any, cls, prefix: tuple, origin: str) -> None:
+    """Unknown keys, reported per source so the message names the file that has them."""
+    if not isinstance(data, dict):
+        return
+    names = _fields(cls)
+    hints = _hints(cls)
+    for key, value in data.items():
+        dotted = ".".join((*prefix, str(key)))
+        if key not in names:
+            raise ConfigError(f"{origin}: unknown key '{dotted}'{_suggest(str(key), prefix, names)} "
+                              f"(valid keys in '{'.'.join(prefix) or 'top level'}': {', '.join(sorted(names))})")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{dotted}' must be a mapping (section {sub.__name__}), got {value!r}")
+            _check_keys(value, sub, (*prefix, str(key)), origin)
+
+
+def _suggest(key: str, prefix: tuple, names) -> str:
+    """'; did you mean 'x.y'?' from the same section, else from anywhere in the schema."""
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{'.'.join((*prefix, close[0]))}'?"
+    everywhere = _all_dotted(Config)
+    leaf = {d.rsplit(".", 1)[-1]: d for d in everywhere}
+    close = difflib.get_close_matches(key, list(leaf), n=1, cutoff=0.75)
+    return f"; did you mean '{leaf[close[0]]}'?" if close else ""
+
+
+def _all_dotted(cls, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _hints(cls).items():
+        dotted = f"{prefix}{name}"
+        out.append(dotted)
+        if dataclasses.is_dataclass(tp):
+            out.extend(_all_dotted(tp, dotted + "."))
+    return out
+
+
+def _origin_of(dotted: tuple, sources: list) -> str:
+    for origin, data in reversed(sources):
+        node = data
+        for part in dotted:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return origin
+    return "defaults"
+
+
+def _build(cls, data: Any, prefix: tuple, sources: list):
+    data = {} if data is None else data
+    kwargs = {}
+    for name, tp in _hints(cls).items():
+        if name not in data:
+            continue
+        kwargs[name] = _convert(tp, data[name], (*prefix, name), sources)
+    return cls(**kwargs)
+
+
+def _convert(tp, value, dotted: tuple, sources: list):
+    key = ".".join(dotted)
+
+    def bad(expect: str):
+        origin = _origin_of(dotted, sources)
+        return ConfigError(f"{origin}: '{key}' must be {expect}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted, sources)
+    org = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if org is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            origin = _origin_of(dotted, sources)
+            raise ConfigError(f"{origin}: '{key}' must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if org in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, dotted, sources)
+    if org in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {args[0].__name__ if args else 'values'}")
+        return [_convert(args[0], v, (*dotted[:-1], f"{dotted[-1]}[{i}]"), sources) for i, v in enumerate(value)] if args else list(value)
+    if org is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise bad(f"of type {tp}")  # pragma: no cover - a schema type this loader does not know
+
+
+# --------------------------------------------------------------------------- cross-field rules
+def validate(cfg: Config) -> None:
+    """Rules that span fields; each message names the key to change."""
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"'{key}': {msg}")
+
+    o = cfg.objectives
+    need(o.mcl.weight >= 0 and o.hico.weight >= 0, "objectives.*.weight", "weights must be >= 0 (0 disables)")
+    need(o.mcl.weight > 0 or o.hico.weight > 0, "objectives",
+         "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
+    for name, tau in (("mcl", o.mcl.tau), ("hico", o.hico.tau)):
+        need(tau > 0, f"objectives.{name}.tau", "must be > 0")
+    need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
+    mal_on = o.mcl.weight > 0 and o.mcl.mal_enabled
+    if mal_on:
+        need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
+             "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")
+        need(cfg.trainer.zero_stage <= 2, "trainer.zero_stage",
+             "MCL's motion alignment loss needs double backprop, which ZeRO-3 does not support: use 0, 1 or 2")
+    need(cfg.trainer.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "must be 0, 1, 2 or 3")
+    need(cfg.trainer.max_steps > 0, "trainer.max_steps", "must be > 0")
+    need(cfg.trainer.steps_per_epoch > 0, "trainer.steps_per_epoch", "must be > 0")
+    need(cfg.trainer.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
+    need(cfg.trainer.nproc >= 1, "trainer.nproc", "must be >= 1")
+    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1 (the latest checkpoint is always kept)")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.clip_len >= 1 and cfg.data.frame_stride >= 1, "data.clip_len", "clip_len and frame_stride must be >= 1")
+    need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
+    need(len(cfg.data.augment.color_jitter) == 4, "data.augment.color_jitter", "needs 4 values: brightness, contrast, saturation, hue")
+    need(len(cfg.sampling.crop_area) == 2 and 0 < cfg.sampling.crop_area[0] <= cfg.sampling.crop_area[1] <= 1,
+         "sampling.crop_area", "must be [min, max] with 0 < min <= max <= 1")
+    need(len(cfg.sampling.crop_aspect) == 2 and 0 < cfg.sampling.crop_aspect[0] <= cfg.sampling.crop_aspect[1],
+         "sampling.crop_aspect", "must be [min, max] with 0 < min <= max")
+    need(0 < cfg.sampling.crop_coverage <= 1, "sampling.crop_coverage", "must lie in (0, 1]")
+    need(0 <= cfg.sampling.crop_percentile < 100, "sampling.crop_percentile", "must lie in [0, 100)")
+    need(0 <= cfg.sampling.motion_prob <= 1, "sampling.motion_prob", "must lie in [0, 1]")
+    need(cfg.sampling.delta > 0, "sampling.delta", "must be > 0 seconds")
+    need(cfg.bank.size >= 0 and cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
+         f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
+    try:  # the backbone registry is optional until the models package exists
+        from mohico.models.backbones import BACKBONES
+    except ImportError:
+        BACKBONES = None
+    if BACKBONES is not None and cfg.model.backbone not in BACKBONES:
+        close = difflib.get_close_matches(cfg.model.backbone, list(BACKBONES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'model.backbone': unknown backbone {cfg.model.backbone!r}{hint} "
+                          f"(registered: {', '.join(sorted(BACKBONES))})")
+
+
+# --------------------------------------------------------------------------- saving
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of what changes the training trajectory (run paths, logging and slurm excluded)."""
+    d = to_dict(cfg)
+    for volatile in ("run", "wandb", "slurm"):
+        d.pop(volatile)
+    d["checkpoint"] = {}
+    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("log_every", "nproc")}
+    blob = json.dumps(d, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (temp file + rename)."""
+    from omegaconf import OmegaConf
+
+    from mohico.utils import atomic_write_text
+
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+
+
+def config_from_dict(data: dict, origin: str = "dict") -> Config:
+    """Rebuild a validated Config from :func:`to_dict` output (e.g. a checkpoint's copy)."""
+    _check_keys(data, Config, (), origin)
+    cfg = _build(Config, data, (), [(origin, data)])
+    validate(cfg)
+    return cfg

@@ -1,0 +1,12 @@
+"""`mohico shards` (not built yet in this release)."""
+from mohico.errors import NotBuiltError
+
+HELP = "shards (not built yet)"
+
+
+def add_arguments(p):
+    p.add_argument("args", nargs="*", help="arguments (the command is not built yet)")
+
+
+def run(args) -> int:
+    raise NotBuiltError("'mohico shards' is not built yet in this release")

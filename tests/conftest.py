@@ -1,0 +1,46 @@
+"""Shared test setup: CPU-only environment, W&B offline, and session-wide synthetic data.
+
+Session fixtures build data once per test run (videos, then shards) in a temp folder; tests
+that need them request ``synth_videos`` or ``synth_shards``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Environment for every test (and the subprocesses they start): CPU accelerator for
+# DeepSpeed, W&B offline unless told otherwise, a fixed torch-extensions cache.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mohico" / "torch_extensions"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+# Subprocesses started by tests run the console script from the same venv.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+@pytest.fixture(scope="session")
+def synth_videos(tmp_path_factory) -> Path:
+    """Six 8-second VP9 synthetic videos (160x120, 15 fps) with ground-truth JSON."""
+    from mohico.datasets.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, videos=6, seed=1234, codec="vp9", fps=15, size=(160, 120), duration=8.0, topics=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_videos, tmp_path_factory) -> Path:
+    """The synthetic videos written as WebDataset shards (2 shards, DALI index files, manifest)."""
+    from mohico.datasets.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(synth_videos, out, codec="vp9", short_side=112, fps=15, gop=16,
+                 max_shard_size=600_000, workers=1, flow="dis", progress=False)
+    return out
