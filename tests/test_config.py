@@ -1,0 +1,162 @@
+"""Config loading: inheritance, overrides, validation messages, saving."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mohico.config import Config, config_from_dict, config_hash, load_config, save_config, to_dict
+from mohico.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = ["base.yaml", "tiny_cpu.yaml", "mcl_r2plus1d_k400.yaml", "hico_s3d_uk400.yaml", "msnet_r50.yaml"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_paper_hyperparameters():
+    mcl = load_config(ROOT / "configs" / "mcl_r2plus1d_k400.yaml")
+    assert (mcl.bank.size, mcl.objectives.mcl.tau, mcl.objectives.mcl.momentum) == (131072, 0.1, 0.999)
+    assert (mcl.optim.name, mcl.optim.lr, mcl.optim.weight_decay, mcl.optim.min_lr) == ("sgd", 0.02, 1e-4, 1e-6)
+    assert (mcl.data.clip_len, mcl.data.frame_stride, mcl.data.crop_size) == (16, 2, 224)
+    assert (mcl.objectives.mcl.mal.warmup_weight, mcl.objectives.mcl.mal.weight) == (2.0, 1.0)
+    assert mcl.objectives.mcl.mal.variant == "weighted_gradient_map"
+    hico = load_config(ROOT / "configs" / "hico_s3d_uk400.yaml")
+    assert hico.objectives.mcl.weight == 0 and hico.objectives.hico.weight == 1
+    assert (hico.optim.name, hico.optim.lr, hico.optim.weight_decay) == ("lars", 0.3, 1e-6)
+    assert hico.optim.scale_lr_with_batch
+    assert (hico.objectives.hico.focal_gamma, hico.sampling.delta, hico.data.frame_stride) == (0.5, 1.0, 4)
+    assert hico.sampling.crop_area == [0.324, 0.576]
+    assert hico.data.augment.color_jitter == [0.8, 0.8, 0.8, 0.2]
+    ms = load_config(ROOT / "configs" / "msnet_r50.yaml")
+    assert ms.model.backbone == "msnet_resnet50"
+    assert ms.model.backbone_options["radius"] == 7 and ms.model.backbone_options["temperature"] == 100.0
+
+
+def test_inheritance_chain_and_precedence(tmp_path):
+    write(tmp_path / "a.yaml", "optim: {lr: 0.5, momentum: 0.8}\ntrainer: {max_steps: 7}\nobjectives: {mcl: {weight: 1}}\n")
+    write(tmp_path / "b.yaml", "defaults: [a.yaml]\noptim: {lr: 0.25}\n")
+    write(tmp_path / "c.yaml", "defaults: [b.yaml]\ntrainer: {seed: 9}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["optim.momentum=0.5"])
+    assert cfg.optim.lr == 0.25           # child beats parent
+    assert cfg.optim.momentum == 0.5      # command line beats every file
+    assert cfg.trainer.max_steps == 7     # grandparent value survives
+    assert cfg.trainer.seed == 9
+
+
+def test_overrides_types_and_interpolation(tmp_path):
+    write(tmp_path / "x.yaml", "objectives: {mcl: {weight: 1}}\nrun: {dir: /tmp/r, name: 'seed-${trainer.seed}'}\n")
+    cfg = load_config(tmp_path / "x.yaml", ["trainer.seed=3", "optim.lr=0.02", "data.mean=[0.1,0.2,0.3]"])
+    assert cfg.trainer.seed == 3 and isinstance(cfg.trainer.seed, int)
+    assert cfg.optim.lr == pytest.approx(0.02)
+    assert cfg.data.mean == [0.1, 0.2, 0.3]
+    assert cfg.run.name == "seed-3"  # interpolation resolved after the overrides are merged
+
+
+def test_unknown_key_names_file_and_suggestion(tmp_path):
+    f = write(tmp_path / "bad.yaml", "objectives: {mcl: {weight: 1}}\noptim: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "bad.yaml" in msg and "did you mean 'optim.lr'" in msg
+
+
+def test_unknown_key_in_wrong_section_suggests_the_right_one(tmp_path):
+    f = write(tmp_path / "bad.yaml", "objectives: {mcl: {weight: 1}}\noptim: {zero_stage: 2}\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'trainer.zero_stage'"):
+        load_config(f)
+
+
+def test_unknown_section(tmp_path):
+    f = write(tmp_path / "bad.yaml", "objectives: {mcl: {weight: 1}}\noptimizer: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim'"):
+        load_config(f)
+
+
+def test_unknown_override_names_command_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'trainer.max_step'.*'trainer.max_steps'"):
+        load_config(ROOT / "configs" / "base.yaml", ["trainer.max_step=3"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    f = write(tmp_path / "bad.yaml", "objectives: {mcl: {weight: 1}}\ntrainer: {max_steps: lots}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "trainer.max_steps" in str(e.value) and "bad.yaml" in str(e.value) and "integer" in str(e.value)
+
+
+def test_wrong_type_from_override_names_command_line():
+    with pytest.raises(ConfigError, match=r"command line: 'trainer.deterministic' must be true or false"):
+        load_config(ROOT / "configs" / "base.yaml", ["trainer.deterministic=maybe"])
+
+
+def test_bad_choice_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim.name' must be one of .*did you mean 'lars'"):
+        load_config(ROOT / "configs" / "base.yaml", ["optim.name=lasr"])
+
+
+def test_bad_list_element_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.mean\[1\]"):
+        load_config(ROOT / "configs" / "base.yaml", ["data.mean=[0.1,x,0.3]"])
+
+
+def test_section_must_be_mapping(tmp_path):
+    f = write(tmp_path / "bad.yaml", "optim: 3\n")
+    with pytest.raises(ConfigError, match=r"'optim' must be a mapping"):
+        load_config(f)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match=r"trainer.zero_stage.*double backprop"):
+        load_config(ROOT / "configs" / "base.yaml", ["trainer.zero_stage=3"])
+    # MAL off: ZeRO-3 is allowed
+    load_config(ROOT / "configs" / "base.yaml", ["trainer.zero_stage=3", "objectives.mcl.mal_enabled=false"])
+    with pytest.raises(ConfigError, match=r"no objective is enabled"):
+        load_config(ROOT / "configs" / "base.yaml", ["objectives.mcl.weight=0"])
+    with pytest.raises(ConfigError, match=r"bank.dim.*model.proj_dim"):
+        load_config(ROOT / "configs" / "base.yaml", ["bank.dim=64"])
+    with pytest.raises(ConfigError, match=r"sampling.crop_area"):
+        load_config(ROOT / "configs" / "base.yaml", ["sampling.crop_area=[0.9,0.2]"])
+
+
+def test_missing_file_cycle_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    write(tmp_path / "p.yaml", "defaults: [q.yaml]\n")
+    write(tmp_path / "q.yaml", "defaults: [p.yaml]\n")
+    with pytest.raises(ConfigError, match="inheritance cycle"):
+        load_config(tmp_path / "p.yaml")
+    write(tmp_path / "y.yaml", "optim: {lr: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "y.yaml")
+    write(tmp_path / "m.yaml", "defaults: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml.*inherited by"):
+        load_config(tmp_path / "m.yaml")
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    f = write(tmp_path / "evil.yaml", "run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(f)
+
+
+def test_save_round_trip_and_hash(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml")
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert to_dict(again) == to_dict(cfg)
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert config_hash(again) == config_hash(cfg)
+    # run paths and logging do not change the hash; the trajectory does
+    assert config_hash(load_config(path, ["run.dir=/elsewhere", "wandb.mode=disabled"])) == config_hash(cfg)
+    assert config_hash(load_config(path, ["optim.lr=0.123"])) != config_hash(cfg)
+    assert not list((tmp_path / "run").glob("*.tmp"))
