@@ -1,0 +1,189 @@
+"""Memory-bank NCE (MoCo/MCL, methods.md §1.4) without materialising the B x K logits.
+
+Per sample ``i`` (q, keys L2-normalised by the caller)::
+
+    L_i = -q_i.k+_i / tau + logsumexp([q_i.k+_i, q_i.bank_1, ..., q_i.bank_K] / tau)
+
+Gradients flow to ``q`` only. ``k_pos`` comes from the momentum (EMA) encoder and
+``bank_keys`` from the FIFO queue; both are constants of the step (MoCo), so they get no
+gradient even if they require it (they are used detached).
+
+Implementations (``impl=``):
+
+- ``None``: dispatch -- Triton when ``q`` is a CUDA tensor and triton imports (or when
+  ``TRITON_INTERPRET=1`` was set before the first triton kernel was built), chunked PyTorch
+  otherwise.
+- ``"torch"``: chunked PyTorch. Streams the bank in tiles of ``TILE`` rows with an online
+  max / sum; a custom autograd Function recomputes the tiles in backward (second streaming
+  pass). Peak extra memory O(B * TILE), never O(B * K).
+- ``"reference"``: naive, materialises the logits; the test oracle.
+- ``"triton"``: the fused kernels in ``bank_nce_triton.py`` (same math, same streaming).
+
+Accumulation dtype: float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
+Outputs are in the accumulation dtype (a float16 loss would lose the small differences
+that matter); ``dq`` is returned in ``q``'s dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+TILE = 4096  # bank rows per streamed tile in the chunked PyTorch path
+
+IMPLS = (None, "torch", "reference", "triton")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(q: torch.Tensor, bank_keys: torch.Tensor, k_pos: torch.Tensor | None = None) -> None:
+    if q.dim() != 2:
+        raise ValueError(f"q must be (B, d), got shape {tuple(q.shape)}")
+    if bank_keys.dim() != 2 or bank_keys.shape[1] != q.shape[1]:
+        raise ValueError(f"bank_keys must be (K, d={q.shape[1]}), got shape {tuple(bank_keys.shape)}")
+    if k_pos is not None and k_pos.shape != q.shape:
+        raise ValueError(f"k_pos must match q's shape {tuple(q.shape)}, got {tuple(k_pos.shape)}")
+    if bank_keys.device != q.device:
+        raise ValueError(f"bank_keys is on {bank_keys.device} but q is on {q.device}")
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on tensor ``t`` (CUDA, or CPU under the interpreter)."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton ships with torch's CUDA wheels
+        return False
+    return True
+
+
+def _resolve(impl: str | None, q: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl is None:
+        return "triton" if (q.is_cuda and triton_usable(q)) else "torch"
+    if impl == "triton" and not triton_usable(q):
+        raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "triton is first used (CPU interpreter); use impl='torch' instead")
+    return impl
+
+
+# ----------------------------------------------------------------------------- chunked torch
+def _lse_forward_torch(q: torch.Tensor, bank: torch.Tensor, pos: torch.Tensor | None,
+                       inv_tau: float, tile: int) -> torch.Tensor:
+    """Streaming log-sum-exp over ``[pos, q @ bank.T] * inv_tau`` (pos: (B,) logits or None).
+
+    ``q`` is already in the accumulation dtype; bank tiles are cast tile by tile.
+    """
+    B = q.shape[0]
+    if pos is None:
+        m = torch.full((B,), float("-inf"), dtype=q.dtype, device=q.device)
+        s = torch.zeros(B, dtype=q.dtype, device=q.device)
+    else:
+        m = pos * inv_tau
+        s = torch.ones(B, dtype=q.dtype, device=q.device)
+    for start in range(0, bank.shape[0], tile):
+        logits = (q @ bank[start:start + tile].to(q.dtype).T) * inv_tau  # (B, tile)
+        m_new = torch.maximum(m, logits.max(dim=1).values)
+        s = s * torch.exp(m - m_new) + torch.exp(logits - m_new[:, None]).sum(dim=1)
+        m = m_new
+    # s == 0 only for an empty set (m == -inf): log(0) = -inf, and -inf + -inf = -inf.
+    return torch.where(s > 0, m + torch.log(s), torch.full_like(m, float("-inf")))
+
+
+def _lse_backward_torch(q: torch.Tensor, bank: torch.Tensor, lse: torch.Tensor,
+                        inv_tau: float, tile: int) -> torch.Tensor:
+    """``sum_j softmax_j * bank_j`` (softmax normalised by ``lse``), streamed over tiles: (B, d)."""
+    acc = torch.zeros_like(q)
+    if bank.shape[0] == 0:
+        return acc
+    for start in range(0, bank.shape[0], tile):
+        kt = bank[start:start + tile].to(q.dtype)
+        p = torch.exp((q @ kt.T) * inv_tau - lse[:, None])  # (B, tile)
+        acc += p @ kt
+    return acc
+
+
+class _StreamingLSE(torch.autograd.Function):
+    """lse_i = logsumexp([q_i.k+_i (optional), q_i @ bank.T] / tau); grad w.r.t. q only."""
+
+    @staticmethod
+    def forward(ctx, q, k_pos, bank, tau, impl, tile):
+        acc = _acc_dtype(q.dtype)
+        inv_tau = 1.0 / float(tau)
+        q_acc = q.detach().to(acc)
+        bank = bank.detach()
+        kp = None if k_pos is None else k_pos.detach().to(acc)
+        if impl == "triton":
+            from .bank_nce_triton import lse_forward_triton
+
+            lse = lse_forward_triton(q_acc, bank, kp, inv_tau)
+        else:
+            pos = None if kp is None else (q_acc * kp).sum(dim=1)
+            lse = _lse_forward_torch(q_acc, bank, pos, inv_tau, tile)
+        ctx.save_for_backward(q_acc, kp if kp is not None else q_acc.new_empty(0), bank, lse)
+        ctx.has_pos, ctx.inv_tau, ctx.impl, ctx.tile, ctx.q_dtype = kp is not None, inv_tau, impl, tile, q.dtype
+        return lse
+
+    @staticmethod
+    def backward(ctx, g):
+        q_acc, kp, bank, lse = ctx.saved_tensors
+        kp = kp if ctx.has_pos else None
+        g = g.to(q_acc.dtype)
+        if ctx.impl == "triton":
+            from .bank_nce_triton import lse_backward_triton
+
+            dq = lse_backward_triton(q_acc, bank, kp, lse, g, ctx.inv_tau)
+        else:
+            acc = _lse_backward_torch(q_acc, bank, lse, ctx.inv_tau, ctx.tile)
+            if kp is not None:
+                p_pos = torch.exp((q_acc * kp).sum(dim=1) * ctx.inv_tau - lse)
+                acc = acc + p_pos[:, None] * kp
+            # An empty set (lse = -inf) has no gradient; keep it 0, not nan.
+            scale = torch.where(torch.isfinite(lse), g, torch.zeros_like(g)) * ctx.inv_tau
+            dq = acc * scale[:, None]
+        return dq.to(ctx.q_dtype), None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+def bank_lse(q: torch.Tensor, bank_keys: torch.Tensor, tau: float, impl: str | None = None,
+             *, tile: int = TILE) -> torch.Tensor:
+    """Partial log-sum-exp of ``q @ bank_keys.T / tau`` over one bank shard.
+
+    q: (B, d); bank_keys: (K, d), K may be 0 (returns -inf). Returns (B,) in float32
+    (float64 for float64 inputs). Differentiable w.r.t. ``q`` (d lse / dq = softmax @ bank / tau);
+    the bank gets no gradient. A distributed bank combines shards with
+    ``torch.logsumexp(torch.stack(partials), 0)`` (after an all-gather of the (B,) partials).
+    """
+    _check(q, bank_keys)
+    impl = _resolve(impl, q)
+    if impl == "reference":
+        acc = _acc_dtype(q.dtype)
+        logits = (q.to(acc) @ bank_keys.detach().to(acc).T) / tau
+        return torch.logsumexp(logits, dim=1)
+    return _StreamingLSE.apply(q, None, bank_keys, float(tau), impl, int(tile))
+
+
+def bank_nce(q: torch.Tensor, k_pos: torch.Tensor, bank_keys: torch.Tensor, tau: float,
+             impl: str | None = None, *, tile: int = TILE) -> torch.Tensor:
+    """Per-sample InfoNCE loss against one positive and a bank of negatives.
+
+    q: (B, d) queries; k_pos: (B, d) positive keys; bank_keys: (K, d) negatives (K may be 0,
+    then the loss is 0). Returns (B,) ``-q.k+/tau + logsumexp([q.k+, q @ bank.T] / tau)``
+    in float32 (float64 for float64 inputs); take ``.mean()`` for the batch loss.
+    Differentiable w.r.t. ``q`` only: dq = (sum_j softmax_j k_j - k+) / tau.
+    """
+    _check(q, bank_keys, k_pos)
+    impl = _resolve(impl, q)
+    acc = _acc_dtype(q.dtype)
+    inv_tau = 1.0 / float(tau)
+    kp = k_pos.detach().to(acc)
+    pos = (q.to(acc) * kp).sum(dim=1) * inv_tau  # (B,), differentiable w.r.t. q
+    if impl == "reference":
+        logits = torch.cat([pos[:, None], (q.to(acc) @ bank_keys.detach().to(acc).T) * inv_tau], dim=1)
+        return torch.logsumexp(logits, dim=1) - pos
+    lse = _StreamingLSE.apply(q, kp, bank_keys, float(tau), impl, int(tile))
+    return lse - pos
