@@ -1,0 +1,266 @@
+"""Video backbones and their registry.
+
+``build_backbone(name, **options)`` builds any name in ``BACKBONES``. Every backbone maps
+``x: (B, C, T, H, W)`` to a pooled embedding ``(B, D)`` (global average pool, no classifier),
+has ``out_dim == D`` and, with ``forward(x, return_features=True)``, also returns the late
+feature map MCL's motion alignment loss differentiates, ``fmap: (B, C', T', H', W')``.
+
+Which map: the output of the *last convolution of the last block, before its batch norm,
+residual add and ReLU* (methods.md section 1.3: the official MAL hook). Each backbone names it
+in ``feature_layer`` (a ``named_modules()`` path). It must sit before a non-linearity: the
+embedding is a plain mean of the last block's output, so the gradient of the embedding with
+respect to that output is the same at every position and a Grad-CAM map of it is flat.
+
+The R3D-18, R(2+1)D-18 and S3D nets here are built from torchvision's own blocks with
+torchvision's module names, so at the standard width their ``state_dict()`` is exactly
+torchvision's minus the classifier (``mohico.models.export.to_torchvision`` adds it back).
+``width`` (base channel count, 64 = standard) thins a net for tiny CPU runs. No pretrained
+weights are ever downloaded.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DSimple
+from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableConv
+from torchvision.ops.misc import Conv3dNormActivation
+
+from mohico.errors import ConfigError
+from mohico.models.motionsqueeze import msnet_resnet18, msnet_resnet50
+from mohico.models.tsm import tsm_resnet18, tsm_resnet50
+
+STANDARD_WIDTH = 64
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() != 5:
+        raise ValueError(f"a video backbone takes x: (B, C, T, H, W); got shape {tuple(x.shape)}")
+
+
+def _scaled(channels: int, width: int) -> int:
+    """A channel count of the standard (width 64) net scaled to ``width``."""
+    return max(1, round(channels * width / STANDARD_WIDTH))
+
+
+# --------------------------------------------------------------------------- VideoResNet (R3D, R(2+1)D)
+
+class _R3DStem(nn.Sequential):
+    """torchvision's BasicStem at a given width: conv 3x7x7 /(1,2,2), BN, ReLU."""
+
+    def __init__(self, width: int):
+        super().__init__(
+            nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+            nn.BatchNorm3d(width),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _R2Plus1DStem(nn.Sequential):
+    """torchvision's R2Plus1dStem at a given width: conv 1x7x7 (45 mid channels at width 64), conv 3x1x1."""
+
+    def __init__(self, width: int):
+        mid = _scaled(45, width)
+        super().__init__(
+            nn.Conv3d(3, mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.BatchNorm3d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(mid, width, kernel_size=(3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
+            nn.BatchNorm3d(width),
+            nn.ReLU(inplace=True),
+        )
+
+
+class VideoResNet(nn.Module):
+    """torchvision's VideoResNet-18 (R3D-18 or R(2+1)D-18) without the classifier, at any width.
+
+    Stages ``stem, layer1..layer4`` (torchvision's names); ``x: (B, 3, T, H, W)`` ->
+    ``emb: (B, 8 * width)``; the feature map is the pre-BN output of ``layer4[-1].conv2[0]``,
+    ``(B, 8 * width, T/8, H/16, W/16)`` (rounded up).
+    """
+
+    feature_layer = "layer4.1.conv2.0"
+
+    def __init__(self, conv_builder, stem: Callable[[int], nn.Module], torchvision_name: str,
+                 width: int = STANDARD_WIDTH, layers=(2, 2, 2, 2)):
+        super().__init__()
+        if width < 1:
+            raise ConfigError(f"backbone option 'width' must be >= 1, got {width}")
+        self.width = width
+        self.torchvision_name = torchvision_name
+        self.stem = stem(width)
+        self.inplanes = width
+        self.layer1 = self._make_layer(conv_builder, width, layers[0], stride=1)
+        self.layer2 = self._make_layer(conv_builder, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(conv_builder, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(conv_builder, 8 * width, layers[3], stride=2)
+        self.out_dim = 8 * width * BasicBlock.expansion
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, conv_builder, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv3d(self.inplanes, planes, kernel_size=1, stride=conv_builder.get_downsample_stride(stride),
+                          bias=False),
+                nn.BatchNorm3d(planes),
+            )
+        layers = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        _check_input(x)
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        for block in self.layer4[:-1]:
+            x = block(x)
+        # The last block, as torchvision's BasicBlock.forward computes it, keeping the map
+        # between its last convolution and that convolution's batch norm.
+        last = self.layer4[-1]
+        residual = x if last.downsample is None else last.downsample(x)
+        fmap = last.conv2[0](last.conv1(x))
+        x = last.relu(last.conv2[1](fmap) + residual)
+        emb = x.mean(dim=(2, 3, 4))
+        return (emb, fmap) if return_features else emb
+
+
+def r3d_18(width: int = STANDARD_WIDTH) -> VideoResNet:
+    """R3D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
+    return VideoResNet(Conv3DSimple, _R3DStem, "r3d_18", width)
+
+
+def r2plus1d_18(width: int = STANDARD_WIDTH) -> VideoResNet:
+    """R(2+1)D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
+    return VideoResNet(Conv2Plus1D, _R2Plus1DStem, "r2plus1d_18", width)
+
+
+# --------------------------------------------------------------------------- S3D
+
+# torchvision's S3D inception blocks: (b0_out, b1_mid, b1_out, b2_mid, b2_out, b3_out) at width 64.
+_S3D_BLOCKS = {
+    5: (64, 96, 128, 16, 32, 32), 6: (128, 128, 192, 32, 96, 64),
+    8: (192, 96, 208, 16, 48, 64), 9: (160, 112, 224, 24, 64, 64), 10: (128, 128, 256, 24, 64, 64),
+    11: (112, 144, 288, 32, 64, 64), 12: (256, 160, 320, 32, 128, 128),
+    14: (256, 160, 320, 32, 128, 128), 15: (384, 192, 384, 48, 128, 128),
+}
+
+
+class S3D(nn.Module):
+    """torchvision's S3D (S3D-G body) without the classifier, at any width.
+
+    ``features`` holds torchvision's 16 modules under the same indices. ``x: (B, 3, T, H, W)``
+    with ``T >= 6`` -> ``emb: (B, 16 * width)`` (1024 at the standard width), a global average
+    pool of ``features`` (torchvision's own head averages 2x7x7 windows, which equals it at
+    its 16x224x224 input). The feature map is the concatenation of the four branches of the
+    last inception block taken after their last convolution, before its BN and ReLU:
+    ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up).
+    """
+
+    feature_layer = "features.15"
+
+    def __init__(self, width: int = STANDARD_WIDTH):
+        super().__init__()
+        if width < 1:
+            raise ConfigError(f"backbone option 'width' must be >= 1, got {width}")
+        self.width = width
+        self.torchvision_name = "s3d"
+        norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
+        c = partial(_scaled, width=width)
+        modules: list[nn.Module] = [
+            TemporalSeparableConv(3, c(64), 7, 2, 3, norm),
+            nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+            Conv3dNormActivation(c(64), c(64), kernel_size=1, stride=1, norm_layer=norm),
+            TemporalSeparableConv(c(64), c(192), 3, 1, 1, norm),
+            nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        ]
+        in_planes = c(192)
+        for index in range(5, 16):
+            if index == 7:
+                modules.append(nn.MaxPool3d(kernel_size=(3, 3, 3), stride=(2, 2, 2), padding=(1, 1, 1)))
+            elif index == 13:
+                modules.append(nn.MaxPool3d(kernel_size=(2, 2, 2), stride=(2, 2, 2), padding=(0, 0, 0)))
+            else:
+                b0, b1m, b1o, b2m, b2o, b3o = (c(n) for n in _S3D_BLOCKS[index])
+                modules.append(SepInceptionBlock3D(in_planes, b0, b1m, b1o, b2m, b2o, b3o, norm))
+                in_planes = b0 + b1o + b2o + b3o
+        self.features = nn.Sequential(*modules)
+        self.out_dim = in_planes
+
+    @staticmethod
+    def _last_block(block: SepInceptionBlock3D, x: torch.Tensor):
+        """SepInceptionBlock3D.forward, also returning each branch's last conv output before BN+ReLU."""
+        branches = (  # (modules before the last Conv3dNormActivation, that Conv3dNormActivation)
+            ((), block.branch0),
+            ((block.branch1[0], block.branch1[1][0]), block.branch1[1][1]),
+            ((block.branch2[0], block.branch2[1][0]), block.branch2[1][1]),
+            ((block.branch3[0],), block.branch3[1]),
+        )
+        outs, pre = [], []
+        for prefix, last in branches:
+            h = x
+            for m in prefix:
+                h = m(h)
+            a = last[0](h)                      # conv
+            pre.append(a)
+            outs.append(last[2](last[1](a)))    # BN, ReLU
+        return torch.cat(outs, 1), torch.cat(pre, 1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        _check_input(x)
+        if x.shape[2] < 6:
+            raise ValueError(f"S3D needs clips of at least 6 frames; got T={x.shape[2]} (raise data.clip_len)")
+        x = self.features[:-1](x)
+        x, fmap = self._last_block(self.features[-1], x)
+        emb = x.mean(dim=(2, 3, 4))
+        return (emb, fmap) if return_features else emb
+
+
+def s3d(width: int = STANDARD_WIDTH) -> S3D:
+    """S3D (torchvision layout), ``out_dim = 16 * width`` (1024 at the standard width)."""
+    return S3D(width)
+
+
+# --------------------------------------------------------------------------- registry
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "r3d_18": r3d_18,
+    "r2plus1d_18": r2plus1d_18,
+    "s3d": s3d,
+    "tsm_resnet18": tsm_resnet18,
+    "tsm_resnet50": tsm_resnet50,
+    "msnet_resnet18": msnet_resnet18,
+    "msnet_resnet50": msnet_resnet50,
+}
+
+
+def _builder_options(name: str) -> list[str]:
+    """The keyword options the builder of ``name`` accepts."""
+    params = inspect.signature(BACKBONES[name]).parameters.values()
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def build_backbone(name: str, **options) -> nn.Module:
+    """Build the backbone registered as ``name`` with ``options`` (e.g. ``width=8``).
+
+    Unknown names and options raise ``ConfigError`` listing the valid ones.
+    """
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown backbone {name!r}{hint} (registered: {', '.join(sorted(BACKBONES))})")
+    valid = _builder_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"backbone {name!r} has no option(s) {', '.join(map(repr, unknown))} "
+                          f"(model.backbone_options; valid: {', '.join(valid) or 'none'})")
+    return BACKBONES[name](**options)
