@@ -1,0 +1,298 @@
+"""A FIFO memory bank of L2-normalised keys, sharded across data-parallel ranks.
+
+The bank holds ``size`` keys in total (K). With W data-parallel ranks, rank r stores K / W of
+them and only ever enqueues its own keys; keys never leave their rank. Memory per GPU is
+therefore constant as W grows (1M negatives at 64 GPUs is 16 384 keys per GPU).
+
+The NCE denominator over the whole bank (methods.md section 1.4, Eq. 10) is assembled as:
+
+1. all-gather the queries, ``Q: (B*W, d)`` (cheap: queries are small, keys are not);
+2. each rank computes the partial log-sum-exp of ``Q @ shard.T / tau`` with
+   :func:`mohico.kernels.bank_lse` -> ``lse_r: (B*W,)``;
+3. the partials are combined with a max all-reduce and a sum-exp all-reduce,
+   ``lse = m + log(sum_r exp(lse_r - m))``, and each rank keeps its own queries' rows.
+
+The positive logit ``q . k+ / tau`` is local to the query's rank, so the per-sample loss
+``logaddexp(q.k+/tau, lse) - q.k+/tau`` is finished locally (no need to gather positives).
+
+Backward (:class:`ShardedBankLSE`): the gradient of the global LSE of query j is
+``sum_r exp(lse_r,j - lse_j) * d lse_r,j / d q_j``. Each rank all-gathers the upstream
+gradients ``(B*W,)``, computes its shard's weighted contribution for all gathered queries
+``(B*W, d)`` through the kernel's own backward, and the contributions are summed with an
+all-reduce; each rank returns its own slice. (An all-reduce rather than a reduce-scatter: it
+works on every backend, gloo included, and the tensor is only ``B*W x d``.)
+
+Until the bank is full only the filled slots count as negatives (``filled``, logged as the
+bank fill). All ranks must call :meth:`MemoryBank.nce` / :meth:`MemoryBank.logits_lse` together
+with the same batch size (they are collectives).
+
+Checkpoints are per rank (:meth:`state_dict`); :meth:`MemoryBank.reshard` converts the list
+of all ranks' states to a new world size, preserving the FIFO (age) order of the keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from mohico.errors import MohicoError
+
+STATE_VERSION = 1
+
+
+def dist_info(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (the default group), or (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def all_gather_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``x: (n, ...)`` from every rank along dim 0 -> ``(n * W, ...)`` (no autograd)."""
+    _, world = dist_info(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, 0)
+
+
+def _partial_lse(q: torch.Tensor, keys: torch.Tensor, tau: float, impl: Optional[str]) -> torch.Tensor:
+    """log-sum-exp of ``q @ keys.T / tau`` per row (the kernel); ``-inf`` for an empty shard."""
+    from mohico.kernels import bank_lse
+
+    return bank_lse(q, keys, tau, impl=impl)
+
+
+class ShardedBankLSE(torch.autograd.Function):
+    """Global log-sum-exp of ``q @ bank.T / tau`` over a bank sharded across ranks.
+
+    ``q: (B, d)`` this rank's queries; ``keys: (n_r, d)`` this rank's filled shard (n_r may be
+    0). Returns ``(B,)``: for each local query, the LSE over the keys of *all* ranks.
+    Differentiable w.r.t. ``q`` only. A collective: every rank of ``group`` must call it with
+    the same ``B``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, tau, group=None, impl=None):
+        rank, world = dist_info(group)
+        b = q.shape[0]
+        gathered = all_gather_nograd(q.detach(), group)                 # (B*W, d)
+        with torch.enable_grad():
+            qg = gathered.detach().requires_grad_(True)
+            lse_r = _partial_lse(qg, keys.detach(), tau, impl)          # (B*W,), graph kept for backward
+        part = lse_r.detach()
+        if world > 1:
+            m = part.clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s = torch.exp(part - m_safe)
+            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+            lse = m_safe + torch.log(s)                                 # -inf where every shard is empty
+        else:
+            lse = part.clone()
+        ctx.graph = (qg, lse_r)
+        ctx.group, ctx.rank, ctx.world, ctx.b = group, rank, world, b
+        ctx.save_for_backward(part, lse)
+        return lse[rank * b:(rank + 1) * b].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        part, lse = ctx.saved_tensors
+        qg, lse_r = ctx.graph
+        rank, world, b = ctx.rank, ctx.world, ctx.b
+        g_all = all_gather_nograd(grad.contiguous(), ctx.group)         # (B*W,)
+        weight = torch.exp(part - lse)                                  # share of this shard in each row's LSE
+        weight = torch.where(torch.isfinite(part) & torch.isfinite(lse), weight, torch.zeros_like(weight))
+        contrib, = torch.autograd.grad(lse_r, qg, grad_outputs=g_all * weight, retain_graph=True,
+                                       allow_unused=True)
+        if contrib is None:
+            contrib = torch.zeros_like(qg)
+        if world > 1:
+            contrib = contrib.contiguous()
+            dist.all_reduce(contrib, op=dist.ReduceOp.SUM, group=ctx.group)
+        return contrib[rank * b:(rank + 1) * b].clone(), None, None, None, None
+
+
+class MemoryBank:
+    """FIFO queue of ``size`` L2-normalised keys of dimension ``dim``, sharded over ranks.
+
+    Not an ``nn.Module`` on purpose: the bank is per-rank state that DeepSpeed must neither
+    broadcast nor partition; it is saved per rank by the trainer.
+
+    Attributes: ``keys: (size / W, dim)`` this rank's shard (a ring buffer), ``ptr`` the next
+    slot to write, ``filled`` how many slots hold keys, ``shard_size``, ``rank``, ``world_size``.
+    """
+
+    def __init__(self, size: int, dim: int, group=None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, impl: Optional[str] = None):
+        self.group = group
+        self.rank, self.world_size = dist_info(group)
+        if size <= 0 or dim <= 0:
+            raise MohicoError(f"bank.size ({size}) and bank.dim ({dim}) must be > 0")
+        if size % self.world_size:
+            raise MohicoError(f"bank.size = {size} is not divisible by the data-parallel world size "
+                              f"{self.world_size}: each rank holds bank.size / world_size keys; set bank.size "
+                              f"to a multiple of {self.world_size} (e.g. {size - size % self.world_size or self.world_size})")
+        self.size, self.dim, self.impl = size, dim, impl
+        self.shard_size = size // self.world_size
+        self.keys = torch.zeros(self.shard_size, dim, dtype=dtype, device=device)
+        self.ptr = 0
+        self.filled = 0
+
+    # ------------------------------------------------------------------ queue
+    @property
+    def fill(self) -> float:
+        """Fraction of this rank's shard that holds keys (logged as the bank fill)."""
+        return self.filled / self.shard_size
+
+    def filled_keys(self) -> torch.Tensor:
+        """The keys that count as negatives, ``(filled, dim)`` (slot order, not age order)."""
+        return self.keys if self.filled == self.shard_size else self.keys[:self.filled]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Append this rank's ``keys: (n, dim)`` (L2-normalised here), evicting the oldest."""
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise MohicoError(f"MemoryBank.enqueue: keys must be (n, {self.dim}), got {tuple(keys.shape)}")
+        keys = F.normalize(keys.detach().to(self.keys.dtype), dim=1)
+        if keys.device != self.keys.device:
+            self.keys = self.keys.to(keys.device)
+        n = keys.shape[0]
+        if n >= self.shard_size:                     # only the newest shard_size survive
+            keys = keys[n - self.shard_size:]
+            self.keys.copy_(torch.roll(keys, shifts=self.ptr, dims=0))
+            self.filled = self.shard_size
+            return
+        first = min(n, self.shard_size - self.ptr)
+        self.keys[self.ptr:self.ptr + first] = keys[:first]
+        if first < n:
+            self.keys[:n - first] = keys[first:]
+        self.ptr = (self.ptr + n) % self.shard_size
+        self.filled = min(self.shard_size, self.filled + n)
+
+    def ordered_keys(self) -> torch.Tensor:
+        """This shard's keys oldest -> newest, ``(filled, dim)``."""
+        if self.filled < self.shard_size:
+            return self.keys[:self.filled]
+        return torch.cat([self.keys[self.ptr:], self.keys[:self.ptr]], 0)
+
+    # ------------------------------------------------------------------ losses
+    def _bank_for(self, q: torch.Tensor) -> torch.Tensor:
+        if self.keys.device != q.device:             # the bank follows the model's device
+            self.keys = self.keys.to(q.device)
+        return self.filled_keys()
+
+    def logits_lse(self, q: torch.Tensor, tau: float) -> torch.Tensor:
+        """``q: (B, dim)`` -> ``(B,)`` log-sum-exp of ``q @ bank.T / tau`` over the whole
+        (all ranks') filled bank; ``-inf`` if the bank is empty. Differentiable w.r.t. ``q``."""
+        keys = self._bank_for(q)
+        if self.world_size == 1:
+            return _partial_lse(q, keys, tau, self.impl)
+        return ShardedBankLSE.apply(q, keys, tau, self.group, self.impl)
+
+    def nce(self, q: torch.Tensor, k_pos: torch.Tensor, tau: float) -> torch.Tensor:
+        """Per-sample InfoNCE ``-log(e^{q.k+/tau} / (e^{q.k+/tau} + sum_bank e^{q.k/tau}))``.
+
+        ``q: (B, dim)``, ``k_pos: (B, dim)`` L2-normalised (``k_pos`` is treated as a constant)
+        -> ``(B,)``, differentiable w.r.t. ``q``. A collective when the bank is sharded.
+        """
+        keys = self._bank_for(q)
+        k_pos = k_pos.detach()
+        if self.world_size == 1:              # single shard: the fused kernel (an empty bank gives 0)
+            from mohico.kernels import bank_nce
+
+            return bank_nce(q, k_pos, keys, tau, impl=self.impl)
+        lse = self.logits_lse(q, tau)
+        pos = (q.to(lse.dtype) * k_pos.to(lse.dtype)).sum(-1) / tau
+        return torch.logaddexp(pos, lse) - pos
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """This rank's shard: keys (CPU copy), pointer, fill, rank, world size, total size."""
+        return {"version": STATE_VERSION, "keys": self.keys.detach().cpu().clone(), "ptr": self.ptr,
+                "filled": self.filled, "rank": self.rank, "world_size": self.world_size,
+                "size": self.size, "dim": self.dim}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load this rank's shard saved by :meth:`state_dict` at the same world size."""
+        _check_state(state, "MemoryBank.load_state_dict")
+        if state["size"] != self.size or state["dim"] != self.dim:
+            raise MohicoError(f"bank checkpoint holds size={state['size']}, dim={state['dim']} but this run has "
+                              f"bank.size={self.size}, bank.dim={self.dim}: use the same bank.size/bank.dim as the "
+                              f"checkpoint, or start the bank empty (do not load its state)")
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise MohicoError(f"bank checkpoint was saved by rank {state['rank']} of {state['world_size']} but this "
+                              f"is rank {self.rank} of {self.world_size}: reshard all ranks' states first with "
+                              f"MemoryBank.reshard(states, new_world_size={self.world_size})")
+        keys = state["keys"]
+        if tuple(keys.shape) != (self.shard_size, self.dim):
+            raise MohicoError(f"bank checkpoint keys have shape {tuple(keys.shape)}, expected "
+                              f"{(self.shard_size, self.dim)}: the checkpoint is corrupt or from another run")
+        if not (0 <= state["ptr"] < self.shard_size and 0 <= state["filled"] <= self.shard_size):
+            raise MohicoError(f"bank checkpoint has ptr={state['ptr']}, filled={state['filled']} outside "
+                              f"[0, {self.shard_size}]: the checkpoint is corrupt")
+        self.keys = keys.to(device=self.keys.device, dtype=self.keys.dtype).clone()
+        self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
+
+    @staticmethod
+    def reshard(states: list[dict], new_world_size: int) -> list[dict]:
+        """Convert all ranks' states (from a run with ``len(states)`` ranks) to ``new_world_size``.
+
+        Age order is kept: the ranks enqueue in lockstep, so the a-th newest key of every
+        rank is about equally old. The keys are merged newest-first, interleaving ranks
+        (rank 0's newest, rank 1's newest, ..., rank 0's second newest, ...), and dealt out
+        round-robin in the same order to the new ranks; each new shard is stored oldest ->
+        newest from slot 0. Resharding W -> W' -> W returns every rank's keys in the same
+        order. The total size is kept; ``size`` must be divisible by ``new_world_size``.
+        """
+        if not states:
+            raise MohicoError("MemoryBank.reshard: no states given")
+        for s in states:
+            _check_state(s, "MemoryBank.reshard")
+        states = sorted(states, key=lambda s: s["rank"])
+        world, size, dim = states[0]["world_size"], states[0]["size"], states[0]["dim"]
+        if [s["rank"] for s in states] != list(range(world)) or len(states) != world or \
+                any((s["world_size"], s["size"], s["dim"]) != (world, size, dim) for s in states):
+            raise MohicoError(f"MemoryBank.reshard: expected one state per rank 0..{world - 1} of the same bank "
+                              f"(size {size}, dim {dim}); got ranks {[s['rank'] for s in states]} with world sizes "
+                              f"{sorted({s['world_size'] for s in states})}: pass every rank's bank file of one checkpoint")
+        if new_world_size <= 0 or size % new_world_size:
+            raise MohicoError(f"MemoryBank.reshard: bank size {size} is not divisible by the new world size "
+                              f"{new_world_size}: change bank.size or the number of ranks")
+        newest_first = [_ordered(s).flip(0) for s in states]
+        merged = []
+        for a in range(max(len(k) for k in newest_first)):
+            merged.extend(k[a] for k in newest_first if a < len(k))
+        shard = size // new_world_size
+        dtype = states[0]["keys"].dtype
+        out = []
+        for r in range(new_world_size):
+            mine = merged[r::new_world_size]
+            keys = torch.zeros(shard, dim, dtype=dtype)
+            if mine:
+                keys[:len(mine)] = torch.stack(mine[::-1])            # oldest -> newest
+            out.append({"version": STATE_VERSION, "keys": keys, "ptr": len(mine) % shard, "filled": len(mine),
+                        "rank": r, "world_size": new_world_size, "size": size, "dim": dim})
+        return out
+
+
+def _check_state(state: dict, where: str) -> None:
+    need = {"version", "keys", "ptr", "filled", "rank", "world_size", "size", "dim"}
+    if not isinstance(state, dict) or not need <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise MohicoError(f"{where}: not a memory-bank state (expected keys {sorted(need)}, got {got})")
+    if state["version"] != STATE_VERSION:
+        raise MohicoError(f"{where}: bank state version {state['version']} is not supported (this release "
+                          f"reads version {STATE_VERSION})")
+
+
+def _ordered(state: dict) -> torch.Tensor:
+    keys, ptr, filled = state["keys"], state["ptr"], state["filled"]
+    if filled < keys.shape[0]:
+        return keys[:filled]
+    return torch.cat([keys[ptr:], keys[:ptr]], 0)
