@@ -1,0 +1,271 @@
+"""Synthetic untrimmed videos with known ground truth: the project's demo and test data.
+
+Each video has a *topic* (a family of background palettes/textures and object kinds, shared by all
+its shots and by every video of that topic) and several *shots* separated by hard cuts. A shot is a
+textured background (multi-octave value noise + oriented sinusoids, per-frame sensor noise) with an
+optional camera pan (sub-pixel translation of a larger canvas), and 0-3 textured objects moving on
+their own bouncing trajectories; motion level 0 shots are (nearly) static.
+
+``synthesize(out_dir, videos, seed, ...)`` writes ``video_{i:05d}.webm`` (VP9) or ``.mp4`` (H.264)
+and ``video_{i:05d}.json``:
+
+- ``topic``, ``topics``, ``fps``, ``num_frames``, ``width``, ``height``, ``codec``, ``file``, ``gop``,
+  ``seed``, ``index``, ``generator`` (name + version), ``cuts`` (first frame of every shot but the first);
+- ``shots``: ``[{start, end (exclusive), motion_level (0 static .. 3 fast), pan: [vx, vy], static,
+  speed (fastest motion, px/frame), noise_sigma, objects: [{id, kind, pattern, size: [w, h],
+  position: [x, y] at start, velocity: [vx, vy] at start}]}]``;
+- ``boxes[f] = [[obj_id, x, y, w, h], ...]``: boxes of the objects visible in frame ``f`` (pixel
+  coordinates of the encoded frame, clipped to it; later objects are drawn on top);
+- ``camera[f] = [tx, ty]``: cumulative background translation in px. Inside a shot
+  ``camera[f+1] - camera[f] == pan``; it does not jump at a cut.
+
+``pan`` and object velocities are motions in the image (what optical flow measures): the background
+pixel at (x, y) in frame f is at (x + vx, y + vy) in frame f + 1. Objects bounce off the frame
+borders (the velocity component flips). All motions are multiples of 1/16 px, so the JSON is exact.
+
+Deterministic: video ``i`` depends only on ``(seed, i)`` (and on ``(seed, topic)`` for its topic),
+not on how many videos are made. VP9 and H.264 outputs are byte-identical across runs (single
+encoder thread, bit-exact muxing). Frames are streamed to the encoder one at a time; each file is
+written under a temporary name and renamed, so an interrupted run leaves no partial file.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mohico.datasets.synth_scene import ShotPlan, Topic, background_canvas, make_sprite, make_topic, plan_shots
+from mohico.errors import MohicoError, UsageError
+from mohico.utils import atomic_write_json
+
+GENERATOR = "mohico-synth"
+VERSION = 1
+GOP = 16
+CODECS = {  # codec -> (extension, container format, encoder, options)
+    "vp9": (".webm", "webm", "libvpx-vp9",
+            {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0", "lag-in-frames": "0",
+             "row-mt": "0", "threads": "1", "g": str(GOP), "keyint_min": str(GOP)}),
+    "h264": (".mp4", "mp4", "libx264",
+             {"preset": "veryfast", "crf": "23", "threads": "1",
+              "x264-params": f"keyint={GOP}:min-keyint={GOP}"}),
+}
+
+
+def video_name(index: int, codec: str = "vp9") -> str:
+    return f"video_{index:05d}{CODECS[codec][0]}"
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range YUV 4:2:0 (chroma = 2x2 mean) of ``(H, W, 3)`` float RGB in 0..255.
+
+    Returns the ``(H * 3 // 2, W)`` uint8 layout of ``av.VideoFrame.from_ndarray(format="yuv420p")``.
+    Done here rather than by swscale so the encoder sees fresh, fully initialised planes (x264 output
+    was not reproducible from swscale-converted frames).
+    """
+    h, w, _ = rgb.shape
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    sub = cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA)  # exact 2x2 mean
+    r, g, b = sub[..., 0], sub[..., 1], sub[..., 2]
+    u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+    out = np.empty((h * 3 // 2, w), np.uint8)
+    out[:h] = np.clip(np.rint(y), 0, 255)
+    out[h: h + h // 4] = np.clip(np.rint(u), 0, 255).reshape(h // 4, w)
+    out[h + h // 4:] = np.clip(np.rint(v), 0, 255).reshape(h // 4, w)
+    return out
+
+
+class _ShotRenderer:
+    """Renders the frames of one shot: background canvas crop + sprites + sensor noise."""
+
+    def __init__(self, shot: ShotPlan, topic: Topic, width: int, height: int):
+        self.shot, self.width, self.height = shot, width, height
+        n = shot.end - shot.start
+        vx, vy = shot.pan
+        extra_x, extra_y = int(math.ceil(abs(vx) * (n - 1))), int(math.ceil(abs(vy) * (n - 1)))
+        self.canvas = background_canvas(shot, topic, height + extra_y + 4, width + extra_x + 4,
+                                        scale=min(width, height) / 120.0)
+        # canvas x of the visible frame's left edge at local frame k is ox - vx * k
+        self.origin = (max(vx, 0.0) * (n - 1) + 2.0, max(vy, 0.0) * (n - 1) + 2.0)
+        self.sprites = [make_sprite(o, topic) for o in shot.objects]
+        self.positions = [o.positions(n, width, height) for o in shot.objects]
+        self.noise = np.random.default_rng([shot.seed, 3])
+
+    def frame(self, k: int) -> np.ndarray:
+        """Local frame ``k`` of the shot: ``(H, W, 3)`` float32 RGB (not yet clipped)."""
+        W, H = self.width, self.height
+        vx, vy = self.shot.pan
+        center = (self.origin[0] - vx * k + (W - 1) / 2.0, self.origin[1] - vy * k + (H - 1) / 2.0)
+        img = cv2.getRectSubPix(self.canvas, (W, H), center)
+        for sprite, pos in zip(self.sprites, self.positions):
+            _paste(img, sprite, float(pos[k, 0]), float(pos[k, 1]))
+        img += self.noise.standard_normal(img.shape, dtype=np.float32) * np.float32(self.shot.noise_sigma)
+        return img
+
+
+def _paste(img: np.ndarray, sprite: np.ndarray, x: float, y: float) -> None:
+    """Alpha-composite a premultiplied RGBA sprite (1 px border) with its box's corner at (x, y)."""
+    ix, iy = math.floor(x), math.floor(y)
+    fx, fy = x - ix, y - iy
+    sh, sw = sprite.shape[:2]
+    if fx or fy:
+        m = np.float32([[1, 0, fx], [0, 1, fy]])
+        sprite = cv2.warpAffine(sprite, m, (sw, sh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    x0, y0 = ix - 1, iy - 1  # the sprite's 1 px transparent border
+    H, W = img.shape[:2]
+    a0, b0 = max(0, -x0), max(0, -y0)
+    a1, b1 = min(sw, W - x0), min(sh, H - y0)
+    if a1 <= a0 or b1 <= b0:
+        return
+    s = sprite[b0:b1, a0:a1]
+    region = img[y0 + b0: y0 + b1, x0 + a0: x0 + a1]
+    region *= 1.0 - s[..., 3:4]
+    region += s[..., :3]
+
+
+def _clip_box(obj_id: int, x: float, y: float, w: float, h: float, width: int, height: int):
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return [obj_id, x0, y0, x1 - x0, y1 - y0]
+
+
+def _ground_truth(index: int, seed: int, topic: int, topics: int, shots: list[ShotPlan], fps, width: int,
+                  height: int, codec: str, file: str) -> dict:
+    num_frames = shots[-1].end
+    boxes: list[list] = [[] for _ in range(num_frames)]
+    camera: list[list[float]] = []
+    tx = ty = 0.0
+    for shot in shots:
+        n = shot.end - shot.start
+        for k in range(n):
+            if k:
+                tx, ty = tx + shot.pan[0], ty + shot.pan[1]
+            camera.append([tx, ty])
+        for obj in shot.objects:
+            for k, (x, y) in enumerate(obj.positions(n, width, height)):
+                box = _clip_box(obj.id, float(x), float(y), float(obj.size[0]), float(obj.size[1]), width, height)
+                if box is not None:
+                    boxes[shot.start + k].append(box)
+    return {
+        "generator": {"name": GENERATOR, "version": VERSION},
+        "seed": seed, "index": index, "file": file, "codec": codec, "gop": GOP,
+        "topic": topic, "topics": topics,
+        "fps": fps, "num_frames": num_frames, "width": width, "height": height,
+        "duration": num_frames / fps,
+        "cuts": [s.start for s in shots[1:]],
+        "shots": [{
+            "start": s.start, "end": s.end, "motion_level": s.motion_level, "pan": list(s.pan),
+            "static": s.static, "speed": s.speed, "noise_sigma": round(s.noise_sigma, 4),
+            "objects": [{"id": o.id, "kind": o.kind, "pattern": o.pattern, "size": list(o.size),
+                         "position": list(o.position), "velocity": list(o.velocity)} for o in s.objects],
+        } for s in shots],
+        "boxes": boxes,
+        "camera": camera,
+    }
+
+
+def _encode(path: Path, codec: str, fps, width: int, height: int, frames) -> None:
+    """Stream ``frames`` (iterable of uint8 yuv420p arrays) into ``path`` atomically."""
+    import av
+
+    _, fmt, encoder, options = CODECS[codec]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with av.open(str(tmp), "w", format=fmt, container_options={"fflags": "+bitexact"}) as out:
+            stream = out.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001), options=dict(options))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            cc = stream.codec_context
+            cc.thread_count = 1
+            cc.colorspace = cc.color_primaries = cc.color_trc = 6  # SMPTE 170M (BT.601)
+            cc.color_range = 1  # MPEG (limited)
+            for i, yuv in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+                frame.pts = i
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def synthesize_one(out_dir: str | os.PathLike, index: int, seed: int, codec: str = "vp9", fps=15,
+                   size: tuple[int, int] = (160, 120), duration: float = 12.0, topics: int = 4) -> Path:
+    """Write video ``index`` of the dataset ``seed`` and its ground truth; returns the video path."""
+    width, height = size
+    num_frames = int(round(duration * fps))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0, index]))
+    topic_id = index % topics
+    topic = make_topic(topic_id, topics, seed)
+    shots = plan_shots(rng, num_frames, fps, width, height, topic)
+    out_dir = Path(out_dir)
+    path = out_dir / video_name(index, codec)
+
+    def frames():
+        for shot in shots:
+            renderer = _ShotRenderer(shot, topic, width, height)
+            for k in range(shot.end - shot.start):
+                yield rgb_to_yuv420p(renderer.frame(k))
+
+    _encode(path, codec, fps, width, height, frames())
+    gt = _ground_truth(index, seed, topic_id, topics, shots, fps, width, height, codec, path.name)
+    atomic_write_json(path.with_suffix(".json"), gt, indent=None)
+    return path
+
+
+def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> None:
+    def bad(msg):
+        raise UsageError(f"mohico synth: {msg}")
+
+    if not isinstance(videos, int) or videos < 1:
+        bad(f"videos must be an integer >= 1, got {videos!r}")
+    if not isinstance(seed, int) or seed < 0:
+        bad(f"seed must be an integer >= 0, got {seed!r}")
+    if codec not in CODECS:
+        bad(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    if not (isinstance(fps, (int, float)) and 0 < fps <= 240):
+        bad(f"fps must be in (0, 240], got {fps!r}")
+    try:
+        w, h = (int(v) for v in size)
+    except (TypeError, ValueError):
+        bad(f"size must be (width, height), got {size!r}")
+    if w < 32 or h < 32 or w % 2 or h % 2 or (w, h) != tuple(size):
+        bad(f"size must be even integers >= 32, got {size!r}")
+    if not (isinstance(duration, (int, float)) and duration > 0 and round(duration * fps) >= 2):
+        bad(f"duration must give at least 2 frames at {fps} fps, got {duration!r}")
+    if not isinstance(topics, int) or topics < 1:
+        bad(f"topics must be an integer >= 1, got {topics!r}")
+    if not isinstance(workers, int) or workers < 1:
+        bad(f"workers must be an integer >= 1, got {workers!r}")
+
+
+def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = "vp9", fps=15,
+               size: tuple[int, int] = (160, 120), duration: float = 12.0, topics: int = 4,
+               workers: int = 1) -> list[Path]:
+    """Write ``videos`` synthetic videos + ground truth JSON into ``out_dir``; returns the video paths.
+
+    ``workers > 1`` renders videos in that many processes (same bytes as ``workers=1``).
+    Existing files of the same names are replaced.
+    """
+    _check_args(videos, seed, codec, fps, size, duration, topics, workers)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MohicoError(f"mohico synth: cannot create output folder {out_dir}: {e}") from e
+    kwargs = dict(seed=seed, codec=codec, fps=fps, size=tuple(size), duration=float(duration), topics=topics)
+    if workers == 1 or videos == 1:
+        return [synthesize_one(out_dir, i, **kwargs) for i in range(videos)]
+    with ProcessPoolExecutor(min(workers, videos), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(synthesize_one, out_dir, i, **kwargs) for i in range(videos)]
+        return [f.result() for f in futures]
