@@ -26,6 +26,7 @@ that matter); ``dq`` is returned in ``q``'s dtype.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -49,15 +50,20 @@ def _check(q: torch.Tensor, bank_keys: torch.Tensor, k_pos: torch.Tensor | None 
         raise ValueError(f"bank_keys is on {bank_keys.device} but q is on {q.device}")
 
 
-def triton_usable(t: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on tensor ``t`` (CUDA, or CPU under the interpreter)."""
-    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return False
+def triton_usable(t: torch.Tensor, module: str = "bank_nce_triton") -> bool:
+    """True when the Triton kernels of ``mohico.kernels.<module>`` can run on tensor ``t``.
+
+    CUDA tensors need triton. CPU tensors need the kernels built by the interpreter:
+    triton decides that when the ``@triton.jit`` decorators run (module import), so
+    ``TRITON_INTERPRET=1`` must be set before the kernel module is first imported.
+    """
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - triton ships with torch's CUDA wheels
         return False
-    return True
+    mod = sys.modules.get(f"{__package__}.{module}")
+    interpreted = mod.INTERPRETED if mod is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return t.is_cuda != interpreted
 
 
 def _resolve(impl: str | None, q: torch.Tensor) -> str:
@@ -111,32 +117,34 @@ class _StreamingLSE(torch.autograd.Function):
     """lse_i = logsumexp([q_i.k+_i (optional), q_i @ bank.T] / tau); grad w.r.t. q only."""
 
     @staticmethod
-    def forward(ctx, q, k_pos, bank, tau, impl, tile):
+    def forward(ctx, q, k_pos, bank, tau, impl, tile, splits):
         acc = _acc_dtype(q.dtype)
         inv_tau = 1.0 / float(tau)
         q_acc = q.detach().to(acc)
         bank = bank.detach()
         kp = None if k_pos is None else k_pos.detach().to(acc)
-        if impl == "triton":
+        if impl == "triton":  # the kernel reads q in its own dtype and accumulates in `acc`
             from .bank_nce_triton import lse_forward_triton
 
-            lse = lse_forward_triton(q_acc, bank, kp, inv_tau)
+            q_acc = q.detach()
+            lse = lse_forward_triton(q_acc, bank, kp, inv_tau, splits=splits)
         else:
             pos = None if kp is None else (q_acc * kp).sum(dim=1)
             lse = _lse_forward_torch(q_acc, bank, pos, inv_tau, tile)
-        ctx.save_for_backward(q_acc, kp if kp is not None else q_acc.new_empty(0), bank, lse)
-        ctx.has_pos, ctx.inv_tau, ctx.impl, ctx.tile, ctx.q_dtype = kp is not None, inv_tau, impl, tile, q.dtype
+        ctx.save_for_backward(q_acc, kp if kp is not None else lse.new_empty(0), bank, lse)
+        ctx.has_pos, ctx.inv_tau, ctx.impl, ctx.tile, ctx.splits = kp is not None, inv_tau, impl, tile, splits
+        ctx.q_dtype = q.dtype
         return lse
 
     @staticmethod
     def backward(ctx, g):
         q_acc, kp, bank, lse = ctx.saved_tensors
         kp = kp if ctx.has_pos else None
-        g = g.to(q_acc.dtype)
+        g = g.to(lse.dtype)
         if ctx.impl == "triton":
             from .bank_nce_triton import lse_backward_triton
 
-            dq = lse_backward_triton(q_acc, bank, kp, lse, g, ctx.inv_tau)
+            dq = lse_backward_triton(q_acc, bank, kp, lse, g, ctx.inv_tau, splits=ctx.splits)
         else:
             acc = _lse_backward_torch(q_acc, bank, lse, ctx.inv_tau, ctx.tile)
             if kp is not None:
@@ -145,12 +153,12 @@ class _StreamingLSE(torch.autograd.Function):
             # An empty set (lse = -inf) has no gradient; keep it 0, not nan.
             scale = torch.where(torch.isfinite(lse), g, torch.zeros_like(g)) * ctx.inv_tau
             dq = acc * scale[:, None]
-        return dq.to(ctx.q_dtype), None, None, None, None, None
+        return dq.to(ctx.q_dtype), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
 def bank_lse(q: torch.Tensor, bank_keys: torch.Tensor, tau: float, impl: str | None = None,
-             *, tile: int = TILE) -> torch.Tensor:
+             *, tile: int = TILE, splits: int | None = None) -> torch.Tensor:
     """Partial log-sum-exp of ``q @ bank_keys.T / tau`` over one bank shard.
 
     q: (B, d); bank_keys: (K, d), K may be 0 (returns -inf). Returns (B,) in float32
@@ -164,17 +172,19 @@ def bank_lse(q: torch.Tensor, bank_keys: torch.Tensor, tau: float, impl: str | N
         acc = _acc_dtype(q.dtype)
         logits = (q.to(acc) @ bank_keys.detach().to(acc).T) / tau
         return torch.logsumexp(logits, dim=1)
-    return _StreamingLSE.apply(q, None, bank_keys, float(tau), impl, int(tile))
+    return _StreamingLSE.apply(q, None, bank_keys, float(tau), impl, int(tile), splits)
 
 
 def bank_nce(q: torch.Tensor, k_pos: torch.Tensor, bank_keys: torch.Tensor, tau: float,
-             impl: str | None = None, *, tile: int = TILE) -> torch.Tensor:
+             impl: str | None = None, *, tile: int = TILE, splits: int | None = None) -> torch.Tensor:
     """Per-sample InfoNCE loss against one positive and a bank of negatives.
 
     q: (B, d) queries; k_pos: (B, d) positive keys; bank_keys: (K, d) negatives (K may be 0,
     then the loss is 0). Returns (B,) ``-q.k+/tau + logsumexp([q.k+, q @ bank.T] / tau)``
     in float32 (float64 for float64 inputs); take ``.mean()`` for the batch loss.
     Differentiable w.r.t. ``q`` only: dq = (sum_j softmax_j k_j - k+) / tau.
+    ``tile`` (bank rows per step, "torch") and ``splits`` (bank ranges run in parallel,
+    "triton"; default fills the GPU) only change speed and memory, not the result.
     """
     _check(q, bank_keys, k_pos)
     impl = _resolve(impl, q)
@@ -185,5 +195,5 @@ def bank_nce(q: torch.Tensor, k_pos: torch.Tensor, bank_keys: torch.Tensor, tau:
     if impl == "reference":
         logits = torch.cat([pos[:, None], (q.to(acc) @ bank_keys.detach().to(acc).T) * inv_tau], dim=1)
         return torch.logsumexp(logits, dim=1) - pos
-    lse = _StreamingLSE.apply(q, kp, bank_keys, float(tau), impl, int(tile))
+    lse = _StreamingLSE.apply(q, kp, bank_keys, float(tau), impl, int(tile), splits)
     return lse - pos

@@ -44,8 +44,8 @@ def _resolve(impl: str | None, t: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl is None:
-        return "triton" if (t.is_cuda and triton_usable(t)) else "torch"
-    if impl == "triton" and not triton_usable(t):
+        return "triton" if (t.is_cuda and triton_usable(t, "correlation_triton")) else "torch"
+    if impl == "triton" and not triton_usable(t, "correlation_triton"):
         raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first used (CPU interpreter); use impl='torch' instead")
     return impl
