@@ -90,6 +90,7 @@ class ModelConfig:
 @dataclass
 class MALConfig:
     variant: Literal["feature_map", "weighted_feature_map", "weighted_gradient_map"] = "weighted_gradient_map"
+    channel_weights: Literal["global", "per_time"] = "global"   # w_c over the whole map (paper) or per time step (official code)
     st: bool = True
     s: bool = True
     t: bool = True
