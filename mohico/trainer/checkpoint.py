@@ -1,0 +1,343 @@
+"""Sharded, atomic, resumable checkpoints.
+
+Layout under ``run.dir/checkpoints/``::
+
+    latest                         the tag of the newest complete checkpoint (written last, atomically)
+    step_00000500/                 one DeepSpeed tag folder per checkpoint
+        mp_rank_00_model_states.pt                  module (+ key encoder), optimizer at ZeRO 0, client state
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt  ZeRO 1/2 optimizer partitions, one per rank
+        client_rank_{r:05d}.pt                       per rank: loader state, bank shard, RNG states
+        mohico_meta.json                             step, epoch, progress, world size, W&B id, config + hash
+    .tmp-step_00000500/            a checkpoint being written (never loaded; removed at start-up)
+    universal/step_00000500/       DeepSpeed universal form, made when resuming at another world size
+    zero_to_fp32.py                DeepSpeed's consolidation script (works with this layout)
+
+Atomicity: every rank writes into ``.tmp-<tag>``, fsyncs what it wrote, and meets the others at a
+barrier; only then does rank 0 rename the folder to ``<tag>`` and replace ``latest``. A crash at
+any point leaves ``latest`` on the previous complete checkpoint. The last ``checkpoint.keep``
+checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mohico.errors import MohicoError
+from mohico.utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("mohico.trainer")
+
+LATEST = "latest"
+META = "mohico_meta.json"
+TMP_PREFIX = ".tmp-"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def client_file(rank: int) -> str:
+    return f"client_rank_{rank:05d}.pt"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+# --------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU + CUDA) generator states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+def read_latest(ckdir: Path) -> str | None:
+    p = Path(ckdir) / LATEST
+    if not p.is_file():
+        return None
+    tag = p.read_text().strip()
+    return tag or None
+
+
+def complete_tags(ckdir: Path) -> list[str]:
+    """Complete checkpoint tags in step order (folders with their meta file)."""
+    ckdir = Path(ckdir)
+    if not ckdir.is_dir():
+        return []
+    tags = [p.name for p in ckdir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / META).is_file()]
+    return sorted(tags)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
+    """``(checkpoints_dir, tag)`` for a run directory, a checkpoints directory (its ``latest``)
+    or one checkpoint folder. Raises MohicoError naming the path if none is there."""
+    p = Path(path)
+    if (p / META).is_file() or (p / "mp_rank_00_model_states.pt").is_file():
+        return p.parent, p.name
+    for ckdir in (checkpoint_dir(p), p):
+        tag = read_latest(ckdir)
+        if tag is not None:
+            if not (ckdir / tag).is_dir():
+                raise MohicoError(f"{ckdir / LATEST} points to '{tag}', which does not exist in {ckdir} "
+                                  f"(complete checkpoints there: {complete_tags(ckdir) or 'none'})")
+            return ckdir, tag
+    raise MohicoError(f"no checkpoint at {p}: expected a run directory (with checkpoints/latest), a "
+                      f"checkpoints directory (with 'latest') or a checkpoint folder (with {META})")
+
+
+def read_meta(ckdir: Path, tag: str) -> dict:
+    path = Path(ckdir) / tag / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MohicoError(f"{path}: cannot read checkpoint metadata ({e}); the checkpoint is incomplete "
+                          f"or not a mohico checkpoint") from None
+
+
+def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as 'key: saved -> current'."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_difference(a, b, dotted + "."))
+        elif a != b:
+            out.append(f"{dotted}: {a!r} -> {b!r}")
+    return out
+
+
+def check_config(meta: dict, cfg, where: Path, force: bool) -> None:
+    """Refuse to resume a checkpoint written under a different config (unless ``force``)."""
+    from mohico.config import config_hash, to_dict
+
+    saved_hash, current = meta.get("config_hash"), config_hash(cfg)
+    if saved_hash == current:
+        return
+    diff = config_difference(meta.get("config", {}), to_dict(cfg))
+    diff = [d for d in diff if not d.split(":")[0].startswith(("run.", "wandb.", "slurm.", "checkpoint."))]
+    shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+    msg = (f"checkpoint {where} was written by a different config (hash {saved_hash}, this config {current}): "
+           f"{shown or 'settings differ'}")
+    if force:
+        log.warning("%s -- loading anyway because checkpoint.force=true", msg)
+        return
+    raise MohicoError(msg + ". Use a new run.dir, set checkpoint.resume=never to start over, or "
+                      "checkpoint.force=true to load it anyway.")
+
+
+# --------------------------------------------------------------------------- saving
+class Checkpointer:
+    """Saves and finds the checkpoints of one run. Every rank makes one; calls are collective."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep: int):
+        self.dir = checkpoint_dir(run_dir)
+        self.rank, self.world_size, self.keep = rank, world_size, keep
+
+    def remove_partial(self) -> None:
+        """Rank 0 deletes ``.tmp-*`` folders left by a crash during a save (collective)."""
+        if self.rank == 0 and self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                    log.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
+                    shutil.rmtree(p, ignore_errors=True)
+        _barrier()
+
+    def save(self, engine, step: int, meta: dict, rank_state: dict) -> Path:
+        """Write checkpoint ``step`` (collective): DeepSpeed's sharded files, this rank's
+        ``rank_state`` (loader, bank shard, RNG) and, from rank 0, ``meta``; then publish it."""
+        tag = tag_for(step)
+        tmp_tag = TMP_PREFIX + tag
+        tmp = self.dir / tmp_tag
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _barrier()
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"mohico": meta}, save_latest=False)
+        own = tmp / client_file(self.rank)
+        torch.save(rank_state, own)
+        if self.rank == 0:
+            atomic_write_json(tmp / META, meta)
+        for f in tmp.iterdir():   # flush what this rank wrote before the others may publish it
+            if f.name == own.name or (f"_rank_{self.rank}_" in f.name) or (self.rank == 0 and f.name.startswith("mp_rank")):
+                _fsync_file(f)
+        _fault_point("save", step, self.rank)
+        _barrier()                # every rank has finished writing
+        final = self.dir / tag
+        if self.rank == 0:
+            if final.exists():    # left by a run that crashed after the rename but before 'latest'
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            atomic_write_text(self.dir / LATEST, tag)
+            self._prune(keep_tag=tag)
+        _barrier()
+        return final
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = complete_tags(self.dir)
+        for old in tags[:-self.keep]:
+            if old != keep_tag:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+                shutil.rmtree(self.dir / "universal" / old, ignore_errors=True)
+
+    # ----------------------------------------------------------------------- resuming
+    def find_resume(self, resume: str) -> tuple[Path, str] | None:
+        """Where to resume from: ``auto`` = this run's ``latest`` (None if there is none),
+        ``never`` = None, anything else = a path for :func:`resolve_checkpoint`."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            tag = read_latest(self.dir)
+            if tag is None:
+                return None
+            if not (self.dir / tag / META).is_file():
+                raise MohicoError(f"{self.dir / LATEST} points to '{tag}', which is missing or incomplete; "
+                                  f"complete checkpoints: {complete_tags(self.dir) or 'none'}. Point "
+                                  f"checkpoint.resume at one of them, or set checkpoint.resume=never.")
+            return self.dir, tag
+        return resolve_checkpoint(resume)
+
+    def universal(self, ckdir: Path, tag: str) -> tuple[Path, str]:
+        """DeepSpeed's universal form of a ZeRO 1/2 checkpoint, for loading at another world
+        size (collective; rank 0 converts once into ``<ckdir>/universal/<tag>``)."""
+        out_root = Path(ckdir) / "universal"
+        out = out_root / tag
+        error = ""
+        if self.rank == 0 and not (out / "zero").is_dir():
+            tmp = out_root / (TMP_PREFIX + tag)
+            shutil.rmtree(tmp, ignore_errors=True)
+            out_root.mkdir(parents=True, exist_ok=True)
+            log.info("converting %s to DeepSpeed's universal checkpoint form (the world size changed)",
+                     Path(ckdir) / tag)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(Path(ckdir) / tag), "--output_folder", str(tmp), "--inject_missing_state",
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-5:])
+                error = f"converting {Path(ckdir) / tag} to a universal checkpoint failed: {tail}"
+            else:
+                if out.exists():
+                    shutil.rmtree(out)
+                os.rename(tmp, out)
+                atomic_write_text(out_root / "latest_universal", tag)
+        failed = torch.tensor([1 if error else 0], device="cuda" if torch.cuda.is_available() else "cpu")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(failed)
+        if failed.item():
+            raise MohicoError(error or "rank 0 failed to convert the checkpoint to universal form (see its log)")
+        return out_root, tag
+
+
+def load_rank_states(ckdir: Path, tag: str, world_size: int) -> list[dict]:
+    """Every saved rank's client state (loader, bank shard, RNG), in rank order."""
+    states = []
+    for r in range(world_size):
+        path = Path(ckdir) / tag / client_file(r)
+        if not path.is_file():
+            raise MohicoError(f"{path} is missing: checkpoint {Path(ckdir) / tag} was written by "
+                              f"{world_size} ranks and is incomplete")
+        states.append(torch.load(path, map_location="cpu", weights_only=False))
+    return states
+
+
+def reshard_bank(states: list, world_size: int, rank: int):
+    """This rank's bank state at a new world size from every old rank's ``bank_state_dict()``
+    (rank order). A MemoryBank state is resharded with :meth:`MemoryBank.reshard` (age order
+    kept); a dict of them (one bank per objective) is resharded entry by entry; ``None`` (no bank)
+    stays ``None``."""
+    from mohico.models.bank import MemoryBank
+
+    first = states[0] if states else None
+    if first is None:
+        return None
+    if isinstance(first, dict) and "keys" in first and "ptr" in first:
+        return MemoryBank.reshard(list(states), world_size)[rank]
+    if isinstance(first, dict):
+        return {k: reshard_bank([s[k] for s in states], world_size, rank) for k in first}
+    raise MohicoError(f"cannot reshard a bank state of type {type(first).__name__} to {world_size} ranks")
+
+
+# --------------------------------------------------------------------------- export
+def load_module_state(path: str | os.PathLike) -> tuple[dict, dict]:
+    """``(module_state_dict, meta)`` of a checkpoint given as a run directory, checkpoints
+    directory or checkpoint folder: the full (unsharded) module weights DeepSpeed keeps in
+    ``mp_rank_00_model_states.pt`` at ZeRO 0-2, fp32 master weights from the ZeRO partitions
+    when they exist (DeepSpeed's zero_to_fp32), buffers and the key encoder included."""
+    ckdir, tag = resolve_checkpoint(path)
+    model_file = ckdir / tag / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise MohicoError(f"{model_file} is missing: {ckdir / tag} is not a DeepSpeed ZeRO 0-2 checkpoint")
+    sd = torch.load(model_file, map_location="cpu", weights_only=False)
+    state = dict(sd["module"])
+    meta = (sd.get("mohico") or {}) if isinstance(sd, dict) else {}
+    if (ckdir / tag / META).is_file():
+        meta = read_meta(ckdir, tag)
+    if any(p.name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for p in (ckdir / tag).iterdir()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
+        for k, v in fp32.items():
+            if k in state:
+                state[k] = v.to(state[k].dtype) if state[k].dtype == v.dtype else v
+    return state, meta
+
+
+# --------------------------------------------------------------------------- fault injection (tests)
+def _fault_point(where: str, step: int, rank: int) -> None:
+    """``MOHICO_FAULT=save:STEP:RANK`` kills that rank with SIGKILL mid-save (before the barrier),
+    so tests can check that an interrupted save never becomes visible."""
+    spec = os.environ.get("MOHICO_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0] == where and int(parts[1]) == step and int(parts[2]) == rank:
+        import signal
+
+        log.warning("MOHICO_FAULT: killing rank %d during %s at step %d", rank, where, step)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,112 @@
+"""DeepSpeed: process group, config dict and engine for the PretrainModule.
+
+- ZeRO stage 0, 1 or 2 from ``trainer.zero_stage`` (3 is refused while MCL's motion alignment
+  loss is on: config.validate).
+- Precision: ``trainer.precision=auto`` is bf16 on GPU and fp32 on CPU. bf16 runs through
+  DeepSpeed's ``torch_autocast`` (fp32 weights, optimizer and memory bank; bf16 matmuls and
+  convolutions), because DeepSpeed's ``bf16`` mode casts the whole module, BatchNorm running
+  statistics and the bank buffers included (and fails on CPU with BatchNorm: recipes.md).
+- Backend: NCCL with CUDA, gloo otherwise. The ``deepspeed_shm_comm`` op (used only by
+  inference all-reduce) is not JIT-compiled on CPU (38-49 s the first time).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("mohico.trainer")
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(cfg) -> str:
+    """'bf16' or 'fp32' for ``trainer.precision`` on this machine."""
+    p = cfg.trainer.precision
+    if p == "auto":
+        return "bf16" if device_type() == "cuda" else "fp32"
+    return p
+
+
+def _disable_shm_op() -> None:
+    if device_type() == "cpu":
+        # `import deepspeed.comm.torch as m` binds torch, not the module: use importlib (recipes.md).
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start the process group (once) and return ``(rank, world_size, local_rank)``.
+
+    Uses :func:`mohico.launcher.distributed.init_distributed` (plain, torchrun and SLURM
+    environments) when present; otherwise needs RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+    (a single process without them runs as rank 0 of 1).
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    _disable_shm_op()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        try:
+            from mohico.launcher.distributed import init_distributed as launcher_init
+        except ImportError:
+            launcher_init = None
+        if launcher_init is not None:
+            launcher_init()
+        else:
+            import deepspeed
+
+            for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                                 ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(key, default)
+            if "MASTER_PORT" not in os.environ:
+                import socket
+
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type() == "cuda":
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def ds_config(cfg, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict for ``cfg`` at ``world_size`` data-parallel ranks."""
+    t = cfg.trainer
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2 ** 62,           # we log ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": bool(load_universal)},
+    }
+    if t.zero_stage in (1, 2):
+        conf["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": device_type() == "cuda",
+                                          "reduce_scatter": True, "allgather_partitions": True})
+    if resolve_precision(cfg) == "bf16":
+        conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return conf
+
+
+def build_engine(cfg, module: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
+                 load_universal: bool = False):
+    """``deepspeed.initialize`` around ``module`` (backbone + heads + objectives, forward returns
+    the loss) with our torch optimizer. Returns the engine."""
+    import deepspeed
+
+    _disable_shm_op()
+    if device_type() == "cuda":
+        module = module.cuda()
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           config=ds_config(cfg, world_size, load_universal))
+    return engine

@@ -1,0 +1,157 @@
+"""Optimizers (SGD with momentum, AdamW, LARS) and the warm-up + cosine learning-rate schedule.
+
+The optimizers are plain ``torch.optim`` optimizers handed to DeepSpeed with
+``zero_allow_untested_optimizer`` (DeepSpeed's own fused Adam JIT-compiles for ~60 s on CPU).
+
+Parameter groups: weights with ``ndim >= 2`` get weight decay (and LARS' layer-wise adaptation);
+biases and normalisation parameters (``ndim <= 1``) get neither, as in solo-learn / MoCo v3.
+LARS puts every parameter in its own group so that, under ZeRO 1/2 (which flattens each group
+into one partition per rank), a group is still one layer: its weight and gradient norms are the
+partition norms summed over the data-parallel ranks (one all-reduce per step, ``partitioned=True``).
+
+The schedule is a pure function of the optimizer step (:func:`lr_at`), so it needs no state of
+its own in a checkpoint: the trainer sets ``group["lr"] = lr_at(step) * group["lr_scale"]``
+before every optimizer step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from mohico.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- schedule
+def base_lr(cfg, world_size: int) -> float:
+    """``optim.lr``, times ``global_batch / 256`` when ``optim.scale_lr_with_batch`` (HiCo's LARS rule)."""
+    lr = cfg.optim.lr
+    if cfg.optim.scale_lr_with_batch:
+        global_batch = cfg.data.batch_size * cfg.trainer.grad_accum * world_size
+        lr = lr * global_batch / 256.0
+    return lr
+
+
+def lr_at(step: int, cfg, world_size: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up from
+    ``lr * warmup_start_factor`` over ``warmup_epochs * steps_per_epoch`` steps, then a half-cosine
+    from ``lr`` down to ``min_lr`` at ``trainer.max_steps``."""
+    peak = base_lr(cfg, world_size)
+    o, t = cfg.optim, cfg.trainer
+    warmup = int(round(o.warmup_epochs * t.steps_per_epoch))
+    warmup = min(warmup, t.max_steps)
+    if step < warmup:
+        f = o.warmup_start_factor
+        return peak * (f + (1.0 - f) * step / warmup)
+    span = max(1, t.max_steps - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    floor = min(o.min_lr, peak)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr`` (times each group's ``lr_scale``) into every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# --------------------------------------------------------------------------- LARS
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017; solo-learn's form).
+
+    For a group with ``lars=True`` (one layer): ``trust = eta * |w| / (|g| + wd * |w| + eps)``
+    (1 if either norm is 0), ``d = (g + wd * w) * trust``; groups with ``lars=False`` (biases,
+    norms) use ``d = g`` with no decay. Then ``buf = momentum * buf + d``; ``w -= lr * buf``.
+
+    ``partitioned=True``: each group holds this rank's slice of one layer (ZeRO 1/2 flat
+    partitions); the squared norms are summed over the default process group before use.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, eps: float = 1e-8, partitioned: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, lars=True)
+        super().__init__(params, defaults)
+        self.partitioned = partitioned
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        # Per-group squared norms of the weights and gradients (float64 for a stable sum).
+        device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+        sq = torch.zeros(len(groups), 2, dtype=torch.float64, device=device)
+        for i, group in enumerate(groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                sq[i, 0] += p.detach().double().pow(2).sum()
+                sq[i, 1] += p.grad.detach().double().pow(2).sum()
+        if self.partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+        norms = sq.sqrt().tolist()
+        for (w_norm, g_norm), group in zip(norms, groups):
+            wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["lars"]:
+                    trust = 1.0
+                    if w_norm > 0 and g_norm > 0:
+                        trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    d = d.add(p, alpha=wd).mul_(trust)
+                if mom != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        return loss
+
+
+# --------------------------------------------------------------------------- building
+def param_groups(module: torch.nn.Module, weight_decay: float, per_parameter: bool = False) -> list[dict]:
+    """Trainable parameters split into decayed (``ndim >= 2``) and not decayed (biases, norms).
+
+    ``per_parameter=True`` (LARS): one group per parameter, with ``lars`` set for decayed ones.
+    Parameters with ``requires_grad=False`` (the momentum encoder) are left out.
+    """
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("the model has no trainable parameters (check model.* in the config)")
+    if per_parameter:
+        return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+                 "lars": p.ndim >= 2, "name": n} for n, p in named]
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg, module: torch.nn.Module, partitioned: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by ``optim.name`` over ``module``'s trainable parameters.
+
+    ``partitioned``: the engine flattens groups into per-rank partitions (ZeRO >= 1), which
+    LARS must know to compute layer norms across ranks. The lr is set per step by the trainer.
+    """
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(param_groups(module, o.weight_decay), lr=o.lr, momentum=o.momentum)
+    if o.name == "adamw":
+        return torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    if o.name == "lars":
+        return LARS(param_groups(module, o.weight_decay, per_parameter=True), lr=o.lr,
+                    momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta, partitioned=partitioned)
+    raise ConfigError(f"'optim.name': unknown optimizer {o.name!r} (sgd, adamw, lars)")
+
+
+def trainable_count(params: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params if p.requires_grad)

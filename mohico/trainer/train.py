@@ -1,0 +1,297 @@
+"""The training loop: read it top to bottom.
+
+    rank, world = init_distributed()
+    resume? -> check the config hash, pick the checkpoint (universal form at another world size)
+    module = PretrainModule(cfg)            # backbone + heads + objectives; forward returns the loss
+    engine = DeepSpeed(module, torch optimizer, ZeRO 0/1/2)
+    loader = build_loader(cfg, shards, rank, world)
+    restore: engine (weights, optimizer), loader state, bank shard, RNG states, W&B run id
+    for step in [start, max_steps):
+        lr = warm-up + cosine(step); loader.set_progress(step / max_steps)
+        grad_accum x (batch -> engine(clips, motion, progress) -> backward -> engine.step())
+        module.momentum_update()            # key encoder EMA (the bank is filled in forward)
+        log (rank 0: console, metrics.jsonl, W&B); checkpoint every N steps and at the end
+        preemption signal on any rank -> all save -> exit 3 (SLURM: requeue)
+
+Everything of a run lives under ``run.dir``: ``config.yaml``, ``checkpoints/``, ``logs/``
+(``train_rank{r}.log``, ``metrics.jsonl``) and ``wandb/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mohico.trainer import checkpoint as ck
+from mohico.trainer.engine import build_engine, device_type, init_distributed, resolve_precision
+from mohico.trainer.optim import build_optimizer, lr_at, set_lr
+from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
+from mohico.trainer.wandb_log import WandbLogger, new_run_id
+
+log = logging.getLogger("mohico.trainer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Per-rank seed (fixed for a fresh run; mixed with the step after a world-size change)."""
+    return (seed * 1_000_003 + rank * 7919 + step * 104_729) % 2 ** 63
+
+
+def setup_determinism(cfg) -> None:
+    if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / f"train_rank{rank}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(name)s] %(message)s".replace("%(rank)s", str(rank))))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    if rank != 0:   # other ranks: warnings only on the console
+        for h in root.handlers:
+            if h is not handler and isinstance(h, logging.StreamHandler):
+                h.setLevel(logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
+
+
+def _default_module(cfg):
+    from mohico.models.pretrain import PretrainModule
+
+    return PretrainModule(cfg)
+
+
+def _default_loader(cfg, rank, world):
+    from mohico.datasets.pipeline import build_loader
+
+    return build_loader(cfg, cfg.data.shards, rank=rank, world_size=world)
+
+
+def _all_mean(values: dict[str, float], device) -> dict[str, float]:
+    """Mean of each scalar over the data-parallel ranks (collective; same keys on all ranks)."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _bank_fill(module) -> float | None:
+    fill = getattr(module, "bank_fill", None)
+    if fill is None:
+        bank = getattr(module, "bank", None)
+        fill = getattr(bank, "fill", None) if bank is not None else None
+    try:
+        return float(fill() if callable(fill) else fill) if fill is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def train(cfg, build_module=None, build_loader=None) -> int:
+    """Run (or resume) training for ``cfg``; returns 0, or PREEMPTED_EXIT_CODE after a
+    preemption checkpoint. ``build_module(cfg)`` / ``build_loader(cfg, rank, world)`` default
+    to PretrainModule and datasets.pipeline.build_loader."""
+    from mohico.config import config_hash, save_config, to_dict
+
+    build_module = build_module or _default_module
+    build_loader = build_loader or _default_loader
+    setup_determinism(cfg)
+    rank, world, local_rank = init_distributed()
+    device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
+    run_dir = Path(cfg.run.dir)
+    setup_logging(run_dir, rank)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    log.info("run %s: %d rank(s), %s, ZeRO %d, %s, %s", run_dir, world, device_type(), cfg.trainer.zero_stage,
+             resolve_precision(cfg), cfg.optim.name)
+
+    # ---- where to resume from (decided before the engine: the universal form changes its config)
+    ckpt = ck.Checkpointer(run_dir, rank, world, cfg.checkpoint.keep)
+    ckpt.remove_partial()
+    source = ckpt.find_resume(cfg.checkpoint.resume)
+    meta = None
+    if source is not None:
+        meta = ck.read_meta(*source)
+        ck.check_config(meta, cfg, source[0] / source[1], cfg.checkpoint.force)
+    same_world = meta is None or meta["world_size"] == world
+    universal = meta is not None and not same_world and meta.get("zero_stage", 0) >= 1
+
+    # ---- model, optimizer, engine (identical initial weights on every rank)
+    seed_everything(cfg.trainer.seed)
+    module = build_module(cfg)
+    optimizer = build_optimizer(cfg, module, partitioned=cfg.trainer.zero_stage >= 1)
+    load_dir, load_tag = ckpt.universal(*source) if universal else (source or (None, None))
+    engine = build_engine(cfg, module, optimizer, world, load_universal=universal)
+    seed_everything(rank_seed(cfg.trainer.seed, rank))
+    loader = build_loader(cfg, rank, world)
+
+    step, run_id = 0, new_run_id()
+    if source is not None:
+        module_only = meta.get("zero_stage") != cfg.trainer.zero_stage
+        if module_only:
+            log.warning("checkpoint was written at ZeRO %s, this run uses ZeRO %d: loading the weights only "
+                        "(optimizer state starts fresh)", meta.get("zero_stage"), cfg.trainer.zero_stage)
+        path, _ = engine.load_checkpoint(str(load_dir), load_tag, load_module_only=module_only,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise ck.MohicoError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
+        states = ck.load_rank_states(source[0], source[1], meta["world_size"])
+        step, run_id = int(meta["step"]), meta.get("wandb_run_id") or run_id
+        if same_world:
+            mine = states[rank]
+            loader.load_state_dict(mine["loader"])
+            engine.module.load_bank_state_dict(mine["bank"])
+            ck.set_rng_state(mine["rng"])
+        else:
+            log.warning("resuming a %d-rank checkpoint on %d ranks: bank resharded, data order and RNG "
+                        "streams restart from a step-dependent seed", meta["world_size"], world)
+            engine.module.load_bank_state_dict(ck.reshard_bank([s["bank"] for s in states], world, rank))
+            seed_everything(rank_seed(cfg.trainer.seed, rank, step))
+        log.info("resumed from %s at step %d", source[0] / source[1], step)
+
+    wandb = WandbLogger(cfg, run_dir, run_id, rank, resumed=source is not None)
+    pre = Preemption().install()
+    metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None
+    bar = None
+    if rank == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.trainer.max_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    def save(at_step: int) -> None:
+        meta_out = {"step": at_step, "epoch": at_step // cfg.trainer.steps_per_epoch,
+                    "progress": at_step / cfg.trainer.max_steps, "world_size": world,
+                    "zero_stage": cfg.trainer.zero_stage, "wandb_run_id": run_id,
+                    "config_hash": config_hash(cfg), "config": to_dict(cfg), "time": time.time()}
+        rank_state = {"rank": rank, "loader": loader.state_dict(), "bank": engine.module.bank_state_dict(),
+                      "rng": ck.rng_state()}
+        t0 = time.perf_counter()
+        path = ckpt.save(engine, at_step, meta_out, rank_state)
+        log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+
+    exit_code = 1
+    try:
+        data = iter(loader)
+        window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+        terms_sum: dict[str, float] = {}
+        last_saved = step if source is not None else -1
+        while step < cfg.trainer.max_steps:
+            progress = step / cfg.trainer.max_steps
+            loader.set_progress(progress)
+            lr = lr_at(step, cfg, world)
+            set_lr(optimizer, lr)
+            t_step = time.perf_counter()
+            wait, loss_sum = 0.0, 0.0
+            for _ in range(cfg.trainer.grad_accum):
+                t_wait = time.perf_counter()
+                batch = next(data)
+                wait += time.perf_counter() - t_wait
+                clips = batch["clips"].to(device, non_blocking=True)
+                motion = batch["motion"].to(device, non_blocking=True)
+                loss, terms = engine(clips, motion, progress)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += float(loss.detach())
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg.trainer.grad_accum
+                window["clips"] += clips.shape[0] * clips.shape[1] * world
+            with torch.no_grad():
+                engine.module.momentum_update()
+            step += 1
+            dt = time.perf_counter() - t_step
+            window["time"] += dt
+            window["wait"] += wait
+            window["steps"] += 1
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({"step": step, "loss": loss_sum / cfg.trainer.grad_accum, "lr": lr}) + "\n")
+                metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / cfg.trainer.grad_accum:.4f}", lr=f"{lr:.2e}")
+
+            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+                n = window["steps"]
+                stats = {f"data/{k}": float(v) for k, v in (loader.stats() or {}).items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                avg = _all_mean({**{f"loss/{k}": v / n for k, v in terms_sum.items()}, **stats}, device)
+                fill = _bank_fill(engine.module)
+                row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
+                       "perf/step_time_s": window["time"] / n,
+                       "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
+                       "perf/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
+                       "perf/memory_mb": memory_mb()}
+                if fill is not None:
+                    row["bank/fill"] = fill
+                wandb.log(row, step=step)
+                if bar is None:
+                    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
+                    log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB",
+                             step, cfg.trainer.max_steps, shown, lr, row["perf/step_time_s"],
+                             row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])
+                window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+                terms_sum = {}
+            if cfg.wandb.image_every > 0 and step % cfg.wandb.image_every == 0:
+                wandb.log_batch_images(batch, step, cfg.data.mean, cfg.data.std)
+
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.trainer.max_steps:
+                save(step)
+                last_saved = step
+            if pre.agreed(device):
+                log.warning("preemption (%s): checkpointing at step %d and exiting with code %d",
+                            pre.signal_name, step, PREEMPTED_EXIT_CODE)
+                if last_saved != step:
+                    save(step)
+                requeue(rank)
+                exit_code = PREEMPTED_EXIT_CODE
+                return exit_code
+        log.info("done: %d steps; checkpoint %s", step, ckpt.dir / ck.tag_for(step))
+        exit_code = 0
+        return 0
+    finally:
+        pre.uninstall()
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        wandb.finish(exit_code=0 if exit_code in (0, PREEMPTED_EXIT_CODE) else exit_code)
+        close = getattr(loader, "close", None)
+        if callable(close):
+            close()
+
+
+def shutdown() -> None:
+    """Destroy the process group (avoids a rare abort at exit: recipes.md)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,155 @@
+"""Weights & Biases logging from rank 0 that never stops training.
+
+- Mode: ``wandb.mode=auto`` is online with an API key (``WANDB_API_KEY`` or a netrc entry for
+  api.wandb.ai) and offline without one; the environment's ``WANDB_MODE`` (e.g. ``disabled``)
+  wins over the config. Files go to ``run.dir/wandb/``.
+- Resume: the run id lives in the checkpoint; a resumed run calls ``wandb.init(id=..., resume="allow")``
+  and logs with explicit ``step=`` so the curves continue (offline runs make a new folder with
+  the same id, merged by ``wandb sync``).
+- Any W&B exception is caught: a warning is logged once and logging is switched off.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("mohico.trainer")
+
+
+def new_run_id() -> str:
+    """An 8-character run id (W&B's own alphabet)."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resolve_mode(cfg_mode: str) -> str:
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "offline", "online", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    if cfg_mode != "auto":
+        return cfg_mode
+    return "online" if _have_api_key() else "offline"
+
+
+def _have_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger:
+    """Rank 0's W&B run. On other ranks, or when disabled or broken, every method is a no-op."""
+
+    def __init__(self, cfg, run_dir: str | os.PathLike, run_id: str, rank: int, resumed: bool):
+        self.run = None
+        self.run_id = run_id
+        self.mode = resolve_mode(cfg.wandb.mode)
+        self._warned = False
+        if rank != 0 or self.mode == "disabled":
+            return
+        try:
+            import wandb
+            from mohico.config import to_dict
+
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
+                                  name=cfg.run.name or Path(run_dir).resolve().name, id=run_id,
+                                  resume="allow", dir=str(run_dir), mode=self.mode,
+                                  config=to_dict(cfg), tags=list(cfg.wandb.tags) or None,
+                                  settings=wandb.Settings(console="off", silent=True))
+            log.info("W&B %s run %s (%s)%s", self.mode, run_id, self.run_dir or run_dir,
+                     ", resumed" if resumed else "")
+        except Exception as e:  # noqa: BLE001 - W&B must never stop training
+            self._fail(e)
+
+    @property
+    def run_dir(self) -> str | None:
+        try:
+            return self.run.dir if self.run is not None else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _fail(self, e: Exception) -> None:
+        if not self._warned:
+            log.warning("W&B failed (%s: %s); training continues without W&B logging", type(e).__name__, e)
+            self._warned = True
+        self.run = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(metrics, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def log_batch_images(self, batch: dict, step: int, mean, std, max_samples: int = 2) -> None:
+        """A picture of the batch: per sample and view, the middle frame of the clip and its
+        motion map, captioned with the crop box and frame indices."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            img = batch_picture(batch, mean, std, max_samples)
+            caption = "; ".join(
+                f"{batch['key'][b] if 'key' in batch else b} view {v}: box "
+                f"{[round(float(x), 1) for x in batch['boxes'][b, v]]} frames "
+                f"{batch['frames'][b, v].tolist()[:1]}..{batch['frames'][b, v].tolist()[-1:]}"
+                for b in range(min(max_samples, batch["clips"].shape[0]))
+                for v in range(batch["clips"].shape[1]) if "boxes" in batch and "frames" in batch)
+            self.run.log({"batch": wandb.Image(img, caption=caption[:1000])}, step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+        self.run = None
+
+
+def batch_picture(batch: dict, mean, std, max_samples: int = 2) -> np.ndarray:
+    """uint8 ``(rows * H, V * 2 * W, 3)`` image: one row per sample; per view the clip's middle
+    frame (de-normalised) beside its motion map (nearest-upsampled, "hot" colours), each
+    frame with its crop box drawn as a 1-px border."""
+    clips = batch["clips"].detach().float().cpu().numpy()          # (B, V, C, T, H, W)
+    B, V, C, T, H, W = clips.shape
+    motion = batch.get("motion")
+    motion = motion.detach().float().cpu().numpy() if motion is not None else None   # (B, V, T, Hm, Wm)
+    m = np.asarray(mean, dtype=np.float32).reshape(C, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(C, 1, 1)
+    rows = []
+    for b in range(min(B, max_samples)):
+        tiles = []
+        for v in range(V):
+            frame = clips[b, v, :, T // 2] * s + m                     # (C, H, W) in [0, 1]
+            frame = (np.clip(frame.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+            frame[[0, -1], :] = (0, 255, 0)                             # the crop's border
+            frame[:, [0, -1]] = (0, 255, 0)
+            tiles.append(frame)
+            if motion is not None:
+                mm = motion[b, v, min(T // 2, motion.shape[2] - 1)]
+                mm = mm / (mm.max() + 1e-8)
+                ys = (np.arange(H) * mm.shape[0] // H)
+                xs = (np.arange(W) * mm.shape[1] // W)
+                up = mm[ys][:, xs]
+                heat = np.stack([up, up ** 2, up ** 4], axis=-1)
+                tiles.append((heat * 255).astype(np.uint8))
+            else:
+                tiles.append(np.zeros_like(frame))
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
