@@ -205,15 +205,17 @@ class S3D(nn.Module):
             ((block.branch2[0], block.branch2[1][0]), block.branch2[1][1]),
             ((block.branch3[0],), block.branch3[1]),
         )
-        outs, pre = [], []
+        pre = []
         for prefix, last in branches:
             h = x
             for m in prefix:
                 h = m(h)
-            a = last[0](h)                      # conv
-            pre.append(a)
-            outs.append(last[2](last[1](a)))    # BN, ReLU
-        return torch.cat(outs, 1), torch.cat(pre, 1)
+            pre.append(last[0](h))                   # the branch's last conv
+        fmap = torch.cat(pre, 1)
+        # BN + ReLU per branch on slices of the returned map, so the embedding is computed from it.
+        parts = fmap.split([a.shape[1] for a in pre], dim=1)
+        out = torch.cat([last[2](last[1](a)) for a, (_, last) in zip(parts, branches)], 1)
+        return out, fmap
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         _check_input(x)

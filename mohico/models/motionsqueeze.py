@@ -80,9 +80,12 @@ class MotionSqueeze(nn.Module):
         m = torch.cat([m, m[:, -1:]], dim=1)
         return m.view(bt, 3, h, w)
 
+    def motion(self, x: torch.Tensor, num_segments: int) -> torch.Tensor:
+        """``x: (B*T, C, H, W)`` -> ``(B*T, 3, H, W)``: reduce, L2-normalise, estimate motion."""
+        return self.estimate_motion(F.normalize(self.reduce(x), dim=1), num_segments)
+
     def forward(self, x: torch.Tensor, num_segments: int) -> torch.Tensor:
-        f = F.normalize(self.reduce(x), dim=1)
-        return x + self.transform(self.estimate_motion(f, num_segments))
+        return x + self.transform(self.motion(x, num_segments))
 
 
 class MSNet(TSMResNet):

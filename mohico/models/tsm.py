@@ -56,13 +56,17 @@ class TSMBasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor, num_segments: int, return_preact: bool = False):
-        """Returns the block output, and with ``return_preact`` also ``conv2``'s output before ``bn2``."""
+    def preact(self, x: torch.Tensor, num_segments: int):
+        """``(conv2 output before bn2, identity)``; ``finish`` completes the block."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(temporal_shift(x, num_segments))))
-        pre = self.conv2(out)
-        out = self.relu(self.bn2(pre) + identity)
-        return (out, pre) if return_preact else out
+        return self.conv2(out), identity
+
+    def finish(self, pre: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(pre) + identity)
+
+    def forward(self, x: torch.Tensor, num_segments: int) -> torch.Tensor:
+        return self.finish(*self.preact(x, num_segments))
 
 
 class TSMBottleneck(nn.Module):
@@ -81,14 +85,18 @@ class TSMBottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor, num_segments: int, return_preact: bool = False):
-        """Returns the block output, and with ``return_preact`` also ``conv3``'s output before ``bn3``."""
+    def preact(self, x: torch.Tensor, num_segments: int):
+        """``(conv3 output before bn3, identity)``; ``finish`` completes the block."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(temporal_shift(x, num_segments))))
         out = self.relu(self.bn2(self.conv2(out)))
-        pre = self.conv3(out)
-        out = self.relu(self.bn3(pre) + identity)
-        return (out, pre) if return_preact else out
+        return self.conv3(out), identity
+
+    def finish(self, pre: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn3(pre) + identity)
+
+    def forward(self, x: torch.Tensor, num_segments: int) -> torch.Tensor:
+        return self.finish(*self.preact(x, num_segments))
 
 
 class TSMResNet(nn.Module):
@@ -155,12 +163,13 @@ class TSMResNet(nn.Module):
             x = block(x, t)
         for block in self.layer4[:-1]:
             x = block(x, t)
-        x, pre = self.layer4[-1](x, t, return_preact=True)
-        emb = x.view(b, t, *x.shape[1:]).mean(dim=(1, 3, 4))
-        if not return_features:
-            return emb
+        # The last block in two halves around its last conv: the map MAL differentiates is a
+        # tensor the embedding is computed from, (B*T, C, H', W') viewed as (B, C, T, H', W').
+        pre, identity = self.layer4[-1].preact(x, t)
         fmap = pre.view(b, t, *pre.shape[1:]).transpose(1, 2)
-        return emb, fmap
+        x = self.layer4[-1].finish(fmap.transpose(1, 2).reshape(pre.shape), identity)
+        emb = x.view(b, t, *x.shape[1:]).mean(dim=(1, 3, 4))
+        return (emb, fmap) if return_features else emb
 
 
 def tsm_resnet18(width: int = 64) -> TSMResNet:

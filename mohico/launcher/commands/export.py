@@ -1,12 +1,27 @@
-"""`mohico export` (not built yet in this release)."""
-from mohico.errors import NotBuiltError
+"""`mohico export CKPT OUT.pt [--format torchvision|mohico]`: a checkpoint's backbone as a plain state_dict."""
+from __future__ import annotations
 
-HELP = "export (not built yet)"
+HELP = "export a checkpoint's backbone weights (torchvision state_dict or mohico backbone file)"
+DESCRIPTION = (
+    "Write the backbone of CKPT to OUT.pt. --format torchvision (default) writes a plain state_dict "
+    "that torchvision.models.video.<name>() (r3d_18, r2plus1d_18, s3d) loads with strict=True; its "
+    "classifier (fc / classifier.1) is zeros, replace it for your task. --format mohico writes a "
+    "backbone file (name, options, weights) for any mohico backbone. CKPT is read with "
+    "torch.load(weights_only=True); OUT is written atomically."
+)
 
 
 def add_arguments(p):
-    p.add_argument("args", nargs="*", help="arguments (the command is not built yet)")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint file (a backbone file written by mohico)")
+    p.add_argument("out", metavar="OUT.pt", help="output file")
+    p.add_argument("--format", dest="fmt", choices=("torchvision", "mohico"), default="torchvision",
+                   help="torchvision: state_dict for torchvision's video model (default); "
+                        "mohico: backbone file with name and options")
 
 
 def run(args) -> int:
-    raise NotBuiltError("'mohico export' is not built yet in this release")
+    from mohico.models.export import export_checkpoint
+
+    path = export_checkpoint(args.ckpt, args.out, args.fmt)
+    print(f"wrote {path} ({args.fmt})")
+    return 0

@@ -1,0 +1,244 @@
+"""Backbones (shapes, feature maps, TSM shift, MotionSqueeze) and heads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mohico.errors import ConfigError
+from mohico.models.backbones import BACKBONES, build_backbone
+from mohico.models.heads import HiCoVisualHead, MCLProjection, PairClassifier, TopicalHead
+from mohico.models.motionsqueeze import MotionSqueeze
+from mohico.models.tsm import TSMBasicBlock, TSMBottleneck, temporal_shift
+
+# (2, 3, 8, 64, 64) at width 16: (out_dim, fmap shape)
+EXPECTED = {
+    "r3d_18": (128, (2, 128, 1, 4, 4)),
+    "r2plus1d_18": (128, (2, 128, 1, 4, 4)),
+    "s3d": (256, (2, 256, 1, 2, 2)),
+    "tsm_resnet18": (128, (2, 128, 8, 2, 2)),
+    "tsm_resnet50": (512, (2, 512, 8, 2, 2)),
+    "msnet_resnet18": (128, (2, 128, 8, 2, 2)),
+    "msnet_resnet50": (512, (2, 512, 8, 2, 2)),
+}
+
+
+def test_every_registered_backbone_is_tested():
+    assert set(EXPECTED) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_backbone_shapes_and_feature_map(name):
+    torch.manual_seed(0)
+    net = build_backbone(name, width=16).eval()
+    x = torch.randn(2, 3, 8, 64, 64)
+    out_dim, fshape = EXPECTED[name]
+    assert net.out_dim == out_dim
+    emb_plain = net(x)
+    emb, fmap = net(x, return_features=True)
+    assert emb.shape == (2, out_dim) and tuple(fmap.shape) == fshape
+    assert torch.isfinite(emb).all() and torch.isfinite(fmap).all()
+    torch.testing.assert_close(emb_plain, emb)
+    # The named layer is the one returned.
+    assert net.feature_layer in dict(net.named_modules())
+    # The map sits before a non-linearity: the gradient of the embedding w.r.t. it varies over
+    # positions (a map right before the mean pool would give a flat gradient and a flat MAL map).
+    g, = torch.autograd.grad((emb @ torch.randn(out_dim)).sum(), fmap)
+    per_position = g[0].flatten(1)  # (C', T'H'W')
+    assert per_position.std(dim=1).max() > 0
+
+
+def test_tiny_cpu_config_backbone_runs():
+    net = build_backbone("r3d_18", width=8)
+    emb, fmap = net(torch.randn(2, 3, 4, 32, 32), return_features=True)
+    assert emb.shape == (2, 64) and fmap.shape == (2, 64, 1, 2, 2)
+    emb.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_registry_errors():
+    with pytest.raises(ConfigError) as e:
+        build_backbone("r2plus1d18")
+    msg = str(e.value)
+    assert "did you mean 'r2plus1d_18'" in msg
+    assert all(n in msg for n in BACKBONES)
+    with pytest.raises(ConfigError, match=r"'depth'.*valid: width"):
+        build_backbone("r3d_18", depth=34)
+    with pytest.raises(ConfigError, match="radius"):
+        build_backbone("msnet_resnet18", radius=7, sigma=5.0, windows=3)
+
+
+def _shift_reference(x: np.ndarray, t: int) -> np.ndarray:
+    """Hand-written TSM shift on (B*T, C, H, W) float64."""
+    bt, c = x.shape[:2]
+    fold = c // 8
+    out = np.zeros_like(x)
+    for b in range(bt // t):
+        for i in range(t):
+            for ch in range(c):
+                if ch < fold:
+                    src = i + 1
+                elif ch < 2 * fold:
+                    src = i - 1
+                else:
+                    src = i
+                if 0 <= src < t:
+                    out[b * t + i, ch] = x[b * t + src, ch]
+    return out
+
+
+def test_temporal_shift_matches_reference():
+    x = torch.randn(2 * 5, 16, 3, 4, dtype=torch.float64)
+    out = temporal_shift(x, 5)
+    np.testing.assert_array_equal(out.numpy(), _shift_reference(x.numpy(), 5))
+
+
+def _bn(x, bn):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _randomise_bn(module):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+def test_tsm_blocks_shift_only_the_residual_branch():
+    torch.manual_seed(0)
+    t = 4
+    x = torch.randn(2 * t, 16, 6, 6, dtype=torch.float64)
+    xs = torch.from_numpy(_shift_reference(x.numpy(), t))
+
+    basic = TSMBasicBlock(16, 16).double().eval()
+    _randomise_bn(basic)
+    ref = F.relu(_bn(F.conv2d(F.relu(_bn(F.conv2d(xs, basic.conv1.weight, padding=1), basic.bn1)),
+                              basic.conv2.weight, padding=1), basic.bn2) + x)
+    torch.testing.assert_close(basic(x, t), ref)
+
+    bottleneck = TSMBottleneck(16, 4).double().eval()
+    _randomise_bn(bottleneck)
+    h = F.relu(_bn(F.conv2d(xs, bottleneck.conv1.weight), bottleneck.bn1))
+    h = F.relu(_bn(F.conv2d(h, bottleneck.conv2.weight, padding=1), bottleneck.bn2))
+    ref = F.relu(_bn(F.conv2d(h, bottleneck.conv3.weight), bottleneck.bn3) + x)
+    torch.testing.assert_close(bottleneck(x, t), ref)
+
+
+def test_msnet_is_tsm_plus_motion_after_layer2():
+    torch.manual_seed(0)
+    ms = build_backbone("msnet_resnet18", width=8).eval()
+    tsm = build_backbone("tsm_resnet18", width=8).eval()
+    state = {k: v for k, v in ms.state_dict().items() if not k.startswith("motion_squeeze.")}
+    tsm.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 4, 64, 64)
+    assert not torch.allclose(ms(x), tsm(x), atol=1e-4)
+    last_bn = ms.motion_squeeze.transform[-1][4]
+    assert last_bn.num_features == 16  # layer2's channels at width 8: the module sits after layer2
+    with torch.no_grad():
+        last_bn.weight.zero_()
+        last_bn.bias.zero_()
+    torch.testing.assert_close(ms(x), tsm(x))
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        ms(torch.randn(1, 3, 1, 64, 64))
+
+
+def _identity_ms(channels: int) -> MotionSqueeze:
+    ms = MotionSqueeze(channels, corr_channels=channels).double()
+    with torch.no_grad():
+        ms.reduce.weight.copy_(torch.eye(channels, dtype=torch.float64)[:, :, None, None])
+    return ms
+
+
+@pytest.mark.parametrize("dx,dy", [(2, -3), (-5, 1), (0, 4)])
+def test_motionsqueeze_recovers_a_known_shift(dx, dy):
+    """Frame 2 is frame 1 shifted by (dx, dy) px inside a textured square, noise elsewhere."""
+    gen = torch.Generator().manual_seed(1)
+    c, h, w = 32, 40, 40
+    texture = torch.randn(c, h, w, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(h, w, dtype=torch.float64)
+    mask[8:32, 8:32] = 1.0  # texture inside, flat (only per-frame noise) outside
+    frame1 = texture * mask
+    frame2 = torch.roll(frame1, shifts=(dy, dx), dims=(1, 2))
+    noise = 0.02 * torch.randn(2, c, h, w, generator=gen, dtype=torch.float64)
+    x = torch.stack([frame1, frame2]) + noise
+    m = _identity_ms(c).motion(x, num_segments=2)
+    assert m.shape == (2, 3, h, w)
+    torch.testing.assert_close(m[1], m[0])  # the last frame duplicates the last pair
+    # Inside the moved texture (frame 1's square that stays textured in frame 2), away from its borders.
+    ys = slice(8 + max(dy, 0) + 1, 32 + min(dy, 0) - 1)
+    xs = slice(8 + max(dx, 0) + 1, 32 + min(dx, 0) - 1)
+    torch.testing.assert_close(m[0, 0, ys, xs], torch.full_like(m[0, 0, ys, xs], dx / 7), atol=1e-3, rtol=0)
+    torch.testing.assert_close(m[0, 1, ys, xs], torch.full_like(m[0, 1, ys, xs], dy / 7), atol=1e-3, rtol=0)
+    conf = m[0, 2]
+    flat = torch.ones(h, w, dtype=torch.bool)
+    flat[1:39, 1:39] = False  # the outer ring: pure noise in both frames, far from the square
+    assert conf[ys, xs].min() > 0.99
+    assert conf[flat].max() < conf[ys, xs].min() - 0.2
+
+
+def test_gradients_flow_through_the_soft_argmax():
+    torch.manual_seed(0)
+    ms = MotionSqueeze(16, corr_channels=8).double()
+    x = torch.randn(2 * 3, 16, 12, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(6, 2, 12, 12, dtype=torch.float64)
+
+    def loss_fn():
+        return (ms.motion(x, 3)[:, :2] * weights).sum()  # displacement channels only
+
+    loss_fn().backward()
+    g = ms.reduce.weight.grad
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # Directional finite difference on the 1x1 conv before the correlation.
+    v = torch.randn_like(ms.reduce.weight)
+    eps = 1e-6
+    with torch.no_grad():
+        ms.reduce.weight += eps * v
+        up = loss_fn()
+        ms.reduce.weight -= 2 * eps * v
+        down = loss_fn()
+        ms.reduce.weight += eps * v
+    torch.testing.assert_close((up - down) / (2 * eps), (g * v).sum(), rtol=1e-4, atol=1e-6)
+    # And the full MS module, back to its transform and its input.
+    ms.zero_grad()
+    ms(x.detach(), 3).sum().backward()
+    assert ms.reduce.weight.grad.abs().sum() > 0 and ms.transform[0][0].weight.grad.abs().sum() > 0
+
+
+def test_motionsqueeze_adds_about_21k_parameters_at_resnet18():
+    tsm, ms = build_backbone("tsm_resnet18"), build_backbone("msnet_resnet18")
+    extra = sum(p.numel() for p in ms.parameters()) - sum(p.numel() for p in tsm.parameters())
+    assert 20_000 < extra < 22_000
+
+
+# ----------------------------------------------------------------------------- heads
+
+def test_projection_heads():
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    for head in (MCLProjection(32), HiCoVisualHead(32), HiCoVisualHead(32, hidden=48)):
+        z = head(x)
+        assert z.shape == (6, 128)
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(6))
+    assert MCLProjection(32).net[0].out_features == 32 and MCLProjection(32, 64).net[0].out_features == 64
+    visual = HiCoVisualHead(32, hidden=48)
+    kinds = [type(m).__name__ for m in visual.net]
+    assert kinds.count("Linear") == 3 and kinds.count("BatchNorm1d") == 2
+    assert TopicalHead(32)(x).shape == (6, 128)
+
+
+def test_pair_classifier_scores_all_ordered_pairs():
+    torch.manual_seed(0)
+    phi = PairClassifier(128, 256)
+    z = torch.randn(7, 128)
+    m = phi.pairwise(z)
+    assert m.shape == (7, 7)
+    loop = torch.stack([torch.stack([phi(z[i], z[j]) for j in range(7)]) for i in range(7)])
+    torch.testing.assert_close(m, loop, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m, m.t())  # both orders are scored, and they differ
+    assert phi.fc1.in_features == 256 and phi.fc2.out_features == 1
+    m.sum().backward()
+    assert phi.fc1.weight.grad.abs().sum() > 0
