@@ -209,6 +209,7 @@ def synthesize_one(out_dir: str | os.PathLike, index: int, seed: int, codec: str
     topic = make_topic(topic_id, topics, seed)
     shots = plan_shots(rng, num_frames, fps, width, height, topic)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / video_name(index, codec)
 
     def frames():
@@ -225,28 +226,28 @@ def synthesize_one(out_dir: str | os.PathLike, index: int, seed: int, codec: str
 
 def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> None:
     def bad(msg):
-        raise UsageError(f"mohico synth: {msg}")
+        raise UsageError(msg)
 
     if not isinstance(videos, int) or videos < 1:
-        bad(f"videos must be an integer >= 1, got {videos!r}")
+        bad(f"videos (--videos) must be an integer >= 1, got {videos!r}")
     if not isinstance(seed, int) or seed < 0:
-        bad(f"seed must be an integer >= 0, got {seed!r}")
+        bad(f"seed (--seed) must be an integer >= 0, got {seed!r}")
     if codec not in CODECS:
-        bad(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+        bad(f"codec (--codec) must be one of {sorted(CODECS)}, got {codec!r}")
     if not (isinstance(fps, (int, float)) and 0 < fps <= 240):
-        bad(f"fps must be in (0, 240], got {fps!r}")
+        bad(f"fps (--fps) must be in (0, 240], got {fps!r}")
     try:
         w, h = (int(v) for v in size)
     except (TypeError, ValueError):
-        bad(f"size must be (width, height), got {size!r}")
+        bad(f"size (--size) must be (width, height), got {size!r}")
     if w < 32 or h < 32 or w % 2 or h % 2 or (w, h) != tuple(size):
-        bad(f"size must be even integers >= 32, got {size!r}")
+        bad(f"size (--size) must be even integers >= 32, got {size!r}")
     if not (isinstance(duration, (int, float)) and duration > 0 and round(duration * fps) >= 2):
-        bad(f"duration must give at least 2 frames at {fps} fps, got {duration!r}")
+        bad(f"duration (--duration) must give at least 2 frames at {fps} fps, got {duration!r}")
     if not isinstance(topics, int) or topics < 1:
-        bad(f"topics must be an integer >= 1, got {topics!r}")
+        bad(f"topics (--topics) must be an integer >= 1, got {topics!r}")
     if not isinstance(workers, int) or workers < 1:
-        bad(f"workers must be an integer >= 1, got {workers!r}")
+        bad(f"workers (--workers) must be an integer >= 1, got {workers!r}")
 
 
 def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = "vp9", fps=15,

@@ -136,7 +136,8 @@ def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int
 
         def velocity() -> tuple[float, float]:
             speed, angle = rng.uniform(lo, hi), rng.uniform(0, 2 * math.pi)
-            return _quant(speed * math.cos(angle)), _quant(speed * math.sin(angle))
+            # truncate toward zero so the quantised speed never exceeds the level's range
+            return math.trunc(speed * math.cos(angle) * QUANT) / QUANT, math.trunc(speed * math.sin(angle) * QUANT) / QUANT
 
         pan = velocity() if level > 0 and rng.random() < 0.6 else (0.0, 0.0)
         n_obj = int(rng.choice(3, p=(0.4, 0.4, 0.2))) if level == 0 else int(rng.integers(0, 4))
