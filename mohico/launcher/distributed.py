@@ -169,7 +169,7 @@ def parse_tasks_per_node(spec: str) -> list[int]:
 
 def _from_slurm(env: dict) -> DistEnv:
     job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    ntasks_var = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"
+    ntasks_var = "SLURM_NPROCS" if "SLURM_NPROCS" in env and "SLURM_NTASKS" not in env else "SLURM_NTASKS"
     nodelist_var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(v)), None)
     required = {"SLURM_PROCID": env.get("SLURM_PROCID"), ntasks_var: env.get(ntasks_var),
                 "SLURM_LOCALID": env.get("SLURM_LOCALID"), "SLURM_NODEID": env.get("SLURM_NODEID"),
@@ -312,3 +312,10 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def spawn_local(nproc: int, argv, **kwargs) -> int:
+    """Re-export of :func:`mohico.launcher.spawn.spawn_local` (N local ranks through torchrun)."""
+    from mohico.launcher.spawn import spawn_local as _spawn_local
+
+    return _spawn_local(nproc, argv, **kwargs)
