@@ -34,6 +34,8 @@ def videos(tmp_path_factory):
 
 def test_files_and_ground_truth_layout(videos):
     assert [p.name for p, _, _ in videos] == [f"video_{i:05d}.webm" for i in range(VIDEOS)]
+    labels = json.loads((videos[0][0].parent / "labels.json").read_text())
+    assert labels == {p.name: gt["topic"] for p, gt, _ in videos}
     for i, (path, gt, frames) in enumerate(videos):
         n = gt["num_frames"]
         assert n == round(DURATION * 15) == len(frames), "decoded frame count must equal the ground truth"
@@ -302,7 +304,7 @@ def test_cli_writes_videos(tmp_path):
     r = _cli(str(out), "--videos", "2", "--seed", "3", "--duration", "3")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "video_00000.json", "video_00000.webm", "video_00001.json", "video_00001.webm"]
+        "labels.json", "video_00000.json", "video_00000.webm", "video_00001.json", "video_00001.webm"]
     gt = json.loads((out / "video_00001.json").read_text())
     assert gt["num_frames"] == 45 and gt["seed"] == 3
     assert str(out) in r.stdout

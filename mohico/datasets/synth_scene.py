@@ -22,7 +22,8 @@ import numpy as np
 QUANT = 16  # velocities / pans / start positions are multiples of 1 / QUANT px
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "star", "ring", "cross")
 PATTERNS = ("checker", "stripes", "spots", "rings")
-# Speed range (px/frame at 120 px short side) per motion level: 0 static, 1 slow, 2 medium, 3 fast.
+# Speed range per motion level (0 static, 1 slow, 2 medium, 3 fast) in px/frame at 15 fps and a
+# 120 px short side; it scales with the short side and with 15 / fps (same px/s at any frame rate).
 LEVEL_SPEED = {0: (0.0, 0.125), 1: (0.25, 1.0), 2: (1.0, 2.5), 3: (2.5, 5.0)}
 LEVEL_PROB = (0.2, 0.25, 0.3, 0.25)
 
@@ -129,10 +130,11 @@ def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int
         bounds.append((start, start + length))
         start += length
     scale = min(width, height) / 120.0
+    per_frame = scale * 15.0 / fps
     shots, next_id = [], 0
     for start, end in bounds:
         level = int(rng.choice(4, p=LEVEL_PROB))
-        lo, hi = (s * scale for s in LEVEL_SPEED[level])
+        lo, hi = (s * per_frame for s in LEVEL_SPEED[level])
 
         def velocity() -> tuple[float, float]:
             speed, angle = rng.uniform(lo, hi), rng.uniform(0, 2 * math.pi)
@@ -140,6 +142,9 @@ def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int
             return math.trunc(speed * math.cos(angle) * QUANT) / QUANT, math.trunc(speed * math.sin(angle) * QUANT) / QUANT
 
         pan = velocity() if level > 0 and rng.random() < 0.6 else (0.0, 0.0)
+        if end - start > 1:  # bound the background canvas: the pan covers at most 2 frame sizes
+            cap = (2.0 * width / (end - start - 1), 2.0 * height / (end - start - 1))
+            pan = tuple(math.copysign(min(abs(v), math.floor(c * QUANT) / QUANT), v) for v, c in zip(pan, cap))
         n_obj = int(rng.choice(3, p=(0.4, 0.4, 0.2))) if level == 0 else int(rng.integers(0, 4))
         if level > 0 and pan == (0.0, 0.0) and n_obj == 0:
             n_obj = 1  # a moving shot must move
