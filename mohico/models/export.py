@@ -59,10 +59,10 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[str, dict, dict[str,
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        # Branch point: run directories / DeepSpeed checkpoint folders are read here.
-        raise MohicoError(f"{path} is a directory; give a backbone file written by "
-                          "mohico.models.export.save_backbone")
+    if path.is_dir():   # a run directory, its checkpoints/ folder or one DeepSpeed checkpoint folder
+        from mohico.trainer.checkpoint import load_backbone_state
+
+        return load_backbone_state(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects weights_only refuses

@@ -25,8 +25,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,27 +249,79 @@ class Checkpointer:
         if self.rank == 0 and not (out / "zero").is_dir():
             tmp = out_root / (TMP_PREFIX + tag)
             shutil.rmtree(tmp, ignore_errors=True)
-            out_root.mkdir(parents=True, exist_ok=True)
             log.info("converting %s to DeepSpeed's universal checkpoint form (the world size changed)",
                      Path(ckdir) / tag)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(Path(ckdir) / tag), "--output_folder", str(tmp), "--inject_missing_state",
-                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                tail = " | ".join((res.stderr or res.stdout).strip().splitlines()[-5:])
-                error = f"converting {Path(ckdir) / tag} to a universal checkpoint failed: {tail}"
-            else:
+            try:
+                write_universal(Path(ckdir) / tag, tmp)
                 if out.exists():
                     shutil.rmtree(out)
                 os.rename(tmp, out)
                 atomic_write_text(out_root / "latest_universal", tag)
+            except Exception as e:  # noqa: BLE001 - reported on every rank below
+                error = f"converting {Path(ckdir) / tag} to a universal checkpoint failed: {type(e).__name__}: {e}"
         failed = torch.tensor([1 if error else 0], device="cuda" if torch.cuda.is_available() else "cpu")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(failed)
         if failed.item():
             raise MohicoError(error or "rank 0 failed to convert the checkpoint to universal form (see its log)")
         return out_root, tag
+
+
+def write_universal(src: Path, out: Path) -> None:
+    """Write ZeRO 1/2 checkpoint folder ``src`` in DeepSpeed's universal form to ``out``.
+
+    DeepSpeed's ``ds_to_universal`` only knows Adam's state (``exp_avg``, ``exp_avg_sq``); this
+    writes whatever state the optimizer has (SGD/LARS ``momentum_buffer``, AdamW's moments,
+    ``step``): per parameter, ``zero/<name>/<state>.pt`` = ``{"param": full tensor}``, rebuilt by
+    concatenating every rank's fragment in rank order; DeepSpeed's universal loader reads any
+    state names and re-partitions them for the new world size. Frozen parameters and buffers
+    come from the module state as ``fp32.pt`` as DeepSpeed does.
+    """
+    src, out = Path(src), Path(out)
+    model = torch.load(src / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    files = sorted(src.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))
+    if not files:
+        raise MohicoError(f"{src}: no ZeRO optimizer partitions (zero_pp_rank_*_mp_rank_00_optim_states.pt)")
+    ranks = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    zero = out / "zero"
+    for g, shapes in enumerate(model["param_shapes"]):
+        for name, shape in shapes.items():
+            pieces: dict[str, list] = {}
+            step = None
+            for sd in ranks:
+                frag = sd["param_slice_mappings"][g].get(name)
+                if frag is None:
+                    continue
+                flat = {"fp32": sd["single_partition_of_fp32_groups"][g]}
+                for key, value in sd["base_optimizer_state"]["state"].get(g, {}).items():
+                    if key == "step":
+                        step = value
+                    elif torch.is_tensor(value) and value.numel() == flat["fp32"].numel():
+                        flat[key] = value
+                for key, value in flat.items():
+                    pieces.setdefault(key, []).append(value.narrow(0, frag.start, frag.numel))
+            (zero / name).mkdir(parents=True, exist_ok=True)
+            for key, parts in pieces.items():
+                full = torch.cat(parts).view(shape).clone()
+                torch.save({"param": full}, zero / name / f"{key}.pt")
+            if step is not None:
+                torch.save(step, zero / name / "step.pt")
+    first = ranks[0]   # optimizer-wide state (clip, loss scale, param groups) as ds_to_universal writes it
+    glob_state = {k: v for k, v in first.items()
+                  if k not in ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")}
+    glob_state["param_groups"] = first["base_optimizer_state"]["param_groups"]
+    zero.mkdir(parents=True, exist_ok=True)
+    torch.save(glob_state, zero / "optimizer_state.pt")
+    for name, tensor in model["module"].items():   # frozen parameters (key encoder), buffers
+        if not (zero / name / "fp32.pt").exists():
+            (zero / name).mkdir(parents=True, exist_ok=True)
+            torch.save({"param": tensor.float()}, zero / name / "fp32.pt")
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    model.setdefault(UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    torch.save(model, out / "mp_rank_00_model_states.pt")
 
 
 def load_rank_states(ckdir: Path, tag: str, world_size: int) -> list[dict]:
@@ -307,8 +357,9 @@ def reshard_bank(states: list, world_size: int, rank: int):
 def load_module_state(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(module_state_dict, meta)`` of a checkpoint given as a run directory, checkpoints
     directory or checkpoint folder: the full (unsharded) module weights DeepSpeed keeps in
-    ``mp_rank_00_model_states.pt`` at ZeRO 0-2, fp32 master weights from the ZeRO partitions
-    when they exist (DeepSpeed's zero_to_fp32), buffers and the key encoder included."""
+    ``mp_rank_00_model_states.pt`` at ZeRO 0-2 (fp32: bf16 runs through autocast), buffers and
+    the key encoder included. (DeepSpeed's zero_to_fp32 gives the same trainable weights from the
+    ZeRO partitions.)"""
     ckdir, tag = resolve_checkpoint(path)
     model_file = ckdir / tag / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
@@ -318,20 +369,28 @@ def load_module_state(path: str | os.PathLike) -> tuple[dict, dict]:
     meta = (sd.get("mohico") or {}) if isinstance(sd, dict) else {}
     if (ckdir / tag / META).is_file():
         meta = read_meta(ckdir, tag)
-    if any(p.name.startswith(("zero_pp_rank_", "bf16_zero_pp_rank_")) for p in (ckdir / tag).iterdir()):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag=tag)
-        for k, v in fp32.items():
-            if k in state:
-                state[k] = v.to(state[k].dtype) if state[k].dtype == v.dtype else v
     return state, meta
+
+
+def load_backbone_state(path: str | os.PathLike) -> tuple[str, dict, dict]:
+    """``(backbone_name, options, backbone_state_dict)`` of a training checkpoint (run directory,
+    checkpoints directory or checkpoint folder): the online backbone (``backbone.*`` of the
+    PretrainModule), named by the config saved with the checkpoint."""
+    state, meta = load_module_state(path)
+    model = (meta.get("config") or {}).get("model") or {}
+    if "backbone" not in model:
+        raise MohicoError(f"{path}: the checkpoint has no saved config naming its backbone (model.backbone)")
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise MohicoError(f"{path}: the checkpoint's module has no 'backbone.*' weights "
+                          f"(keys start with {sorted({k.split('.')[0] for k in state})[:5]})")
+    return model["backbone"], dict(model.get("backbone_options") or {}), backbone
 
 
 # --------------------------------------------------------------------------- fault injection (tests)
 def _fault_point(where: str, step: int, rank: int) -> None:
-    """``MOHICO_FAULT=save:STEP:RANK`` kills that rank with SIGKILL mid-save (before the barrier),
-    so tests can check that an interrupted save never becomes visible."""
+    """Fault injection for tests: ``MOHICO_FAULT=save:STEP:RANK`` SIGKILLs that rank mid-save
+    (files written, before the barrier), ``step:STEP:RANK`` right after optimizer step STEP."""
     spec = os.environ.get("MOHICO_FAULT", "")
     if not spec:
         return

@@ -103,15 +103,18 @@ def _all_mean(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _bank_fill(module) -> float | None:
-    fill = getattr(module, "bank_fill", None)
-    if fill is None:
-        bank = getattr(module, "bank", None)
-        fill = getattr(bank, "fill", None) if bank is not None else None
-    try:
-        return float(fill() if callable(fill) else fill) if fill is not None else None
-    except Exception:  # noqa: BLE001
-        return None
+def bank_fills(module) -> dict[str, float]:
+    """``{"bank/<objective>_fill": fraction}`` for each memory bank of the module."""
+    banks = module.banks() if hasattr(module, "banks") else {}
+    return {f"bank/{name}_fill": float(bank.fill) for name, bank in banks.items()}
+
+
+def reshard_bank_states(module, states: list, world: int, rank: int):
+    """This rank's bank state at ``world`` ranks from every old rank's ``bank_state_dict()``."""
+    reshard = getattr(type(module), "reshard_bank_states", None)
+    if reshard is not None:
+        return reshard(states, world)[rank]
+    return ck.reshard_bank(states, world, rank)
 
 
 def train(cfg, build_module=None, build_loader=None) -> int:
@@ -172,7 +175,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         else:
             log.warning("resuming a %d-rank checkpoint on %d ranks: bank resharded, data order and RNG "
                         "streams restart from a step-dependent seed", meta["world_size"], world)
-            engine.module.load_bank_state_dict(ck.reshard_bank([s["bank"] for s in states], world, rank))
+            engine.module.load_bank_state_dict(reshard_bank_states(engine.module, [s["bank"] for s in states], world, rank))
             seed_everything(rank_seed(cfg.trainer.seed, rank, step))
         log.info("resumed from %s at step %d", source[0] / source[1], step)
 
@@ -232,6 +235,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             if metrics_file is not None:
                 metrics_file.write(json.dumps({"step": step, "loss": loss_sum / cfg.trainer.grad_accum, "lr": lr}) + "\n")
                 metrics_file.flush()
+            ck._fault_point("step", step, rank)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / cfg.trainer.grad_accum:.4f}", lr=f"{lr:.2e}")
@@ -240,18 +244,15 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 n = window["steps"]
                 stats = {f"data/{k}": float(v) for k, v in (loader.stats() or {}).items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                avg = _all_mean({**{f"loss/{k}": v / n for k, v in terms_sum.items()}, **stats}, device)
-                fill = _bank_fill(engine.module)
+                avg = _all_mean({**{k: v / n for k, v in terms_sum.items()}, **stats}, device)
                 row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
                        "perf/step_time_s": window["time"] / n,
                        "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
                        "perf/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-                       "perf/memory_mb": memory_mb()}
-                if fill is not None:
-                    row["bank/fill"] = fill
+                       "perf/memory_mb": memory_mb(), **bank_fills(engine.module)}
                 wandb.log(row, step=step)
                 if bar is None:
-                    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in row.items() if k.startswith("loss/"))
+                    shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items() if not k.startswith("data/"))
                     log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB",
                              step, cfg.trainer.max_steps, shown, lr, row["perf/step_time_s"],
                              row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])

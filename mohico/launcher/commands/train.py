@@ -8,9 +8,6 @@ preemption signal (requeue me).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 HELP = "pretrain a video encoder (DeepSpeed; resumes from the run's latest checkpoint)"
 DESCRIPTION = __doc__
 
@@ -24,10 +21,6 @@ def add_arguments(p):
                    help="local ranks to start (default: trainer.nproc); ignored under torchrun/SLURM")
 
 
-def _in_distributed_env() -> bool:
-    return any(k in os.environ for k in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"))
-
-
 def run(args) -> int:
     from mohico.config import load_config
     from mohico.errors import UsageError
@@ -39,19 +32,10 @@ def run(args) -> int:
         overrides.append(f"trainer.nproc={args.nproc}")
     cfg = load_config(args.config, overrides)   # validate before starting any process
 
-    if cfg.trainer.nproc > 1 and not _in_distributed_env():
-        argv = ["train", args.config, *args.overrides]
-        try:
-            from mohico.launcher.distributed import spawn_local
-        except ImportError:
-            spawn_local = None
-        if spawn_local is not None:
-            return int(spawn_local(cfg.trainer.nproc, argv) or 0)
-        import subprocess
+    from mohico.launcher.spawn import should_spawn, spawn_local
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={cfg.trainer.nproc}", "-m", "mohico", *argv]
-        return subprocess.call(cmd)
+    if should_spawn(cfg.trainer.nproc):
+        return spawn_local(cfg.trainer.nproc, ["train", args.config, *args.overrides])
 
     from mohico.trainer.train import shutdown, train
 
