@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 HELP = "synthesise untrimmed videos (shots, cuts, moving objects, camera pans) with ground truth"
+DESCRIPTION = """\
+Synthesise untrimmed videos with known ground truth (the demo and test data).
+
+Each video has a topic (background palettes/textures and object kinds shared by its shots) and
+several shots separated by hard cuts; a shot is a textured background with sensor noise, an
+optional camera pan and 0-3 textured objects bouncing around; motion level 0 shots are nearly static.
+OUT gets video_NNNNN.webm (vp9) or .mp4 (h264), video_NNNNN.json (topic, shots with motion level
+and pan, per-frame object boxes [id, x, y, w, h] and camera translation) and labels.json
+({video: topic}, usable as `mohico shards --labels`). Same seed, same bytes."""
 
 
 def _size(text: str) -> tuple[int, int]:
