@@ -91,10 +91,11 @@ def _lse_forward_torch(q: torch.Tensor, bank: torch.Tensor, pos: torch.Tensor | 
     else:
         m = pos * inv_tau
         s = torch.ones(B, dtype=q.dtype, device=q.device)
+    q_s = q * inv_tau  # scale the (B, d) queries once, not every (B, tile) logit tile
     for start in range(0, bank.shape[0], tile):
-        logits = (q @ bank[start:start + tile].to(q.dtype).T) * inv_tau  # (B, tile)
-        m_new = torch.maximum(m, logits.max(dim=1).values)
-        s = s * torch.exp(m - m_new) + torch.exp(logits - m_new[:, None]).sum(dim=1)
+        logits = q_s @ bank[start:start + tile].to(q.dtype).T  # (B, tile), the only big temporary
+        m_new = torch.maximum(m, logits.amax(dim=1))
+        s = s * torch.exp(m - m_new) + logits.sub_(m_new[:, None]).exp_().sum(dim=1)
         m = m_new
     # s == 0 only for an empty set (m == -inf): log(0) = -inf, and -inf + -inf = -inf.
     return torch.where(s > 0, m + torch.log(s), torch.full_like(m, float("-inf")))
@@ -106,10 +107,11 @@ def _lse_backward_torch(q: torch.Tensor, bank: torch.Tensor, lse: torch.Tensor,
     acc = torch.zeros_like(q)
     if bank.shape[0] == 0:
         return acc
+    q_s = q * inv_tau
     for start in range(0, bank.shape[0], tile):
         kt = bank[start:start + tile].to(q.dtype)
-        p = torch.exp((q @ kt.T) * inv_tau - lse[:, None])  # (B, tile)
-        acc += p @ kt
+        p = (q_s @ kt.T).sub_(lse[:, None]).exp_()  # (B, tile) softmax probabilities
+        acc.addmm_(p, kt)
     return acc
 
 
