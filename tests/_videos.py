@@ -143,8 +143,9 @@ def write_video(path, frames, fps: int = 15, codec: str = "vp9", pts=None, time_
         s.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "vp9":
             s.options = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
-        if time_base is not None:
+        if time_base is not None:   # custom timestamps: the encoder must not round them to 1/fps
             s.time_base = Fraction(time_base)
+            s.codec_context.time_base = Fraction(time_base)
         first = True
         for i, img in enumerate(frames):
             if first:

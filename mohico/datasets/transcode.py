@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,8 +95,8 @@ def transcode(path: str | os.PathLike, codec: str = "vp9", short_side: int = 112
             raise SkipVideo("no video stream")
         vs = src.streams.video[0]
         cname = vs.codec_context.name if vs.codec_context is not None else "unknown"
-        if vs.codec_context is None or not vs.codec_context.codec or cname in ("none", "unknown"):
-            raise SkipVideo(f"unreadable codec (no decoder for codec tag {getattr(vs.codec_context, 'codec_tag', '?')!r})")
+        if vs.codec_context is None or cname in ("none", "unknown"):
+            raise SkipVideo("unreadable codec: FFmpeg has no decoder for this video stream")
         vs.codec_context.thread_count = 1
         rate = float(vs.average_rate or vs.guessed_rate or 0) or 25.0
         declared = None
@@ -105,6 +106,7 @@ def transcode(path: str | os.PathLike, codec: str = "vp9", short_side: int = 112
             declared = src.duration / 1e6
 
         enc = None
+        out_tb = Fraction(1, fps)
         k = 0                    # next output frame index
         cur = None               # (time, resized frame, luma)
         t0 = t_prev = None
@@ -119,8 +121,12 @@ def transcode(path: str | os.PathLike, codec: str = "vp9", short_side: int = 112
                 if on_frame is not None:
                     on_frame(luma)
                 frame.pts = k
-                for p in enc[2].encode(frame):
-                    enc[1].mux(p)
+                frame.time_base = out_tb
+                try:
+                    for p in enc[2].encode(frame):
+                        enc[1].mux(p)
+                except av.FFmpegError as e:   # not the input's fault: surface it, do not call it corrupt
+                    raise RuntimeError(f"{codec} encoder failed at output frame {k}: {e}") from e
                 k += 1
 
         try:
