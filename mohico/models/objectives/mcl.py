@@ -1,0 +1,166 @@
+"""MCL: motion-focused contrastive learning (Li et al., ICCV 2021; methods.md sections 1.3-1.4).
+
+Query encoder = the shared backbone + :class:`MCLProjection` (``d -> hidden -> ReLU -> 128``,
+L2-normalised). Key encoder = an EMA copy of both (momentum 0.999, no gradient), updated by
+:meth:`MCL.momentum_update` after every optimizer step. Loss per step::
+
+    L = mean_i NCE(q_i, k+_i, bank; tau = 0.1)  +  lambda * L_MAL
+
+with the NCE against the sharded :class:`mohico.models.bank.MemoryBank` (Eq. 10); the keys
+are enqueued *after* the loss (the bank writes out of place, so the loss keeps its keys).
+``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
+map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
+the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
+happen inside the module the DeepSpeed engine wraps; recipes.md).
+
+Batch norm (``objectives.mcl.bn``) -- the key encoder must not see the same BN batch as the
+query, or the two can "cheat" by matching batch statistics (MoCo section 3.3):
+
+- ``shuffle`` (default, MoCo's shuffling BN): the key batch is shuffled *across ranks* before
+  the key encoder and unshuffled after (:func:`shuffled_forward`), so each rank's key BN
+  statistics come from a random subset of the global batch. With one rank the shuffle is a
+  permutation inside the batch, which leaves BN statistics unchanged: it is then a no-op and
+  gives no protection (use several ranks, or ``bn: sync``).
+- ``sync``: the backbone (and so its EMA copy) uses ``SyncBatchNorm`` (statistics over the
+  global batch of queries / of keys), converted by ``PretrainModule``. ``SyncBatchNorm``
+  needs GPU tensors when it actually synchronises (world size > 1).
+- ``none``: plain per-rank BN, no protection.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mohico.config import Config
+from mohico.errors import ConfigError
+from mohico.models.bank import MemoryBank, all_gather_nograd, dist_info
+from mohico.models.heads import MCLProjection
+from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
+
+
+@torch.no_grad()
+def shuffled_forward(encoder, x: torch.Tensor, group=None) -> torch.Tensor:
+    """``encoder(x)`` with the batch shuffled across ranks (shuffle BN); ``x: (B, ...)`` -> ``(B, d)``.
+
+    A permutation of the ``B * W`` global samples is drawn on rank 0 and broadcast. Rank r runs
+    the encoder on the samples ``perm[r*B:(r+1)*B]`` (fetched with one broadcast per source
+    rank, so memory stays O(B) per rank instead of O(B * W) for an all-gather of clips), the
+    outputs are all-gathered (small: ``B*W x d``) and each rank takes back its own samples'
+    rows in their original order. With one rank this is just ``encoder(x)``. A collective:
+    every rank must call it with the same ``B``.
+    """
+    rank, world = dist_info(group)
+    if world == 1:
+        return encoder(x)
+    b = x.shape[0]
+    perm = torch.randperm(b * world, device=x.device) if rank == 0 else torch.empty(b * world, dtype=torch.long,
+                                                                                   device=x.device)
+    dist.broadcast(perm, src=_global_rank(0, group), group=group)
+    mine = perm[rank * b:(rank + 1) * b]                      # global indices this rank encodes
+    x = x.contiguous()
+    shuffled = torch.empty_like(x)
+    for src in range(world):
+        buf = x if src == rank else torch.empty_like(x)
+        dist.broadcast(buf, src=_global_rank(src, group), group=group)
+        take = (mine // b) == src
+        shuffled[take] = buf[mine[take] % b]
+    out = encoder(shuffled)                                    # (B, d) in shuffled order
+    gathered = all_gather_nograd(out, group)                   # row i holds global sample perm[i]
+    unshuffle = torch.argsort(perm)
+    return gathered[unshuffle[rank * b:(rank + 1) * b]]
+
+
+def _global_rank(group_rank: int, group) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class MCL(nn.Module):
+    """The MCL objective around a shared query ``backbone`` (which it does not own).
+
+    Submodules: ``proj`` (query projection), ``key_backbone`` and ``key_proj`` (the EMA key
+    encoder, ``requires_grad=False``; part of ``state_dict()``). ``bank`` is a plain attribute
+    (per-rank state, kept out of ``state_dict()``).
+    """
+
+    def __init__(self, cfg: Config, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg.objectives.mcl
+        if cfg.bank.size <= 0:
+            raise ConfigError("'bank.size': MCL's NCE needs a memory bank of negatives; set bank.size > 0 "
+                              "(e.g. 65536) or disable MCL with objectives.mcl.weight=0")
+        self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
+        self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
+        self.key_backbone = copy.deepcopy(backbone)
+        self.key_proj = copy.deepcopy(self.proj)
+        for p in list(self.key_backbone.parameters()) + list(self.key_proj.parameters()):
+            p.requires_grad_(False)
+        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim)
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether the query forward must return the late feature map (MAL on)."""
+        return self.cfg.mal_enabled
+
+    @torch.no_grad()
+    def momentum_update(self, backbone: nn.Module) -> None:
+        """``key = m * key + (1 - m) * query`` for the backbone and projection parameters."""
+        m = self.cfg.momentum
+        for online, ema in ((backbone, self.key_backbone), (self.proj, self.key_proj)):
+            for p_q, p_k in zip(online.parameters(), ema.parameters()):
+                p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def keys(self, x_key: torch.Tensor) -> torch.Tensor:
+        """Key embeddings ``(B, proj_dim)`` of ``x_key: (B, C, T, H, W)`` from the EMA encoder."""
+        def encode(x):
+            return self.key_proj(self.key_backbone(x))
+
+        if self.cfg.bn == "shuffle":
+            return shuffled_forward(encode, x_key)
+        return encode(x_key)
+
+    def forward(self, q_emb: torch.Tensor, fmap: torch.Tensor | None, x_key: torch.Tensor,
+                motion_q: torch.Tensor | None, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One MCL step.
+
+        ``q_emb: (B, D)`` backbone embeddings of the query clips; ``fmap: (N, C', T', H', W')``
+        the late feature map of the backbone batch that produced them, whose first ``B`` rows
+        are the query clips' (the batch may hold more views; needed when MAL is on);
+        ``x_key: (B, C, T, H, W)`` the key clips; ``motion_q: (B, T, Hm, Wm)`` the query's
+        motion target; ``progress`` in [0, 1] (fraction of ``trainer.max_steps`` done).
+        Returns the loss (NCE + lambda * MAL) and detached terms for logging.
+        """
+        q = self.proj(q_emb)                                        # (B, d), unit norm
+        k = self.keys(x_key).to(q.dtype)                            # (B, d), constants
+        nce = self.bank.nce(q, k, self.cfg.tau).mean()
+        loss = nce
+        terms = {"mcl/nce": nce.detach()}
+        if self.cfg.mal_enabled:
+            mal, mal_terms, lam = self._mal(q, k, fmap, motion_q, progress)
+            if mal is not None:
+                loss = loss + lam * mal
+                terms.update({"mcl/mal": mal.detach(), "mcl/mal_weight": torch.tensor(float(lam))})
+                terms.update({f"mcl/mal_{name}": v for name, v in mal_terms.items()})
+        self.bank.enqueue(k)
+        terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
+        return loss, terms
+
+    def _mal(self, q, k, fmap, motion_q, progress):
+        c = self.cfg.mal
+        if fmap is None or motion_q is None:
+            raise ValueError("MCL with MAL needs the query's feature map and motion targets")
+        grad = None
+        if needs_gradient(c.variant):
+            if not (torch.is_grad_enabled() and fmap.requires_grad):
+                return None, {}, 0.0                                # evaluation without grad: no MAL
+            grad, = torch.autograd.grad((q * k).sum(), fmap, create_graph=True)
+            grad = grad[:q.shape[0]]
+        pred = response_map(c.variant, fmap[:q.shape[0]], grad, c.channel_weights)
+        target = pool_motion(motion_q, tuple(pred.shape[1:]))
+        loss, terms = mal_loss(pred, target, st=c.st, s=c.s, t=c.t)
+        epoch = progress * self.epoch_of_progress
+        lam = mal_weight(epoch, weight=c.weight, warmup_weight=c.warmup_weight, warmup_epochs=c.warmup_epochs)
+        return loss, terms, lam
