@@ -14,7 +14,7 @@ import pytest
 from mohico.datasets import synth
 from mohico.datasets.synth import synthesize, synthesize_one
 from mohico.datasets.synth_scene import LEVEL_SPEED, make_topic, plan_shots
-from mohico.errors import UsageError
+from mohico.errors import MohicoError, UsageError
 
 SEED, VIDEOS, TOPICS, DURATION = 7, 4, 2, 6.0
 
@@ -287,6 +287,9 @@ def test_bad_arguments_raise_usage_error(tmp_path):
         with pytest.raises(UsageError, match=f"--{next(iter(kwargs))}"):
             synthesize(tmp_path, **args)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MohicoError, match="cannot create output folder"):
+        synthesize(tmp_path / "file" / "sub", videos=1, seed=0, duration=1.0)
 
 
 def test_workers_give_same_bytes(tmp_path):

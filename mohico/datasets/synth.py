@@ -32,6 +32,7 @@ written under a temporary name and renamed, so an interrupted run leaves no part
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +46,8 @@ import numpy as np
 from mohico.datasets.synth_scene import ShotPlan, Topic, background_canvas, make_sprite, make_topic, plan_shots
 from mohico.errors import MohicoError, UsageError
 from mohico.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 GENERATOR = "mohico-synth"
 LABELS = "labels.json"  # {video file name: topic} for every video made in the folder
@@ -208,6 +211,9 @@ def _encode(path: Path, codec: str, fps, width: int, height: int, frames) -> Non
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, av.error.FFmpegError) as e:  # disk full, read-only folder, encoder failure
+        tmp.unlink(missing_ok=True)
+        raise MohicoError(f"cannot write {path}: {e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -277,14 +283,26 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MohicoError(f"mohico synth: cannot create output folder {out_dir}: {e}") from e
+        raise MohicoError(f"cannot create output folder {out_dir}: {e}") from e
     kwargs = dict(seed=seed, codec=codec, fps=fps, size=tuple(size), duration=float(duration), topics=topics)
+    step = max(1, videos // 10)
+
+    def done(i: int) -> None:
+        if (i + 1) % step == 0 or i + 1 == videos:
+            log.info("%d/%d videos written to %s", i + 1, videos, out_dir)
+
+    paths = []
     if workers == 1 or videos == 1:
-        paths = [synthesize_one(out_dir, i, **kwargs) for i in range(videos)]
+        for i in range(videos):
+            paths.append(synthesize_one(out_dir, i, **kwargs))
+            done(i)
     else:
-        with ProcessPoolExecutor(min(workers, videos), mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(workers, videos), mp_context=get_context("spawn"),
+                                 initializer=cv2.setNumThreads, initargs=(1,)) as pool:
             futures = [pool.submit(synthesize_one, out_dir, i, **kwargs) for i in range(videos)]
-            paths = [f.result() for f in futures]
+            for i, f in enumerate(futures):
+                paths.append(f.result())
+                done(i)
     _update_labels(out_dir / LABELS, {p.name: i % topics for i, p in enumerate(paths)})
     return paths
 
