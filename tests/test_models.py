@@ -12,15 +12,15 @@ from mohico.models.heads import HiCoVisualHead, MCLProjection, PairClassifier, T
 from mohico.models.motionsqueeze import MotionSqueeze
 from mohico.models.tsm import TSMBasicBlock, TSMBottleneck, temporal_shift
 
-# (2, 3, 8, 64, 64) at width 16: (out_dim, fmap shape)
+# (2, 3, 8, 64, 64) at width 8: (out_dim, fmap shape)
 EXPECTED = {
-    "r3d_18": (128, (2, 128, 1, 4, 4)),
-    "r2plus1d_18": (128, (2, 128, 1, 4, 4)),
-    "s3d": (256, (2, 256, 1, 2, 2)),
-    "tsm_resnet18": (128, (2, 128, 8, 2, 2)),
-    "tsm_resnet50": (512, (2, 512, 8, 2, 2)),
-    "msnet_resnet18": (128, (2, 128, 8, 2, 2)),
-    "msnet_resnet50": (512, (2, 512, 8, 2, 2)),
+    "r3d_18": (64, (2, 64, 1, 4, 4)),
+    "r2plus1d_18": (64, (2, 64, 1, 4, 4)),
+    "s3d": (128, (2, 128, 1, 2, 2)),
+    "tsm_resnet18": (64, (2, 64, 8, 2, 2)),
+    "tsm_resnet50": (256, (2, 256, 8, 2, 2)),
+    "msnet_resnet18": (64, (2, 64, 8, 2, 2)),
+    "msnet_resnet50": (256, (2, 256, 8, 2, 2)),
 }
 
 
@@ -31,7 +31,7 @@ def test_every_registered_backbone_is_tested():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_backbone_shapes_and_feature_map(name):
     torch.manual_seed(0)
-    net = build_backbone(name, width=16).eval()
+    net = build_backbone(name, width=8).eval()
     x = torch.randn(2, 3, 8, 64, 64)
     out_dim, fshape = EXPECTED[name]
     assert net.out_dim == out_dim
@@ -47,6 +47,39 @@ def test_backbone_shapes_and_feature_map(name):
     g, = torch.autograd.grad((emb @ torch.randn(out_dim)).sum(), fmap)
     per_position = g[0].flatten(1)  # (C', T'H'W')
     assert per_position.std(dim=1).max() > 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_feature_map_supports_mal_double_backprop(name):
+    """MAL: g = d(score)/d(fmap) with create_graph=True, a loss on g, backward to the weights (train mode)."""
+    torch.manual_seed(0)
+    net = build_backbone(name, width=8).train()
+    emb, fmap = net(torch.randn(2, 3, 8, 32, 32), return_features=True)
+    score = (F.normalize(emb, dim=1) * torch.randn(2, net.out_dim)).sum()
+    g, = torch.autograd.grad(score, fmap, create_graph=True)
+    cam = F.relu((g.mean(dim=(2, 3, 4), keepdim=True) * g).sum(1))   # weighted gradient map
+    loss = (F.normalize(cam.flatten(1), dim=1) * torch.rand(2, cam[0].numel())).sum()
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(q).all() for q in grads)
+    assert sum(q.abs().sum() for q in grads) > 0
+
+
+def test_standard_tsm_resnet_takes_torchvision_imagenet_layout():
+    import torchvision
+    for ours, theirs in (("tsm_resnet18", torchvision.models.resnet18), ("tsm_resnet50", torchvision.models.resnet50)):
+        with torch.device("meta"):
+            state = {k: v for k, v in theirs().state_dict().items() if not k.startswith("fc.")}
+            net = build_backbone(ours)
+        net.load_state_dict(state, strict=True, assign=True)
+
+
+def test_width_must_be_a_positive_int():
+    for bad in (0, "8", 8.0):
+        with pytest.raises(ConfigError, match="width must be a positive integer"):
+            build_backbone("r3d_18", width=bad)
+    with pytest.raises(ConfigError, match="radius >= 1"):
+        build_backbone("msnet_resnet18", width=8, radius=0)
 
 
 def test_tiny_cpu_config_backbone_runs():

@@ -32,7 +32,7 @@ from torchvision.ops.misc import Conv3dNormActivation
 
 from mohico.errors import ConfigError
 from mohico.models.motionsqueeze import msnet_resnet18, msnet_resnet50
-from mohico.models.tsm import tsm_resnet18, tsm_resnet50
+from mohico.models.tsm import check_width, tsm_resnet18, tsm_resnet50
 
 STANDARD_WIDTH = 64
 
@@ -88,9 +88,7 @@ class VideoResNet(nn.Module):
     def __init__(self, conv_builder, stem: Callable[[int], nn.Module], torchvision_name: str,
                  width: int = STANDARD_WIDTH, layers=(2, 2, 2, 2)):
         super().__init__()
-        if width < 1:
-            raise ConfigError(f"backbone option 'width' must be >= 1, got {width}")
-        self.width = width
+        self.width = check_width(width)
         self.torchvision_name = torchvision_name
         self.stem = stem(width)
         self.inplanes = width
@@ -159,7 +157,7 @@ class S3D(nn.Module):
     """torchvision's S3D (S3D-G body) without the classifier, at any width.
 
     ``features`` holds torchvision's 16 modules under the same indices. ``x: (B, 3, T, H, W)``
-    with ``T >= 6`` -> ``emb: (B, 16 * width)`` (1024 at the standard width), a global average
+    with ``T >= 5`` -> ``emb: (B, 16 * width)`` (1024 at the standard width), a global average
     pool of ``features`` (torchvision's own head averages 2x7x7 windows, which equals it at
     its 16x224x224 input). The feature map is the concatenation of the four branches of the
     last inception block taken after their last convolution, before its BN and ReLU:
@@ -170,9 +168,7 @@ class S3D(nn.Module):
 
     def __init__(self, width: int = STANDARD_WIDTH):
         super().__init__()
-        if width < 1:
-            raise ConfigError(f"backbone option 'width' must be >= 1, got {width}")
-        self.width = width
+        self.width = check_width(width)
         self.torchvision_name = "s3d"
         norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
         c = partial(_scaled, width=width)
@@ -219,8 +215,8 @@ class S3D(nn.Module):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         _check_input(x)
-        if x.shape[2] < 6:
-            raise ValueError(f"S3D needs clips of at least 6 frames; got T={x.shape[2]} (raise data.clip_len)")
+        if x.shape[2] < 5:
+            raise ValueError(f"S3D needs clips of at least 5 frames; got T={x.shape[2]} (raise data.clip_len)")
         x = self.features[:-1](x)
         x, fmap = self._last_block(self.features[-1], x)
         emb = x.mean(dim=(2, 3, 4))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mohico.errors import ConfigError
 from mohico.kernels import local_correlation_softargmax
 from mohico.models.tsm import TSMBasicBlock, TSMBottleneck, TSMResNet
 
@@ -49,7 +50,8 @@ class MotionSqueeze(nn.Module):
                  temperature: float = 100.0, impl: str | None = None):
         super().__init__()
         if corr_channels < 1 or radius < 1 or sigma <= 0 or temperature <= 0:
-            raise ValueError(f"MotionSqueeze needs corr_channels >= 1, radius >= 1, sigma > 0, temperature > 0; "
+            raise ConfigError(f"MotionSqueeze (model.backbone_options) needs corr_channels >= 1, radius >= 1, "
+                              f"sigma > 0, temperature > 0; "
                              f"got {corr_channels}, {radius}, {sigma}, {temperature}")
         self.radius, self.sigma, self.temperature, self.impl = int(radius), float(sigma), float(temperature), impl
         self.reduce = nn.Conv2d(channels, corr_channels, 1, bias=False)

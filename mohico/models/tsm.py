@@ -14,6 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mohico.errors import ConfigError
+
+
+def check_width(width) -> int:
+    """``width`` (the ``width`` backbone option) as a positive int, else ``ConfigError``."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model.backbone_options.width must be a positive integer (64 = standard), got {width!r}")
+    return width
+
 
 def temporal_shift(x: torch.Tensor, num_segments: int, fold_div: int = 8) -> torch.Tensor:
     """Shift channels along time: ``x: (B*T, C, H, W)`` -> same shape.
@@ -112,9 +121,7 @@ class TSMResNet(nn.Module):
 
     def __init__(self, block, layers, width: int = 64):
         super().__init__()
-        if width < 1:
-            raise ValueError(f"backbone option 'width' must be >= 1, got {width}")
-        self.width = width
+        self.width = check_width(width)
         self.torchvision_name = None   # no torchvision video model has this layout
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
