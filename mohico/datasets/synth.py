@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
@@ -248,13 +249,13 @@ def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> No
     def bad(msg):
         raise UsageError(msg)
 
-    if not isinstance(videos, int) or videos < 1:
+    if not isinstance(videos, numbers.Integral) or isinstance(videos, bool) or videos < 1:
         bad(f"videos (--videos) must be an integer >= 1, got {videos!r}")
-    if not isinstance(seed, int) or seed < 0:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         bad(f"seed (--seed) must be an integer >= 0, got {seed!r}")
     if codec not in CODECS:
         bad(f"codec (--codec) must be one of {sorted(CODECS)}, got {codec!r}")
-    if not (isinstance(fps, (int, float)) and 0 < fps <= 240):
+    if not (isinstance(fps, numbers.Real) and 0 < fps <= 240):
         bad(f"fps (--fps) must be in (0, 240], got {fps!r}")
     try:
         w, h = (int(v) for v in size)
@@ -262,11 +263,11 @@ def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> No
         bad(f"size (--size) must be (width, height), got {size!r}")
     if w < 32 or h < 32 or w % 2 or h % 2 or (w, h) != tuple(size):
         bad(f"size (--size) must be even integers >= 32, got {size!r}")
-    if not (isinstance(duration, (int, float)) and duration > 0 and round(duration * fps) >= 2):
+    if not (isinstance(duration, numbers.Real) and duration > 0 and round(duration * fps) >= 2):
         bad(f"duration (--duration) must give at least 2 frames at {fps} fps, got {duration!r}")
-    if not isinstance(topics, int) or topics < 1:
+    if not isinstance(topics, numbers.Integral) or isinstance(topics, bool) or topics < 1:
         bad(f"topics (--topics) must be an integer >= 1, got {topics!r}")
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
         bad(f"workers (--workers) must be an integer >= 1, got {workers!r}")
 
 
@@ -279,12 +280,15 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
     Existing files of the same names are replaced.
     """
     _check_args(videos, seed, codec, fps, size, duration, topics, workers)
+    videos, seed, topics, workers = int(videos), int(seed), int(topics), int(workers)
+    fps = int(fps) if float(fps).is_integer() else float(fps)
+    size = (int(size[0]), int(size[1]))
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MohicoError(f"cannot create output folder {out_dir}: {e}") from e
-    kwargs = dict(seed=seed, codec=codec, fps=fps, size=tuple(size), duration=float(duration), topics=topics)
+    kwargs = dict(seed=seed, codec=codec, fps=fps, size=size, duration=float(duration), topics=topics)
     step = max(1, videos // 10)
 
     def done(i: int) -> None:
