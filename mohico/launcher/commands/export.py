@@ -12,7 +12,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p):
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint file (a backbone file written by mohico)")
+    p.add_argument("ckpt", metavar="CKPT", help="a backbone file written by mohico, a run directory, its "
+                   "checkpoints/ folder or one DeepSpeed checkpoint folder")
     p.add_argument("out", metavar="OUT.pt", help="output file")
     p.add_argument("--format", dest="fmt", choices=("torchvision", "mohico"), default="torchvision",
                    help="torchvision: state_dict for torchvision's video model (default); "
