@@ -1,0 +1,253 @@
+"""HiCo and MCL objectives: NT-Xent with HiCo's positive structure + bank negatives and the
+focal loss against float64 numpy references, the topical pair structure, gradchecks, the
+2-rank gloo NT-Xent + sharded bank against one process, cross-rank shuffle BN, and MCL's
+EMA update and bank enqueue."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from mohico.config import Config
+from mohico.models.bank import MemoryBank
+from mohico.models.backbones import build_backbone
+from mohico.models.heads import PairClassifier
+from mohico.models.objectives import OBJECTIVES, HiCo, MCL
+from mohico.models.objectives.hico import AllGatherWithGrad, focal_loss, topical_consistency, visual_consistency
+from mohico.models.objectives.mcl import shuffled_forward
+
+
+def _z(b, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(b, 3, d, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _np_hico_ntxent(z, bank, tau):
+    """Loop form: anchors v_i, v_j of each video; positive the other one; negatives every clip
+    of every other video plus the bank keys. Returns the (2B,) losses, v_i anchors first."""
+    z = np.asarray(z, dtype=np.float64)
+    b = z.shape[0]
+    out = np.zeros(2 * b)
+    for a_view in (0, 1):
+        for v in range(b):
+            anchor, positive = z[v, a_view], z[v, 1 - a_view]
+            negatives = [z[o, c] for o in range(b) if o != v for c in range(3)] + list(bank)
+            pos = anchor @ positive / tau
+            neg = np.array([anchor @ n / tau for n in negatives])
+            out[a_view * b + v] = -pos + np.log(np.exp(pos) + np.exp(neg).sum())
+    return out
+
+
+def _np_focal(logits, labels, gamma):
+    p = 1.0 / (1.0 + np.exp(-logits))
+    pos = -((1 - p) ** gamma * np.log(p))[labels == 1]
+    neg = -(p ** gamma * np.log(1 - p))[labels == 0]
+    return (pos.mean() if pos.size else 0.0) + (neg.mean() if neg.size else 0.0)
+
+
+def test_registry():
+    assert OBJECTIVES == {"mcl": MCL, "hico": HiCo}
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_visual_consistency_matches_numpy(with_bank):
+    z = _z(4, 8, 0)
+    bank = None
+    keys = np.zeros((0, 8))
+    if with_bank:
+        bank = MemoryBank(16, 8, dtype=torch.float64)
+        kt = F.normalize(torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), dim=1)
+        bank.enqueue(kt)
+        keys = kt.numpy()
+    loss = visual_consistency(z, 0.1, bank)
+    np.testing.assert_allclose(loss.numpy(), _np_hico_ntxent(z.numpy(), keys, 0.1), rtol=1e-12)
+
+
+def test_visual_consistency_gradcheck():
+    bank = MemoryBank(8, 5, dtype=torch.float64)
+    bank.enqueue(F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=1))
+    z = _z(3, 5, 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: visual_consistency(x, 0.5, bank), (z,))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: AllGatherWithGrad.apply(t), (x,))
+
+
+def test_focal_loss_matches_numpy_and_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn(40, generator=g, dtype=torch.float64)
+    labels = (torch.rand(40, generator=g) < 0.2).long()
+    for gamma in (0.0, 0.5, 2.0):
+        got = focal_loss(logits, labels, gamma)
+        assert got.item() == pytest.approx(_np_focal(logits.numpy(), labels.numpy(), gamma), rel=1e-12)
+    # gamma = 0: balanced binary cross-entropy, the positives' and negatives' means added
+    bce = F.binary_cross_entropy_with_logits
+    balanced = bce(logits[labels == 1], torch.ones_like(logits[labels == 1])) + \
+        bce(logits[labels == 0], torch.zeros_like(logits[labels == 0]))
+    assert focal_loss(logits, labels, 0.0).item() == pytest.approx(balanced.item(), rel=1e-12)
+    assert focal_loss(logits, torch.zeros(40), 0.5).item() == pytest.approx(
+        _np_focal(logits.numpy(), np.zeros(40), 0.5), rel=1e-12)          # no positives: negatives only
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: focal_loss(t, labels, 0.5), (x,))
+    big = torch.tensor([60.0, -60.0], dtype=torch.float64, requires_grad=True)
+    focal_loss(big, torch.tensor([0, 1]), 0.5).backward()                 # saturated logits stay finite
+    assert torch.isfinite(big.grad).all()
+
+
+def test_topical_consistency_pairs_both_orders_without_self_pairs():
+    torch.manual_seed(0)
+    clf = PairClassifier(6, 16).double()
+    t = torch.randn(9, 6, dtype=torch.float64)
+    video = torch.arange(3).repeat_interleave(3)
+    loss, acc = topical_consistency(t, clf, video, gamma=0.5)
+    w1, b1 = clf.fc1.weight.detach().numpy(), clf.fc1.bias.detach().numpy()
+    w2, b2 = clf.fc2.weight.detach().numpy()[0], clf.fc2.bias.detach().numpy()[0]
+    logits, labels = [], []
+    tn = t.numpy()
+    for a in range(9):
+        for b in range(9):
+            if a == b:
+                continue
+            h = np.maximum(w1 @ np.concatenate([tn[a], tn[b]]) + b1, 0)
+            logits.append(h @ w2 + b2)
+            labels.append(int(a // 3 == b // 3))
+    logits, labels = np.array(logits), np.array(labels)
+    assert labels.sum() == 18 and labels.size == 72                      # 3 videos x 3 x 2 ordered positives
+    assert loss.item() == pytest.approx(_np_focal(logits, labels, 0.5), rel=1e-10)
+    assert acc.item() == pytest.approx(((logits > 0) == labels).mean())
+
+
+def _cfg(**over) -> Config:
+    cfg = Config()
+    cfg.model.backbone, cfg.model.backbone_options, cfg.model.proj_dim = "r3d_18", {"width": 8}, 16
+    cfg.bank.size, cfg.bank.dim = 32, 16
+    cfg.trainer.max_steps, cfg.trainer.steps_per_epoch = 100, 10
+    for key, value in over.items():
+        obj, attr = key.split("__")
+        setattr(getattr(cfg.objectives, obj), attr, value)
+    return cfg
+
+
+def test_mcl_momentum_update_and_enqueue_after_loss():
+    torch.manual_seed(0)
+    cfg = _cfg(mcl__weight=1.0, mcl__bn="none", mcl__mal_enabled=False, mcl__momentum=0.9)
+    backbone = build_backbone("r3d_18", width=8)
+    mcl = MCL(cfg, backbone)
+    assert not any(p.requires_grad for p in mcl.key_backbone.parameters())
+    before = [p.clone() for p in mcl.key_backbone.parameters()]
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.1)
+    mcl.momentum_update(backbone)
+    for old, new, online in zip(before, mcl.key_backbone.parameters(), backbone.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
+    x_q, x_k = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32)
+    loss, terms = mcl(backbone(x_q), None, x_k, None, 0.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)                   # empty bank: nothing to contrast
+    assert mcl.bank.filled == 2 and terms["mcl/bank_fill"].item() == pytest.approx(2 / 32)
+    mcl.key_backbone.eval()                                               # BN in eval: keys are deterministic
+    with torch.no_grad():
+        keys = mcl.key_proj(mcl.key_backbone(x_k))
+    mcl.bank.enqueue(mcl.keys(x_k))
+    torch.testing.assert_close(mcl.bank.ordered_keys()[-2:], keys)
+    loss, terms = mcl(backbone(x_q), None, x_k, None, 0.0)
+    assert loss.item() > 0 and "mcl/mal" not in terms
+
+
+def test_hico_enqueues_detached_vj_and_logs_terms():
+    torch.manual_seed(0)
+    cfg = _cfg(hico__weight=1.0)
+    backbone = build_backbone("r3d_18", width=8)
+    hico = HiCo(cfg, backbone)
+    emb = torch.randn(3, 3, backbone.out_dim, requires_grad=True)
+    loss, terms = hico(emb)
+    loss.backward()
+    assert set(terms) == {"hico/visual", "hico/topical", "hico/topical_acc", "hico/bank_fill"}
+    assert hico.bank.filled == 3 and emb.grad.abs().sum() > 0
+    with torch.no_grad():                                                 # same batch, same BN statistics
+        z = hico.visual(emb.reshape(9, -1)).reshape(3, 3, -1)
+    torch.testing.assert_close(hico.bank.ordered_keys(), z[:, 1])         # the v_j embeddings were enqueued
+    cfg.objectives.hico.use_bank = False
+    assert HiCo(cfg, backbone).bank is None
+
+
+# --------------------------------------------------------------------------- 2 gloo ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+B, D, TAU, WORLD = 3, 6, 0.2, 2
+
+
+def _bank_keys(rank):
+    return F.normalize(torch.randn(5 + rank, D, dtype=torch.float64, generator=torch.Generator().manual_seed(50 + rank)), dim=1)
+
+
+def _dist_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        # NT-Xent over the global batch with the sharded bank
+        z_all = _z(B * world, D, 7)
+        z = z_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+        bank = MemoryBank(16, D, dtype=torch.float64)
+        bank.enqueue(_bank_keys(rank))
+        loss = visual_consistency(z, TAU, bank).mean()
+        loss.backward()
+        out["loss"], out["grad"] = loss.detach(), z.grad.clone()
+        # shuffle BN: a per-sample encoder gives the unshuffled result exactly; a batch-coupled
+        # one (x - batch mean) shows which samples shared a batch
+        torch.manual_seed(1234)
+        x = torch.arange(4 * 2, dtype=torch.float64).reshape(4, 2) + 100 * rank
+        seen = []
+
+        def coupled(t):
+            seen.append(t.clone())
+            return t - t.mean(0, keepdim=True)
+
+        out["per_sample"] = shuffled_forward(lambda t: 3 * t + 1, x)
+        out["coupled"] = shuffled_forward(coupled, x)
+        out["seen"] = seen[0]
+        out["x"] = x
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_gloo_ranks_ntxent_bank_and_shuffle_bn(tmp_path):
+    mp.spawn(_dist_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # one process, the whole batch and the whole bank
+    z = _z(B * WORLD, D, 7).requires_grad_(True)
+    keys = torch.cat([_bank_keys(r) for r in range(WORLD)])
+    whole = MemoryBank(16, D, dtype=torch.float64)
+    whole.enqueue(keys)
+    loss = visual_consistency(z, TAU, whole).mean()
+    loss.backward()
+    dist_loss = sum(r["loss"] for r in res) / WORLD
+    dist_grad = torch.cat([r["grad"] for r in res]) / WORLD        # each rank: d(sum of ranks' losses)/dz
+    assert torch.allclose(dist_loss, loss.detach(), rtol=1e-10, atol=0)
+    assert torch.allclose(dist_grad, z.grad, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(dist_loss.item(), _np_hico_ntxent(z.detach().numpy(), keys.numpy(), TAU).mean(),
+                               rtol=1e-10)
+    # shuffle BN
+    for r in res:
+        torch.testing.assert_close(r["per_sample"], 3 * r["x"] + 1)
+    seen = torch.cat([r["seen"] for r in res])
+    all_x = torch.cat([r["x"] for r in res])
+    assert sorted(seen[:, 0].tolist()) == sorted(all_x[:, 0].tolist())          # every sample exactly once
+    assert any((r["seen"][:, 0] >= 100).any() and (r["seen"][:, 0] < 100).any() for r in res)  # ranks mixed
+    for r in res:
+        for i, row in enumerate(r["x"]):                                         # unshuffled to its own row
+            batch = next(s["seen"] for s in res if (s["seen"] == row).all(1).any())
+            torch.testing.assert_close(r["coupled"][i], row - batch.mean(0))

@@ -1,0 +1,118 @@
+"""PretrainModule on a tiny backbone (r3d_18 width 8, 4 x 32 x 32 clips): forward/backward with
+MCL (+MAL) and HiCo, logged terms, gradients where they belong, banks kept out of the
+state_dict and round-tripped per rank, resharding, momentum update, input/config errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mohico.config import Config
+from mohico.errors import ConfigError, MohicoError
+from mohico.models.pretrain import PretrainModule
+
+
+def _cfg(mcl=1.0, hico=0.0, **extra) -> Config:
+    cfg = Config()
+    cfg.model.backbone, cfg.model.backbone_options, cfg.model.proj_dim = "r3d_18", {"width": 8}, 16
+    cfg.bank.size, cfg.bank.dim = 64, 16
+    cfg.objectives.mcl.weight, cfg.objectives.hico.weight = mcl, hico
+    cfg.trainer.max_steps, cfg.trainer.steps_per_epoch = 100, 10
+    cfg.objectives.mcl.mal.warmup_epochs = 1.0
+    for key, value in extra.items():
+        section, attr = key.split("__")
+        setattr(getattr(cfg.objectives, section) if section in ("mcl", "hico") else getattr(cfg, section), attr, value)
+    return cfg
+
+
+def _batch(views, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, views, 3, 4, 32, 32, generator=g), torch.rand(b, views, 4, 8, 8, generator=g)
+
+
+def test_mcl_only_forward_backward():
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg())
+    clips, motion = _batch(2)
+    loss, terms = model(clips, motion, 0.05)                      # epoch 0.5: MAL warm-up weight
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert {"loss", "mcl/loss", "mcl/nce", "mcl/mal", "mcl/mal_st", "mcl/mal_s", "mcl/mal_t",
+            "mcl/mal_weight", "mcl/bank_fill"} == set(terms)
+    assert all(not v.requires_grad and v.ndim == 0 for v in terms.values())
+    assert terms["mcl/mal_weight"].item() == 2.0
+    assert terms["loss"].item() == pytest.approx(terms["mcl/nce"].item() + 2.0 * terms["mcl/mal"].item(), rel=1e-5)
+    loss.backward()
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+    assert model.objectives["mcl"].proj.net[2].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.objectives["mcl"].key_backbone.parameters())
+    _, terms = model(*_batch(2, seed=1), 0.5)                      # epoch 5 > warm-up: weight 1, bank non-empty
+    assert terms["mcl/mal_weight"].item() == 1.0 and terms["mcl/nce"].item() > 0
+    assert terms["mcl/bank_fill"].item() == pytest.approx(4 / 64)
+
+
+def test_mcl_and_hico_forward_backward_and_banks():
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg(mcl=1.0, hico=0.5))
+    clips, motion = _batch(3)
+    loss, terms = model(clips, motion, 0.0)
+    assert {"hico/visual", "hico/topical", "hico/topical_acc", "hico/bank_fill", "hico/loss", "mcl/nce"} <= set(terms)
+    assert terms["loss"].item() == pytest.approx(terms["mcl/loss"].item() + 0.5 * terms["hico/loss"].item(), rel=1e-5)
+    loss.backward()
+    hico = model.objectives["hico"]
+    for head in (hico.visual, hico.topical, hico.classifier):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+    # banks: outside the state_dict, per rank via bank_state_dict
+    assert not any("bank" in k for k in model.state_dict())
+    assert any(k.startswith("objectives.mcl.key_backbone.") for k in model.state_dict())
+    states = model.bank_state_dict()
+    assert set(states) == {"mcl", "hico"} and states["mcl"]["filled"] == 2 and states["hico"]["filled"] == 2
+    other = PretrainModule(_cfg(mcl=1.0, hico=0.5))
+    other.load_bank_state_dict(states)
+    for name, bank in other.banks().items():
+        torch.testing.assert_close(bank.ordered_keys(), model.banks()[name].ordered_keys())
+    with pytest.raises(MohicoError, match="other objectives"):
+        PretrainModule(_cfg()).load_bank_state_dict(states)
+    two = PretrainModule.reshard_bank_states([states], 2)
+    assert [s["mcl"]["world_size"] for s in two] == [2, 2] and sum(s["hico"]["filled"] for s in two) == 2
+    back = PretrainModule.reshard_bank_states(two, 1)[0]
+    torch.testing.assert_close(back["mcl"]["keys"][:2], model.banks()["mcl"].ordered_keys())
+
+
+def test_momentum_update_and_no_grad_forward():
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg(mcl__momentum=0.5))
+    key = model.objectives["mcl"].key_backbone
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in key.parameters()]
+    model.momentum_update()
+    for old, new, q in zip(before, key.parameters(), model.backbone.parameters()):
+        torch.testing.assert_close(new, 0.5 * old + 0.5 * q)
+    with torch.no_grad():                                          # evaluation: no double backprop, no MAL
+        loss, terms = model(*_batch(2), 0.0)
+    assert torch.isfinite(loss) and "mcl/mal" not in terms
+
+
+def test_feature_map_variant_and_sync_bn_at_world_one():
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg(mcl__bn="sync"))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.backbone.modules())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.objectives["mcl"].key_backbone.modules())
+    model.objectives["mcl"].cfg.mal.variant = "feature_map"
+    loss, terms = model(*_batch(2), 0.0)
+    loss.backward()
+    assert "mcl/mal" in terms and model.backbone.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="zero_stage"):
+        PretrainModule(_cfg(trainer__zero_stage=3))
+    with pytest.raises(ConfigError, match="bank.size"):
+        PretrainModule(_cfg(bank__size=0))
+    model = PretrainModule(_cfg(mcl=0.0, hico=1.0))
+    with pytest.raises(MohicoError, match="3 views"):
+        model(*_batch(2), 0.0)
+    with pytest.raises(MohicoError, match="motion"):
+        PretrainModule(_cfg())(_batch(2)[0], None, 0.0)
+    with pytest.raises(ConfigError, match="no objective"):
+        PretrainModule(_cfg(mcl=0.0))
