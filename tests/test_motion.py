@@ -106,3 +106,22 @@ def test_tvl1_without_contrib_names_the_package():
             M.make_flow("tvl1")
     with pytest.raises(MohicoError, match="dis, farneback, tvl1"):
         M.make_flow("raft")
+
+
+def test_shot_cut_detected_and_bridged():
+    a = grey(pan_frames(10, speed=(2, 1), seed=7))
+    b = grey(object_frames(10, seed=11))
+    mm = M.MotionMapper("dis")
+    for g in a + b:
+        mm.push(g)
+    maps, tm = mm.finish()
+    assert mm.cuts == [10]
+    np.testing.assert_array_equal(maps[9], maps[8])          # the pair across the cut gets the previous map
+    assert tm[9] < 3 * np.median(tm)
+    raw, _ = M.motion_maps(a + b, cut_fraction=None)          # without detection the cut dominates
+    assert raw[9].mean() > 5 * np.median(raw.mean(axis=(1, 2)))
+    for clip in (a, b):                                        # no false cuts inside a shot
+        mm = M.MotionMapper("dis")
+        for g in clip:
+            mm.push(g)
+        assert mm.cuts == []

@@ -293,3 +293,41 @@ def test_inspect_overlays_hook(written):
     boxed = render_sample(shard, overlays=[{"frames": list(range(0, 16, 2)), "box": (10, 10, 40, 40), "label": "query",
                                             "color": (0, 255, 0)}])
     assert boxed.shape[0] == plain.shape[0] and (boxed == [0, 255, 0]).all(axis=-1).sum() > 100
+
+
+def test_synthetic_ground_truth(synth_videos, synth_shards):
+    """Shards of the synthetic videos against their ground truth: sizes, frame counts, cuts, and
+    where the motion is (object boxes vs camera-only shots)."""
+    man = json.loads((synth_shards / "manifest.json").read_text())
+    assert man["complete"] and man["num_samples"] == 6 and not man["skipped"] and man["num_shards"] >= 2
+    samples = read_all(synth_shards)
+    hits, gt_cuts, found, pan_only, moving = [], 0, 0, [], []
+    for gt_path in sorted(synth_videos.glob("video_*.json")):
+        gt = json.loads(gt_path.read_text())
+        s = samples[S.sample_key(gt["file"])]
+        meta = json.loads(s["json"])
+        maps = np.load(io.BytesIO(s["motion.npy"])).astype(np.float64) / 255 * meta["motion"]["scale"]
+        assert meta["num_frames"] == gt["num_frames"] and meta["fps"] == gt["fps"] == 15
+        sc = meta["height"] / gt["height"]
+        assert (meta["width"], meta["height"]) == (round(gt["width"] * sc / 2) * 2, 112)
+        assert set(meta["cuts"]) <= set(gt["cuts"]), (gt["file"], meta["cuts"], gt["cuts"])
+        gt_cuts += len(gt["cuts"])
+        found += len(meta["cuts"])
+        for shot in gt["shots"]:
+            frames = range(shot["start"] + 1, shot["end"] - 1)    # away from the cuts
+            inner = maps[list(frames)][:, 2:-2, 2:-2].mean()
+            if not shot["objects"] and not shot["static"]:
+                pan_only.append(inner)
+            if shot["objects"] and shot["motion_level"] >= 2:
+                moving.append(inner)
+            if not shot["objects"] or shot["static"]:
+                continue
+            for f in frames:
+                i, j = np.unravel_index(maps[f].argmax(), maps[f].shape)
+                hits.append(any(int(x * sc) // 8 - 1 <= j <= int((x + w) * sc) // 8 + 1 and
+                                int(y * sc) // 8 - 1 <= i <= int((y + h) * sc) // 8 + 1
+                                for _, x, y, w, h in gt["boxes"][f] + gt["boxes"][f + 1]))
+    assert found >= 0.75 * gt_cuts, (found, gt_cuts)
+    assert np.mean(hits) >= 0.85, np.mean(hits)                 # motion peaks on a moving object
+    if pan_only and moving:                                      # camera pans cancel
+        assert np.mean(pan_only) < 0.5 * np.mean(moving), (pan_only, moving)

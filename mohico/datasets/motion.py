@@ -18,6 +18,15 @@ frames give N maps (a single-frame video gets one zero map). T-motion ``tmotion[
 spatial mean of the float pooled map ``t`` (so it equals ``maps_u8[t].mean() / 255 * scale`` up
 to quantisation); S-motion of a clip is the temporal mean of its maps.
 
+Shot cuts: flow across a hard cut is meaningless and its motion boundaries are 10-100x a normal
+frame's, which would dominate the scale and draw MCL's temporal sampling to cuts. For each pair the
+next frame is warped back by the flow; if more than ``cut_fraction`` (0.35) of the interior pixels
+still differ by more than 24 grey levels, the pair is a cut: frame ``t`` gets the previous frame's
+map (like the last frame of a video) and ``t + 1`` is reported in ``cuts``. Measured: synthetic
+cuts 30-81% of pixels, real cuts in bikes.mp4 49-83%; fast real motion up to 31% (a passing car),
+handheld cockatoo.mp4 <= 23%, synthetic motion <= 7%. Weak cuts between similar shots can be
+missed (they then stay as they were); ``cut_fraction=None`` turns detection off.
+
 Quantisation (:func:`quantise`): one scale per video, the 99.9th percentile of its pooled values
 (robust to a few outlier cells, e.g. flow failures at shot cuts), values above it saturate at 255;
 ``magnitude = uint8 / 255 * scale``. A video without motion gets scale 1.0 and all-zero maps.
@@ -32,6 +41,8 @@ from mohico.errors import MohicoError, UsageError
 
 FLOW_METHODS = ("dis", "farneback", "tvl1")
 SCALE_PERCENTILE = 99.9
+CUT_FRACTION = 0.35       # a pair is a shot cut if this fraction of pixels is not explained by the flow
+CUT_LEVEL = 24            # ... i.e. differs by more than this many grey levels after warping
 
 _PREWITT_X = np.array([[-1.0, 0.0, 1.0]] * 3, dtype=np.float32) / 6.0   # d/dx, averaged over 3 rows
 _PREWITT_Y = np.ascontiguousarray(_PREWITT_X.T)
@@ -97,12 +108,26 @@ class MotionMapper:
     10-minute 15 fps video at 112x149).
     """
 
-    def __init__(self, method: str = "dis", stride: int = 8, border: int = 8):
-        self.method, self.stride, self.border = method, stride, border
+    def __init__(self, method: str = "dis", stride: int = 8, border: int = 8, cut_fraction: float | None = CUT_FRACTION):
+        self.method, self.stride, self.border, self.cut_fraction = method, stride, border, cut_fraction
         self._flow = make_flow(method)
         self._prev: np.ndarray | None = None
         self._maps: list[np.ndarray] = []
+        self._grid = None
         self._count = 0
+        self.cuts: list[int] = []   # first frame of each detected new shot
+
+    def _is_cut(self, prev: np.ndarray, cur: np.ndarray, flow: np.ndarray) -> bool:
+        import cv2
+
+        if self._grid is None:
+            h, w = prev.shape
+            self._grid = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        gx, gy = self._grid
+        warped = cv2.remap(cur, gx + flow[..., 0], gy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        b = self.border
+        err = cv2.absdiff(prev, warped)[b:prev.shape[0] - b, b:prev.shape[1] - b]
+        return err.size > 0 and np.count_nonzero(err > CUT_LEVEL) > self.cut_fraction * err.size
 
     def push(self, grey: np.ndarray) -> None:
         """Add frame ``grey: (H, W) uint8``."""
@@ -111,7 +136,12 @@ class MotionMapper:
             if grey.shape != self._prev.shape:
                 raise ValueError(f"frame size changed from {self._prev.shape} to {grey.shape}")
             flow = self._flow(self._prev, grey)
-            self._maps.append(pool(motion_boundaries(flow, self.border), self.stride))
+            if self.cut_fraction is not None and self._is_cut(self._prev, grey, flow):
+                self.cuts.append(self._count)
+                gh, gw = grid_shape(*grey.shape, self.stride)
+                self._maps.append(self._maps[-1] if self._maps else np.zeros((gh, gw), np.float32))
+            else:
+                self._maps.append(pool(motion_boundaries(flow, self.border), self.stride))
         self._prev = grey
         self._count += 1
 
@@ -144,9 +174,10 @@ def dequantise(maps_u8: np.ndarray, scale: float) -> np.ndarray:
     return maps_u8.astype(np.float32) * np.float32(scale / 255.0)
 
 
-def motion_maps(frames, method: str = "dis", stride: int = 8, border: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def motion_maps(frames, method: str = "dis", stride: int = 8, border: int = 8,
+                cut_fraction: float | None = CUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
     """Convenience: float maps and T-motion for an iterable of grey uint8 frames."""
-    mm = MotionMapper(method, stride, border)
+    mm = MotionMapper(method, stride, border, cut_fraction)
     for g in frames:
         mm.push(g)
     return mm.finish()

@@ -7,7 +7,8 @@ One sample per video (contract: docs/ARCHITECTURE.md "Shards"):
 - ``{key}.json``: ``source`` (path relative to SRC, or as written in the list file), ``sha256`` of
   the source file, ``fps``, ``num_frames``, ``width``, ``height``, ``duration`` (num_frames / fps),
   ``codec``, ``gop``, ``label``, ``motion`` (``scale``, ``grid [gh, gw]``, ``stride``, ``pool``,
-  ``method``, ``border``, ``window``, ``percentile``), ``tmotion`` (per-frame T-motion floats),
+  ``method``, ``border``, ``window``, ``percentile``, ``cut_fraction``), ``tmotion`` (per-frame
+  T-motion floats), ``cuts`` (first frame of each detected shot cut),
   ``source_info`` (source fps, vfr, size, codec, duration);
 - ``{key}.motion.npy``: uint8 ``(num_frames, gh, gw)``; magnitude = value / 255 * scale
   (:mod:`mohico.datasets.motion`).
@@ -131,7 +132,7 @@ def file_sha256(path: str) -> str:
 def make_sample(task: dict) -> dict:
     """Transcode one video and compute its motion maps. Never raises for bad input: returns
     ``{"input", "source", "key", "skip": reason | None, "files": [(name, bytes)], "frames"}``."""
-    from mohico.datasets.motion import MotionMapper, quantise
+    from mohico.datasets.motion import CUT_FRACTION, SCALE_PERCENTILE, MotionMapper, quantise
     from mohico.datasets.transcode import SkipVideo, transcode
 
     o = task["options"]
@@ -161,7 +162,8 @@ def make_sample(task: dict) -> dict:
         "gop": o["gop"], "label": task["label"],
         "motion": {"scale": scale, "grid": [int(q.shape[1]), int(q.shape[2])], "stride": MOTION_STRIDE,
                    "pool": "mean", "method": o["flow"], "border": MOTION_BORDER, "window": 1,
-                   "percentile": 99.9},
+                   "percentile": SCALE_PERCENTILE, "cut_fraction": CUT_FRACTION},
+        "cuts": mm.cuts,
         "tmotion": [float(f"{x:.6g}") for x in tmotion],
         "source_info": {"fps": round(tc.source_fps, 4), "vfr": tc.source_vfr, "width": tc.source_width,
                         "height": tc.source_height, "codec": tc.source_codec,
