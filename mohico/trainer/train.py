@@ -166,7 +166,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         if path is None:
             raise ck.MohicoError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
         states = ck.load_rank_states(source[0], source[1], meta["world_size"])
-        step, run_id = int(meta["step"]), meta.get("wandb_run_id") or run_id
+        step = int(meta["step"])
+        if source[0].resolve() == ckpt.dir.resolve():   # this run's own checkpoint: same W&B run
+            run_id = meta.get("wandb_run_id") or run_id
         if same_world:
             mine = states[rank]
             loader.load_state_dict(mine["loader"])

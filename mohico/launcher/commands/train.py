@@ -8,24 +8,50 @@ preemption signal (requeue me).
 """
 from __future__ import annotations
 
+import argparse
+
 HELP = "pretrain a video encoder (DeepSpeed; resumes from the run's latest checkpoint)"
 DESCRIPTION = __doc__
 
 
 def add_arguments(p):
     p.add_argument("config", help="experiment YAML, e.g. configs/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
                    help="config overrides, e.g. run.dir=runs/a trainer.max_steps=100 checkpoint.every_steps=50 "
                         "checkpoint.keep=3 trainer.seed=0 checkpoint.resume=never")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: trainer.nproc); ignored under torchrun/SLURM")
 
 
+def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
+    """``--nproc N`` / ``--nproc=N`` given after the config (argparse leaves them in the overrides)."""
+    from mohico.errors import UsageError
+
+    out, nproc, i = [], None, 0
+    while i < len(items):
+        a = items[i]
+        if a == "--nproc" or a.startswith("--nproc="):
+            value = a.split("=", 1)[1] if "=" in a else (items[i + 1] if i + 1 < len(items) else "")
+            i += 1 if "=" in a else 2
+            try:
+                nproc = int(value)
+            except ValueError:
+                raise UsageError(f"--nproc needs an integer, got {value!r}") from None
+            continue
+        if a.startswith("-"):
+            raise UsageError(f"unknown option {a!r} (overrides are key=value, e.g. trainer.max_steps=100)")
+        out.append(a)
+        i += 1
+    return out, nproc
+
+
 def run(args) -> int:
     from mohico.config import load_config
     from mohico.errors import UsageError
 
-    overrides = list(args.overrides)
+    overrides, nproc = _split_nproc(list(args.overrides))
+    if nproc is not None:
+        args.nproc = nproc
     if args.nproc is not None:
         if args.nproc < 1:
             raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
@@ -35,7 +61,7 @@ def run(args) -> int:
     from mohico.launcher.spawn import should_spawn, spawn_local
 
     if should_spawn(cfg.trainer.nproc):
-        return spawn_local(cfg.trainer.nproc, ["train", args.config, *args.overrides])
+        return spawn_local(cfg.trainer.nproc, ["train", args.config, *overrides])
 
     from mohico.trainer.train import shutdown, train
 

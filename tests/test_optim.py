@@ -1,0 +1,159 @@
+"""Optimizers and the learning-rate schedule against float64 references."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mohico.config import load_config
+from mohico.trainer.optim import LARS, base_lr, build_optimizer, lr_at, param_groups, set_lr
+
+
+def cfg_with(*overrides):
+    return load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18", *overrides])
+
+
+def test_warmup_cosine_schedule_points():
+    cfg = cfg_with("optim.lr=0.1", "optim.warmup_epochs=2", "trainer.steps_per_epoch=5", "trainer.max_steps=30",
+                   "optim.warmup_start_factor=0.01", "optim.min_lr=0.001")
+    lr = [lr_at(s, cfg, world_size=1) for s in range(31)]
+    assert lr[0] == pytest.approx(0.1 * 0.01)
+    assert lr[5] == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert lr[10] == pytest.approx(0.1)                                   # end of warm-up = peak
+    assert lr[20] == pytest.approx((0.1 + 0.001) / 2)                     # half-way down the cosine
+    assert lr[30] == pytest.approx(0.001)                                 # floor at max_steps
+    for s in range(10, 31):                                               # float64 cosine reference
+        ref = 0.001 + (0.1 - 0.001) * 0.5 * (1 + math.cos(math.pi * (s - 10) / 20))
+        assert lr[s] == pytest.approx(ref, rel=1e-12)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:11])) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_lr_scales_with_global_batch():
+    cfg = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=8", "trainer.grad_accum=2")
+    assert base_lr(cfg, world_size=4) == pytest.approx(0.3 * 64 / 256)
+    assert base_lr(cfg_with("optim.lr=0.3"), world_size=4) == 0.3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3)
+        self.bn = nn.BatchNorm3d(4)
+        self.fc = nn.Linear(4, 5)
+        self.key = copy.deepcopy(self.fc).requires_grad_(False)      # a momentum encoder: not optimised
+
+
+def test_param_groups_exclude_bias_norm_and_frozen():
+    net = Net()
+    groups = param_groups(net, weight_decay=0.1)
+    decay, no_decay = groups
+    assert {id(p) for p in decay["params"]} == {id(net.conv.weight), id(net.fc.weight)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in no_decay["params"]} == {id(net.conv.bias), id(net.bn.weight), id(net.bn.bias), id(net.fc.bias)}
+    per = param_groups(net, 0.1, per_parameter=True)
+    assert len(per) == 6 and [g["lars"] for g in per] == [p.ndim >= 2 for g in per for p in g["params"]]
+    assert not any(p is q for g in per for p in g["params"] for q in net.key.parameters())
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lars", LARS)])
+def test_build_optimizer_and_set_lr(name, cls):
+    opt = build_optimizer(cfg_with(f"optim.name={name}"), Net())
+    assert isinstance(opt, cls)
+    set_lr(opt, 0.123)
+    assert all(g["lr"] == 0.123 for g in opt.param_groups)
+
+
+def lars_reference(ws, grads, lr, mom, wd, eta, lars_flags, eps=1e-8):
+    """float64 numpy LARS: per layer trust = eta |w| / (|g| + wd |w| + eps), momentum SGD."""
+    ws = [w.astype(np.float64).copy() for w in ws]
+    bufs = [None] * len(ws)
+    for step_grads in grads:
+        for i, (w, g) in enumerate(zip(ws, step_grads)):
+            g = g.astype(np.float64)
+            d = g
+            if lars_flags[i]:
+                wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+                trust = eta * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
+                d = (g + wd * w) * trust
+            bufs[i] = d.copy() if bufs[i] is None else mom * bufs[i] + d
+            ws[i] = w - lr * bufs[i]
+    return ws
+
+
+def test_lars_matches_float64_reference():
+    torch.manual_seed(0)
+    net = Net()
+    opt = build_optimizer(cfg_with("optim.name=lars", "optim.weight_decay=0.01", "optim.lars_eta=0.02",
+                                   "optim.momentum=0.9"), net)
+    set_lr(opt, 0.5)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    flags = [g["lars"] for g in opt.param_groups]
+    w0 = [p.detach().numpy().copy() for p in params]
+    rng = np.random.default_rng(0)
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(3)]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+    ref = lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags)
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-5, atol=1e-6)
+    assert any(flags) and not all(flags)
+
+
+def _partitioned_worker(rank, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    full = [torch.randn(6, 5), torch.randn(7)]                       # a weight and a bias
+    grads = [[torch.randn(6, 5), torch.randn(7)] for _ in range(2)]
+    # ZeRO-style: each rank owns a flat slice of every group (rank 1's slice is zero-padded)
+    def part(t):
+        flat = t.flatten()
+        n = (flat.numel() + 1) // 2
+        padded = torch.cat([flat, flat.new_zeros(2 * n - flat.numel())])
+        return padded[rank * n:(rank + 1) * n].clone()
+    mine = [nn.Parameter(part(t)) for t in full]
+    groups = [{"params": [mine[0]], "weight_decay": 0.1, "lars": True},
+              {"params": [mine[1]], "weight_decay": 0.0, "lars": False}]
+    opt = LARS(groups, lr=0.3, momentum=0.9, weight_decay=0.1, eta=0.05, partitioned=True)
+    whole = [nn.Parameter(t.clone()) for t in full]
+    ref = LARS([{"params": [whole[0]], "weight_decay": 0.1, "lars": True},
+                {"params": [whole[1]], "weight_decay": 0.0, "lars": False}],
+               lr=0.3, momentum=0.9, weight_decay=0.1, eta=0.05, partitioned=False)
+    for g in grads:
+        for p, q, gg in zip(mine, whole, g):
+            p.grad = part(gg)
+            q.grad = gg.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(mine, whole):
+        torch.testing.assert_close(p.detach(), part(q.detach()), rtol=1e-6, atol=1e-7)
+    out.put(rank)
+    dist.destroy_process_group()
+
+
+def test_lars_partitioned_over_two_ranks_equals_whole_layers():
+    """Under ZeRO 1/2 each group is a per-rank slice of one layer: the norms are all-reduced."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_partitioned_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(out.get(timeout=5) for _ in range(2)) == [0, 1]

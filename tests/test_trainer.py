@@ -1,0 +1,215 @@
+"""End-to-end trainer tests: `mohico train configs/tiny_cpu.yaml --nproc N` on the synthetic shards,
+2 CPU ranks (gloo) through the launcher's torchrun spawn.
+
+One uninterrupted reference run (ZeRO 1, 4 steps, checkpoints every 2) is shared; the other
+tests compare against it: a run killed (SIGKILL) at step 3 and again during the save of step 4
+must end bitwise identical (weights, key encoder, optimizer partitions, bank shards, loader
+state, RNG and per-step losses) and keep its W&B id; ZeRO 0 and 2 give the reference's losses;
+the checkpoint resumes at 1 rank and back at 2; SIGUSR1 checkpoints and exits 3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+BASE = ["trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep=2", "trainer.deterministic=true",
+        "trainer.log_every=2", "wandb.image_every=2", "trainer.seed=3"]
+
+
+def train_cmd(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "mohico", "train", CONFIG, "--nproc", str(nproc), f"run.dir={run_dir}",
+            f"data.shards={shards}", *BASE, *overrides]
+
+
+def run_train(run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(train_cmd(run_dir, shards, *overrides, nproc=nproc), cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss of rank 0; a resumed run re-logs the steps after its checkpoint (last wins)."""
+    out = {}
+    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def tensors(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}[{i}]")
+    elif torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+        yield prefix, obj
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> int:
+    """Every .pt file of two checkpoint folders holds bitwise-equal tensors and equal scalars."""
+    names = sorted(p.name for p in a.glob("*.pt"))
+    assert names == sorted(p.name for p in b.glob("*.pt"))
+    count = 0
+    for name in names:
+        x = dict(tensors(torch.load(a / name, map_location="cpu", weights_only=False)))
+        y = dict(tensors(torch.load(b / name, map_location="cpu", weights_only=False)))
+        assert x.keys() == y.keys(), name
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), f"{name}{k} differs"
+                count += 1
+            elif not k.endswith(("time", "ds_config.checkpoint.load_universal")):
+                assert x[k] == y[k], f"{name}{k}: {x[k]!r} != {y[k]!r}"
+    return count
+
+
+@pytest.fixture(scope="module")
+def reference(synth_shards, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trainer") / "reference"
+    ok(run_train(run_dir, synth_shards))
+    return run_dir
+
+
+def test_two_ranks_zero1_reference_run(reference):
+    ck = reference / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+    files = sorted(p.name for p in (ck / "step_00000004").iterdir())
+    assert files == ["client_rank_00000.pt", "client_rank_00001.pt", "mohico_meta.json", "mp_rank_00_model_states.pt",
+                     "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    meta = json.loads((ck / "step_00000004" / "mohico_meta.json").read_text())
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["zero_stage"] == 1
+    from mohico.config import config_hash, load_config
+    assert meta["config_hash"] == config_hash(load_config(reference / "config.yaml"))
+    curve = losses(reference)
+    assert sorted(curve) == [1, 2, 3, 4] and all(v == v and abs(v) < 1e4 for v in curve.values())
+    # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
+    c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)
+    c1 = torch.load(ck / "step_00000004" / "client_rank_00001.pt", weights_only=False)
+    for name, bank in c0["bank"].items():
+        assert bank["keys"].shape[0] == 128 and bank["world_size"] == 2 and bank["filled"] > 0
+        assert not torch.equal(bank["keys"], c1["bank"][name]["keys"])
+    assert c0["loader"]["rank"] == 0 and c1["loader"]["rank"] == 1
+    # DeepSpeed's zero_to_fp32 consolidates our layout (it reads `latest`)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ck))
+    module = torch.load(ck / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert fp32 and all(torch.equal(v, module[k]) for k, v in fp32.items())
+    # W&B offline files, and the image of a sampled batch
+    runs = list((reference / "wandb").glob(f"offline-run-*-{meta['wandb_run_id']}"))
+    assert len(runs) == 1 and (runs[0] / f"run-{meta['wandb_run_id']}.wandb").stat().st_size > 0
+    log = (reference / "logs" / "train_rank0.log").read_text()
+    assert "clips/s" in log and "wait=" in log and "mem=" in log
+
+
+def test_exact_resume_after_sigkill_and_interrupted_save(reference, synth_shards, tmp_path):
+    run_dir = tmp_path / "killed"
+    # 1) rank 1 is SIGKILLed right after step 3 (last checkpoint: step 2)
+    res = run_train(run_dir, synth_shards, env={"MOHICO_FAULT": "step:3:1"})
+    assert res.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    # 2) resumes from step 2; rank 1 is SIGKILLed while writing the step-4 checkpoint
+    res = run_train(run_dir, synth_shards, env={"MOHICO_FAULT": "save:4:1"})
+    assert res.returncode != 0
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000002"
+    assert (ck / ".tmp-step_00000004").is_dir() and not (ck / "step_00000004").exists()
+    # 3) the previous checkpoint still loads; the run finishes
+    ok(run_train(run_dir, synth_shards))
+    log = (run_dir / "logs" / "train_rank0.log").read_text()
+    assert "removing incomplete checkpoint" in log and log.count("resumed from") == 2
+    assert not (ck / ".tmp-step_00000004").exists()
+    # bitwise: weights + key encoder, ZeRO partitions, banks, loader state, RNG, losses
+    n = assert_same_checkpoint(reference / "checkpoints" / "step_00000004", ck / "step_00000004")
+    assert n > 100
+    assert losses(run_dir) == losses(reference)
+    # one W&B run id across the three attempts (an offline folder each), saved in the checkpoint
+    run_id = json.loads((ck / "step_00000004" / "mohico_meta.json").read_text())["wandb_run_id"]
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and all(r.name.endswith("-" + run_id) for r in runs)
+    assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_other_zero_stages_match_reference(reference, synth_shards, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    ok(run_train(run_dir, synth_shards, f"trainer.zero_stage={stage}", "trainer.max_steps=2"))
+    files = {p.name for p in (run_dir / "checkpoints" / "step_00000002").iterdir()}
+    assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt" in files) == (stage > 0)
+    ref, got = losses(reference), losses(run_dir)
+    # step 1 uses the initial weights, step 2 the first update (same lr in both schedules)
+    for s in (1, 2):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-5)
+
+
+def test_resume_at_other_world_size(reference, synth_shards, tmp_path):
+    # 2 ranks -> 1: DeepSpeed universal form (SGD momentum included), bank resharded
+    one = tmp_path / "one"
+    ok(run_train(one, synth_shards, f"checkpoint.resume={reference}/checkpoints/step_00000002",
+                 "checkpoint.every_steps=1", nproc=1))
+    log = (one / "logs" / "train_rank0.log").read_text()
+    assert "resumed from" in log and "at step 2" in log and "resuming a 2-rank checkpoint on 1 ranks" in log
+    c = torch.load(one / "checkpoints" / "step_00000004" / "client_rank_00000.pt", weights_only=False)
+    assert all(b["keys"].shape[0] == 256 and b["world_size"] == 1 for b in c["bank"].values())
+    assert sorted(losses(one)) == [3, 4]
+    # 1 rank -> 2
+    two = tmp_path / "two"
+    ok(run_train(two, synth_shards, f"checkpoint.resume={one}/checkpoints/step_00000003"))
+    c = torch.load(two / "checkpoints" / "step_00000004" / "client_rank_00001.pt", weights_only=False)
+    assert all(b["keys"].shape[0] == 128 and b["world_size"] == 2 for b in c["bank"].values())
+    assert sorted(losses(two)) == [4]
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited with {proc.returncode} before step {step}: {proc.stderr.read()[-3000:]}")
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigusr1_checkpoints_and_exits_3(synth_shards, tmp_path):
+    run_dir = tmp_path / "preempt"
+    cmd = train_cmd(run_dir, synth_shards, "trainer.max_steps=200", "checkpoint.every_steps=100")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(run_dir, 1, proc)
+        proc.send_signal(signal.SIGUSR1)        # the launcher forwards it to every rank
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run_dir / "checkpoints" / tag / "mohico_meta.json").read_text())
+    assert 1 <= meta["step"] < 100
+    assert max(losses(run_dir)) == meta["step"]          # saved at the step all ranks stopped at
+    assert sorted(p.name for p in (run_dir / "checkpoints" / tag).glob("client_rank_*")) == \
+        ["client_rank_00000.pt", "client_rank_00001.pt"]
+    log = (run_dir / "logs" / "train_rank0.log").read_text()
+    assert "preemption (SIGUSR1)" in log
