@@ -10,6 +10,8 @@ the wrapper sums them (deterministic, no atomics).
 Accumulation is float32 for float16 / bfloat16 / float32 inputs and float64 for float64.
 float32 dots use IEEE precision (not TF32): the logits are divided by tau ~ 0.1, which would
 amplify TF32's 1e-3 relative error. Half banks use tensor-core dots with float32 accumulation.
+(On a GPU the scalar 1/tau is passed as a float32 argument, so float64 there is exact only to
+~6e-8 relative; float64 exists for tests, which run in the interpreter with Python floats.)
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` (set it before this module is imported).
 """
@@ -161,7 +163,9 @@ def _config(q: torch.Tensor, K: int, splits: int | None):
     splits = max(1, triton.cdiv(K, k_per_split)) if K > 0 else 1
     upcast = q.dtype == torch.bfloat16 and not q.is_cuda
     ieee = q.dtype in (torch.float32, torch.float64) or upcast
-    return dict(B=B, K=K, D=D, block_b=block_b, block_k=block_k, block_d=block_d,
+    # q tile + bank tile (+ dq accumulator in backward) live in registers: more warps for big tiles
+    num_warps = 8 if block_b * block_d >= 64 * 128 else 4
+    return dict(B=B, K=K, D=D, num_warps=num_warps, block_b=block_b, block_k=block_k, block_d=block_d,
                 n_bblocks=n_bblocks, splits=splits, k_per_split=k_per_split, ieee=ieee, upcast=upcast,
                 acc=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
@@ -207,7 +211,7 @@ def lse_partials_triton(q: torch.Tensor, bank: torch.Tensor, inv_tau: float,
             float(inv_tau), q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
             HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], UPCAST=c["upcast"],
-            BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"])
+            BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return m, s
 
 
@@ -243,6 +247,6 @@ def lse_backward_triton(q, bank, k_pos, lse, g, inv_tau, splits=None, out=None):
             q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
             HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], UPCAST=c["upcast"],
-            BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"])
+            BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return dq.sum(0)
 

@@ -186,7 +186,7 @@ def _launch_cfg(f1: torch.Tensor, radius: int):
     if f1.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"triton correlation takes float32/float64, got {f1.dtype}")
     block_c = max(2, triton.next_power_of_2(C))
-    block_p = max(16, min(128, 8192 // block_c))
+    block_p = max(16, min(128, 4096 // block_c))  # f1, f2 and dL/df tiles fit in registers
     return B, C, H, W, block_c, block_p, (B, triton.cdiv(H * W, block_p))
 
 
