@@ -232,6 +232,9 @@ def _worker_main(argv: list[str]) -> int:
                 pass
             if code == PREEMPTED_EXIT_CODE:
                 _wait_for_peers(Path(status_dir), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # This rank's work is done and its code recorded: let the interpreter finish its exit
+        # (atexit hooks, W&B service teardown) even if torchrun sends SIGTERM on a peer's exit.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return int(code)
 
 
