@@ -61,6 +61,18 @@ def test_nce_matches_numpy_and_counts_only_filled_slots():
     np.testing.assert_allclose(lse.numpy(), np.log(np.exp(neg).sum(1)), rtol=1e-12)
 
 
+def test_enqueue_between_loss_and_backward_keeps_the_gradient():
+    bank = MemoryBank(8, 6, dtype=torch.float64)
+    keys = _unit(8, 6, 20)
+    bank.enqueue(keys)
+    q, kp = _unit(4, 6, 21).requires_grad_(True), _unit(4, 6, 22)
+    loss = bank.nce(q, kp, 0.2)
+    bank.enqueue(_unit(4, 6, 23))            # MoCo order: loss, enqueue, then backward
+    loss.sum().backward()
+    np.testing.assert_allclose(q.grad.numpy(), _np_nce_grad(q.detach().numpy(), kp.numpy(), keys.numpy(), 0.2),
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_empty_bank_gives_zero_loss_and_no_nan():
     bank = MemoryBank(8, 4, dtype=torch.float64)
     q = _unit(3, 4, 0).requires_grad_(True)
@@ -82,7 +94,7 @@ def test_enqueue_wraps_around_fifo():
     torch.testing.assert_close(bank.keys[6:], k[6:8])
     torch.testing.assert_close(bank.ordered_keys(), k[3:11])   # the oldest three (0..2) evicted
     bank.enqueue(k[11:21])                   # more than the shard at once: the newest 8 survive
-    assert (bank.ptr, bank.filled) == (3, 8)
+    assert (bank.ptr, bank.filled) == (5, 8)
     torch.testing.assert_close(bank.ordered_keys(), k[13:21])
     bank.enqueue(k[21:22] * 5.0)             # keys are L2-normalised on the way in
     torch.testing.assert_close(bank.ordered_keys()[-1], k[21])
@@ -145,6 +157,10 @@ def test_reshard_2_1_2_preserves_keys_in_order(fills):
     b.load_state_dict(one[0])                           # a resharded state loads and keeps queueing
     b.enqueue(_unit(3, 4, 99))
     assert b.filled == min(16, sum(kept) + 3)
+    four = MemoryBank.reshard(states, 4)                # 2 -> 4 -> 2 as well
+    assert [s["keys"].shape[0] for s in four] == [4] * 4 and sum(s["filled"] for s in four) == sum(kept)
+    for old, new in zip(states, MemoryBank.reshard(four, 2)):
+        torch.testing.assert_close(_ordered(new), _ordered(old))
 
 
 def test_reshard_errors():

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mohico.config import Config
+from mohico.errors import MohicoError
 from mohico.models.bank import MemoryBank
 from mohico.models.backbones import build_backbone
 from mohico.models.heads import PairClassifier
@@ -146,6 +147,10 @@ def test_mcl_momentum_update_and_enqueue_after_loss():
     mcl.momentum_update(backbone)
     for old, new, online in zip(before, mcl.key_backbone.parameters(), backbone.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
+    half = MCL(cfg, build_backbone("r3d_18", width=8))
+    half.key_backbone.bfloat16()
+    with pytest.raises(MohicoError, match="round away"):                 # a bf16 EMA would silently freeze
+        half.momentum_update(backbone)
     x_q, x_k = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32)
     loss, terms = mcl(backbone(x_q), None, x_k, None, 0.0)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)                   # empty bank: nothing to contrast

@@ -156,22 +156,21 @@ class MemoryBank:
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Append this rank's ``keys: (n, dim)`` (L2-normalised here), evicting the oldest."""
+        """Append this rank's ``keys: (n, dim)`` (L2-normalised here), evicting the oldest.
+
+        Out of place (``index_copy``, a new tensor): a loss computed against the bank before
+        the enqueue keeps the keys it saw, so ``nce(); enqueue(); backward()`` is correct (MoCo
+        clones its queue for the same reason).
+        """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise MohicoError(f"MemoryBank.enqueue: keys must be (n, {self.dim}), got {tuple(keys.shape)}")
-        keys = F.normalize(keys.detach().to(self.keys.dtype), dim=1)
-        if keys.device != self.keys.device:
+        if keys.device != self.keys.device:             # the bank follows the model's device
             self.keys = self.keys.to(keys.device)
+        keys = F.normalize(keys.detach().to(self.keys.dtype), dim=1)
         n = keys.shape[0]
-        if n >= self.shard_size:                     # only the newest shard_size survive
-            keys = keys[n - self.shard_size:]
-            self.keys.copy_(torch.roll(keys, shifts=self.ptr, dims=0))
-            self.filled = self.shard_size
-            return
-        first = min(n, self.shard_size - self.ptr)
-        self.keys[self.ptr:self.ptr + first] = keys[:first]
-        if first < n:
-            self.keys[:n - first] = keys[first:]
+        skip = max(0, n - self.shard_size)           # more keys than slots: only the newest survive
+        idx = (self.ptr + skip + torch.arange(n - skip, device=keys.device)) % self.shard_size
+        self.keys = self.keys.index_copy(0, idx, keys[skip:])
         self.ptr = (self.ptr + n) % self.shard_size
         self.filled = min(self.shard_size, self.filled + n)
 
@@ -265,17 +264,15 @@ class MemoryBank:
             raise MohicoError(f"MemoryBank.reshard: bank size {size} is not divisible by the new world size "
                               f"{new_world_size}: change bank.size or the number of ranks")
         newest_first = [_ordered(s).flip(0) for s in states]
-        merged = []
-        for a in range(max(len(k) for k in newest_first)):
-            merged.extend(k[a] for k in newest_first if a < len(k))
+        ages = torch.cat([torch.arange(len(k)) for k in newest_first])
+        ranks = torch.cat([torch.full((len(k),), r) for r, k in enumerate(newest_first)])
+        merged = torch.cat(newest_first)[torch.argsort(ages * world + ranks)]   # newest first, ranks interleaved
         shard = size // new_world_size
-        dtype = states[0]["keys"].dtype
         out = []
         for r in range(new_world_size):
-            mine = merged[r::new_world_size]
-            keys = torch.zeros(shard, dim, dtype=dtype)
-            if mine:
-                keys[:len(mine)] = torch.stack(mine[::-1])            # oldest -> newest
+            mine = merged[r::new_world_size].flip(0)                              # oldest -> newest
+            keys = torch.zeros(shard, dim, dtype=merged.dtype)
+            keys[:len(mine)] = mine
             out.append({"version": STATE_VERSION, "keys": keys, "ptr": len(mine) % shard, "filled": len(mine),
                         "rank": r, "world_size": new_world_size, "size": size, "dim": dim})
         return out

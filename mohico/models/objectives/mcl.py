@@ -17,7 +17,7 @@ Batch norm (``objectives.mcl.bn``) -- the key encoder must not see the same BN b
 query, or the two can "cheat" by matching batch statistics (MoCo section 3.3):
 
 - ``shuffle`` (default, MoCo's shuffling BN): the key batch is shuffled *across ranks* before
-  the key encoder and unshuffled after (:func:`shuffled_forward`), so each rank's key BN
+  the key encoder and unshuffled after (:func:`shuffled_forward`, two ``all_to_all``), so each rank's key BN
   statistics come from a random subset of the global batch. With one rank the shuffle is a
   permutation inside the batch, which leaves BN statistics unchanged: it is then a no-op and
   gives no protection (use several ranks, or ``bn: sync``).
@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mohico.config import Config
-from mohico.errors import ConfigError
-from mohico.models.bank import MemoryBank, all_gather_nograd, dist_info
+from mohico.errors import ConfigError, MohicoError
+from mohico.models.bank import MemoryBank, dist_info
 from mohico.models.heads import MCLProjection
 from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
 
@@ -45,12 +45,13 @@ from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, p
 def shuffled_forward(encoder, x: torch.Tensor, group=None) -> torch.Tensor:
     """``encoder(x)`` with the batch shuffled across ranks (shuffle BN); ``x: (B, ...)`` -> ``(B, d)``.
 
-    A permutation of the ``B * W`` global samples is drawn on rank 0 and broadcast. Rank r runs
-    the encoder on the samples ``perm[r*B:(r+1)*B]`` (fetched with one broadcast per source
-    rank, so memory stays O(B) per rank instead of O(B * W) for an all-gather of clips), the
-    outputs are all-gathered (small: ``B*W x d``) and each rank takes back its own samples'
-    rows in their original order. With one rank this is just ``encoder(x)``. A collective:
-    every rank must call it with the same ``B``.
+    A permutation of the ``B * W`` global samples is drawn on rank 0 and broadcast; rank r
+    encodes the samples at positions ``[r*B, (r+1)*B)`` of it, so its BN statistics come from
+    a random subset of the global batch. The clips travel with one ``all_to_all`` (each rank
+    sends and receives exactly B clips: O(B) memory and traffic per rank, unlike MoCo's
+    all-gather of the whole key batch), the outputs come back with a second ``all_to_all``
+    and are returned in the original order. With one rank this is ``encoder(x)``. A
+    collective: every rank must call it with the same ``B``.
     """
     rank, world = dist_info(group)
     if world == 1:
@@ -59,18 +60,19 @@ def shuffled_forward(encoder, x: torch.Tensor, group=None) -> torch.Tensor:
     perm = torch.randperm(b * world, device=x.device) if rank == 0 else torch.empty(b * world, dtype=torch.long,
                                                                                    device=x.device)
     dist.broadcast(perm, src=_global_rank(0, group), group=group)
-    mine = perm[rank * b:(rank + 1) * b]                      # global indices this rank encodes
-    x = x.contiguous()
+    position = torch.argsort(perm)                                 # position[g]: where global sample g went
+    my_position = position[rank * b + torch.arange(b, device=x.device)]
+    send_order = torch.argsort(my_position)                        # grouped by destination rank
+    send_counts = torch.bincount(my_position[send_order] // b, minlength=world).tolist()
+    recv_counts = torch.bincount(perm[rank * b:(rank + 1) * b] // b, minlength=world).tolist()
     shuffled = torch.empty_like(x)
-    for src in range(world):
-        buf = x if src == rank else torch.empty_like(x)
-        dist.broadcast(buf, src=_global_rank(src, group), group=group)
-        take = (mine // b) == src
-        shuffled[take] = buf[mine[take] % b]
-    out = encoder(shuffled)                                    # (B, d) in shuffled order
-    gathered = all_gather_nograd(out, group)                   # row i holds global sample perm[i]
-    unshuffle = torch.argsort(perm)
-    return gathered[unshuffle[rank * b:(rank + 1) * b]]
+    dist.all_to_all_single(shuffled, x[send_order].contiguous(), recv_counts, send_counts, group=group)
+    out = encoder(shuffled).contiguous()                           # (B, d) for the samples received
+    back = torch.empty_like(out)
+    dist.all_to_all_single(back, out, send_counts, recv_counts, group=group)
+    result = torch.empty_like(back)
+    result[send_order] = back
+    return result
 
 
 def _global_rank(group_rank: int, group) -> int:
@@ -106,8 +108,19 @@ class MCL(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, backbone: nn.Module) -> None:
-        """``key = m * key + (1 - m) * query`` for the backbone and projection parameters."""
+        """``key = m * key + (1 - m) * query`` for the backbone and projection parameters.
+
+        The key encoder must hold fp32 parameters: in bfloat16/float16 an update of
+        ``(1 - m) = 0.001`` of the difference rounds away (bf16 keeps ~3 significant digits),
+        so the key encoder would silently freeze. Use autocast for mixed precision, not
+        parameters cast to half precision.
+        """
         m = self.cfg.momentum
+        half = {p.dtype for p in self.key_backbone.parameters()} & {torch.float16, torch.bfloat16}
+        if half and m > 0:
+            raise MohicoError(f"MCL's EMA key encoder has {sorted(map(str, half))} parameters: momentum {m} updates "
+                              f"would round away. Keep the model in fp32 and use autocast for bf16 "
+                              f"(DeepSpeed 'torch_autocast'), not parameters cast to bf16")
         for online, ema in ((backbone, self.key_backbone), (self.proj, self.key_proj)):
             for p_q, p_k in zip(online.parameters(), ema.parameters()):
                 p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
