@@ -319,7 +319,8 @@ def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
     # the config and overrides reach `mohico train` intact (quoted), and the script parses
     assert f"set -- {cfg} 'run.dir=runs/a b' optim.lr=0.1" in out
     assert f"export MOHICO_PYTHON={shlex.quote(sys.executable)}" in out
-    assert 'srun --kill-on-bad-exit=0 ${MOHICO_SRUN_ARGS:-} "$PYTHON" -m mohico train "$@"' in out
+    assert 'srun --kill-on-bad-exit=0 --wait="${MOHICO_SRUN_WAIT:-300}" ${MOHICO_SRUN_ARGS:-} "$PYTHON" -m mohico train "$@"' in out
+    assert "export MOHICO_REQUEUE_BY=sbatch" in out and 'scontrol requeue "${SLURM_JOB_ID}"' in out
     assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
 
 
