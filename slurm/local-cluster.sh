@@ -50,8 +50,8 @@ install_packages() {
 
 render_conf() {
     local host mem cpus
-    host=$(hostname -s)
-    mem=$(free -m | awk '/^Mem:/ {print $2}')
+    host=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
+    mem=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)   # = `free -m` total
     cpus=$(nproc)
     cat <<EOF
 # Written by mohico slurm/local-cluster.sh: two fake nodes on this machine.
