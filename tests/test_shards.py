@@ -270,11 +270,13 @@ def test_cli_shards_and_inspect(src, tmp_path, capsys):
     small.mkdir()
     shutil.copy(src / "obj.mp4", small / "obj.mp4")
     (small / "empty.mp4").write_bytes(b"")
-    out = tmp_path / "out"
-    assert main(["shards", str(small), str(out), "--quiet", "--workers", "1", "--short-side", "96",
-                 "--max-shard-size", "5MB", "--min-frames", "4"]) == 0
+    out = small / "shards"     # inside SRC: never taken as input
+    args = ["shards", str(small), str(out), "--quiet", "--workers", "1", "--short-side", "96",
+            "--max-shard-size", "5MB", "--min-frames", "4"]
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "1 videos" in text and "skipped 1 of 2" in text and "zero-byte" in text
+    assert main(args) == 0 and "skipped 1 of 2" in capsys.readouterr().out    # complete: left as is
     png = tmp_path / "sample.png"
     assert main(["inspect", str(out / "shard-000000.tar"), "--key", S.sample_key("obj.mp4"), "--out", str(png)]) == 0
     img = cv2.imread(str(png))
@@ -331,3 +333,22 @@ def test_synthetic_ground_truth(synth_videos, synth_shards):
     assert np.mean(hits) >= 0.85, np.mean(hits)                 # motion peaks on a moving object
     if pan_only and moving:                                      # camera pans cancel
         assert np.mean(pan_only) < 0.5 * np.mean(moving), (pan_only, moving)
+
+
+def test_h264_option(src, tmp_path):
+    import av
+
+    lst = tmp_path / "one.txt"
+    lst.write_text(str(src / "pan.webm") + "\n")
+    man = S.write_shards(lst, tmp_path / "out", codec="h264", gop=8)
+    sample = next(iter(read_all(tmp_path / "out").values()))
+    meta = json.loads(sample["json"])
+    assert man["num_samples"] == 1 and meta["codec"] == "h264" and "mp4" in sample
+    with av.open(io.BytesIO(sample["mp4"])) as c:
+        st = c.streams.video[0]
+        assert st.codec_context.name == "h264"
+        kinds = [(p.is_keyframe, p.pts) for p in c.demux(st) if p.size]
+    keyframes = [i for i, (k, _) in enumerate(kinds) if k]
+    assert len(kinds) == meta["num_frames"] and keyframes[0] == 0 and max(np.diff(keyframes + [len(kinds)])) <= 8
+    pts = [p for _, p in kinds]
+    assert pts == sorted(pts)                                   # no B-frames: decode order == display order

@@ -30,6 +30,9 @@ CODECS = {
 }
 
 
+MAX_GAP = 10.0   # seconds between two source frames beyond which the timestamps are taken as broken
+
+
 class SkipVideo(Exception):
     """This input cannot become a sample; ``str(e)`` is the reason recorded in the manifest."""
 
@@ -146,6 +149,9 @@ def transcode(path: str | os.PathLike, codec: str = "vp9", short_side: int = 112
                         t = t_prev
                     else:
                         dt = t - t_prev
+                        if dt > MAX_GAP:   # would be re-timed into minutes of one repeated picture
+                            raise SkipVideo(f"broken timestamps: a {dt:.1f} s gap after frame {n_src} "
+                                            f"(more than {MAX_GAP:.0f} s)")
                         dt_min, dt_max = min(dt_min, dt), max(dt_max, dt)
                 small = frame.reformat(width=W, height=H, format="yuv420p", interpolation="AREA")
                 plane = small.planes[0]
