@@ -91,6 +91,11 @@ def test_momentum_update_and_no_grad_forward():
     with torch.no_grad():                                          # evaluation: no double backprop, no MAL
         loss, terms = model(*_batch(2), 0.0)
     assert torch.isfinite(loss) and "mcl/mal" not in terms
+    filled = model.banks()["mcl"].filled
+    model.eval()
+    with torch.no_grad():
+        model(*_batch(2), 0.0)
+    assert model.banks()["mcl"].filled == filled                  # evaluation leaves the bank alone
 
 
 def test_feature_map_variant_and_sync_bn_at_world_one():

@@ -54,7 +54,9 @@ class PretrainModule(nn.Module):
     def forward(self, clips: torch.Tensor, motion: torch.Tensor | None, progress: float | torch.Tensor = 0.0):
         """``clips: (B, V, C, T, H, W)``, ``motion: (B, V, T, Hm, Wm)`` (None without MAL),
         ``progress`` in [0, 1] -> ``(loss, terms)``: a scalar tensor and a dict of detached
-        scalar tensors (every objective term, the bank fills, ``loss``)."""
+        scalar tensors (every objective term, the bank fills, ``loss``). In training mode the
+        step's keys are enqueued into the banks; in ``eval()`` mode the banks are untouched.
+        Under ``torch.no_grad()`` the gradient-based MAL variants are skipped (no double backprop)."""
         if clips.ndim != 6 or clips.shape[1] < self.num_views:
             raise MohicoError(f"PretrainModule takes clips (B, V>={self.num_views}, C, T, H, W) for objectives "
                               f"{list(self.objectives)}; got {tuple(clips.shape)} (HiCo needs 3 views per video)")

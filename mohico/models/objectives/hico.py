@@ -145,6 +145,7 @@ class HiCo(nn.Module):
         loss = self.cfg.visual_weight * visual + self.cfg.topical_weight * topical
         terms = {"hico/visual": visual.detach(), "hico/topical": topical.detach(), "hico/topical_acc": acc}
         if self.bank is not None:
-            self.bank.enqueue(z[:, 1].detach())
+            if self.training:                                       # evaluation passes leave the bank alone
+                self.bank.enqueue(z[:, 1].detach())
             terms["hico/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms

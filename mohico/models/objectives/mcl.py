@@ -157,7 +157,8 @@ class MCL(nn.Module):
                 loss = loss + lam * mal
                 terms.update({"mcl/mal": mal.detach(), "mcl/mal_weight": torch.tensor(float(lam))})
                 terms.update({f"mcl/mal_{name}": v for name, v in mal_terms.items()})
-        self.bank.enqueue(k)
+        if self.training:                                           # evaluation passes leave the bank alone
+            self.bank.enqueue(k)
         terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
 
