@@ -188,6 +188,8 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
                     agent.kill()
         codes = read_status(status_dir, nproc)
     result = combine_exit_codes(code, codes)
+    if signal.SIGINT in received and result not in (0, PREEMPTED_EXIT_CODE):
+        result = 130                      # interrupted (Ctrl-C), like the CLI itself
     if result != 0:
         detail = ", ".join(f"rank {r}: {c}" for r, c in sorted(codes.items())) or "no rank reported"
         print(f"[mohico spawn] {nproc} ranks finished with exit code {result} (torchrun {code}; {detail})",
