@@ -112,44 +112,92 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: int = 0, timeout: float = 120.0) -> None:
+        """Close the run; gives up (with a warning) after ``timeout`` s so a stuck W&B service
+        cannot keep a finished job alive."""
         if self.run is None:
             return
-        try:
-            self.run.finish(exit_code=exit_code)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-        self.run = None
+        import threading
+
+        run, self.run = self.run, None
+        errors: list[Exception] = []
+
+        def close():
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=close, name="wandb-finish", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            log.warning("W&B did not finish within %.0f s; leaving it (offline files may be incomplete)", timeout)
+        elif errors:
+            self.run = run
+            self._fail(errors[0])
 
 
-def batch_picture(batch: dict, mean, std, max_samples: int = 2) -> np.ndarray:
-    """uint8 ``(rows * H, V * 2 * W, 3)`` image: one row per sample; per view the clip's middle
-    frame (de-normalised) beside its motion map (nearest-upsampled, "hot" colours), each
-    frame with its crop box drawn as a 1-px border."""
+COLOURS = np.array([[0, 255, 0], [255, 64, 64], [64, 128, 255], [255, 255, 0]], dtype=np.uint8)
+
+
+def _resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    ys = np.minimum(np.arange(h) * img.shape[0] // max(h, 1), img.shape[0] - 1)
+    xs = np.minimum(np.arange(w) * img.shape[1] // max(w, 1), img.shape[1] - 1)
+    return img[ys][:, xs]
+
+
+def _border(img: np.ndarray, y0: int, x0: int, y1: int, x1: int, colour) -> None:
+    y1, x1 = min(y1, img.shape[0]) - 1, min(x1, img.shape[1]) - 1
+    if y1 <= y0 or x1 <= x0:
+        return
+    img[y0, x0:x1 + 1] = colour
+    img[y1, x0:x1 + 1] = colour
+    img[y0:y1 + 1, x0] = colour
+    img[y0:y1 + 1, x1] = colour
+
+
+def batch_picture(batch: dict, mean, std, max_samples: int = 2, tile: int = 128) -> np.ndarray:
+    """uint8 ``(rows * tile, (1 + 2V) * tile, 3)`` image, one row per sample: first the crop
+    boxes of all views drawn in the stored frame (each view's middle frame pasted into its box,
+    one colour per view), then per view its middle frame (de-normalised) and its motion map
+    ("hot" colours), framed in the view's colour."""
     clips = batch["clips"].detach().float().cpu().numpy()          # (B, V, C, T, H, W)
     B, V, C, T, H, W = clips.shape
     motion = batch.get("motion")
     motion = motion.detach().float().cpu().numpy() if motion is not None else None   # (B, V, T, Hm, Wm)
+    boxes = batch.get("boxes")
+    boxes = boxes.detach().float().cpu().numpy() if boxes is not None else None     # (B, V, 4) x, y, w, h
     m = np.asarray(mean, dtype=np.float32).reshape(C, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(C, 1, 1)
     rows = []
     for b in range(min(B, max_samples)):
-        tiles = []
+        frames = []
         for v in range(V):
-            frame = clips[b, v, :, T // 2] * s + m                     # (C, H, W) in [0, 1]
-            frame = (np.clip(frame.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
-            frame[[0, -1], :] = (0, 255, 0)                             # the crop's border
-            frame[:, [0, -1]] = (0, 255, 0)
+            f = clips[b, v, :, T // 2] * s + m                         # (C, H, W) in [0, 1]
+            frames.append((np.clip(f.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
+        canvas = np.full((tile, tile, 3), 64, dtype=np.uint8)
+        if boxes is not None:
+            extent = max(float((boxes[b, :, 0] + boxes[b, :, 2]).max()), float((boxes[b, :, 1] + boxes[b, :, 3]).max()), 1.0)
+            k = (tile - 1) / extent
+            for v in range(V):
+                x, y, w, h = (boxes[b, v] * k).round().astype(int)
+                if w > 1 and h > 1:
+                    canvas[y:y + h, x:x + w] = _resize_nearest(frames[v], h, w)[:tile - y, :tile - x]
+            for v in range(V):
+                x, y, w, h = (boxes[b, v] * k).round().astype(int)
+                _border(canvas, y, x, y + h, x + w, COLOURS[v % len(COLOURS)])
+        tiles = [canvas]
+        for v in range(V):
+            frame = _resize_nearest(frames[v], tile, tile).copy()
+            _border(frame, 0, 0, tile, tile, COLOURS[v % len(COLOURS)])
             tiles.append(frame)
+            heat = np.zeros((tile, tile, 3), dtype=np.uint8)
             if motion is not None:
                 mm = motion[b, v, min(T // 2, motion.shape[2] - 1)]
                 mm = mm / (mm.max() + 1e-8)
-                ys = (np.arange(H) * mm.shape[0] // H)
-                xs = (np.arange(W) * mm.shape[1] // W)
-                up = mm[ys][:, xs]
-                heat = np.stack([up, up ** 2, up ** 4], axis=-1)
-                tiles.append((heat * 255).astype(np.uint8))
-            else:
-                tiles.append(np.zeros_like(frame))
+                up = _resize_nearest(mm, tile, tile)
+                heat = (np.stack([up, up ** 2, up ** 4], axis=-1) * 255).astype(np.uint8)
+            tiles.append(heat)
         rows.append(np.concatenate(tiles, axis=1))
     return np.concatenate(rows, axis=0)
