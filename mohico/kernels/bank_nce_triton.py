@@ -8,8 +8,8 @@ and the wrapper merges the splits (O(splits * B)). Backward writes a partial dq 
 the wrapper sums them (deterministic, no atomics).
 
 Accumulation is float32 for float16 / bfloat16 / float32 inputs and float64 for float64.
-float32 dots use IEEE precision (not TF32): the logits are divided by tau ~ 0.1, which would
-amplify TF32's 1e-3 relative error. Half banks use tensor-core dots with float32 accumulation.
+float32 dots use 3xTF32 on the GPU (float32-level accuracy on tensor cores; plain TF32's 1e-3
+relative error would be amplified by 1/tau ~ 10) and IEEE in the interpreter. Half banks use tensor-core dots with float32 accumulation.
 (On a GPU the scalar 1/tau is passed as a float32 argument, so float64 there is exact only to
 ~6e-8 relative; float64 exists for tests, which run in the interpreter with Python floats.)
 
@@ -48,7 +48,7 @@ def launch_env(interpreted: bool):
 @triton.jit
 def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv_tau,
                             stride_q, stride_kp, stride_bank,
-                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -79,7 +79,7 @@ def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv
         kt = tl.load(BANK + offs_k[:, None] * stride_bank + offs_d[None, :],
                      mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if IEEE:
-            logits = tl.dot(q, tl.trans(kt.to(q.dtype)), input_precision="ieee", out_dtype=acc_t)
+            logits = tl.dot(q, tl.trans(kt.to(q.dtype)), input_precision=PREC, out_dtype=acc_t)
         else:
             logits = tl.dot(q, tl.trans(kt.to(q.dtype)), out_dtype=acc_t)
         logits = tl.where(mask_k[None, :], logits * inv_tau, neg_inf)
@@ -94,7 +94,7 @@ def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv
 @triton.jit
 def _lse_partial_bwd_kernel(Q, KP, BANK, LSE, G, DQ_OUT, B, K, D, k_per_split, inv_tau,
                             stride_q, stride_kp, stride_bank,
-                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial dq of split pid_k: g * (sum_j softmax_j k_j [+ p_pos k+ on split 0]) / tau."""
     pid_b = tl.program_id(0)
@@ -127,13 +127,13 @@ def _lse_partial_bwd_kernel(Q, KP, BANK, LSE, G, DQ_OUT, B, K, D, k_per_split, i
         kt = tl.load(BANK + offs_k[:, None] * stride_bank + offs_d[None, :],
                      mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
         if IEEE:
-            logits = tl.dot(q, tl.trans(kt), input_precision="ieee", out_dtype=acc_t)
+            logits = tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=acc_t)
         else:
             logits = tl.dot(q, tl.trans(kt), out_dtype=acc_t)
         p = tl.exp(logits * inv_tau - lse[:, None])
         p = tl.where(mask_k[None, :], p, 0.0)
         if IEEE:
-            acc += tl.dot(p, kt.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+            acc += tl.dot(p, kt.to(acc_t), input_precision=PREC, out_dtype=acc_t)
         else:  # half bank: tensor-core dot, float32 accumulation (as flash attention does)
             acc += tl.dot(p.to(kt.dtype), kt, out_dtype=acc_t)
     dq = acc * (g * inv_tau)[:, None]
@@ -162,11 +162,14 @@ def _config(q: torch.Tensor, K: int, splits: int | None):
     k_per_split = triton.cdiv(n_ktiles, splits) * block_k
     splits = max(1, triton.cdiv(K, k_per_split)) if K > 0 else 1
     upcast = q.dtype == torch.bfloat16 and not q.is_cuda
-    ieee = q.dtype in (torch.float32, torch.float64) or upcast
+    ieee = q.dtype in (torch.float32, torch.float64) or upcast  # full-precision dot, not half
+    # float32 on GPU: 3xTF32 (tensor cores, ~float32 accuracy); the plain IEEE fp32 dot spills
+    # registers heavily on sm_90 (ptxas: ~6 KB stack at 64x64x128 tiles).
+    prec = "tf32x3" if (q.is_cuda and q.dtype == torch.float32) else "ieee"
     # q tile + bank tile (+ dq accumulator in backward) live in registers: more warps for big tiles
     num_warps = 8 if block_b * block_d >= 64 * 128 else 4
     return dict(B=B, K=K, D=D, num_warps=num_warps, block_b=block_b, block_k=block_k, block_d=block_d,
-                n_bblocks=n_bblocks, splits=splits, k_per_split=k_per_split, ieee=ieee, upcast=upcast,
+                n_bblocks=n_bblocks, splits=splits, k_per_split=k_per_split, ieee=ieee, prec=prec, upcast=upcast,
                 acc=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
@@ -210,7 +213,7 @@ def lse_partials_triton(q: torch.Tensor, bank: torch.Tensor, inv_tau: float,
             q, k_pos if k_pos is not None else q, bank, m, s, c["B"], c["K"], c["D"], c["k_per_split"],
             float(inv_tau), q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
-            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], UPCAST=c["upcast"],
+            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
             BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return m, s
 
@@ -246,7 +249,7 @@ def lse_backward_triton(q, bank, k_pos, lse, g, inv_tau, splits=None, out=None):
             c["B"], c["K"], c["D"], c["k_per_split"], float(inv_tau),
             q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
-            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], UPCAST=c["upcast"],
+            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
             BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return dq.sum(0)
 
