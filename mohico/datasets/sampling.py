@@ -375,7 +375,8 @@ class ClipSampler:
         else:
             gh, gw = motion.shape[1:]
             scale = float((meta.get("motion") or {}).get("scale", 255.0))
-        sx, sy = width / gw, height / gh
+        stride_px = (meta.get("motion") or {}).get("stride")
+        sx, sy = (float(stride_px), float(stride_px)) if stride_px else (width / gw, height / gh)
         out_hw = (self.d.motion_size, self.d.motion_size)
         boxes, map_boxes, methods, augs, targets = [], [], [], [], []
         for v in range(len(starts)):
@@ -388,8 +389,12 @@ class ClipSampler:
                     self.s.crop_area, self.s.crop_aspect, self.s.crop_max_sizes,
                     self.s.crop_max_positions)
             else:
-                box, method = random_resized_crop(gh, gw, rng, self.s.crop_area, self.s.crop_aspect), "random"
-            px = pixel_box(box, sx, sy, width, height)
+                box, method = None, "random"
+            if method == "random":     # plain random resized crop over the whole frame, in pixels
+                px = pixel_box(random_resized_crop(height, width, rng, self.s.crop_area, self.s.crop_aspect),
+                               1.0, 1.0, width, height)
+            else:
+                px = pixel_box(box, sx, sy, width, height)
             mbox = (px[0] / sx, px[1] / sy, px[2] / sx, px[3] / sy)      # exactly the pixel box
             aug = draw_augment(rng, self.d.augment)
             if maps_all is not None:

@@ -1,0 +1,208 @@
+"""Deterministic, resumable stream of raw shard samples for one loader worker.
+
+Shards: ``shards`` is a brace pattern / ``::``-separated list (expanded by webdataset), a
+directory (its ``*.tar``), a text file listing one URL per line, or a list of any of these.
+Tars are read with webdataset (``gopen`` + ``tar_file_iterator`` + ``group_by_keys``), so local
+paths, ``pipe:`` and ``http(s)`` URLs work.
+
+Split: ``num_streams = world_size * workers`` streams; stream ``s = rank * workers + worker``.
+Every epoch the shard list is permuted with ``(seed, epoch)``; with at least ``num_streams``
+shards stream ``s`` reads shards ``perm[s::num_streams]`` (split by node, then by worker);
+with fewer shards every stream reads them all and keeps every ``num_streams``-th sample
+(slower, but no stream is starved).
+
+Order: a shuffle buffer of ``shuffle_buffer`` samples with its own generator
+``(seed, epoch, stream)``; ``resampled=True`` makes the stream infinite (epoch after epoch, a
+fresh permutation each), else it ends after one epoch.
+
+State (:meth:`SampleStream.state_dict`) is small: the epoch, the cursor (shard position,
+samples read in it, samples seen this epoch), the buffer's generator state and the buffer as
+*references* ``(shard position, sample index)``; :meth:`load_state_dict` re-reads the referenced
+samples (at most the few shards the buffer spans), so the stream continues exactly.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from mohico.errors import ConfigError
+
+
+def expand_shards(shards: Union[str, os.PathLike, Sequence]) -> list[str]:
+    """Expand patterns, directories and list files into a list of shard URLs (order kept)."""
+    from webdataset.shardlists import expand_urls
+
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    urls: list[str] = []
+    for item in items:
+        item = str(item)
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(glob.glob(str(p / "*.tar")))
+            if not found:
+                raise ConfigError(f"data.shards: directory {item} holds no *.tar shards")
+            urls.extend(found)
+        elif p.is_file() and p.suffix in (".txt", ".list"):
+            urls.extend(line.strip() for line in p.read_text().splitlines()
+                        if line.strip() and not line.startswith("#"))
+        else:
+            urls.extend(expand_urls(item))
+    if not urls:
+        raise ConfigError("data.shards: no shards given (a brace pattern, directory or list file)")
+    for u in urls:
+        if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
+            raise ConfigError(f"data.shards: shard {u} does not exist (check the pattern/folder)")
+    return urls
+
+
+def _gen(*words: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words])))
+
+
+class ShardReadError(Exception):
+    """A shard could not be read to its end (truncated tar, I/O error)."""
+
+
+def iter_shard(url: str, errors: Optional[list] = None) -> Iterator[dict]:
+    """Samples of one tar (``{"__key__", "__url__", ext: bytes}``) via webdataset.
+
+    A read error ends the shard early; it is appended to ``errors`` (never raised).
+    """
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def files():
+        stream = None
+        try:
+            stream = gopen(url)
+            for f in tar_file_iterator(stream):
+                f["__url__"] = url
+                yield f
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt tar, I/O: end this shard
+            if errors is not None:
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    try:
+        yield from group_by_keys(files())
+    except ValueError as e:   # duplicate member names
+        if errors is not None:
+            errors.append(f"{url}: {e}")
+
+
+class SampleStream:
+    """Raw samples for stream ``stream_id`` of ``num_streams``; yields ``(sample, ref)`` with
+    ``ref = (epoch, shard_pos, index)`` and the sample's ``__epoch__`` set."""
+
+    def __init__(self, urls: list[str], seed: int, stream_id: int, num_streams: int,
+                 shuffle_buffer: int = 64, resampled: bool = True):
+        self.urls, self.seed = list(urls), int(seed)
+        self.stream_id, self.num_streams = int(stream_id), int(num_streams)
+        self.buffer_size, self.resampled = max(int(shuffle_buffer), 1), bool(resampled)
+        self.read_errors: list[str] = []
+        self._reset(epoch=0)
+
+    # ------------------------------------------------------------------ epoch layout
+    def _reset(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.shard_pos = 0          # position in this epoch's shard list
+        self.in_shard = 0           # samples read from the current shard
+        self.seen = 0               # samples read this epoch (all shards, before the modulo split)
+        self.buffer: list[tuple[dict, tuple]] = []
+        self.ended = False          # finite mode: this epoch's input is exhausted
+        self._rng = _gen(self.seed, self.epoch, self.stream_id, 0x5EED)
+        self._iter: Optional[Iterator] = None
+
+    def shard_list(self, epoch: int) -> list[str]:
+        perm = _gen(self.seed, epoch, 0xC0FFEE).permutation(len(self.urls))
+        if len(self.urls) >= self.num_streams:
+            perm = perm[self.stream_id::self.num_streams]
+        return [self.urls[i] for i in perm]
+
+    @property
+    def _modulo(self) -> bool:
+        return len(self.urls) < self.num_streams
+
+    # ------------------------------------------------------------------ raw input
+    def _raw(self) -> Iterator[tuple[dict, tuple]]:
+        """Samples from the cursor on, to the end of this epoch."""
+        shards = self.shard_list(self.epoch)
+        while self.shard_pos < len(shards):
+            skip = self.in_shard
+            for i, sample in enumerate(iter_shard(shards[self.shard_pos], self.read_errors)):
+                if i < skip:
+                    continue
+                self.in_shard = i + 1
+                self.seen += 1
+                if self._modulo and (self.seen - 1) % self.num_streams != self.stream_id:
+                    continue
+                sample["__epoch__"] = self.epoch
+                yield sample, (self.epoch, self.shard_pos, i)
+            self.shard_pos += 1
+            self.in_shard = 0
+
+    def _pull(self) -> Optional[tuple[dict, tuple]]:
+        if self._iter is None:
+            self._iter = self._raw()
+        try:
+            return next(self._iter)
+        except StopIteration:
+            return None
+
+    def next(self) -> Optional[dict]:
+        """The next sample, or None when a finite stream is exhausted."""
+        while True:
+            while not self.ended and len(self.buffer) < self.buffer_size:
+                got = self._pull()
+                if got is None:
+                    self.ended = True
+                else:
+                    self.buffer.append(got)
+            if self.buffer:
+                j = int(self._rng.integers(len(self.buffer)))
+                self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+                return self.buffer.pop()[0]
+            if not self.resampled:
+                return None
+            if self.seen == 0:
+                return None          # a whole epoch without one readable sample: give up
+            self._reset(self.epoch + 1)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "in_shard": self.in_shard,
+                "seen": self.seen, "ended": self.ended, "rng": self._rng.bit_generator.state,
+                "buffer": [list(ref) for _, ref in self.buffer],
+                "stream_id": self.stream_id, "num_streams": self.num_streams}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._reset(int(state["epoch"]))
+        self.shard_pos, self.in_shard = int(state["shard_pos"]), int(state["in_shard"])
+        self.seen, self.ended = int(state["seen"]), bool(state["ended"])
+        self._rng.bit_generator.state = state["rng"]
+        refs = [tuple(r) for r in state["buffer"]]
+        wanted: dict[tuple, dict] = {}
+        by_shard: dict[tuple, set] = {}
+        for ep, pos, idx in refs:
+            by_shard.setdefault((ep, pos), set()).add(idx)
+        for (ep, pos), idxs in by_shard.items():
+            url = self.shard_list(ep)[pos]
+            last = max(idxs)
+            for i, sample in enumerate(iter_shard(url, self.read_errors)):
+                if i in idxs:
+                    sample["__epoch__"] = ep
+                    wanted[(ep, pos, i)] = sample
+                if i >= last:
+                    break
+        # a referenced sample that cannot be re-read is dropped (counted by the caller's stats)
+        self.buffer = [(wanted[r], r) for r in refs if r in wanted]
+        self.lost_on_restore = len(refs) - len(self.buffer)

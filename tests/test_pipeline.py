@@ -1,0 +1,312 @@
+"""The data pipeline on synthetic shards: remux, DALI vs PyAV, batches, resume, bad data,
+and the motion-focused sampling against the synthetic videos' ground truth."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mohico.config import Config
+from mohico.datasets import sampling as S
+from mohico.datasets.pipeline import build_loader
+from mohico.datasets.pipeline_cpu import transform_clip
+from mohico.datasets.pipeline_stream import iter_shard
+from mohico.datasets.remux import ClipRemuxer, decode_frames
+
+NO_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
+          "blur_sigma": 0.0, "flip": False}
+
+
+def small_cfg(**data) -> Config:
+    cfg = Config()
+    cfg.objectives.mcl.weight = 1.0
+    cfg.objectives.hico.weight = 1.0
+    d = cfg.data
+    d.batch_size, d.num_workers, d.clip_len, d.frame_stride = 2, 0, 8, 2
+    d.crop_size, d.motion_size, d.shuffle_buffer = 48, 7, 3
+    for k, v in data.items():
+        setattr(d, k, v)
+    return cfg
+
+
+def samples(shards: Path) -> list[dict]:
+    out = []
+    for tar in sorted(shards.glob("*.tar")):
+        out.extend(iter_shard(str(tar)))
+    return out
+
+
+def gt_for(sample: dict, synth_videos: Path) -> dict:
+    meta = json.loads(sample["json"])
+    return json.loads((synth_videos / Path(meta["source"]).with_suffix(".json").name).read_text())
+
+
+# --------------------------------------------------------------------------- remux + decoders
+def test_remux_gives_the_same_frames_as_a_full_decode(synth_shards):
+    s = samples(synth_shards)[0]
+    meta = json.loads(s["json"])
+    full = decode_frames(s["webm"], np.arange(meta["num_frames"]))
+    with ClipRemuxer(s["webm"], meta["fps"]) as rem:
+        for first, last in [(0, 14), (37, 51), (70, meta["num_frames"] - 1)]:
+            cut = rem.cut(first, last)
+            assert cut.key_frame <= first and cut.key_frame % 16 == 0           # GOP 16
+            assert len(cut.data) < len(s["webm"])
+            want = np.arange(first, last + 1, 2)
+            got = decode_frames(cut.data, want - cut.key_frame)
+            np.testing.assert_array_equal(got, full[want])
+
+
+@pytest.mark.parametrize("aug", [NO_AUG, {"brightness": 1.2, "contrast": 0.8, "saturation": 0.6, "hue": 20.0,
+                                          "grayscale": False, "blur_sigma": 1.1, "flip": True},
+                                 {**NO_AUG, "grayscale": True, "flip": True}])
+def test_dali_cpu_equals_pyav_path(synth_shards, aug):
+    from mohico.datasets.dali_decode import DaliClipDecoder
+
+    s = samples(synth_shards)[1]
+    meta = json.loads(s["json"])
+    mean, std = [0.45] * 3, [0.225] * 3
+    with ClipRemuxer(s["webm"], meta["fps"]) as rem:
+        cut = rem.cut(40, 54)
+    rel = (np.arange(40, 55, 2) - cut.key_frame).astype(np.int32)
+    box = (17, 9, 90, 80)
+    dali = DaliClipDecoder(2, 64, mean, std).decode([{"data": cut.data, "frames": rel, "box": box, "aug": aug}])[0]
+    ref = transform_clip(decode_frames(cut.data, rel), box, aug, 64, mean, std)
+    diff = np.abs(dali.numpy() - ref) * 0.225 * 255          # in 8-bit levels
+    assert dali.shape == (3, 8, 64, 64)
+    # decoder colour conversion and resampling differ by a few levels on average
+    assert diff.mean() < 3.0, diff.mean()
+    assert np.percentile(diff, 99) < 25, np.percentile(diff, 99)
+
+
+# --------------------------------------------------------------------------- batches
+def test_batch_contract_and_motion_targets(synth_shards):
+    cfg = small_cfg()
+    loader = build_loader(cfg, str(synth_shards))
+    by_key = {x["__key__"]: x for x in samples(synth_shards)}
+    for _, b in zip(range(3), loader):
+        B, V, T = 2, 3, 8
+        assert b["clips"].shape == (B, V, 3, T, 48, 48) and b["clips"].dtype == torch.float32
+        assert b["motion"].shape == (B, V, T, 7, 7) and b["frames"].shape == (B, V, T)
+        assert b["video_id"].dtype == torch.int64 and len(b["key"]) == B
+        for i, key in enumerate(b["key"]):
+            meta = json.loads(by_key[key]["json"])
+            motion = np.load(io.BytesIO(by_key[key]["motion.npy"])).astype(np.float32) * meta["motion"]["scale"] / 255
+            fr = b["frames"][i].numpy()
+            assert fr.min() >= 0 and fr.max() < meta["num_frames"]
+            st = fr[:, 0] / 15.0
+            assert abs(st[0] - st[1]) < S.gradual_delta(0.0, 1.0) or st[0] == st[1]   # progress 0
+            for v in range(V):
+                x, y, w, h = b["boxes"][i, v].tolist()
+                assert 0 <= x and 0 <= y and x + w <= meta["width"] and y + h <= meta["height"]
+                stride = meta["motion"]["stride"]
+                ref = S.crop_resize_maps(motion[fr[v]], (x / stride, y / stride, w / stride, h / stride),
+                                         (7, 7), bool(b["flip"][i, v]))
+                np.testing.assert_allclose(b["motion"][i, v].numpy(), ref, atol=1e-5)
+    assert loader.stats()["skipped"] == 0
+
+
+def test_flip_mirrors_frames_and_motion_together(synth_shards):
+    outs = []
+    for p in (0.0, 1.0):
+        cfg = small_cfg()
+        a = cfg.data.augment
+        a.color_jitter_prob, a.grayscale_prob, a.blur_prob, a.flip_prob = 0.0, 0.0, 0.0, p
+        outs.append(next(iter(build_loader(cfg, str(synth_shards)))))
+    plain, flipped = outs
+    assert plain["key"] == flipped["key"] and torch.equal(plain["frames"], flipped["frames"])
+    assert bool(flipped["flip"].all()) and not bool(plain["flip"].any())
+    torch.testing.assert_close(flipped["clips"], plain["clips"].flip(-1), atol=2e-5, rtol=0)
+    torch.testing.assert_close(flipped["motion"], plain["motion"].flip(-1))
+
+
+def test_pyav_decoder_matches_dali_in_the_loader(synth_shards):
+    a = next(iter(build_loader(small_cfg(decoder="dali"), str(synth_shards))))
+    b = next(iter(build_loader(small_cfg(decoder="pyav"), str(synth_shards))))
+    assert a["key"] == b["key"] and torch.equal(a["frames"], b["frames"]) and torch.equal(a["boxes"], b["boxes"])
+    diff = (a["clips"] - b["clips"]).abs() * 0.225 * 255
+    assert diff.mean() < 3.0
+
+
+def _take(loader, n, progress=None):
+    out = []
+    for i in range(n):
+        if progress is not None:
+            loader.set_progress(progress(i))
+        out.append(next(loader))
+    return out
+
+
+def _same(a, b):
+    assert a["key"] == b["key"]
+    for k in ("clips", "motion", "frames", "boxes", "progress", "video_id"):
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_round_trip_gives_identical_batches(synth_shards, workers):
+    cfg = small_cfg(num_workers=workers)
+    prog = lambda i: min(1.0, 0.2 * i)                        # noqa: E731 - the trainer's schedule
+    full = build_loader(cfg, str(synth_shards))
+    first = _take(full, 3, prog)
+    state = copy.deepcopy(full.state_dict())
+    rest = [next(full) for _ in range(0)]
+    for i in range(3, 7):
+        full.set_progress(prog(i))
+        rest.append(next(full))
+    full.close()
+    resumed = build_loader(cfg, str(synth_shards))
+    resumed.load_state_dict(state)
+    again = [None] * 4
+    for j, i in enumerate(range(3, 7)):
+        resumed.set_progress(prog(i))
+        again[j] = next(resumed)
+    for x, y in zip(rest, again):
+        _same(x, y)
+    assert len(first) == 3
+    # progress moved through the schedule (gradual delta_max grows)
+    assert float(rest[-1]["progress"][0]) > 0
+
+
+def test_resume_at_another_world_size(synth_shards):
+    cfg = small_cfg()
+    one = build_loader(cfg, str(synth_shards))
+    _take(one, 4)
+    state = one.state_dict()
+    epoch = min(s["epoch"] for s in state["streams"].values())
+    keys = set()
+    for rank in range(2):
+        two = build_loader(cfg, str(synth_shards), rank=rank, world_size=2)
+        two.load_state_dict(state)
+        for b in _take(two, 2):
+            keys.update(b["key"])
+        assert all(s["epoch"] >= epoch for s in two.state_dict()["streams"].values())
+    assert len(keys) >= 2
+
+
+# --------------------------------------------------------------------------- bad data
+def _member(tar, name, data):
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    tar.addfile(ti, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(synth_shards, tmp_path):
+    good = samples(synth_shards)
+    path = tmp_path / "bad-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, s in enumerate(good[:4]):
+            key = s["__key__"]
+            video, meta, motion = s["webm"], s["json"], s["motion.npy"]
+            if i == 1:
+                video = b"\x1aE\xdf\xa3" + bytes(range(256)) * 40            # bad bytes
+            _member(tar, f"{key}.webm", video)
+            if i == 2:
+                _member(tar, f"{key}.json", b"{not json")                      # corrupt member
+            else:
+                _member(tar, f"{key}.json", meta)
+            if i != 3:                                                          # missing motion
+                _member(tar, f"{key}.motion.npy", motion)
+        for s in good[4:]:
+            for ext in ("webm", "json", "motion.npy"):
+                _member(tar, f"{s['__key__']}.{ext}", s[ext])
+    raw = path.read_bytes()
+    trunc = tmp_path / "bad-000001.tar"
+    trunc.write_bytes(raw[: len(raw) // 3])                                    # truncated tar
+    cfg = small_cfg(resampled=False, batch_size=1)
+    loader = build_loader(cfg, [str(path), str(trunc)])
+    batches = list(loader)
+    st = loader.stats()
+    assert st["bad_video"] >= 1 and st["bad_json"] >= 1 and st["missing_motion"] >= 1
+    assert st["read_error"] >= 1
+    assert all(b["clips"].shape[0] == 1 for b in batches)
+    keys = {k for b in batches for k in b["key"]}
+    assert keys.isdisjoint({good[1]["__key__"], good[2]["__key__"], good[3]["__key__"]})
+    assert good[0]["__key__"] in keys and len(batches) >= 3
+
+
+# --------------------------------------------------------------------------- ground truth
+def test_motion_focused_sampling_prefers_moving_shots(synth_shards, synth_videos):
+    cfg = small_cfg()
+    cfg.objectives.hico.weight = 0.0
+    mcl = S.ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=False)
+    cfg_u = copy.deepcopy(cfg)
+    cfg_u.sampling.motion_prob = 0.0
+    uni = S.ClipSampler(cfg_u.sampling, cfg_u.data, mcl=True, hico=False)
+    static = {"mcl": [], "uniform": []}
+    used = 0
+    for s in samples(synth_shards):
+        gt = gt_for(s, synth_videos)
+        if not any(sh["static"] for sh in gt["shots"]):
+            continue
+        used += 1
+        meta = json.loads(s["json"])
+        is_static = np.zeros(meta["num_frames"], bool)
+        for sh in gt["shots"]:
+            is_static[sh["start"]:sh["end"]] = sh["static"]
+        for name, smp in (("mcl", mcl), ("uniform", uni)):
+            for i in range(300):
+                st, _, _ = smp.temporal(meta, S.sample_rng(0, i, 0, s["__key__"]))
+                fr = np.stack([S.clip_frames(x, 8, 2, meta["num_frames"]) for x in st])
+                static[name].append(is_static[fr].mean())
+    assert used >= 1
+    mcl_static, uni_static = np.mean(static["mcl"]), np.mean(static["uniform"])
+    assert mcl_static < 0.6 * uni_static, (mcl_static, uni_static)
+
+
+def _iou(a, b):
+    ax0, ay0, aw, ah = a
+    bx0, by0, bw, bh = b
+    iw = max(0.0, min(ax0 + aw, bx0 + bw) - max(ax0, bx0))
+    ih = max(0.0, min(ay0 + ah, by0 + bh) - max(ay0, by0))
+    inter = iw * ih
+    return inter / (aw * ah + bw * bh - inter)
+
+
+def _inside(box, gt):
+    """Fraction of ``gt``'s area inside ``box``."""
+    iw = max(0.0, min(box[0] + box[2], gt[0] + gt[2]) - max(box[0], gt[0]))
+    ih = max(0.0, min(box[1] + box[3], gt[1] + gt[3]) - max(box[1], gt[1]))
+    return iw * ih / (gt[2] * gt[3])
+
+
+def test_motion_crop_box_covers_the_moving_object(synth_shards, synth_videos):
+    ious = {"motion": [], "random": []}
+    inside = {"motion": [], "random": []}
+    rng = np.random.default_rng(0)
+    for s in samples(synth_shards):
+        gt = gt_for(s, synth_videos)
+        meta = json.loads(s["json"])
+        motion = np.load(io.BytesIO(s["motion.npy"])).astype(np.float32)
+        sx, sy = meta["width"] / gt["width"], meta["height"] / gt["height"]
+        stride = meta["motion"]["stride"]
+        for sh in gt["shots"]:
+            # one object, no camera pan: the ground-truth box is that object's extent over the clip
+            if sh["static"] or sh["pan"] != [0.0, 0.0] or len(sh["objects"]) != 1 or sh["end"] - sh["start"] < 20:
+                continue
+            f0 = sh["start"] + 2
+            frames = np.arange(f0, f0 + 15, 2)
+            boxes = np.array([gt["boxes"][f][0][1:] for f in frames])
+            x0, y0 = boxes[:, 0].min() * sx, boxes[:, 1].min() * sy
+            x1, y1 = (boxes[:, 0] + boxes[:, 2]).max() * sx, (boxes[:, 1] + boxes[:, 3]).max() * sy
+            gt_box = (x0, y0, x1 - x0, y1 - y0)
+            for _ in range(20):
+                box, method = S.motion_crop_box(motion[frames].mean(axis=0), rng=rng)
+                if method == "motion":
+                    ious["motion"].append(_iou([v * stride for v in box], gt_box))
+                    inside["motion"].append(_inside([v * stride for v in box], gt_box))
+                rb = S.random_resized_crop(meta["height"], meta["width"], rng)
+                ious["random"].append(_iou(rb, gt_box))
+                inside["random"].append(_inside(rb, gt_box))
+    assert len(ious["motion"]) >= 20
+    # the object is ~5% of the frame and crops hold >= 20% of it, so the IoU is capped near
+    # 0.25: compare with random resized crops, and check the object lies inside the box
+    m, r = np.mean(ious["motion"]), np.mean(ious["random"])
+    assert m > 2 * r and m > 0.15, (m, r)
+    mi, ri = np.mean(inside["motion"]), np.mean(inside["random"])
+    assert mi > 0.75 and mi > ri + 0.2, (mi, ri)
