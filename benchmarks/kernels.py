@@ -83,16 +83,19 @@ def _run_child(args, variant: str, K: int, device: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def h100_floor(B: int, K: int, d: int, bank_bytes: int, tflops: float, bw: float = 3.0e12) -> dict:
-    """Bank NCE on paper: the bank read once per pass; dots at `tflops`; bytes at `bw` B/s."""
+def h100_floor(B: int, K: int, d: int, bank_bytes: int, tflops: float, bw: float = 3.0e12,
+               exp_rate: float = 3.9e12) -> dict:
+    """Bank NCE on paper: the bank read once per pass; dots at `tflops`; bytes at `bw` B/s;
+    one exp per logit per pass on the SFUs (132 SMs x 16/clk x 1.83 GHz ~ 3.9e12/s)."""
     fwd_bytes = K * d * bank_bytes + 2 * B * d * 4 + B * 4
     fwd_flops = 2.0 * B * K * d
     bwd_bytes = fwd_bytes + B * d * 4
     bwd_flops = 4.0 * B * K * d  # recompute the logits, then softmax @ bank
-    t = lambda by, fl: max(by / bw, fl / (tflops * 1e12))  # noqa: E731
+    exps = B * K
+    t = lambda by, fl: max(by / bw, fl / (tflops * 1e12), exps / exp_rate)  # noqa: E731
     return {"fwd_MB": fwd_bytes / 1e6, "fwd_GFLOP": fwd_flops / 1e9, "fwd_us": t(fwd_bytes, fwd_flops) * 1e6,
             "bwd_MB": bwd_bytes / 1e6, "bwd_GFLOP": bwd_flops / 1e9, "bwd_us": t(bwd_bytes, bwd_flops) * 1e6,
-            "exp_G": B * K / 1e9}
+            "exp_G": exps / 1e9, "exp_us": exps / exp_rate * 1e6, "mem_us": fwd_bytes / bw * 1e6}
 
 
 def corr_floor(N: int, C: int, H: int, W: int, r: int, tflops: float = 67.0, bw: float = 3.0e12) -> dict:
@@ -144,13 +147,14 @@ def main() -> None:
             t = r["triton"]
             print(f"{'':>9}   triton: {t['time_s'] * 1e3:.3f} ms, peak extra {t['peak_extra_bytes'] / MiB:.1f} MiB")
 
-    print("\n# H100 on paper (3.0 TB/s; 989 TFLOPS bf16 dense, 67 TFLOPS fp32 FMA)")
+    print("\n# H100 SXM on paper (3.0 TB/s; bf16 989 TFLOPS dense; 3xTF32 = 3 TF32 MMAs ~ 165 TFLOPS; "
+          "fp32 FMA 67 TFLOPS; 3.9e12 exp/s)")
     for K in (131072, 1048576):
-        for name, bb, tf in (("fp32 (ieee dots)", 4, 67.0), ("bf16 bank+q", 2, 989.0)):
+        for name, bb, tf in (("fp32 bank (3xTF32 dots)", 4, 165.0), ("bf16 bank+q", 2, 989.0)):
             f = h100_floor(256, K, 128, bb, tf)
-            print(f"bank NCE B=256 K={K} d=128 {name}: fwd {f['fwd_MB']:.1f} MB {f['fwd_GFLOP']:.1f} GFLOP "
-                  f"-> {f['fwd_us']:.0f} us; bwd {f['bwd_MB']:.1f} MB {f['bwd_GFLOP']:.1f} GFLOP -> {f['bwd_us']:.0f} us; "
-                  f"{f['exp_G']:.2f} G exp")
+            print(f"bank NCE B=256 K={K} d=128 {name}: fwd {f['fwd_MB']:.1f} MB ({f['mem_us']:.0f} us), "
+                  f"{f['fwd_GFLOP']:.1f} GFLOP, {f['exp_G']:.3f} G exp ({f['exp_us']:.0f} us) -> {f['fwd_us']:.0f} us; "
+                  f"bwd {f['bwd_MB']:.1f} MB, {f['bwd_GFLOP']:.1f} GFLOP -> {f['bwd_us']:.0f} us")
     f = corr_floor(128, 64, 28, 28, 7)
     print(f"correlation N=128 C=64 28x28 r=7 fp32: fwd {f['fwd_MB']:.1f} MB {f['fwd_GFLOP']:.1f} GFLOP -> "
           f"{f['fwd_us']:.0f} us; bwd {f['bwd_MB']:.1f} MB {f['bwd_GFLOP']:.1f} GFLOP -> {f['bwd_us']:.0f} us; "
