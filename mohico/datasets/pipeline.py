@@ -51,6 +51,8 @@ from mohico.errors import MohicoError
 
 STATE_VERSION = 1
 PREFETCH = 2
+COUNTERS = ("skipped", "bad_json", "bad_video", "bad_motion", "missing_motion", "missing_video",
+            "read_error", "lost_on_restore", "dropped_last", "dali_fallback", "duplicated")
 
 
 def _identity(x):
@@ -113,18 +115,26 @@ class VideoLoader:
         self.schedule.set(self._next_item + self.lookahead, min(max(float(progress), 0.0), 1.0))
 
     def stats(self) -> dict:
-        out = dict(self._main)
+        """Numeric counters, the same keys on every rank (safe to all-reduce):
+        ``skipped`` (= bad_json + bad_video + bad_motion + missing_motion + missing_video),
+        ``read_error`` (shards that ended early), ``lost_on_restore``, ``dropped_last`` (finite
+        mode), ``dali_fallback``, ``duplicated``, ``batches``, ``data_wait_s``,
+        ``data_wait_fraction`` (time in ``next()`` / wall time since the first call)."""
+        out = {k: 0 for k in COUNTERS}
+        out.update(self._main)
         for c in self._counters.values():
             for k, v in c.items():
-                if isinstance(v, (int, float)):
-                    out[k] = out.get(k, 0) + v
-                else:
-                    out[k] = v
-        out.setdefault("skipped", 0)
+                if k in out and isinstance(v, (int, float)):
+                    out[k] += v
         total = self._wait + self._busy
         out.update(batches=self._batches, data_wait_s=self._wait,
                    data_wait_fraction=self._wait / total if total > 0 else 0.0)
         return out
+
+    def last_error(self) -> str:
+        """The most recent skip/read-error message of any worker ('' if none)."""
+        msgs = [c.get("last_error", "") for c in self._counters.values()]
+        return next((m for m in reversed(msgs) if m), "")
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "rank": self.spec.rank, "world_size": self.spec.world_size,
@@ -215,6 +225,12 @@ class VideoLoader:
 
     def close(self) -> None:
         self._shutdown()
+
+    def __del__(self):
+        try:
+            self._shutdown()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     # ------------------------------------------------------------------ decode + collate
     def _decoder(self):
