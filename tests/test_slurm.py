@@ -76,13 +76,21 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def preempt_and_release(job: str, log: Path) -> None:
-    """USR1 to the training processes, then wait for the requeue and start the job again at once
-    (a requeued job otherwise waits ~120 s for its BeginTime)."""
-    sc = subprocess.run(["scancel", "--signal=USR1", job], capture_output=True, text=True, timeout=30)
+def preempt_and_release(job: str, log: Path, full: bool = False) -> None:
+    """USR1 to the training processes (``full``: to the batch shell too), then wait for the
+    requeue and start the job again at once (a requeued job otherwise waits ~120 s for its
+    BeginTime)."""
+    sc = subprocess.run(["scancel", *(["--full"] if full else []), "--signal=USR1", job],
+                        capture_output=True, text=True, timeout=30)
     assert sc.returncode == 0, sc.stderr
-    wait_for(lambda: job_info(job).get("Restarts") == "1" and job_info(job).get("JobState") == "PENDING",
-             120, "the job to requeue", job, log)
+    def requeued() -> bool:
+        info = job_info(job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            tail = log.read_text()[-4000:] if log.exists() else ""
+            pytest.fail(f"job {job} ended ({info.get('JobState')}, {info.get('Reason')}) instead of requeueing\n{tail}")
+        return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
+
+    wait_for(requeued, 120, "the job to requeue", job, log)
     # slurmd revokes the old run's credential with one-second resolution: starting the job again
     # within that second fails it ("Job credential revoked"). Wait for the nodes to be idle first.
     wait_for(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True,
@@ -111,7 +119,7 @@ def test_submit_two_nodes_all_reduce_preempt_requeue(slurm_cluster, tmp_path):
     assert (run_dir / f"slurm-{job}.sbatch").exists()
     try:
         wait_for(lambda: all((out / f"ready-{r}").exists() for r in (0, 1)), 120, "both ranks to start", job, log)
-        preempt_and_release(job, log)
+        preempt_and_release(job, log, full=True)     # the batch shell survives its USR1
         wait_for(lambda: job_info(job).get("JobState") == "COMPLETED", 120, "the requeued job to finish", job, log)
     finally:
         if job_info(job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -135,6 +143,7 @@ def test_submit_two_nodes_all_reduce_preempt_requeue(slurm_cluster, tmp_path):
     text = log.read_text()
     assert f"job {job} run 1 (restart 0)" in text and f"job {job} run 2 (restart 1)" in text, text
     assert text.count("srun exited 3") == 1 and text.count("requeueing") == 1 and "srun exited 0" in text, text
+    assert "batch shell got SIGUSR1" in text, text
 
 
 @pytest.mark.slow
