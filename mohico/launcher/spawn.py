@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -85,15 +86,24 @@ def torchrun_command(nproc: int, argv: Sequence[str], python: str = sys.executab
             "--module", "mohico.launcher.spawn", *strip_nproc(argv)]
 
 
-def _torchrun_preexec() -> None:  # runs in the torchrun child between fork and exec
-    for sig in FORWARDED:
-        signal.signal(sig, signal.SIG_IGN)
-    try:  # stop the agent (and so its workers) if this parent dies without cleaning up
+def _make_preexec():
+    """What the torchrun child runs between fork and exec: ignore the forwarded signals and ask
+    for SIGINT if this parent dies (PR_SET_PDEATHSIG), so an orphaned agent stops its workers.
+    libc is loaded here, in the parent, so the child makes no dlopen call after the fork."""
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, Linux only
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
+        prctl = None
+
+    def preexec() -> None:
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(1, int(signal.SIGINT), 0, 0, 0)    # PR_SET_PDEATHSIG = 1
+
+    return preexec
 
 
 def _worker_pids(agent_pid: int) -> list[int]:
@@ -153,23 +163,36 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
     with tempfile.TemporaryDirectory(prefix="mohico-spawn-") as tmp:
         status_dir = Path(tmp)
         child_env[STATUS_DIR_VAR] = str(status_dir)
-        agent = subprocess.Popen(torchrun_command(nproc, argv, python), env=child_env,
-                                 preexec_fn=_torchrun_preexec, start_new_session=True)
         received: list[int] = []
+        box: list[subprocess.Popen] = []
 
         def forward(signum, _frame):
             received.append(signum)
-            if signum == signal.SIGINT:
-                targets = [agent.pid]
-            else:
-                targets = _worker_pids(agent.pid)
+            if not box:
+                return
+            targets = [box[0].pid] if signum == signal.SIGINT else _worker_pids(box[0].pid)
             for pid in targets:
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
 
-        old = {s: signal.signal(s, forward) for s in (*FORWARDED, signal.SIGINT)}
+        # Handlers first, so a signal that arrives while torchrun starts is not fatal here
+        # (only the main thread may set them; from another thread nothing is forwarded).
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = {s: signal.signal(s, forward) for s in (*FORWARDED, signal.SIGINT)} if main_thread else {}
+        try:
+            agent = subprocess.Popen(torchrun_command(nproc, argv, python), env=child_env,
+                                     preexec_fn=_make_preexec(), start_new_session=True)
+        except BaseException:
+            for s, h in old.items():
+                signal.signal(s, h)
+            raise
+        box.append(agent)
+        early = [s for s in received if s != signal.SIGINT]
+        for signum in early:        # arrived before the workers existed: they will miss it,
+            print(f"[mohico spawn] {signal.Signals(signum).name} arrived while torchrun was starting; "
+                  f"not forwarded", file=sys.stderr, flush=True)
         try:
             while True:
                 try:
@@ -198,9 +221,12 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
 
 
 def _worker_main(argv: list[str]) -> int:
-    """Entry of each torchrun worker: restore default signal handling, run the CLI, record the code."""
-    for sig in FORWARDED:                 # inherited SIG_IGN from the agent
-        signal.signal(sig, signal.SIG_DFL)
+    """Entry of each torchrun worker: run the CLI and record the exit code.
+
+    The agent's SIG_IGN for SIGTERM is reset to the default (a plain kill must still stop a
+    rank); SIGUSR1 stays ignored until the trainer installs its pre-emption handler, so an
+    early "checkpoint soon" signal cannot kill a rank that is still importing."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code: object = 1
     try:
         if argv and argv[0] == "--script":    # tests: run a plain script as each rank
