@@ -210,6 +210,7 @@ RANK_SCRIPT = textwrap.dedent("""\
     out = Path(sys.argv[1])
     got = []
     signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     env = init_distributed()
     t = torch.tensor([float(env.rank + 1)], dtype=torch.float64)
     dist.all_reduce(t)
@@ -257,10 +258,11 @@ def test_plain_process_init_distributed(tmp_path, rank_script):
 
 
 @pytest.mark.dist
-def test_spawn_local_two_ranks_all_reduce_forward_usr1_and_exit_3(tmp_path, rank_script):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_spawn_local_two_ranks_all_reduce_forward_signal_and_exit_3(tmp_path, rank_script, sig):
     """`spawn_local(2, ...)` through torchrun: both ranks init_distributed and all_reduce; a SIGUSR1
-    to the parent reaches both workers (not torchrun, which would die of it); both exit 3 and the
-    parent returns 3 although torchrun itself exits 1."""
+    or SIGTERM to the parent reaches both workers (not torchrun, which would die of USR1 and
+    kill the workers on TERM); both exit 3 and the parent returns 3 although torchrun exits 1."""
     env = _child_env()
     env["WAIT_USR1"] = "1"
     code = (f"import sys; from mohico.launcher.spawn import spawn_local; "
@@ -273,7 +275,7 @@ def test_spawn_local_two_ranks_all_reduce_forward_usr1_and_exit_3(tmp_path, rank
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "ranks did not start"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -284,7 +286,7 @@ def test_spawn_local_two_ranks_all_reduce_forward_usr1_and_exit_3(tmp_path, rank
         assert (rec["launcher"], rec["rank"], rec["world_size"], rec["local_rank"], rec["local_world_size"]) == \
             ("torchrun", r, 2, r, 2)
         assert rec["sum"] == 3.0 and rec["backend"] == "gloo"
-        assert rec["usr1"] >= 1, f"rank {r} never saw SIGUSR1"
+        assert rec["usr1"] >= 1, f"rank {r} never saw {sig.name}"
     assert recs[0]["master_port"] == recs[1]["master_port"]
     assert "exit code 3" in output
 
