@@ -1,0 +1,176 @@
+"""Loader throughput on CPU: this pipeline vs a naive whole-video decoder, 1- and 10-minute videos.
+
+    .venv/bin/python benchmarks/loader.py [--work /tmp/mohico-bench-loader] [--workers 1]
+        [--batch 4] [--batches 6] [--step-ms 200]
+
+Makes two synthetic VP9 videos per length (mohico.datasets.synth, 160x120, 15 fps) and their
+shards (short side 128, GOP 16, DIS motion), cached in --work. Then, side by side in this
+process, with the same sampler (MCL + HiCo, V = 3 clips of 16 frames at stride 2, 112 x 112):
+  (a) build_loader: DataLoader workers read + sample + remux the clip's GOPs, DALI (CPU) decodes;
+  (b) naive: DataLoader workers decode the whole video with PyAV, then slice the clips' frames
+      and apply the same crop/resize/augment (pipeline_cpu.transform_clip).
+The trainer's step is simulated by sleeping --step-ms per batch (a GPU step costs no CPU), so
+data wait = time blocked in next() / wall time. Also a single-process breakdown per clip:
+remux alone, and DALI decode of the remuxed bytes. Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_data(work: Path, minutes: int) -> Path:
+    from mohico.datasets.shards import write_shards
+    from mohico.datasets.synth import synthesize
+
+    vids, shards = work / f"videos-{minutes}min", work / f"shards-{minutes}min"
+    if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get("complete"):
+        t = time.perf_counter()
+        synthesize(vids, videos=2, seed=7, codec="vp9", fps=15, size=(160, 120), duration=60.0 * minutes, topics=2)
+        write_shards(vids, shards, codec="vp9", short_side=128, fps=15, gop=16, max_shard_size=10 ** 10,
+                     workers=1, flow="dis", progress=False)
+        print(f"made {minutes}-min data in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return shards
+
+
+def config(args):
+    from mohico.config import Config
+
+    cfg = Config()
+    cfg.objectives.mcl.weight = cfg.objectives.hico.weight = 1.0
+    d = cfg.data
+    d.batch_size, d.num_workers, d.clip_len, d.frame_stride, d.crop_size = args.batch, args.workers, 16, 2, 112
+    d.shuffle_buffer = 2
+    return cfg
+
+
+class NaiveDataset(torch.utils.data.IterableDataset):
+    """Decode the whole video with PyAV, then slice: what research code often does."""
+
+    def __init__(self, cfg, shards: Path):
+        self.cfg, self.urls = cfg, sorted(str(p) for p in shards.glob("*.tar"))
+
+    def __iter__(self):
+        import io
+
+        import torch
+
+        from mohico.datasets.pipeline_cpu import transform_clip
+        from mohico.datasets.pipeline_stream import iter_shard
+        from mohico.datasets.remux import decode_frames
+        from mohico.datasets.sampling import ClipSampler, sample_rng
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        d = self.cfg.data
+        sampler = ClipSampler(self.cfg.sampling, d, True, True)
+        epoch, batch = 0, []
+        while True:
+            for n, s in enumerate(x for u in self.urls for x in iter_shard(u)):
+                if n % nw != wid:
+                    continue
+                meta = json.loads(s["json"])
+                motion = np.load(io.BytesIO(s["motion.npy"]))
+                draw = sampler.sample(meta, motion, sample_rng(0, epoch, 0, s["__key__"]))
+                video = decode_frames(s["webm"], np.arange(meta["num_frames"]))      # the whole video
+                clips = [transform_clip(video[draw.frames[v]], draw.boxes[v], draw.augment[v],
+                                        d.crop_size, d.mean, d.std) for v in range(draw.frames.shape[0])]
+                batch.append(np.stack(clips))
+                if len(batch) == d.batch_size:
+                    yield torch.from_numpy(np.stack(batch))
+                    batch = []
+            epoch += 1
+
+
+def naive_loader(cfg, shards: Path):
+    return iter(torch.utils.data.DataLoader(NaiveDataset(cfg, shards), batch_size=None, num_workers=cfg.data.num_workers,
+                                            multiprocessing_context="forkserver"))
+
+
+def run(it, batches: int, step_s: float, clips_per_batch: int) -> dict:
+    next(it)                                   # warm-up: worker start, first batch
+    wait, t0 = 0.0, time.perf_counter()
+    for _ in range(batches):
+        t = time.perf_counter()
+        next(it)
+        wait += time.perf_counter() - t
+        time.sleep(step_s)
+    wall = time.perf_counter() - t0
+    return {"clips_s": batches * clips_per_batch / wall, "wait": wait / wall,
+            "ms_clip": 1000 * wait / (batches * clips_per_batch)}
+
+
+def breakdown(shards: Path, n: int = 12) -> dict:
+    """Single process: remux one clip's GOPs; DALI-decode those bytes (ms per clip)."""
+    from mohico.datasets.dali_decode import DaliClipDecoder
+    from mohico.datasets.pipeline_stream import iter_shard
+    from mohico.datasets.remux import ClipRemuxer
+
+    s = next(iter_shard(str(sorted(shards.glob("*.tar"))[0])))
+    meta = json.loads(s["json"])
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, meta["num_frames"] - 31, size=n)
+    t = time.perf_counter()
+    cuts = []
+    with ClipRemuxer(s["webm"], meta["fps"]) as rem:
+        for st in starts:
+            cuts.append((rem.cut(int(st), int(st) + 30), int(st)))
+    remux_ms = 1000 * (time.perf_counter() - t) / n
+    aug = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
+           "blur_sigma": 0.0, "flip": False}
+    dec = DaliClipDecoder(4, 112, [0.45] * 3, [0.225] * 3)
+    clips = [{"data": c.data, "frames": (np.arange(st, st + 31, 2) - c.key_frame).astype(np.int32),
+              "box": (0, 0, 112, 112), "aug": aug} for c, st in cuts]
+    dec.decode(clips[:4])
+    t = time.perf_counter()
+    dec.decode(clips)
+    dali_ms = 1000 * (time.perf_counter() - t) / n
+    return {"remux_ms": remux_ms, "dali_ms": dali_ms, "video_mb": len(s["webm"]) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/mohico-bench-loader")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--naive-batches", type=int, default=2)
+    ap.add_argument("--step-ms", type=float, default=200.0)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from mohico.datasets.pipeline import build_loader
+
+    work = Path(args.work)
+    cfg = config(args)
+    V = 3
+    rows = []
+    for minutes in (1, 10):
+        shards = make_data(work, minutes)
+        bd = breakdown(shards)
+        loader = build_loader(cfg, str(shards))
+        a = run(iter(loader), args.batches, args.step_ms / 1000, args.batch * V)
+        loader.close()
+        b = run(naive_loader(cfg, shards), args.naive_batches, args.step_ms / 1000, args.batch * V)
+        rows.append((minutes, bd, a, b))
+    print(f"\nCPU, {os.cpu_count()} cores, loader workers {args.workers}, batch {args.batch} videos x {V} clips "
+          f"(16 frames, stride 2, 112x112), simulated step {args.step_ms:.0f} ms\n")
+    print("| video | (a) clips/s | (a) data wait | (b) naive clips/s | (b) data wait | speed-up a/b "
+          "| remux ms/clip | DALI decode ms/clip |")
+    print("|---|---|---|---|---|---|---|---|")
+    for minutes, bd, a, b in rows:
+        print(f"| {minutes} min ({bd['video_mb']:.1f} MB) | {a['clips_s']:.1f} | {a['wait']:.0%} | {b['clips_s']:.2f} "
+              f"| {b['wait']:.0%} | {a['clips_s'] / b['clips_s']:.0f}x | {bd['remux_ms']:.1f} | {bd['dali_ms']:.1f} |")
+    (m1, bd1, a1, _), (m10, bd10, a10, _) = rows
+    print(f"\n(a) cost per clip 10 min / 1 min: {a1['clips_s'] / a10['clips_s']:.2f}x (clips/s ratio), "
+          f"remux {bd10['remux_ms'] / bd1['remux_ms']:.2f}x, DALI {bd10['dali_ms'] / bd1['dali_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
