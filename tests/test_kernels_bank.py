@@ -200,3 +200,19 @@ def test_bad_inputs_raise():
         bank_nce(q, kp[:2], bank, TAU)
     with pytest.raises(ValueError, match="impl must be one of"):
         bank_lse(q, bank, TAU, impl="cuda")
+
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_second_derivatives_are_exact(impl):
+    """create_graph=True takes a differentiable recomputation: gradgradcheck, and equal to the
+    reference's double backward (not silently zero, as a detached backward would be)."""
+    q, kp, bank = _data(3, 11, 8, secrets.randbits(31))
+    q = (2 * q).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: bank_nce(x, kp, bank, 0.5, impl=impl, tile=4), (q,))
+    assert torch.autograd.gradgradcheck(lambda x: bank_lse(x, bank, 0.5, impl=impl, tile=4), (q,))
+    hv = []
+    for im in ("reference", impl):
+        (dq,) = torch.autograd.grad((bank_nce(q, kp, bank, 0.5, impl=im) ** 2).sum(), q, create_graph=True)
+        hv.append(torch.autograd.grad(dq.square().sum(), q)[0])
+    torch.testing.assert_close(hv[1], hv[0], rtol=1e-10, atol=1e-12)

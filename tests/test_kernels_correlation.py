@@ -200,3 +200,22 @@ def test_bad_inputs_raise():
         corr(f1, f2, radius=0)
     with pytest.raises(ValueError, match="impl must be one of"):
         corr(f1, f2, impl="cuda")
+
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_second_derivatives_are_exact(impl):
+    """create_graph=True recomputes through the reference: equal to its double backward."""
+    while True:
+        seed = secrets.randbits(31)
+        f1, f2 = _feats(1, 3, 4, 4, seed)
+        if _separated(f1, f2, 1):
+            break
+    f1.requires_grad_()
+    hv = []
+    for im in ("reference", impl):
+        (g,) = torch.autograd.grad((corr(f1, f2, radius=1, sigma=1.5, temperature=5.0, impl=im) ** 2).sum(), f1,
+                                   create_graph=True)
+        hv.append(torch.autograd.grad(g.square().sum(), f1)[0])
+    assert hv[0].abs().max() > 0
+    torch.testing.assert_close(hv[1], hv[0], rtol=1e-10, atol=1e-12, msg=f"seed={seed}")

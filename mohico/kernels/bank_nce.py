@@ -19,6 +19,9 @@ Implementations (``impl=``):
 - ``"reference"``: naive, materialises the logits; the test oracle.
 - ``"triton"``: the fused kernels in ``bank_nce_triton.py`` (same math, same streaming).
 
+Second derivatives (``create_graph=True``) are exact but go through a differentiable
+recomputation that materialises the B x K logits (MCL's MAL differentiates q.k+, not this loss).
+
 Accumulation dtype: float32 for float16 / bfloat16 / float32 inputs, float64 for float64.
 Outputs are in the accumulation dtype (a float16 loss would lose the small differences
 that matter); ``dq`` is returned in ``q``'s dtype.
@@ -115,6 +118,21 @@ def _lse_backward_torch(q: torch.Tensor, bank: torch.Tensor, lse: torch.Tensor,
     return acc
 
 
+def _differentiable_dq(q, kp, bank, inv_tau, g):
+    """dq = g * softmax @ [k+; bank] / tau with autograd ops, for create_graph=True (second
+    derivatives, e.g. gradgradcheck). Materialises the B x K logits: not the training path."""
+    acc = _acc_dtype(q.dtype)
+    qa, bank = q.to(acc), bank.to(acc)
+    if kp is None and bank.shape[0] == 0:
+        return torch.zeros_like(q)
+    logits = qa @ bank.T * inv_tau
+    if kp is not None:  # the positive is per sample: column 0
+        logits = torch.cat([(qa * kp).sum(dim=1, keepdim=True) * inv_tau, logits], dim=1)
+    p = torch.softmax(logits, dim=1)
+    mix = p @ bank if kp is None else p[:, 1:] @ bank + p[:, :1] * kp
+    return (mix * (g.to(acc) * inv_tau)[:, None]).to(q.dtype)
+
+
 class _StreamingLSE(torch.autograd.Function):
     """lse_i = logsumexp([q_i.k+_i (optional), q_i @ bank.T] / tau); grad w.r.t. q only."""
 
@@ -133,15 +151,17 @@ class _StreamingLSE(torch.autograd.Function):
         else:
             pos = None if kp is None else (q_acc * kp).sum(dim=1)
             lse = _lse_forward_torch(q_acc, bank, pos, inv_tau, tile)
-        ctx.save_for_backward(q_acc, kp if kp is not None else lse.new_empty(0), bank, lse)
+        ctx.save_for_backward(q_acc, kp if kp is not None else lse.new_empty(0), bank, lse, q)
         ctx.has_pos, ctx.inv_tau, ctx.impl, ctx.tile, ctx.splits = kp is not None, inv_tau, impl, tile, splits
         ctx.q_dtype = q.dtype
         return lse
 
     @staticmethod
     def backward(ctx, g):
-        q_acc, kp, bank, lse = ctx.saved_tensors
+        q_acc, kp, bank, lse, q = ctx.saved_tensors
         kp = kp if ctx.has_pos else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable (double backward) path
+            return _differentiable_dq(q, kp, bank, ctx.inv_tau, g), None, None, None, None, None, None
         g = g.to(lse.dtype)
         if ctx.impl == "triton":
             from .bank_nce_triton import lse_backward_triton

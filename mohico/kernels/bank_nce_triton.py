@@ -147,6 +147,9 @@ def _config(q: torch.Tensor, K: int, splits: int | None):
                          "use impl='torch'")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"unsupported dtype {q.dtype}")
+    if max(K, 1) * D >= 2 ** 31 or B * D >= 2 ** 31:
+        raise ValueError(f"triton bank kernels use int32 offsets: K*d = {K}*{D} must stay below 2**31; "
+                         "shard the bank (bank_lse per shard) or use impl='torch'")
     block_d = max(16, triton.next_power_of_2(D))
     block_b = 16 if B <= 16 else (32 if B <= 32 or block_d > 128 else 64)
     block_k = 32 if block_d > 256 else 64

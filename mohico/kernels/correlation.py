@@ -20,7 +20,8 @@ Implementations (``impl=``): ``None`` dispatches (Triton on CUDA, ``"torch"`` el
 (test oracle, autograd); ``"torch"`` is a custom autograd Function that loops over the
 (2r+1)^2 displacements, keeping only O(B*H*W) running statistics (forward and backward
 recompute the correlation; never the whole volume); ``"triton"`` is the fused kernel in
-``correlation_triton.py``.
+``correlation_triton.py``. Second derivatives (``create_graph=True``) of "torch"/"triton" are
+exact but recompute through the reference formulation (they materialise the volume).
 """
 from __future__ import annotations
 
@@ -116,22 +117,28 @@ def _stats_torch(f1, f2, radius, sigma, temperature):
 
 class _CorrelationSoftArgmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, f1, f2, radius, sigma, temperature, impl):
-        f1, f2 = f1.detach().contiguous(), f2.detach().contiguous()
+    def forward(ctx, f1_in, f2_in, radius, sigma, temperature, impl):
+        f1, f2 = f1_in.detach().contiguous(), f2_in.detach().contiguous()
         if impl == "triton":
             from .correlation_triton import correlation_forward_triton
 
             dx, dy, conf, idx, denom = correlation_forward_triton(f1, f2, radius, sigma, temperature)
         else:
             dx, dy, conf, idx, denom = _stats_torch(f1, f2, radius, sigma, temperature)
-        ctx.save_for_backward(f1, f2, dx, dy, conf, idx, denom)
+        ctx.save_for_backward(f1, f2, dx, dy, conf, idx, denom, f1_in, f2_in)
         ctx.args = (radius, sigma, temperature, impl)
         return torch.stack([dx, dy, conf], dim=1)
 
     @staticmethod
     def backward(ctx, gout):
-        f1, f2, dx, dy, conf, idx, denom = ctx.saved_tensors
+        f1, f2, dx, dy, conf, idx, denom, f1_in, f2_in = ctx.saved_tensors
         radius, sigma, temperature, impl = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (volume!)
+            need = [t for t in (f1_in, f2_in) if t.requires_grad]
+            out = _reference(f1_in, f2_in, radius, sigma, temperature)
+            grads = iter(torch.autograd.grad(out, need, gout, create_graph=True)) if need else iter(())
+            return (next(grads) if f1_in.requires_grad else None, next(grads) if f2_in.requires_grad else None,
+                    None, None, None, None)
         gout = gout.contiguous()
         if impl == "triton":
             from .correlation_triton import correlation_backward_triton

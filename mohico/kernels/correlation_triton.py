@@ -185,6 +185,9 @@ def _launch_cfg(f1: torch.Tensor, radius: int):
                          "reduce channels first (MotionSqueeze uses a 1x1 conv to 64) or use impl='torch'")
     if f1.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"triton correlation takes float32/float64, got {f1.dtype}")
+    if B * C * H * W >= 2 ** 31:
+        raise ValueError(f"triton correlation uses int32 offsets: B*C*H*W = {B * C * H * W} >= 2**31; "
+                         "call it on smaller batches")
     block_c = max(2, triton.next_power_of_2(C))
     block_p = max(16, min(128, 4096 // block_c))  # f1, f2 and dL/df tiles fit in registers
     return B, C, H, W, block_c, block_p, (B, triton.cdiv(H * W, block_p))
