@@ -212,6 +212,10 @@ def test_corrupt_samples_are_skipped_and_counted(synth_shards, tmp_path):
                 _member(tar, f"{key}.json", meta)
             if i != 3:                                                          # missing motion
                 _member(tar, f"{key}.motion.npy", motion)
+        odd = dict(json.loads(good[0]["json"]), tmotion="oops")                 # fails in the sampler
+        _member(tar, "odd.webm", good[0]["webm"])
+        _member(tar, "odd.json", json.dumps(odd).encode())
+        _member(tar, "odd.motion.npy", good[0]["motion.npy"])
         for s in good[4:]:
             for ext in ("webm", "json", "motion.npy"):
                 _member(tar, f"{s['__key__']}.{ext}", s[ext])
@@ -223,10 +227,11 @@ def test_corrupt_samples_are_skipped_and_counted(synth_shards, tmp_path):
     batches = list(loader)
     st = loader.stats()
     assert st["bad_video"] >= 1 and st["bad_json"] >= 1 and st["missing_motion"] >= 1
-    assert st["read_error"] >= 1
+    assert st["read_error"] >= 1 and st["bad_other"] == 1
+    assert st["skipped"] == st["bad_video"] + st["bad_json"] + st["missing_motion"] + st["bad_other"]
     assert all(b["clips"].shape[0] == 1 for b in batches)
     keys = {k for b in batches for k in b["key"]}
-    assert keys.isdisjoint({good[1]["__key__"], good[2]["__key__"], good[3]["__key__"]})
+    assert keys.isdisjoint({good[1]["__key__"], good[2]["__key__"], good[3]["__key__"], "odd"})
     assert good[0]["__key__"] in keys and len(batches) >= 3
 
 

@@ -51,7 +51,7 @@ from mohico.errors import MohicoError
 
 STATE_VERSION = 1
 PREFETCH = 2
-COUNTERS = ("skipped", "bad_json", "bad_video", "bad_motion", "missing_motion", "missing_video",
+COUNTERS = ("skipped", "bad_json", "bad_video", "bad_motion", "missing_motion", "missing_video", "bad_other",
             "read_error", "lost_on_restore", "dropped_last", "dali_fallback", "duplicated")
 
 
@@ -116,7 +116,8 @@ class VideoLoader:
 
     def stats(self) -> dict:
         """Numeric counters, the same keys on every rank (safe to all-reduce):
-        ``skipped`` (= bad_json + bad_video + bad_motion + missing_motion + missing_video),
+        ``skipped`` (= bad_json + bad_video + bad_motion + missing_motion + missing_video +
+        bad_other, the last being any other exception while preparing a sample),
         ``read_error`` (shards that ended early), ``lost_on_restore``, ``dropped_last`` (finite
         mode), ``dali_fallback``, ``duplicated``, ``batches``, ``data_wait_s``,
         ``data_wait_fraction`` (time in ``next()`` / wall time since the first call)."""

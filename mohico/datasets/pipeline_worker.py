@@ -196,6 +196,11 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
                 counters[e.reason] = counters.get(e.reason, 0) + 1
                 counters["skipped"] = counters.get("skipped", 0) + 1
                 counters["last_error"] = str(e)
+            except Exception as e:  # noqa: BLE001 - odd metadata must not kill a week-long run
+                counters["bad_other"] = counters.get("bad_other", 0) + 1
+                counters["skipped"] = counters.get("skipped", 0) + 1
+                counters["last_error"] = (f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
+                                          f"{type(e).__name__}: {e}")
         item = {"logical": logical, "g": g, "state": stream.state_dict(), "counters": dict(counters)}
         if done:     # a finite epoch ended: the partial batch is dropped, never shrunk
             counters["dropped_last"] = counters.get("dropped_last", 0) + len(batch)

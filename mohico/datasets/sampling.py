@@ -343,8 +343,8 @@ class ClipSampler:
         tm = meta.get("tmotion")
         dmax = self.delta_max(progress)
         if self.mcl and tm is not None and len(tm):
-            tm = np.asarray(tm, dtype=np.float64)[:n] if len(tm) >= n else np.pad(
-                np.asarray(tm, dtype=np.float64), (0, n - len(tm)), mode="edge")
+            tm = np.nan_to_num(np.asarray(tm, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            tm = tm[:n] if len(tm) >= n else np.pad(tm, (0, n - len(tm)), mode="edge")
             if not self.hico:
                 starts, focused = mcl_starts(tm, T, stride, rng, self.s.motion_prob, n=2)
                 return starts, focused, dmax
