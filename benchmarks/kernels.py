@@ -8,6 +8,7 @@ Also prints the on-paper H100 floor (bytes / FLOPs) of each Triton kernel.
 
     .venv/bin/python benchmarks/kernels.py                 # K = 64K, 256K, 1M; B = 256, d = 128
     .venv/bin/python benchmarks/kernels.py --ks 65536 --repeats 1   # quick
+    .venv/bin/python benchmarks/kernels.py --ks 65536 --corr        # + correlation impls
 """
 from __future__ import annotations
 
@@ -28,18 +29,29 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _child(variant: str, B: int, K: int, d: int, tile: int, repeats: int, device: str, threads: int) -> dict:
+def _make_step(variant: str, B: int, K: int, d: int, tile: int, dev):
+    """One forward + backward of the variant; returns a float to check the variants agree."""
     import torch
+    import torch.nn.functional as F
 
-    from mohico.kernels import bank_nce
+    from mohico.kernels import bank_nce, local_correlation_softargmax
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    dev = torch.device(device)
+    if variant.startswith("corr-"):  # K = frame pairs, d = channels, B = H = W
+        f1 = F.normalize(torch.randn(K, d, B, B, device=dev), dim=1)
+        f2 = F.normalize(torch.randn(K, d, B, B, device=dev), dim=1)
+        impl = variant[len("corr-"):]
+
+        def step():
+            a, b = f1.clone().requires_grad_(), f2.clone().requires_grad_()
+            out = local_correlation_softargmax(a, b, radius=7, impl=impl)
+            out.sum().backward()
+            return out.mean().item()
+        return step
+
     bank = torch.empty(K, d, device=dev).normal_()
     bank /= bank.norm(dim=1, keepdim=True)
-    q0 = torch.nn.functional.normalize(torch.randn(B, d, device=dev), dim=1)
-    kp = torch.nn.functional.normalize(torch.randn(B, d, device=dev), dim=1)
+    q0 = F.normalize(torch.randn(B, d, device=dev), dim=1)
+    kp = F.normalize(torch.randn(B, d, device=dev), dim=1)
     impl = {"naive": "reference", "chunked": "torch", "triton": "triton"}[variant]
 
     def step():
@@ -47,7 +59,16 @@ def _child(variant: str, B: int, K: int, d: int, tile: int, repeats: int, device
         loss = bank_nce(q, kp, bank, 0.07, impl=impl, tile=tile).mean()
         loss.backward()
         return loss.item()
+    return step
 
+
+def _child(variant: str, B: int, K: int, d: int, tile: int, repeats: int, device: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    step = _make_step(variant, B, K, d, tile, dev)
     step()  # warm-up (and Triton compile)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -122,6 +143,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: the 2 shared cores here make multi-thread timings noise)")
+    p.add_argument("--corr", action="store_true", help="also compare the correlation implementations")
+    p.add_argument("--corr-pairs", type=int, default=16, help="frame pairs for --corr (C=64, 28x28, r=7)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
@@ -146,6 +169,19 @@ def main() -> None:
         if "triton" in r:
             t = r["triton"]
             print(f"{'':>9}   triton: {t['time_s'] * 1e3:.3f} ms, peak extra {t['peak_extra_bytes'] / MiB:.1f} MiB")
+
+    if args.corr:
+        N, C, S = args.corr_pairs, 64, 28
+        print(f"\n# correlation soft-argmax forward+backward, {N} pairs, C={C}, {S}x{S}, radius 7, "
+              f"device={args.device}, torch threads={args.threads}")
+        print(f"{'impl':>10} | {'time s':>7} | {'peak extra MiB':>14} | {'mean out':>9}")
+        ca = argparse.Namespace(**{**vars(args), "batch": S, "dim": C})
+        variants = ["reference", "torch"] + (["triton"] if args.device.startswith("cuda") else [])
+        for v in variants:
+            r = _run_child(ca, f"corr-{v}", N, args.device)
+            print(f"{v:>10} | {r['time_s']:>7.3f} | {r['peak_extra_bytes'] / MiB:>14.1f} | {r['loss']:>9.6f}")
+        print(f"(the (N, 225, H, W) float32 volume alone is {N * 225 * S * S * 4 / MiB:.0f} MiB; "
+              f"the reference's unfold is {N * C * 225 * S * S * 4 / MiB:.0f} MiB)")
 
     print("\n# H100 SXM on paper (3.0 TB/s; bf16 989 TFLOPS dense; 3xTF32 = 3 TF32 MMAs ~ 165 TFLOPS; "
           "fp32 FMA 67 TFLOPS; 3.9e12 exp/s)")
