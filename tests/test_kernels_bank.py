@@ -216,3 +216,19 @@ def test_second_derivatives_are_exact(impl):
         (dq,) = torch.autograd.grad((bank_nce(q, kp, bank, 0.5, impl=im) ** 2).sum(), q, create_graph=True)
         hv.append(torch.autograd.grad(dq.square().sum(), q)[0])
     torch.testing.assert_close(hv[1], hv[0], rtol=1e-10, atol=1e-12)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
+    """In a fresh process without TRITON_INTERPRET, impl='triton' on CPU names the fix."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom mohico.kernels import bank_nce, KernelUnavailableError\n"
+            "q = torch.randn(2, 8)\n"
+            "try:\n    bank_nce(q, q, q, 0.1, impl='triton')\nexcept KernelUnavailableError as e:\n"
+            "    print('OK', e)\n"
+            "print(float(bank_nce(q, q, q, 0.1).sum()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "OK impl='triton' needs CUDA tensors" in res.stdout and "impl='torch'" in res.stdout

@@ -10,14 +10,15 @@ gradient even if they require it (they are used detached).
 
 Implementations (``impl=``):
 
-- ``None``: dispatch -- Triton when ``q`` is a CUDA tensor and triton imports (or when
-  ``TRITON_INTERPRET=1`` was set before the first triton kernel was built), chunked PyTorch
-  otherwise.
+- ``None``: dispatch -- Triton when ``q`` is a CUDA tensor and triton imports, chunked
+  PyTorch otherwise.
 - ``"torch"``: chunked PyTorch. Streams the bank in tiles of ``TILE`` rows with an online
   max / sum; a custom autograd Function recomputes the tiles in backward (second streaming
   pass). Peak extra memory O(B * TILE), never O(B * K).
 - ``"reference"``: naive, materialises the logits; the test oracle.
-- ``"triton"``: the fused kernels in ``bank_nce_triton.py`` (same math, same streaming).
+- ``"triton"``: the fused kernels in ``bank_nce_triton.py`` (same math, same streaming). On
+  CPU tensors only under the interpreter (``TRITON_INTERPRET=1`` set before the kernel module
+  is first imported); otherwise :class:`KernelUnavailableError`.
 
 Second derivatives (``create_graph=True``) are exact but go through a differentiable
 recomputation that materialises the B x K logits (MCL's MAL differentiates q.k+, not this loss).
@@ -33,9 +34,15 @@ import sys
 
 import torch
 
+from mohico.errors import MohicoError
+
 TILE = 4096  # bank rows per streamed tile in the chunked PyTorch path
 
 IMPLS = (None, "torch", "reference", "triton")
+
+
+class KernelUnavailableError(MohicoError, RuntimeError):
+    """impl='triton' was asked for where Triton cannot run (exit code 1 from the CLI)."""
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,8 +82,10 @@ def _resolve(impl: str | None, q: torch.Tensor) -> str:
     if impl is None:
         return "triton" if (q.is_cuda and triton_usable(q)) else "torch"
     if impl == "triton" and not triton_usable(q):
-        raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is first used (CPU interpreter); use impl='torch' instead")
+        raise KernelUnavailableError(
+            f"impl='triton' needs CUDA tensors (got {q.device}), or TRITON_INTERPRET=1 set before "
+            "mohico.kernels.bank_nce_triton is first imported (CPU interpreter); use impl='torch' "
+            "or impl=None (auto) instead")
     return impl
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bank_nce import triton_usable
+from .bank_nce import KernelUnavailableError, triton_usable
 
 IMPLS = (None, "torch", "reference", "triton")
 
@@ -47,8 +47,10 @@ def _resolve(impl: str | None, t: torch.Tensor) -> str:
     if impl is None:
         return "triton" if (t.is_cuda and triton_usable(t, "correlation_triton")) else "torch"
     if impl == "triton" and not triton_usable(t, "correlation_triton"):
-        raise RuntimeError("impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is first used (CPU interpreter); use impl='torch' instead")
+        raise KernelUnavailableError(
+            f"impl='triton' needs CUDA tensors (got {t.device}), or TRITON_INTERPRET=1 set before "
+            "mohico.kernels.correlation_triton is first imported (CPU interpreter); use "
+            "impl='torch' or impl=None (auto) instead")
     return impl
 
 
