@@ -232,3 +232,18 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "OK impl='triton' needs CUDA tensors" in res.stdout and "impl='torch'" in res.stdout
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_autocast_does_not_lower_the_precision(impl):
+    seed = secrets.randbits(31)
+    q, kp, bank = _data(8, 1000, 64, seed, torch.float32)
+    loss_ref, dq_ref, _, _ = _np_nce(q, kp, bank, TAU)
+    qq = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bank_nce(qq, kp, bank, TAU, impl=impl)
+    (dq,) = torch.autograd.grad(loss.sum(), qq)  # backward outside autocast, as torch recommends
+    loss = loss.detach()
+    assert loss.dtype == torch.float32 and dq.dtype == torch.float32
+    np.testing.assert_allclose(loss.double().numpy(), loss_ref, rtol=2e-6, atol=2e-6, err_msg=f"seed={seed}")
+    np.testing.assert_allclose(dq.double().numpy(), dq_ref, rtol=1e-4, atol=1e-5, err_msg=f"seed={seed}")

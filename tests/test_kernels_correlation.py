@@ -219,3 +219,13 @@ def test_second_derivatives_are_exact(impl):
         hv.append(torch.autograd.grad(g.square().sum(), f1)[0])
     assert hv[0].abs().max() > 0
     torch.testing.assert_close(hv[1], hv[0], rtol=1e-10, atol=1e-12, msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_autocast_does_not_lower_the_precision(impl):
+    f1, f2 = _feats(1, 16, 10, 10, secrets.randbits(31), torch.float32)
+    ref = _np_brute(f1, f2, 3, 5.0, 100.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = corr(f1, f2, radius=3, impl=impl)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.double().numpy(), ref, atol=1e-5)

@@ -29,6 +29,7 @@ that matter); ``dq`` is returned in ``q``'s dtype.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -43,6 +44,19 @@ IMPLS = (None, "torch", "reference", "triton")
 
 class KernelUnavailableError(MohicoError, RuntimeError):
     """impl='triton' was asked for where Triton cannot run (exit code 1 from the CLI)."""
+
+
+def no_autocast(fn):
+    """Run ``fn`` with autocast off on its first tensor argument's device: these ops choose their
+    own precision (float32 accumulation); autocast would turn the logit matmuls into bf16/fp16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -166,6 +180,7 @@ class _StreamingLSE(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @no_autocast
     def backward(ctx, g):
         q_acc, kp, bank, lse, q = ctx.saved_tensors
         kp = kp if ctx.has_pos else None
@@ -188,6 +203,7 @@ class _StreamingLSE(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
+@no_autocast
 def bank_lse(q: torch.Tensor, bank_keys: torch.Tensor, tau: float, impl: str | None = None,
              *, tile: int = TILE, splits: int | None = None) -> torch.Tensor:
     """Partial log-sum-exp of ``q @ bank_keys.T / tau`` over one bank shard.
@@ -206,6 +222,7 @@ def bank_lse(q: torch.Tensor, bank_keys: torch.Tensor, tau: float, impl: str | N
     return _StreamingLSE.apply(q, None, bank_keys, float(tau), impl, int(tile), splits)
 
 
+@no_autocast
 def bank_nce(q: torch.Tensor, k_pos: torch.Tensor, bank_keys: torch.Tensor, tau: float,
              impl: str | None = None, *, tile: int = TILE, splits: int | None = None) -> torch.Tensor:
     """Per-sample InfoNCE loss against one positive and a bank of negatives.

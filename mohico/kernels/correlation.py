@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bank_nce import KernelUnavailableError, triton_usable
+from .bank_nce import KernelUnavailableError, no_autocast, triton_usable
 
 IMPLS = (None, "torch", "reference", "triton")
 
@@ -132,6 +132,7 @@ class _CorrelationSoftArgmax(torch.autograd.Function):
         return torch.stack([dx, dy, conf], dim=1)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, gout):
         f1, f2, dx, dy, conf, idx, denom, f1_in, f2_in = ctx.saved_tensors
         radius, sigma, temperature, impl = ctx.args
@@ -179,6 +180,7 @@ def _backward_torch(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, tempe
     return df1, df2p[:, :, radius:radius + H, radius:radius + W].contiguous()
 
 
+@no_autocast
 def local_correlation_softargmax(f1: torch.Tensor, f2: torch.Tensor, radius: int = 7,
                                  sigma: float = 5.0, temperature: float = 100.0,
                                  impl: str | None = None) -> torch.Tensor:
