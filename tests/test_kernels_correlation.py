@@ -229,3 +229,15 @@ def test_autocast_does_not_lower_the_precision(impl):
         out = corr(f1, f2, radius=3, impl=impl)
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.double().numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_pick_the_first_maximum_like_the_bruteforce(impl):
+    """Textureless input: every in-frame displacement ties at s = 1; all impls take the first
+    (row-major) maximum, so the Gaussian and the result are the same everywhere."""
+    v = F.normalize(torch.randn(4, dtype=torch.float64), dim=0)
+    f1 = v.view(1, 4, 1, 1).expand(1, 4, 6, 7).contiguous()
+    f1[..., 2, 3] = -v  # one pixel whose correlations are all <= 0 (relu'd to 0: ties at 0)
+    f2 = v.view(1, 4, 1, 1).expand(1, 4, 6, 7).contiguous()
+    out = corr(f1, f2, radius=2, sigma=1.0, temperature=10.0, impl=impl)
+    np.testing.assert_allclose(out.numpy(), _np_brute(f1, f2, 2, 1.0, 10.0), rtol=1e-9, atol=1e-12)
