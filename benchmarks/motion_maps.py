@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--short-side", type=int, default=128)
     ap.add_argument("--fps", type=int, default=15)
     ap.add_argument("--max-frames", type=int, default=96, help="frames per clip (TV-L1 is slow)")
-    ap.add_argument("--methods", nargs="*", default=["dis", "farneback", "tvl1"])
+    ap.add_argument("--methods", nargs="*", default=["dis", "dis-fast", "farneback", "tvl1"])
     args = ap.parse_args()
     cv2.setNumThreads(1)
     from _videos import fetch_clip

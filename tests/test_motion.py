@@ -74,7 +74,7 @@ def test_n_maps_for_n_frames_last_repeats():
     assert one.shape == (1, 15, 20) and not one.any() and tm1[0] == 0
 
 
-@pytest.mark.parametrize("method", ["dis", "farneback"])
+@pytest.mark.parametrize("method", ["dis", "dis-fast", "farneback"])
 def test_pan_cancels_object_peaks(method):
     n = 12
     pan_maps, _ = M.motion_maps(grey(pan_frames(n, speed=(3, 1))), method)
@@ -104,7 +104,7 @@ def test_tvl1_without_contrib_names_the_package():
     else:
         with pytest.raises(MohicoError, match="opencv-contrib-python"):
             M.make_flow("tvl1")
-    with pytest.raises(MohicoError, match="dis, farneback, tvl1"):
+    with pytest.raises(MohicoError, match="dis, dis-fast, farneback, tvl1"):
         M.make_flow("raft")
 
 
