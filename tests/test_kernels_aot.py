@@ -47,13 +47,14 @@ class FakeCuda:  # _config only looks at shape, dtype and is_cuda
 
 # (arch, dtype, (B, d), HAS_POS): every dtype on H100; the bank_lse path (no positive) and the
 # small-batch tiling for fp32 / bf16; A100 for the production dtypes.
-BANK = [(90, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
-BANK += [(90, dt, (7, 64), False) for dt in (torch.float32, torch.bfloat16)]
-BANK += [(80, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16)]
-for arch, dtype, (B, D), has_pos in BANK:
+BANK = [(90, dt, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+BANK += [(90, torch.float32, torch.bfloat16, (256, 128), True)]  # fp32 queries, bf16 bank
+BANK += [(90, dt, dt, (7, 64), False) for dt in (torch.float32, torch.bfloat16)]
+BANK += [(80, dt, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16)]
+for arch, dtype, bank_dtype, (B, D), has_pos in BANK:
     c = bt._config(FakeCuda((B, D), dtype), 131072, 4)
     acc = TY[c["acc"]]
-    common = dict(Q=f"*{TY[dtype]}", KP=f"*{acc}", BANK=f"*{TY[dtype]}", B="i32", K="i32", D="i32",
+    common = dict(Q=f"*{TY[dtype]}", KP=f"*{acc}", BANK=f"*{TY[bank_dtype]}", B="i32", K="i32", D="i32",
                   k_per_split="i32", inv_tau="fp32", stride_q="i32", stride_kp="i32", stride_bank="i32")
     cst = dict(HAS_POS=has_pos, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"],
                UPCAST=c["upcast"], BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"])
@@ -78,7 +79,7 @@ def test_triton_kernels_compile_for_sm90_and_sm80():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 8 + 2 * 3
+    assert len(results) == 2 * 9 + 2 * 3
     # The production configurations (fp32 / half bank, H100) must not spill heavily (the IEEE
     # fp32 dot did: ~8 KB of spill stores, hence 3xTF32).
     for r in results:

@@ -247,3 +247,18 @@ def test_autocast_does_not_lower_the_precision(impl):
     assert loss.dtype == torch.float32 and dq.dtype == torch.float32
     np.testing.assert_allclose(loss.double().numpy(), loss_ref, rtol=2e-6, atol=2e-6, err_msg=f"seed={seed}")
     np.testing.assert_allclose(dq.double().numpy(), dq_ref, rtol=1e-4, atol=1e-5, err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("q_dtype,bank_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                (torch.float64, torch.float16)])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_mixed_query_and_bank_dtypes(impl, q_dtype, bank_dtype):
+    """e.g. float32 queries against a bf16 bank: the bank is converted tile by tile, not copied."""
+    seed = secrets.randbits(31)
+    q, kp, bank = _data(7, 300, 64, seed)
+    q, bank = q.to(q_dtype), bank.to(bank_dtype)
+    loss_ref, dq_ref, _, _ = _np_nce(q, kp, bank, TAU)
+    loss, dq = _run(bank_nce, q, kp, bank, TAU, impl=impl)
+    tol = 1e-10 if q_dtype == torch.float64 else (2e-5 if q_dtype == torch.float32 else 2e-3)
+    np.testing.assert_allclose(loss.double().numpy(), loss_ref, rtol=tol, atol=tol, err_msg=f"seed={seed}")
+    assert dq.dtype == q_dtype

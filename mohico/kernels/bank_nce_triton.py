@@ -181,9 +181,8 @@ def _prep(q, bank, k_pos):
     bank = bank.contiguous() if bank.stride(-1) != 1 else bank
     if k_pos is not None and k_pos.stride(-1) != 1:
         k_pos = k_pos.contiguous()
-    if bank.dtype != q.dtype:  # mixed dtypes: compute in the wider one (copies the narrower)
-        wide = torch.promote_types(q.dtype, bank.dtype)
-        q, bank = q.to(wide), bank.to(wide)
+    if bank.dtype != q.dtype:  # mixed dtypes: widen q (B x d, cheap); bank tiles convert in registers
+        q = q.to(torch.promote_types(q.dtype, bank.dtype))
     if bank.shape[0] == 0:  # never read; avoids handing the kernel a null pointer
         bank = q
         return q, bank, k_pos, 0
