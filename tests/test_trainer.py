@@ -99,11 +99,11 @@ def assert_same_checkpoint(a: Path, b: Path) -> int:
     assert names == sorted(p.name for p in b.glob("*.pt"))
     count = 0
     for name in names:
-        # the loader's statistics counters (skips, restores) are not training state
-        x = {k: v for k, v in tensors(torch.load(a / name, map_location="cpu", weights_only=False))
-             if ".loader.counters." not in k}
-        y = {k: v for k, v in tensors(torch.load(b / name, map_location="cpu", weights_only=False))
-             if ".loader.counters." not in k}
+        # not training state: the loader's statistics counters, our meta (run dir, W&B id, time)
+        def state(path):
+            return {k: v for k, v in tensors(torch.load(path, map_location="cpu", weights_only=False))
+                    if ".loader.counters." not in k and not k.startswith(".mohico.")}
+        x, y = state(a / name), state(b / name)
         assert x.keys() == y.keys(), name
         for k in x:
             if torch.is_tensor(x[k]):
@@ -200,6 +200,21 @@ def test_resume_at_other_world_size(reference, synth_shards, tmp_path):
                  "checkpoint.every_steps=1", nproc=1))
     log = (one / "logs" / "train_rank0.log").read_text()
     assert "resumed from" in log and "at step 2" in log and "resuming a 2-rank checkpoint on 1 ranks" in log
+    # the universal form holds every parameter whole: fp32 = the saved weights, SGD momentum kept
+    zero = reference / "checkpoints" / "universal" / "step_00000002" / "zero"
+    states = torch.load(reference / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+                        weights_only=False)
+    trainable = {name for group in states["param_shapes"] for name in group}
+    moving = 0
+    for name, value in states["module"].items():
+        assert torch.equal(torch.load(zero / name / "fp32.pt")["param"], value.float()), name
+        has_momentum = (zero / name / "momentum_buffer.pt").exists()
+        assert has_momentum == (name in trainable), name
+        if has_momentum:
+            m = torch.load(zero / name / "momentum_buffer.pt")["param"]
+            assert m.shape == value.shape
+            moving += bool(m.abs().sum() > 0)
+    assert moving > len(trainable) // 2
     c = torch.load(one / "checkpoints" / "step_00000004" / "client_rank_00000.pt", weights_only=False)
     assert all(b["keys"].shape[0] == 256 and b["world_size"] == 1 for b in c["bank"].values())
     assert sorted(losses(one)) == [3, 4]

@@ -297,8 +297,8 @@ def write_universal(src: Path, out: Path) -> None:
                 for key, value in sd["base_optimizer_state"]["state"].get(g, {}).items():
                     if key == "step":
                         step = value
-                    elif torch.is_tensor(value) and value.numel() == flat["fp32"].numel():
-                        flat[key] = value
+                    elif torch.is_tensor(value) and value.ndim == 1 and value.numel() >= frag.start + frag.numel:
+                        flat[key] = value      # flat state of this partition (may carry padding)
                 for key, value in flat.items():
                     pieces.setdefault(key, []).append(value.narrow(0, frag.start, frag.numel))
             (zero / name).mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ Everything of a run lives under ``run.dir``: ``config.yaml``, ``checkpoints/``, 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -153,7 +154,11 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     load_dir, load_tag = ckpt.universal(*source) if universal else (source or (None, None))
     engine = build_engine(cfg, module, optimizer, world, load_universal=universal)
     seed_everything(rank_seed(cfg.trainer.seed, rank))
-    loader = build_loader(cfg, rank, world)
+    loader_cfg = cfg
+    if not same_world:   # old per-rank loader states do not map to new ranks: a fresh stream per step
+        loader_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, seed=(cfg.trainer.seed * 1_000_003 + int(meta["step"])) % 2 ** 31))
+    loader = build_loader(loader_cfg, rank, world)
 
     step, run_id = 0, new_run_id()
     if source is not None:
@@ -175,8 +180,8 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             engine.module.load_bank_state_dict(mine["bank"])
             ck.set_rng_state(mine["rng"])
         else:
-            log.warning("resuming a %d-rank checkpoint on %d ranks: bank resharded, data order and RNG "
-                        "streams restart from a step-dependent seed", meta["world_size"], world)
+            log.warning("resuming a %d-rank checkpoint on %d ranks: bank resharded; the data stream and RNG "
+                        "streams restart from step-dependent seeds (not bitwise-continuous)", meta["world_size"], world)
             engine.module.load_bank_state_dict(reshard_bank_states(engine.module, [s["bank"] for s in states], world, rank))
             seed_everything(rank_seed(cfg.trainer.seed, rank, step))
         log.info("resumed from %s at step %d", source[0] / source[1], step)
@@ -216,7 +221,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             wait, loss_sum = 0.0, 0.0
             for _ in range(cfg.trainer.grad_accum):
                 t_wait = time.perf_counter()
-                batch = next(data)
+                rng = ck.rng_state()    # the loader (e.g. starting its workers) must not move the
+                batch = next(data)      # training RNG streams: a resumed run restarts it
+                ck.set_rng_state(rng)
                 wait += time.perf_counter() - t_wait
                 clips = batch["clips"].to(device, non_blocking=True)
                 motion = batch["motion"].to(device, non_blocking=True)
