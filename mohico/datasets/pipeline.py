@@ -209,6 +209,11 @@ class VideoLoader:
             self._states[logical] = item["state"]
             self._counters[logical] = item["counters"]
             if item.get("done"):
+                if self.spec.resampled:
+                    raise MohicoError(
+                        f"rank {self.spec.rank}, loader stream {logical}: a whole epoch of its shards gave no "
+                        f"readable sample (last error: {item['counters'].get('last_error', 'none')}); check "
+                        f"data.shards ({len(self.spec.urls)} shards, first {self.spec.urls[0]})")
                 self._done.add(logical)
                 if len(self._done) >= self.spec.workers:     # finite epoch over
                     self._shutdown()

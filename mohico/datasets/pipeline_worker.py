@@ -134,7 +134,7 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
         if motion.ndim != 3 or motion.dtype != np.uint8 or motion.shape[0] < 1:
             raise BadSample("bad_motion", f"{name}: motion.npy must be uint8 (N, gh, gw), got "
                                           f"{motion.dtype} {motion.shape}")
-    elif spec.mcl or spec.sampling.motion_crop:
+    elif spec.mcl:
         raise BadSample("missing_motion", f"{name}: no motion.npy member")
     rng = sample_rng(spec.seed, sample["__epoch__"], spec.rank, key)
     draw = sampler.sample(meta, motion, rng, progress)

@@ -383,7 +383,7 @@ class ClipSampler:
             if motion is not None:
                 idx = np.minimum(frames[v], motion.shape[0] - 1)
                 maps_all = motion[idx].astype(np.float32) * (scale / 255.0)      # (T, gh, gw)
-            if self.s.motion_crop and maps_all is not None:
+            if self.mcl and self.s.motion_crop and maps_all is not None:   # MCL's crop; HiCo alone: random
                 box, method = motion_crop_box(
                     maps_all.mean(axis=0), self.s.crop_percentile, self.s.crop_coverage, rng,
                     self.s.crop_area, self.s.crop_aspect, self.s.crop_max_sizes,
