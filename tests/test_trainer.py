@@ -262,3 +262,48 @@ def test_sigusr1_checkpoints_and_exits_3(synth_shards, tmp_path):
         ["client_rank_00000.pt", "client_rank_00001.pt"]
     log = (run_dir / "logs" / "train_rank0.log").read_text()
     assert "preemption (SIGUSR1)" in log
+
+
+def test_export_reads_the_run_directory(reference, tmp_path):
+    from mohico.models.export import export_checkpoint, load_checkpoint_state
+
+    module = torch.load(reference / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    name, options, state = load_checkpoint_state(reference)              # run dir -> latest
+    assert name == "r3d_18" and options == {"width": 8}
+    assert state.keys() == {k[len("backbone."):] for k in module if k.startswith("backbone.")}
+    assert all(torch.equal(v, module["backbone." + k]) for k, v in state.items())
+    _, _, older = load_checkpoint_state(reference / "checkpoints" / "step_00000002")
+    assert not all(torch.equal(older[k], state[k]) for k in state)
+    from mohico.errors import MohicoError
+    with pytest.raises(MohicoError, match="width"):          # width 8 is not torchvision's r3d_18
+        export_checkpoint(reference, tmp_path / "backbone.pt", fmt="torchvision")
+    res = subprocess.run([sys.executable, "-m", "mohico", "export", str(reference), str(tmp_path / "b.pt"),
+                          "--format", "mohico"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    saved = torch.load(tmp_path / "b.pt")
+    assert saved["name"] == "r3d_18" and all(torch.equal(v, state[k]) for k, v in saved["state_dict"].items())
+
+
+def test_checkpoint_of_another_config_is_refused(reference, synth_shards):
+    before = (reference / "config.yaml").read_text()
+    res = run_train(reference, synth_shards, "optim.lr=0.5", nproc=1)
+    assert res.returncode == 1
+    assert "different config" in res.stderr and "optim.lr: 0.05 -> 0.5" in res.stderr
+    assert "checkpoint.force=true" in res.stderr
+    assert (reference / "config.yaml").read_text() == before            # nothing of the run changed
+    assert (reference / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_grad_accumulation_clipping_lars_one_rank(synth_shards, tmp_path):
+    run_dir = tmp_path / "accum"
+    ok(run_train(run_dir, synth_shards, "trainer.max_steps=2", "trainer.grad_accum=2", "optim.grad_clip=1.0",
+                 "optim.name=lars", "optim.lr=0.3", "optim.scale_lr_with_batch=true", nproc=1))
+    states = torch.load(run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+                        weights_only=False)
+    assert states["global_steps"] == 2 and states["global_samples"] == 2 * 2 * 2   # steps x accum x batch
+    assert states["ds_config"]["gradient_clipping"] == 1.0
+    curve = losses(run_dir)
+    assert sorted(curve) == [1, 2] and all(v == v for v in curve.values())
+    lr = [json.loads(line)["lr"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert lr[0] == pytest.approx(0.3 * 4 / 256 * 0.01)         # warm-up start of the batch-scaled lr

@@ -131,8 +131,6 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
     run_dir = Path(cfg.run.dir)
     setup_logging(run_dir, rank)
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
     log.info("run %s: %d rank(s), %s, ZeRO %d, %s, %s", run_dir, world, device_type(), cfg.trainer.zero_stage,
              resolve_precision(cfg), cfg.optim.name)
 
@@ -144,6 +142,8 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     if source is not None:
         meta = ck.read_meta(*source)
         ck.check_config(meta, cfg, source[0] / source[1], cfg.checkpoint.force)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
     same_world = meta is None or meta["world_size"] == world
     universal = meta is not None and not same_world and meta.get("zero_stage", 0) >= 1
 
