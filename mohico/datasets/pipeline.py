@@ -12,7 +12,9 @@ the sampler (:mod:`mohico.datasets.sampling`) and remux each clip's GOPs with Py
 them with DALI (:mod:`mohico.datasets.dali_decode`, device ``"mixed"`` on a GPU, ``"cpu"``
 otherwise). Codecs the local DALI backend cannot decode (H.264 without a GPU) are decoded with
 PyAV in the workers and transformed by the numpy twin of the DALI graph
-(:mod:`mohico.datasets.pipeline_cpu`), with the same sampling.
+(:mod:`mohico.datasets.pipeline_cpu`), with the same sampling. Workers start through the
+``forkserver`` context: forking the main process after DALI has started its threads hung the
+children in tests.
 
 Batch (B = data.batch_size, V = 2 with only MCL, 3 when HiCo is on, T = data.clip_len,
 S = data.crop_size, M = data.motion_size):
@@ -266,12 +268,13 @@ class VideoLoader:
             raise MohicoError("a whole batch failed to decode: the shards are unreadable")
         order = [b if b in good else good[(b - 1) % len(good)] for b in range(B)]
         self._main["duplicated"] += len(bad)
+        dev = "cuda" if self.spec.device == "gpu" else "cpu"      # PyAV-path clips join DALI's
         clips = []
         for b in order:
             row = []
             for v, c in enumerate(samples[b]["clips"]):
                 row.append(decoded[(b, v)] if (b, v) in decoded else torch.from_numpy(c["tensor"]))
-            clips.append(torch.stack([r.to(row[0].device) for r in row]))
+            clips.append(torch.stack([r.to(dev) for r in row]))
         pick = [samples[b] for b in order]
         return {
             "clips": torch.stack(clips),
