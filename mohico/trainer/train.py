@@ -92,16 +92,23 @@ def _default_loader(cfg, rank, world):
     return build_loader(cfg, cfg.data.shards, rank=rank, world_size=world)
 
 
-def _all_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Mean of each scalar over the data-parallel ranks (collective; same keys on all ranks)."""
+def reduce_metrics(terms: dict[str, float], counters: dict[str, float]) -> dict[str, float]:
+    """Objective terms averaged and loader counters summed over the ranks (collective). Key sets
+    may differ between ranks (a counter appears once something happened), so the dicts are
+    gathered as objects rather than reduced as aligned tensors."""
     import torch.distributed as dist
 
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    parts = [(terms, counters)]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (terms, counters))
+    out: dict[str, float] = {}
+    for key in sorted({k for t, _ in parts for k in t}):
+        values = [t[key] for t, _ in parts if key in t]
+        out[key] = sum(values) / len(values)
+    for key in sorted({k for _, c in parts for k in c}):
+        out[f"data/{key}"] = sum(c.get(key, 0.0) for _, c in parts)
+    return out
 
 
 def bank_fills(module) -> dict[str, float]:
@@ -251,9 +258,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
 
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 n = window["steps"]
-                stats = {f"data/{k}": float(v) for k, v in (loader.stats() or {}).items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                avg = _all_mean({**{k: v / n for k, v in terms_sum.items()}, **stats}, device)
+                counters = {k: float(v) for k, v in (loader.stats() or {}).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                avg = reduce_metrics({k: v / n for k, v in terms_sum.items()}, counters)
                 row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
                        "perf/step_time_s": window["time"] / n,
                        "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
@@ -261,7 +268,8 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                        "perf/memory_mb": memory_mb(), **bank_fills(engine.module)}
                 wandb.log(row, step=step)
                 if bar is None:
-                    shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items() if not k.startswith("data/"))
+                    shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items()
+                                     if k == "loss" or k.endswith("/loss"))      # all terms go to W&B
                     log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB",
                              step, cfg.trainer.max_steps, shown, lr, row["perf/step_time_s"],
                              row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])
