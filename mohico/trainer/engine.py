@@ -39,41 +39,15 @@ def _disable_shm_op() -> None:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (once) and return ``(rank, world_size, local_rank)``.
-
-    Uses :func:`mohico.launcher.distributed.init_distributed` (plain, torchrun and SLURM
-    environments) when present; otherwise needs RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
-    (a single process without them runs as rank 0 of 1).
-    """
+    """Start the process group once (plain, torchrun and SLURM environments: see
+    :mod:`mohico.launcher.distributed`; one process without any is rank 0 of 1) and return
+    ``(rank, world_size, local_rank)``."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     _disable_shm_op()
-    import torch.distributed as dist
+    from mohico.launcher.distributed import init_distributed as launcher_init
 
-    if not dist.is_initialized():
-        try:
-            from mohico.launcher.distributed import init_distributed as launcher_init
-        except ImportError:
-            launcher_init = None
-        if launcher_init is not None:
-            launcher_init()
-        else:
-            import deepspeed
-
-            for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                                 ("MASTER_ADDR", "127.0.0.1")):
-                os.environ.setdefault(key, default)
-            if "MASTER_PORT" not in os.environ:
-                import socket
-
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-            deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type() == "cuda":
-        torch.cuda.set_device(local_rank)
-    return rank, world, local_rank
+    env = launcher_init()
+    return env.rank, env.world_size, env.local_rank
 
 
 def ds_config(cfg, world_size: int, load_universal: bool = False) -> dict:

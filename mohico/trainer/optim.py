@@ -16,8 +16,6 @@ before every optimizer step.
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 import torch.distributed as dist
 
@@ -151,7 +149,3 @@ def build_optimizer(cfg, module: torch.nn.Module, partitioned: bool = False) -> 
         return LARS(param_groups(module, o.weight_decay, per_parameter=True), lr=o.lr,
                     momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta, partitioned=partitioned)
     raise ConfigError(f"'optim.name': unknown optimizer {o.name!r} (sgd, adamw, lars)")
-
-
-def trainable_count(params: Iterable[torch.nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if p.requires_grad)
