@@ -112,11 +112,15 @@ def test_requeue_under_slurm(monkeypatch, tmp_path):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("MOHICO_REQUEUE_BY", raising=False)
     assert not preemption.requeue(0)                      # not under SLURM
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert not preemption.requeue(1)                      # only rank 0 requeues
     assert preemption.requeue(0)
     assert log.read_text().split() == ["requeue", "4242"]
+    monkeypatch.setenv("MOHICO_REQUEUE_BY", "sbatch")      # slurm/pretrain.sbatch requeues itself
+    assert not preemption.requeue(0)
+    assert log.read_text().split() == ["requeue", "4242"]  # no second call
     assert preemption.PREEMPTED_EXIT_CODE == 3
 
 

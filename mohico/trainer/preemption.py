@@ -60,9 +60,17 @@ class Preemption:
 
 
 def requeue(rank: int) -> bool:
-    """Under SLURM, rank 0 runs ``scontrol requeue $SLURM_JOB_ID``; returns True if it did."""
+    """Under SLURM, rank 0 runs ``scontrol requeue $SLURM_JOB_ID``; returns True if it did.
+
+    When the job script requeues itself after srun returns (``slurm/pretrain.sbatch`` exports
+    ``MOHICO_REQUEUE_BY=sbatch``), the trainer leaves it to the script: requeueing from inside
+    a rank would cancel the job step while the other ranks are still exiting.
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if rank != 0 or not job:
+        return False
+    if os.environ.get("MOHICO_REQUEUE_BY") == "sbatch":
+        log.info("SLURM job %s: the job script requeues it once every rank has exited", job)
         return False
     try:
         out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)

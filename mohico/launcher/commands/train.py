@@ -21,6 +21,7 @@ def add_arguments(p):
                         "checkpoint.keep=3 trainer.seed=0 checkpoint.resume=never")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: trainer.nproc); ignored under torchrun/SLURM")
+    p.set_defaults(_parser=p)   # REMAINDER swallows a --help given after CONFIG: run() prints it
 
 
 def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
@@ -49,6 +50,9 @@ def run(args) -> int:
     from mohico.config import load_config
     from mohico.errors import UsageError
 
+    if any(a in ("-h", "--help") for a in args.overrides):
+        args._parser.print_help()
+        return 0
     overrides, nproc = _split_nproc(list(args.overrides))
     if nproc is not None:
         args.nproc = nproc
