@@ -1,0 +1,92 @@
+"""Inputs of the shard writer: which files, in which order, under which key and label."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from mohico.errors import UsageError
+
+
+def list_inputs(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """``[(absolute path, source name)]`` sorted by source name.
+
+    ``src`` is a folder (every file below it, recursively, except hidden files and ``.json``
+    ground-truth/metadata files) or a text file with one path per line (relative paths are
+    relative to the list file; blank lines and ``#`` comments are ignored).
+    """
+    src = Path(src)
+    if src.is_dir():
+        excl = Path(exclude).resolve() if exclude else None
+        out = []
+        for p in src.rglob("*"):
+            rel = p.relative_to(src)
+            if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() == ".json" or not p.is_file():
+                continue
+            if excl is not None and (p.resolve() == excl or excl in p.resolve().parents):
+                continue
+            out.append((str(p.resolve()), rel.as_posix()))
+        return sorted(out, key=lambda x: x[1])
+    if src.is_file():
+        out, seen = [], set()
+        for line in src.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#") or line in seen:
+                continue
+            seen.add(line)
+            p = Path(line) if Path(line).is_absolute() else src.parent / line
+            out.append((str(p), line))
+        return sorted(out, key=lambda x: x[1])
+    raise UsageError(f"input {src} does not exist: give a folder of videos or a text file listing them")
+
+
+def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
+    """Labels by source name: a JSON object ``{source: label}`` or text lines ``source<TAB or space>label``."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read labels file {path}: {e.strerror or e}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"labels file {path} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"labels file {path} must hold a JSON object {{source: label}}")
+        return obj
+    labels: dict[str, object] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split("\t") if "\t" in line else line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise UsageError(f"labels file {path} line {n}: expected 'source<TAB>label', got {line!r}")
+        name, lab = parts[0].strip(), parts[1].strip()
+        labels[name] = int(lab) if re.fullmatch(r"-?\d+", lab) else lab
+    return labels
+
+
+def label_for(labels: dict, source: str):
+    """Exact source name, then file name, then file stem."""
+    for k in (source, Path(source).name, Path(source).stem):
+        if k in labels:
+            return labels[k]
+    return None
+
+
+def sample_key(source: str) -> str:
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
