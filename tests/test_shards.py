@@ -355,3 +355,44 @@ def test_h264_option(src, tmp_path):
     assert len(kinds) == meta["num_frames"] and keyframes[0] == 0 and max(np.diff(keyframes + [len(kinds)])) <= 8
     pts = [p for _, p in kinds]
     assert pts == sorted(pts)                                   # no B-frames: decode order == display order
+
+
+def test_hard_kill_then_resume_equals_uninterrupted(src, written, tmp_path):
+    """SIGKILL the writer process mid-shard (a .tar.tmp open), resume, compare byte for byte."""
+    import os
+    import signal
+    import time
+
+    ref_out, ref = written
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    script = f"""
+import time, mohico.datasets.shards as S
+real = S.make_sample
+def slow(task):
+    r = real(task)
+    if task["source"] == "vfr.mkv":          # the last input: earlier shards are closed by now
+        open({str(marker)!r}, "w").close()
+        time.sleep(120)
+    return r
+S.make_sample = slow
+S.write_shards({str(src)!r}, {str(out)!r}, max_shard_size=120_000, labels={{"pan.webm": "panning", "obj.mp4": 3}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "writer ended before the kill point"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = json.loads((out / "manifest.json").read_text())
+    assert not partial["complete"] and partial["shards"]
+    assert list(out.glob("*.tar.tmp")), "the kill should leave a partial shard"
+    man = S.write_shards(src, out, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
+    assert man == ref
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref_out.iterdir())
+    for p in ref_out.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
