@@ -332,3 +332,58 @@ def test_h264_shards_decode_with_pyav_on_cpu(tmp_path):
     # the same batch through PyAV explicitly is identical (the auto path chose PyAV)
     again = next(build_loader(small_cfg(decoder="pyav"), str(tmp_path / "s")))
     assert torch.equal(b["clips"], again["clips"])
+
+
+_RANK_SCRIPT = """
+import os, sys, time
+from mohico.config import load_config
+from mohico.datasets.pipeline import build_loader
+if __name__ == "__main__":
+    cfg = load_config(sys.argv[1], [f"data.shards={sys.argv[2]}", "data.num_workers=1"])
+    it = iter(build_loader(cfg, sys.argv[2]))
+    next(it)
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.dist
+def test_workers_exit_when_the_rank_is_killed(synth_shards, tmp_path):
+    """A rank killed with SIGKILL leaves no loader worker or forkserver behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    rank = subprocess.Popen([sys.executable, str(script), str(root / "configs" / "tiny_cpu.yaml"), str(synth_shards)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+
+        def descendants():
+            out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+            pairs = list(zip(map(int, out[0::2]), map(int, out[1::2])))
+            found, frontier = set(), {rank.pid}
+            while frontier:
+                frontier = {p for p, pp in pairs if pp in frontier} - found
+                found |= frontier
+            return found
+
+        children = descendants()
+        assert children, "the loader started no worker process"
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait(timeout=30)
+        deadline = time.time() + 20
+        alive = children
+        while alive and time.time() < deadline:
+            time.sleep(0.5)
+            alive = {p for p in children if os.path.exists(f"/proc/{p}") and
+                     "zombie" not in open(f"/proc/{p}/status").read().lower()}
+        assert not alive, f"loader processes outlived their killed rank: {sorted(alive)}"
+    finally:
+        if rank.poll() is None:
+            rank.kill()

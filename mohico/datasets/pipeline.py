@@ -41,6 +41,8 @@ that fails too, the sample is replaced by another sample of the same batch (``du
 """
 from __future__ import annotations
 
+import functools
+import os
 import time
 from typing import Optional, Sequence, Union
 
@@ -188,7 +190,8 @@ class VideoLoader:
                 prefetch_factor=PREFETCH, persistent_workers=False,
                 # not fork: the main process runs DALI's threads, and a forked child can inherit
                 # their locks held (observed: workers hung at start)
-                multiprocessing_context="forkserver")
+                multiprocessing_context="forkserver",
+                worker_init_fn=functools.partial(_exit_with_rank, os.getpid()))
             self._it = iter(self._loader)
         else:
             self._it = iter(ds)
@@ -326,3 +329,34 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
                       data=cfg.data, sampling=cfg.sampling, mcl=mcl, hico=hico,
                       device=_device(cfg), decoder=cfg.data.decoder)
     return VideoLoader(spec, cfg.data.num_workers)
+
+
+
+def _exit_with_rank(rank_pid: int, _worker_id: int) -> None:
+    """Worker init: end this worker (and its forkserver) once the rank process is gone.
+
+    A rank killed with SIGKILL never shuts its DataLoader down; its worker would block forever
+    in the queue's feeder thread and, with the forkserver, keep the rank's stdout/stderr open
+    (a caller reading them would hang). A daemon thread polls the rank's pid once a second.
+    """
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(rank_pid, 0)
+            except ProcessLookupError:
+                parent = os.getppid()
+                if parent not in (1, rank_pid):      # the forkserver that served this rank
+                    try:
+                        os.kill(parent, signal.SIGKILL)
+                    except OSError:
+                        pass
+                os._exit(1)
+            except PermissionError:                  # pid reused by another user's process
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-rank", daemon=True).start()
