@@ -400,13 +400,12 @@ def validate(cfg: Config) -> None:
     for name, tau in (("mcl", o.mcl.tau), ("hico", o.hico.tau)):
         need(tau > 0, f"objectives.{name}.tau", "must be > 0")
     need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
-    mal_on = o.mcl.weight > 0 and o.mcl.mal_enabled
-    if mal_on:
+    if o.mcl.weight > 0 and o.mcl.mal_enabled:
         need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
              "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")
-        need(cfg.trainer.zero_stage <= 2, "trainer.zero_stage",
-             "MCL's motion alignment loss needs double backprop, which ZeRO-3 does not support: use 0, 1 or 2")
-    need(cfg.trainer.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "must be 0, 1, 2 or 3")
+    need(cfg.trainer.zero_stage in (0, 1, 2), "trainer.zero_stage",
+         "must be 0, 1 or 2: MCL's motion alignment loss needs double backprop and its key encoder is an "
+         "EMA of the parameters, neither of which works with ZeRO-3's parameter partitioning")
     need(cfg.trainer.max_steps > 0, "trainer.max_steps", "must be > 0")
     need(cfg.trainer.steps_per_epoch > 0, "trainer.steps_per_epoch", "must be > 0")
     need(cfg.trainer.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")

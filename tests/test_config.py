@@ -116,10 +116,12 @@ def test_section_must_be_mapping(tmp_path):
 
 
 def test_cross_field_rules():
-    with pytest.raises(ConfigError, match=r"trainer.zero_stage.*double backprop"):
-        load_config(ROOT / "configs" / "base.yaml", ["trainer.zero_stage=3"])
-    # MAL off: ZeRO-3 is allowed
-    load_config(ROOT / "configs" / "base.yaml", ["trainer.zero_stage=3", "objectives.mcl.mal_enabled=false"])
+    for overrides in (["trainer.zero_stage=3"], ["trainer.zero_stage=3", "objectives.mcl.mal_enabled=false"]):
+        with pytest.raises(ConfigError, match=r"trainer.zero_stage.*double backprop.*EMA"):
+            load_config(ROOT / "configs" / "base.yaml", overrides)
+    with pytest.raises(ConfigError, match=r"objectives.mcl.mal.*all false"):
+        load_config(ROOT / "configs" / "base.yaml", ["objectives.mcl.mal.st=false", "objectives.mcl.mal.s=false",
+                                                      "objectives.mcl.mal.t=false"])
     with pytest.raises(ConfigError, match=r"no objective is enabled"):
         load_config(ROOT / "configs" / "base.yaml", ["objectives.mcl.weight=0"])
     with pytest.raises(ConfigError, match=r"bank.dim.*model.proj_dim"):

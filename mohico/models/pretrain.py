@@ -45,6 +45,11 @@ class PretrainModule(nn.Module):
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
         if "mcl" in enabled and cfg.objectives.mcl.bn == "sync":
+            multi_rank = torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1
+            if multi_rank and not torch.cuda.is_available():
+                raise ConfigError("'objectives.mcl.bn': SyncBatchNorm needs GPUs to synchronise across ranks; "
+                                  "on CPU use objectives.mcl.bn=shuffle")
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
         self.backbone = backbone
         self.objectives = nn.ModuleDict({name: OBJECTIVES[name](cfg, backbone) for name in enabled})
