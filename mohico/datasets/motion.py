@@ -6,7 +6,7 @@ Per pair of consecutive grey frames ``(g_t, g_{t+1})``:
    (DIS, FAST preset: ~4x faster, less agreement with TV-L1 on fast motion), ``"farneback"``, or
    ``"tvl1"`` (needs ``opencv-contrib-python``, the paper's estimator). benchmarks/motion_maps.py:
    DIS MEDIUM runs at >100x TV-L1's speed with crop-box IoU ~0.8 against it on real clips
-   (benchmarks/RESULTS-shards.md);
+   (benchmarks/RESULTS.md);
 2. motion-boundary magnitude (paper Eq. 1)
    ``m = sqrt((du/dx)^2 + (du/dy)^2 + (dv/dx)^2 + (dv/dy)^2)`` with 3x3 Prewitt derivatives
    normalised to units of (pixels/frame) per pixel; a uniform flow field (camera pan) has zero
