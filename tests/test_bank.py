@@ -3,18 +3,15 @@ resharding, gradcheck of the sharded-LSE Function, and the 2-rank gloo bank agai
 process holding the whole bank (float64, 1e-10 relative)."""
 from __future__ import annotations
 
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mohico.errors import MohicoError
 from mohico.models.bank import MemoryBank, ShardedBankLSE, _ordered
+from _dist import run_gloo
 
 
 def _unit(n, d, seed):
@@ -185,42 +182,29 @@ def test_gradcheck_sharded_lse_function():
 
 
 # --------------------------------------------------------------------------- 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        B, d, tau = 3, 8, 0.1
-        q_all, kp_all = _unit(B * world, d, 10), _unit(B * world, d, 11)
-        results = {}
-        # case "full": 2 x 12 keys enqueued with wrap-around; "partial": 5 keys each;
-        # "lopsided": only rank 0 holds keys (rank 1's shard is empty).
-        for case, counts in (("full", (15, 15)), ("partial", (5, 5)), ("lopsided", (7, 0))):
-            bank = MemoryBank(16, d, dtype=torch.float64)
-            assert bank.shard_size == 8 and bank.world_size == world
-            if counts[rank]:
-                bank.enqueue(_unit(counts[rank], d, 100 + rank))
-            q = q_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-            loss = bank.nce(q, kp_all[rank * B:(rank + 1) * B], tau)
-            loss.sum().backward()
-            lse = bank.logits_lse(q.detach(), tau)
-            results[case] = (loss.detach(), q.grad.clone(), lse, bank.filled)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank, world):
+    B, d, tau = 3, 8, 0.1
+    q_all, kp_all = _unit(B * world, d, 10), _unit(B * world, d, 11)
+    results = {}
+    # case "full": 2 x 12 keys enqueued with wrap-around; "partial": 5 keys each;
+    # "lopsided": only rank 0 holds keys (rank 1's shard is empty).
+    for case, counts in (("full", (15, 15)), ("partial", (5, 5)), ("lopsided", (7, 0))):
+        bank = MemoryBank(16, d, dtype=torch.float64)
+        assert bank.shard_size == 8 and bank.world_size == world
+        if counts[rank]:
+            bank.enqueue(_unit(counts[rank], d, 100 + rank))
+        q = q_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+        loss = bank.nce(q, kp_all[rank * B:(rank + 1) * B], tau)
+        loss.sum().backward()
+        lse = bank.logits_lse(q.detach(), tau)
+        results[case] = (loss.detach(), q.grad.clone(), lse, bank.filled)
+    return results
 
 
 @pytest.mark.dist
 def test_two_gloo_ranks_match_one_process_with_the_whole_bank(tmp_path):
     world, B, d, tau = 2, 3, 8, 0.1
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    res = run_gloo(_dist_worker, world)
     q_all, kp_all = _unit(B * world, d, 10), _unit(B * world, d, 11)
     for case, counts in (("full", (15, 15)), ("partial", (5, 5)), ("lopsided", (7, 0))):
         shards = []

@@ -4,14 +4,10 @@ focal loss against float64 numpy references, the topical pair structure, gradche
 EMA update and bank enqueue."""
 from __future__ import annotations
 
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mohico.config import Config
@@ -22,6 +18,7 @@ from mohico.models.heads import PairClassifier
 from mohico.models.objectives import OBJECTIVES, HiCo, MCL
 from mohico.models.objectives.hico import AllGatherWithGrad, focal_loss, topical_consistency, visual_consistency
 from mohico.models.objectives.mcl import shuffled_forward
+from _dist import run_gloo
 
 
 def _z(b, d, seed):
@@ -182,12 +179,6 @@ def test_hico_enqueues_detached_vj_and_logs_terms():
 
 
 # --------------------------------------------------------------------------- 2 gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 B, D, TAU, WORLD = 3, 6, 0.2, 2
 
 
@@ -195,43 +186,36 @@ def _bank_keys(rank):
     return F.normalize(torch.randn(5 + rank, D, dtype=torch.float64, generator=torch.Generator().manual_seed(50 + rank)), dim=1)
 
 
-def _dist_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out = {}
-        # NT-Xent over the global batch with the sharded bank
-        z_all = _z(B * world, D, 7)
-        z = z_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-        bank = MemoryBank(16, D, dtype=torch.float64)
-        bank.enqueue(_bank_keys(rank))
-        loss = visual_consistency(z, TAU, bank).mean()
-        loss.backward()
-        out["loss"], out["grad"] = loss.detach(), z.grad.clone()
-        # shuffle BN: a per-sample encoder gives the unshuffled result exactly; a batch-coupled
-        # one (x - batch mean) shows which samples shared a batch
-        torch.manual_seed(1234)
-        x = torch.arange(4 * 2, dtype=torch.float64).reshape(4, 2) + 100 * rank
-        seen = []
+def _dist_worker(rank, world):
+    out = {}
+    # NT-Xent over the global batch with the sharded bank
+    z_all = _z(B * world, D, 7)
+    z = z_all[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    bank = MemoryBank(16, D, dtype=torch.float64)
+    bank.enqueue(_bank_keys(rank))
+    loss = visual_consistency(z, TAU, bank).mean()
+    loss.backward()
+    out["loss"], out["grad"] = loss.detach(), z.grad.clone()
+    # shuffle BN: a per-sample encoder gives the unshuffled result exactly; a batch-coupled
+    # one (x - batch mean) shows which samples shared a batch
+    torch.manual_seed(1234)
+    x = torch.arange(4 * 2, dtype=torch.float64).reshape(4, 2) + 100 * rank
+    seen = []
 
-        def coupled(t):
-            seen.append(t.clone())
-            return t - t.mean(0, keepdim=True)
+    def coupled(t):
+        seen.append(t.clone())
+        return t - t.mean(0, keepdim=True)
 
-        out["per_sample"] = shuffled_forward(lambda t: 3 * t + 1, x)
-        out["coupled"] = shuffled_forward(coupled, x)
-        out["seen"] = seen[0]
-        out["x"] = x
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    out["per_sample"] = shuffled_forward(lambda t: 3 * t + 1, x)
+    out["coupled"] = shuffled_forward(coupled, x)
+    out["seen"] = seen[0]
+    out["x"] = x
+    return out
 
 
 @pytest.mark.dist
 def test_two_gloo_ranks_ntxent_bank_and_shuffle_bn(tmp_path):
-    mp.spawn(_dist_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    res = run_gloo(_dist_worker, WORLD)
     # one process, the whole batch and the whole bank
     z = _z(B * WORLD, D, 7).requires_grad_(True)
     keys = torch.cat([_bank_keys(r) for r in range(WORLD)])

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from torch import nn
 
 from mohico.config import load_config
 from mohico.trainer.optim import LARS, base_lr, build_optimizer, lr_at, param_groups, set_lr
+from _dist import run_gloo
 
 
 def cfg_with(*overrides):
@@ -107,11 +106,7 @@ def test_lars_matches_float64_reference():
     assert any(flags) and not all(flags)
 
 
-def _partitioned_worker(rank, port, out):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _partitioned_worker(rank, world):
     torch.manual_seed(0)
     full = [torch.randn(6, 5), torch.randn(7)]                       # a weight and a bias
     grads = [[torch.randn(6, 5), torch.randn(7)] for _ in range(2)]
@@ -137,23 +132,9 @@ def _partitioned_worker(rank, port, out):
         ref.step()
     for p, q in zip(mine, whole):
         torch.testing.assert_close(p.detach(), part(q.detach()), rtol=1e-6, atol=1e-7)
-    out.put(rank)
-    dist.destroy_process_group()
+    return rank
 
 
 def test_lars_partitioned_over_two_ranks_equals_whole_layers():
     """Under ZeRO 1/2 each group is a per-rank slice of one layer: the norms are all-reduced."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_partitioned_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert sorted(out.get(timeout=5) for _ in range(2)) == [0, 1]
+    assert run_gloo(_partitioned_worker, 2) == [0, 1]

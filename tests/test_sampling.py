@@ -64,7 +64,7 @@ def test_mcl_median_rule():
     tm = np.concatenate([np.zeros(100), np.ones(100), np.zeros(100)]) + 0.01 * r.random(300)
     sc = S.clip_scores(tm, 8, 2)
     med = np.median(sc)
-    focused_hits, uniform_hits, nf = 0, 0, 0
+    uniform_hits, nf = 0, 0
     for _ in range(2000):
         st, focused = S.mcl_starts(tm, 8, 2, r, p=0.7)
         if focused:

@@ -104,7 +104,6 @@ def test_index_is_byte_identical_to_wds2idx(written, tmp_path):
 
 def test_metadata_matches_decoded_frames(written, src):
     import av
-    import cv2
     import webdataset as wds
 
     from mohico.datasets.motion import MotionMapper, dequantise

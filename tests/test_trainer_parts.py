@@ -13,6 +13,7 @@ import torch
 from mohico.config import load_config
 from mohico.trainer import preemption, wandb_log
 from mohico.trainer.wandb_log import WandbLogger, batch_picture, resolve_mode
+from _dist import run_gloo
 
 
 def cfg(*overrides):
@@ -124,33 +125,14 @@ def test_requeue_under_slurm(monkeypatch, tmp_path):
     assert preemption.PREEMPTED_EXIT_CODE == 3
 
 
-def _metrics_worker(rank, port, out):
-    import torch.distributed as dist
-
+def _metrics_worker(rank, world):
     from mohico.trainer.train import reduce_metrics
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     counters = {"skipped": 2.0} if rank == 0 else {"skipped": 1.0, "lost_on_restore": 3.0}   # ranks differ
-    out.put((rank, reduce_metrics({"loss": 1.0 + rank, "mcl/nce": 4.0 * rank}, counters)))
-    dist.destroy_process_group()
+    return reduce_metrics({"loss": 1.0 + rank, "mcl/nce": 4.0 * rank}, counters)
 
 
 def test_reduce_metrics_over_ranks_with_different_counters():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_metrics_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in range(2))
-    for p in procs:
-        p.join(60)
+    results = run_gloo(_metrics_worker, 2)
     want = {"loss": 1.5, "mcl/nce": 2.0, "data/skipped": 3.0, "data/lost_on_restore": 3.0}
     assert results[0] == want and results[1] == want

@@ -255,7 +255,7 @@ class VideoLoader:
 
     def _assemble(self, samples: list[dict]) -> dict:
         torch = self._torch
-        B, V = len(samples), len(samples[0]["clips"])
+        B = len(samples)
         todo = [(b, v, c) for b, s in enumerate(samples) for v, c in enumerate(s["clips"]) if "data" in c]
         decoded = {}
         if todo:
