@@ -21,11 +21,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mohico" / "torch_extensions"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
-# Without a GPU, Triton kernels run under the CPU interpreter. Triton decides when a kernel
-# module is first imported, so set it for the whole session (any test may import the kernels
-# first); dispatch with impl=None still picks the chunked PyTorch path for CPU tensors.
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests run Triton kernels on CPU tensors under the interpreter. Triton decides when a
+# kernel module is first imported, and any test may import the kernels first, so it is set for
+# the whole session; dispatch with impl=None still picks chunked PyTorch for CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # Subprocesses started by tests run the console script from the same venv.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 

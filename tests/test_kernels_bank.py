@@ -1,8 +1,7 @@
 """Memory-bank NCE / partial LSE: chunked PyTorch and Triton (CPU interpreter) vs float64 numpy.
 
 Data are fresh on every run (the seed is printed in assertion messages to reproduce a failure).
-The Triton kernels are built by the interpreter: TRITON_INTERPRET=1 is set only while this
-module imports them, so other tests in the session are not affected.
+The Triton kernels are built by the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -15,17 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from mohico.kernels import bank_nce_triton as bt  # noqa: E402  (built interpreted)
-finally:
-    if _prev is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
-
-from mohico.kernels import bank_lse, bank_nce  # noqa: E402
+from mohico.kernels import bank_lse, bank_nce
+from mohico.kernels import bank_nce_triton as bt  # built interpreted (TRITON_INTERPRET=1 from conftest.py)
 
 TAU = 0.07
 

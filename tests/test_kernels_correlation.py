@@ -5,7 +5,6 @@ Data are fresh on every run (seeds are printed in assertion messages).
 """
 from __future__ import annotations
 
-import os
 import secrets
 
 import numpy as np
@@ -13,17 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from mohico.kernels import correlation_triton as ct  # noqa: E402  (built interpreted)
-finally:
-    if _prev is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
-
-from mohico.kernels import local_correlation_softargmax as corr  # noqa: E402
+from mohico.kernels import correlation_triton as ct  # built interpreted (TRITON_INTERPRET=1 from conftest.py)
+from mohico.kernels import local_correlation_softargmax as corr
 
 IMPLS = ["reference", "torch", "triton"]
 
