@@ -9,16 +9,22 @@ export WANDB_SILENT=true
 mkdir -p "$DEMO_DIR"
 t0=$SECONDS
 
-echo "== 1/3 synthesising 8 untrimmed videos into $DEMO_DIR/videos"
+echo "== 1/4 synthesising 8 untrimmed videos into $DEMO_DIR/videos"
 mohico synth "$DEMO_DIR/videos" --videos 8 --seed 0 --duration 10 --size 160x120 --fps 15
 
-echo "== 2/3 writing WebDataset shards with motion maps into $DEMO_DIR/shards"
+echo "== 2/4 writing WebDataset shards with motion maps into $DEMO_DIR/shards"
 mohico shards "$DEMO_DIR/videos" "$DEMO_DIR/shards" --short-side 112 --fps 15 --gop 16 \
-  --max-shard-size 2MB --workers 2
+  --max-shard-size 2MB --workers 2 --labels "$DEMO_DIR/videos/labels.json"
 
-echo "== 3/3 pretraining configs/tiny_cpu.yaml (MCL + HiCo, 2 CPU ranks) into $DEMO_DIR/run"
+echo "== 3/4 pretraining configs/tiny_cpu.yaml (MCL + HiCo, 2 CPU ranks) into $DEMO_DIR/run"
 mohico train configs/tiny_cpu.yaml --nproc 2 run.dir="$DEMO_DIR/run" data.shards="$DEMO_DIR/shards" \
   checkpoint.resume=never
+
+echo "== 4/4 exporting the pretrained backbone to $DEMO_DIR/backbone.pt"
+# The tiny config's backbone is 8 channels wide, which torchvision's r3d_18 cannot hold: the
+# mohico format keeps the builder's name and options. Full-width backbones export with
+# --format torchvision (the default) for torchvision.models.video.* with strict=True.
+mohico export "$DEMO_DIR/run" "$DEMO_DIR/backbone.pt" --format mohico
 
 echo
 echo "demo finished in $((SECONDS - t0)) s"
@@ -27,4 +33,5 @@ echo "  shards + manifest     : $DEMO_DIR/shards/manifest.json"
 echo "  checkpoints           : $DEMO_DIR/run/checkpoints (latest: $(cat "$DEMO_DIR/run/checkpoints/latest" 2>/dev/null || echo '?'))"
 echo "  resolved config       : $DEMO_DIR/run/config.yaml"
 echo "  W&B offline run       : $(ls -d "$DEMO_DIR"/run/wandb/offline-run-* 2>/dev/null | tail -n 1 || echo '?')"
-echo "  export the backbone   : mohico export $DEMO_DIR/run backbone.pt --format torchvision"
+echo "  exported backbone     : $DEMO_DIR/backbone.pt"
+echo "  train metrics         : $DEMO_DIR/run/logs/metrics.jsonl"
