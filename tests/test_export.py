@@ -81,7 +81,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_checkpoint_state(truncated)
     other = tmp_path / "other.pt"
     torch.save({"model": {}, "optimizer": {}}, other)
-    with pytest.raises(MohicoError, match="other.pt: not a mohico backbone checkpoint"):
+    with pytest.raises(MohicoError, match="other.pt: not a mohico checkpoint"):
         load_checkpoint_state(other)
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": "mohico.backbone", "obj": nn.Linear(2, 2)}, pickled)  # weights_only refuses modules

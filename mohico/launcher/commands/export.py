@@ -13,16 +13,19 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("ckpt", metavar="CKPT", help="a backbone file written by mohico, a run directory, its "
-                   "checkpoints/ folder or one DeepSpeed checkpoint folder")
+                   "checkpoints/ folder, one DeepSpeed checkpoint folder, or DeepSpeed zero_to_fp32's "
+                   "output (pytorch_model.bin / *.safetensors, or its folder)")
     p.add_argument("out", metavar="OUT.pt", help="output file")
     p.add_argument("--format", dest="fmt", choices=("torchvision", "mohico"), default="torchvision",
                    help="torchvision: state_dict for torchvision's video model (default); "
                         "mohico: backbone file with name and options")
+    p.add_argument("--config", default=None, help="the run's config.yaml, to name the backbone of a zero_to_fp32 "
+                   "output (default: a config.yaml or mohico_meta.json beside it or in a parent folder)")
 
 
 def run(args) -> int:
     from mohico.models.export import export_checkpoint
 
-    path = export_checkpoint(args.ckpt, args.out, args.fmt)
+    path = export_checkpoint(args.ckpt, args.out, args.fmt, config=args.config)
     print(f"wrote {path} ({args.fmt})")
     return 0
