@@ -46,10 +46,11 @@ def test_unknown_command_is_usage_error():
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
-def test_unbuilt_subcommand_says_so_and_exits_2():
-    out = run_cli("eval")
-    assert out.returncode == 2
-    assert "not built yet" in out.stderr
+def test_eval_is_built_and_needs_its_shards():
+    out = run_cli("eval", "--help")
+    assert out.returncode == 0 and "--train" in out.stdout and "kNN" in out.stdout
+    out = run_cli("eval", "random")
+    assert out.returncode == 2 and "--train" in out.stderr
 
 
 def test_config_error_exits_2_with_message(tmp_path):

@@ -1,0 +1,254 @@
+"""kNN evaluation of a pretrained backbone on labelled shards (``mohico eval``).
+
+The quick probe of SSL codebases (InstDisc, solo-learn, PySlowFast's kNN monitor): embed every
+video of a labelled *train* and *val* set with the frozen backbone, then classify each val video
+by a weighted vote of its ``k`` nearest train videos::
+
+    s_ij  = cos(f_val_i, f_train_j)                      (L2-normalised embeddings)
+    w_ij  = exp(s_ij / T)   for the k largest s_ij       (InstDisc / solo-learn weighting, T = 0.07)
+    score_i(c) = sum_{j in top-k, y_j = c} w_ij          -> top-1 / top-5 accuracy
+
+A video's embedding is the mean of the L2-normalised pooled backbone embeddings of
+``clips_per_video`` clips (``data.clip_len`` frames at ``data.frame_stride``, centred in equal
+segments of the video; one clip = the centre clip), each a centre square crop of the short side
+resized to ``data.crop_size`` and normalised with ``data.mean`` / ``data.std`` -- deterministic,
+no augmentation. Clips are cut with :class:`mohico.datasets.remux.ClipRemuxer`, decoded by
+:func:`mohico.datasets.remux.decode_frames` and transformed by
+:func:`mohico.datasets.pipeline_cpu.transform_clip` (the training pipeline's PyAV path).
+
+Labels are the shard json's ``label`` field (``mohico shards --labels``); integer or string
+labels are mapped to class indices in sorted order of the union of train and val labels. A val
+video whose key is also in the train set is not its own neighbour (leave-one-out), so the same
+shards can be given as both sets.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mohico.errors import MohicoError
+
+IDENTITY_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
+                "blur_sigma": 0.0, "flip": False}
+VIDEO_EXTS = ("webm", "mkv", "mp4")
+
+
+# --------------------------------------------------------------------------- kNN math
+def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, exclude: Optional[torch.Tensor] = None,
+               chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``(Q, num_classes)`` of ``query: (Q, D)`` by a weighted vote of the ``k``
+    nearest (cosine) rows of ``train: (N, D)`` with labels ``train_labels: (N,)`` in
+    ``[0, num_classes)``; weights ``exp(cos / temperature)``. ``exclude: (Q, N)`` bool marks
+    pairs that may not vote (e.g. a video and itself). ``k`` is capped at the voters available;
+    excluded pairs never vote even if fewer than ``k`` remain."""
+    if train.ndim != 2 or query.ndim != 2 or train.shape[1] != query.shape[1]:
+        raise ValueError(f"knn_scores: train (N, D) and query (Q, D) with the same D; got "
+                         f"{tuple(train.shape)}, {tuple(query.shape)}")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"knn_scores: k >= 1 and temperature > 0; got k={k}, temperature={temperature}")
+    train = nn.functional.normalize(train.float(), dim=1)
+    query = nn.functional.normalize(query.float(), dim=1)
+    k = min(k, train.shape[0])
+    out = torch.zeros(query.shape[0], num_classes, dtype=torch.float32, device=query.device)
+    for s in range(0, query.shape[0], chunk):
+        sim = query[s:s + chunk] @ train.t()                                   # (q, N)
+        if exclude is not None:
+            sim = sim.masked_fill(exclude[s:s + chunk].to(sim.device), float("-inf"))
+        top, idx = sim.topk(k, dim=1)
+        weight = torch.exp(top / temperature)                                 # exp(-inf) = 0: no vote
+        out[s:s + chunk].scatter_add_(1, train_labels.to(idx.device)[idx], weight)
+    return out
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` in [0, 1]; top-k with k >= the number of classes is 1.
+    Ties are broken by class index (lower first)."""
+    out = {}
+    n = scores.shape[0]
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        pred = scores.topk(kk, dim=1).indices
+        hit = (pred == labels.to(pred.device)[:, None]).any(dim=1)
+        out[f"top{k}"] = float(hit.float().sum() / max(n, 1))
+    return out
+
+
+# --------------------------------------------------------------------------- deterministic clips
+def eval_starts(num_frames: int, clip_len: int, stride: int, clips: int) -> list[int]:
+    """Start frames of ``clips`` clips centred in equal segments of the video (1: the centre clip)."""
+    from mohico.datasets.sampling import clip_span, max_start
+
+    span, hi = clip_span(clip_len, stride), max_start(num_frames, clip_len, stride)
+    return [int(min(max(round((i + 0.5) * num_frames / clips - span / 2), 0), hi)) for i in range(clips)]
+
+
+def center_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The centred square of the short side, ``(x, y, w, h)`` whole pixels."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+@dataclass
+class LabelledVideo:
+    key: str
+    label: object
+    clips: np.ndarray        # (clips_per_video, 3, T, S, S) float32, normalised
+
+
+def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shards") -> Iterator[LabelledVideo]:
+    """Every sample of ``shards`` (pattern, folder or list file) as deterministic clips + label.
+    Raises MohicoError for a sample without a ``label`` or that cannot be read."""
+    from mohico.datasets.pipeline_cpu import transform_clip
+    from mohico.datasets.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.remux import ClipRemuxer, decode_frames
+    from mohico.datasets.sampling import clip_frames
+
+    for url in expand_shards(shards):
+        errors: list[str] = []
+        for sample in iter_shard(url, errors):
+            name = f"{url}:{sample['__key__']}"
+            try:
+                meta = json.loads(sample["json"])
+                num_frames, fps = int(meta["num_frames"]), float(meta["fps"])
+                width, height = int(meta["width"]), int(meta["height"])
+            except (KeyError, ValueError, TypeError) as e:
+                raise MohicoError(f"{name}: no readable metadata json ({type(e).__name__}: {e})") from None
+            label = meta.get("label")
+            if label is None:
+                raise MohicoError(f"{name}: the {where} carry no labels (json 'label' is missing or null); "
+                                  f"write them with `mohico shards SRC OUT --labels LABELS.json`")
+            ext = next((e for e in VIDEO_EXTS if e in sample), None)
+            if ext is None:
+                raise MohicoError(f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
+            box = center_box(width, height)
+            out = []
+            with ClipRemuxer(sample[ext], fps, name) as rem:
+                for start in eval_starts(num_frames, data_cfg.clip_len, data_cfg.frame_stride, clips_per_video):
+                    fr = clip_frames(start, data_cfg.clip_len, data_cfg.frame_stride, num_frames)
+                    cut = rem.cut(int(fr.min()), int(fr.max()))
+                    frames = decode_frames(cut.data, fr - cut.key_frame, name)
+                    out.append(transform_clip(frames, box, IDENTITY_AUG, data_cfg.crop_size, data_cfg.mean,
+                                              data_cfg.std))
+            yield LabelledVideo(str(sample["__key__"]), label, np.stack(out))
+        if errors:
+            raise MohicoError(f"{url}: cannot read the shard to its end: {errors[0]}")
+
+
+@torch.no_grad()
+def embed_videos(backbone: nn.Module, videos: Iterator[LabelledVideo], device: torch.device,
+                 batch_size: int = 16) -> tuple[list[str], list, torch.Tensor]:
+    """``(keys, labels, embeddings (V, D))``: per video the mean of its clips' L2-normalised
+    pooled embeddings, batched over clips."""
+    backbone.eval().to(device)
+    keys, labels, owners, feats, pending = [], [], [], [], []
+
+    def flush():
+        x = torch.from_numpy(np.stack([c for _, c in pending])).to(device)
+        feats.append(nn.functional.normalize(backbone(x).float(), dim=1).cpu())
+        owners.extend(i for i, _ in pending)
+        pending.clear()
+
+    for v in videos:
+        keys.append(v.key)
+        labels.append(v.label)
+        for clip in v.clips:
+            pending.append((len(keys) - 1, clip))
+            if len(pending) >= batch_size:
+                flush()
+    if pending:
+        flush()
+    if not keys:
+        raise MohicoError("no videos to embed (empty shards)")
+    f = torch.cat(feats)
+    owner = torch.tensor(owners)
+    out = torch.zeros(len(keys), f.shape[1]).index_add_(0, owner, f)
+    return keys, labels, out / torch.bincount(owner, minlength=len(keys)).clamp(min=1)[:, None]
+
+
+# --------------------------------------------------------------------------- backbone from a checkpoint
+def load_eval_backbone(ckpt, cfg) -> nn.Module:
+    """The backbone of ``cfg.model`` with the weights of ``ckpt`` (a run dir, a checkpoint folder or
+    an exported mohico backbone file). ``ckpt="random"``: the config's backbone at its random init
+    (seeded with ``trainer.seed``), the baseline to compare a pretrained one with."""
+    from mohico.models.backbones import build_backbone
+
+    if str(ckpt) == "random":
+        torch.manual_seed(cfg.trainer.seed)
+        return build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
+    from mohico.models.export import load_checkpoint_state
+
+    name, options, state = load_checkpoint_state(ckpt)
+    want = (cfg.model.backbone, dict(cfg.model.backbone_options))
+    if (name, dict(options)) != want:
+        raise MohicoError(f"{ckpt}: the checkpoint holds backbone {name!r} with options {dict(options)}, the config "
+                          f"asks for {want[0]!r} with {want[1]}; give the run's config (RUN_DIR/config.yaml) or "
+                          f"override model.backbone / model.backbone_options")
+    backbone = build_backbone(name, **options)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MohicoError(f"{ckpt}: weights do not fit backbone {name!r} with options {options}: "
+                          f"{str(e).splitlines()[0]}") from e
+    return backbone
+
+
+def knn_eval(backbone: nn.Module, cfg, train_shards, val_shards, k: int = 20, temperature: float = 0.07,
+             clips_per_video: int = 1, batch_size: int = 16, device: str | torch.device = "cpu") -> dict:
+    """Embed both sets and return ``{"top1", "top5", "k", "temperature", "num_train", "num_val",
+    "num_classes", "chance_top1", "clips_per_video", "per_video": [...]}``."""
+    if clips_per_video < 1:
+        raise MohicoError(f"clips_per_video must be >= 1, got {clips_per_video}")
+    device = torch.device(device)
+    tk, tl, tf = embed_videos(backbone, iter_labelled(train_shards, cfg.data, clips_per_video, "train shards"),
+                              device, batch_size)
+    vk, vl, vf = embed_videos(backbone, iter_labelled(val_shards, cfg.data, clips_per_video, "val shards"),
+                              device, batch_size)
+    try:
+        classes = sorted(set(tl) | set(vl))
+    except TypeError:                      # mixed int / str labels
+        classes = sorted(set(tl) | set(vl), key=str)
+    index = {c: i for i, c in enumerate(classes)}
+    ty = torch.tensor([index[c] for c in tl])
+    vy = torch.tensor([index[c] for c in vl])
+    exclude = torch.tensor([[a == b for b in tk] for a in vk], dtype=torch.bool)
+    if bool(exclude.all(dim=1).any()):
+        raise MohicoError("a val video has no train video other than itself to vote: give more train videos")
+    scores = knn_scores(tf, ty, vf, len(classes), k, temperature, exclude)
+    acc = topk_accuracy(scores, vy, (1, 5))
+    pred = scores.argmax(dim=1)
+    counts = np.bincount(ty.numpy(), minlength=len(classes))
+    return {**acc, "k": k, "temperature": temperature, "clips_per_video": clips_per_video,
+            "num_train": len(tk), "num_val": len(vk), "num_classes": len(classes),
+            "leave_one_out": int(exclude.any(dim=1).sum()),
+            "chance_top1": float(counts.max() / counts.sum()),     # always predicting the largest train class
+            "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]} for key, lab, p in zip(vk, vl, pred)]}
+
+
+def write_results(results: dict, path) -> Path:
+    from mohico.utils import atomic_write_bytes
+
+    return atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def embedding_stats(emb: torch.Tensor, labels: Sequence) -> dict[str, float]:
+    """Collapse diagnostics of per-video embeddings ``(V, D)``: mean pairwise cosine between
+    different videos (1 = collapsed), the same for videos of different labels, and the mean
+    per-dimension std of the L2-normalised embeddings (0 = collapsed; ~1/sqrt(D) if spread)."""
+    z = nn.functional.normalize(emb.double(), dim=1)
+    n = z.shape[0]
+    cos = z @ z.t()
+    off = ~torch.eye(n, dtype=torch.bool)
+    lab = list(labels)
+    diff = torch.tensor([[lab[i] != lab[j] for j in range(n)] for i in range(n)])
+    return {"mean_cos_other_videos": float(cos[off].mean()) if n > 1 else math.nan,
+            "mean_cos_other_labels": float(cos[diff].mean()) if bool(diff.any()) else math.nan,
+            "mean_cos_same_label": float(cos[off & ~diff].mean()) if bool((off & ~diff).any()) else math.nan,
+            "mean_dim_std": float(z.std(dim=0).mean()) if n > 1 else math.nan}
