@@ -134,6 +134,13 @@ def test_two_ranks_zero1_reference_run(reference):
     assert meta["config_hash"] == config_hash(load_config(reference / "config.yaml"))
     curve = losses(reference)
     assert sorted(curve) == [1, 2, 3, 4] and all(v == v and abs(v) < 1e4 for v in curve.values())
+    # metrics.jsonl: at every log step (log_every=2) the W&B row: objective terms, bank fill, perf, data counters
+    rows = {r["step"]: r for r in map(json.loads, (reference / "logs" / "metrics.jsonl").read_text().splitlines())}
+    for s in (2, 4):
+        assert {"mcl/loss", "hico/loss", "window/loss", "bank/mcl_fill", "hico/topical_acc", "perf/clips_per_s",
+                "perf/data_wait_frac", "data/skipped", "epoch"} <= rows[s].keys(), sorted(rows[s])
+        assert 0 < rows[s]["bank/mcl_fill"] <= 1 and rows[s]["perf/clips_per_s"] > 0
+    assert rows[1].keys() == {"step", "loss", "lr"}
     # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
     c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)
     c1 = torch.load(ck / "step_00000004" / "client_rank_00001.pt", weights_only=False)

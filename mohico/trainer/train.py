@@ -248,9 +248,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             window["time"] += dt
             window["wait"] += wait
             window["steps"] += 1
-            if metrics_file is not None:
-                metrics_file.write(json.dumps({"step": step, "loss": loss_sum / cfg.trainer.grad_accum, "lr": lr}) + "\n")
-                metrics_file.flush()
+            metrics_row = {"step": step, "loss": loss_sum / cfg.trainer.grad_accum, "lr": lr}
             ck._fault_point("step", step, rank)
             if bar is not None:
                 bar.update(1)
@@ -267,6 +265,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                        "perf/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
                        "perf/memory_mb": memory_mb(), **bank_fills(engine.module)}
                 wandb.log(row, step=step)
+                # metrics.jsonl keeps "loss" = this step's loss on rank 0; W&B's "loss" (the mean over the
+                # window and the ranks) is "window/loss" there, every other key is W&B's.
+                metrics_row.update({("window/loss" if k == "loss" else k): v for k, v in row.items()})
                 if bar is None:
                     shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items()
                                      if k == "loss" or k.endswith("/loss"))      # all terms go to W&B
@@ -275,6 +276,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                              row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])
                 window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
                 terms_sum = {}
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(metrics_row) + "\n")
+                metrics_file.flush()
             if cfg.wandb.image_every > 0 and step % cfg.wandb.image_every == 0:
                 wandb.log_batch_images(batch, step, cfg.data.mean, cfg.data.std)
 
