@@ -174,9 +174,10 @@ def embed_videos(backbone: nn.Module, videos: Iterator[LabelledVideo], device: t
 
 
 # --------------------------------------------------------------------------- backbone from a checkpoint
-def load_eval_backbone(ckpt, cfg) -> nn.Module:
-    """The backbone of ``cfg.model`` with the weights of ``ckpt`` (a run dir, a checkpoint folder or
-    an exported mohico backbone file). ``ckpt="random"``: the config's backbone at its random init
+def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
+    """The backbone of ``cfg.model`` with the weights of ``ckpt`` (a run dir, a checkpoint folder,
+    an exported mohico backbone file or a zero_to_fp32 output, whose backbone ``config_path``
+    names: :func:`mohico.models.export.load_checkpoint_state`). ``ckpt="random"``: the config's backbone at its random init
     (seeded with ``trainer.seed``), the baseline to compare a pretrained one with."""
     from mohico.models.backbones import build_backbone
 
@@ -185,7 +186,7 @@ def load_eval_backbone(ckpt, cfg) -> nn.Module:
         return build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
     from mohico.models.export import load_checkpoint_state
 
-    name, options, state = load_checkpoint_state(ckpt)
+    name, options, state = load_checkpoint_state(ckpt, config_path)
     want = (cfg.model.backbone, dict(cfg.model.backbone_options))
     if (name, dict(options)) != want:
         raise MohicoError(f"{ckpt}: the checkpoint holds backbone {name!r} with options {dict(options)}, the config "

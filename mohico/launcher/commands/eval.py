@@ -2,7 +2,7 @@
 accuracy of a pretrained backbone's pooled embeddings on labelled shards.
 
 CKPT is a run directory (its latest checkpoint), a checkpoint folder, a backbone file written by
-`mohico export --format mohico`, or `random` (the config's backbone at random init: the baseline).
+`mohico export --format mohico`, a zero_to_fp32 output, or `random` (the config's backbone at random init: the baseline).
 The config (default: CKPT/config.yaml of a run directory) gives the backbone and the clip
 geometry (data.clip_len, data.frame_stride, data.crop_size, data.mean/std). Labels are the shard
 json's `label` field (`mohico shards SRC OUT --labels LABELS.json`). Each video: the mean of the
@@ -57,7 +57,7 @@ def run(args) -> int:
         config = run_cfg
     cfg = load_config(config, list(args.overrides))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_eval_backbone(args.ckpt, cfg)
+    backbone = load_eval_backbone(args.ckpt, cfg, config)
     res = knn_eval(backbone, cfg, args.train, args.val, k=args.k, temperature=args.temperature,
                    clips_per_video=args.clips_per_video, batch_size=args.batch_size, device=device)
     res = {"checkpoint": str(args.ckpt), "config": str(config), "train": str(args.train), "val": str(args.val), **res}
