@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tarfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mohico.errors import MohicoError
 TILE_H = 144
 HEADER = 18
 CURVE_H = 90
+MIN_WIDTH = 960         # room for the caption and the clip lanes when few frames are shown
 COLORS = [(255, 80, 80), (80, 200, 255), (120, 255, 120), (255, 220, 60)]
 
 
@@ -29,6 +31,7 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
     shard = Path(shard)
     files: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
+    seen: dict[str, None] = {}
     try:
         with tarfile.open(shard) as tar:
             for m in tar:
@@ -37,6 +40,7 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
                 base = m.name.rsplit("/", 1)[-1]
                 k, _, ext = base.partition(".")
                 if key is not None and k != key:
+                    seen[k] = None
                     continue
                 if k not in files:
                     if key is None and order:
@@ -47,7 +51,11 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
     except (OSError, tarfile.TarError) as e:
         raise MohicoError(f"cannot read shard {shard}: {e}") from None
     if not order:
-        raise MohicoError(f"{shard} has no sample {key!r}" if key else f"{shard} has no samples")
+        if key is None or not seen:
+            raise MohicoError(f"{shard} has no samples")
+        keys = list(seen)
+        listed = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        raise MohicoError(f"{shard} has no sample {key!r}; its keys: {listed}")
     k = order[0]
     parts = files[k]
     video_ext = next((e for e in ("webm", "mp4", "mkv") if e in parts), None)
@@ -61,7 +69,7 @@ def decode_frames(data: bytes, indices) -> dict[int, np.ndarray]:
     """RGB frames ``{index: (H, W, 3) uint8}`` for the wanted frame indices, decoding sequentially."""
     import av
 
-    want = set(int(i) for i in indices)
+    want = {int(i) for i in indices}
     out: dict[int, np.ndarray] = {}
     last = max(want) if want else -1
     with av.open(io.BytesIO(data)) as c:
@@ -85,15 +93,37 @@ def _text(img, text, org, scale=0.4, color=(235, 235, 235)):
     cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
 
 
-def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | os.PathLike | None = None,
-                  num_frames: int = 8, overlays=None) -> np.ndarray:
-    """Render the picture as an RGB ``(H, W, 3)`` uint8 array; write it to ``out`` (PNG) if given."""
+def _label(img, text, org, color, scale=0.35):
+    """Text on a dark backing so it reads on any frame."""
     import cv2
 
-    s = read_sample(shard, key)
+    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x, y = max(int(org[0]), 0), max(int(org[1]), th + 2)
+    x = min(x, max(img.shape[1] - tw - 2, 0))
+    cv2.rectangle(img, (x - 1, y - th - 2), (x + tw + 1, y + base - 1), (0, 0, 0), -1)
+    _text(img, text, (x, y - 1), scale, color)
+
+
+def _color(ov, k):
+    return tuple(int(v) for v in ov.get("color", COLORS[k % len(COLORS)]))
+
+
+def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | os.PathLike | None = None,
+                  num_frames: int = 8, overlays=None, notes=None, sample: dict | None = None) -> np.ndarray:
+    """Render the picture as an RGB ``(H, W, 3)`` uint8 array; write it to ``out`` (PNG) if given.
+
+    ``overlays``: see the module doc (an optional ``"short"`` string is written at the bottom of
+    each frame of that overlay, else ``"label"``); ``notes``: extra caption lines (wrapped to the
+    picture's width); ``sample``: an already read :func:`read_sample` dict (else ``shard``/``key``
+    are read).
+    """
+    import cv2
+
+    s = sample if sample is not None else read_sample(shard, key)
     meta, motion = s["meta"], s["motion"]
     n = motion.shape[0]
     overlays = list(overlays or [])
+    notes = [str(t) for t in (notes or [])]
     if overlays:
         idx = []
         for ov in overlays:
@@ -107,47 +137,66 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
     if not idx:
         raise MohicoError(f"sample {s['key']} in {shard}: no frames decoded")
     h0, w0 = frames[idx[0]].shape[:2]
-    tw = int(round(w0 * TILE_H / h0))
+    tw = round(w0 * TILE_H / h0)
     sx, sy = tw / w0, TILE_H / h0
-    width = tw * len(idx)
-    canvas = np.full((HEADER + 2 * TILE_H + CURVE_H + HEADER, width, 3), 24, np.uint8)
+    width = max(tw * len(idx), MIN_WIDTH)
+    m = meta.get("motion", {})
+    tm = np.asarray(meta.get("tmotion") or motion.reshape(n, -1).mean(1), dtype=np.float64)
+    top = tm.max() if tm.size and tm.max() > 0 else 1.0
+    caption = (f"{s['key']}  {meta.get('source', '')}  {meta['width']}x{meta['height']} {meta['fps']} fps "
+               f"{meta['num_frames']} frames  label={meta.get('label')}  motion: {m.get('method')} "
+               f"scale={m.get('scale', 0):.3g} grid={m.get('grid')}  T-motion max={top:.3g}")
+    lines = [w for t in [caption, *notes] for w in textwrap.wrap(t, max(width // 7, 20))]
+    canvas = np.full((HEADER + 2 * TILE_H + CURVE_H + HEADER * len(lines), width, 3), 24, np.uint8)
+    members = [{int(f) for f in ov["frames"]} for ov in overlays]
     for c, i in enumerate(idx):
         x0 = c * tw
         frame = _tile(frames[i], tw)
         mmap = cv2.resize(motion[i], (tw, TILE_H), interpolation=cv2.INTER_NEAREST)
         mmap = cv2.cvtColor(cv2.applyColorMap(mmap, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-        for k, ov in enumerate(overlays):
-            if ov.get("box") is None or i not in set(int(f) for f in ov["frames"]):
+        boxed = [(k, ov) for k, ov in enumerate(overlays) if i in members[k]]
+        for k, ov in boxed:
+            if ov.get("box") is None:
                 continue
             x, y, w, h = ov["box"]
-            col = tuple(int(v) for v in ov.get("color", COLORS[k % len(COLORS)]))
+            col = _color(ov, k)
             p0, p1 = (int(x * sx), int(y * sy)), (int((x + w) * sx) - 1, int((y + h) * sy) - 1)
             cv2.rectangle(frame, p0, p1, col, 2)
             cv2.rectangle(mmap, p0, p1, col, 1)
+        for j, (k, ov) in enumerate(boxed):      # labels after all boxes, stacked from the bottom
+            text = ov.get("short") or ov.get("label")
+            if text:
+                _label(frame, str(text), (3, TILE_H - 4 - 13 * (len(boxed) - 1 - j)), _color(ov, k))
         canvas[HEADER:HEADER + TILE_H, x0:x0 + tw] = frame
         canvas[HEADER + TILE_H:HEADER + 2 * TILE_H, x0:x0 + tw] = mmap
         _text(canvas, f"f{i} {i / meta['fps']:.1f}s", (x0 + 3, HEADER - 5))
-    # T-motion curve over the whole video
+        for j, (k, _) in enumerate(boxed):       # which views this frame belongs to
+            q = x0 + tw - 12 - 12 * j
+            cv2.rectangle(canvas, (q, 4), (q + 8, HEADER - 6), _color(overlays[k], k), -1)
+        cv2.line(canvas, (x0, HEADER), (x0, HEADER + 2 * TILE_H - 1), (24, 24, 24), 1)
+    # T-motion curve over the whole video, each view's clip as a lane: span, frame ticks, label
     y0 = HEADER + 2 * TILE_H
-    tm = np.asarray(meta.get("tmotion") or motion.reshape(n, -1).mean(1), dtype=np.float64)
-    top = tm.max() if tm.size and tm.max() > 0 else 1.0
     xs = (np.arange(n) + 0.5) / n * width
     for k, ov in enumerate(overlays):
         fr = [int(f) for f in ov["frames"]]
-        col = tuple(int(v) for v in ov.get("color", COLORS[k % len(COLORS)]))
+        col = _color(ov, k)
         a, b = int(min(fr) / n * width), int((max(fr) + 1) / n * width)
         cv2.rectangle(canvas, (a, y0 + 4), (max(b - 1, a + 1), y0 + CURVE_H - 4), col, 1)
+        ly = y0 + 10 + 13 * k
+        cv2.line(canvas, (a, ly), (max(b - 1, a + 1), ly), col, 3)
+        for f in fr:
+            cv2.line(canvas, (int(xs[min(f, n - 1)]), ly - 4), (int(xs[min(f, n - 1)]), ly + 4), col, 1)
         if ov.get("label"):
-            _text(canvas, str(ov["label"]), (a + 2, y0 + 14), color=col)
+            label = str(ov["label"])
+            (lw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+            lx = b + 4 if b + 4 + lw < width else max(a - 4 - lw, 0)
+            _text(canvas, label, (lx, ly + 4), color=col)
     pts = np.stack([xs, y0 + CURVE_H - 6 - tm / top * (CURVE_H - 16)], 1).astype(np.int32)
     cv2.polylines(canvas, [pts], False, (255, 200, 80), 1, cv2.LINE_AA)
     for i in idx:
         cv2.line(canvas, (int(xs[i]), y0 + CURVE_H - 4), (int(xs[i]), y0 + CURVE_H), (200, 200, 200), 1)
-    m = meta.get("motion", {})
-    _text(canvas, f"{s['key']}  {meta.get('source', '')}  {meta['width']}x{meta['height']} {meta['fps']} fps "
-                  f"{meta['num_frames']} frames  label={meta.get('label')}  motion: {m.get('method')} "
-                  f"scale={m.get('scale', 0):.3g} grid={m.get('grid')}  T-motion max={top:.3g}",
-          (3, canvas.shape[0] - 5))
+    for j, line in enumerate(lines):
+        _text(canvas, line, (3, y0 + CURVE_H + HEADER * (j + 1) - 5))
     if out is not None:
         from mohico.utils import atomic_write_bytes
 
@@ -155,5 +204,4 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
         if not ok:
             raise MohicoError(f"could not encode {out} as PNG")
         atomic_write_bytes(out, png.tobytes())
-        os.chmod(out, 0o644)
     return canvas

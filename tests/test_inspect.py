@@ -1,0 +1,102 @@
+"""`mohico inspect` with the training sampler: the drawn views equal what the loader hands the
+trainer for the same sample, and the picture shows them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mohico.config import load_config
+from mohico.datasets.inspect_overlays import COLORS, draw_sample, overlays_for
+from mohico.datasets.inspect_sample import HEADER, TILE_H, read_sample
+from mohico.launcher.cli import main
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+SETS = ["data.clip_len=8", "data.frame_stride=2", "data.crop_size=32", "data.motion_size=7",
+        "data.batch_size=2", "data.num_workers=0", "data.shuffle_buffer=3", "trainer.seed=7"]
+
+
+def shard_of(shards: Path) -> dict:
+    man = json.loads((shards / "manifest.json").read_text())
+    return {k: shards / s["name"] for s in man["shards"] for k in s["samples"]}
+
+
+def test_overlays_equal_the_loaders_draw(synth_shards):
+    """The strongest independent check: the loader's batches (frames, pixel boxes, flip, crop
+    method) for each key equal the overlays inspect builds for the same seed/epoch/rank/progress."""
+    from mohico.datasets.pipeline import build_loader
+
+    cfg = load_config(TINY, SETS)
+    where = shard_of(synth_shards)
+    loader = build_loader(cfg, str(synth_shards))
+    loader.set_progress(0.6)
+    checked = 0
+    for _, batch in zip(range(2), loader):
+        for i, key in enumerate(batch["key"]):
+            d = draw_sample(cfg, where[key], read_sample(where[key], key), progress=0.6, epoch=0, rank=0)
+            ovs = overlays_for(d)
+            assert len(ovs) == batch["frames"].shape[1] == 3
+            for v, ov in enumerate(ovs):
+                np.testing.assert_array_equal(ov["frames"], batch["frames"][i, v].numpy())
+                np.testing.assert_array_equal(ov["box"], batch["boxes"][i, v].numpy())
+                assert ov["flip"] == bool(batch["flip"][i, v])
+                assert (ov["crop"] == "motion") == bool(batch["crop_motion"][i, v])
+            assert float(batch["progress"][i]) == pytest.approx(d.progress)
+            checked += 1
+    loader.close()
+    assert checked == 4
+    # another rank, epoch or progress is another draw (the rng really depends on them)
+    key = batch["key"][0]
+    s = read_sample(where[key], key)
+    base = draw_sample(cfg, where[key], s, progress=0.6)
+    for other in (draw_sample(cfg, where[key], s, progress=0.6, rank=1),
+                  draw_sample(cfg, where[key], s, progress=0.6, epoch=1)):
+        assert not (np.array_equal(other.draw.frames, base.draw.frames)
+                    and np.array_equal(other.draw.boxes, base.draw.boxes))
+
+
+def test_cli_picture_shows_the_boxes(synth_shards, tmp_path, capsys):
+    import cv2
+
+    where = shard_of(synth_shards)
+    key = min(where)
+    out = tmp_path / "pics" / "s.png"
+    args = ["inspect", str(where[key]), "--key", key, "--config", str(TINY), "--progress", "0.6",
+            "--out", str(out), "--set", *SETS]
+    assert main(args) == 0
+    assert "crop" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["s.png"]         # atomic: no temp file left
+    img = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
+    cfg = load_config(TINY, SETS)
+    s = read_sample(where[key], key)
+    ovs = overlays_for(draw_sample(cfg, where[key], s, progress=0.6))
+    # the first tile is view 0's first frame; its box's top edge has view 0's colour
+    x, y, w, _h = ovs[0]["box"]
+    f0 = ovs[0]["frames"][0]
+    later = [ov for ov in ovs[1:] if f0 in ov["frames"]]            # drawn over view 0's box
+    sc = TILE_H / s["meta"]["height"]
+    tw = round(s["meta"]["width"] * sc)
+    row = HEADER + int(y * sc)
+    edge = img[row, int(x * sc) + 2:min(int((x + w) * sc) - 2, tw)]
+    colours = {tuple(COLORS[0])} | {tuple(ov["color"]) for ov in later}
+    hits = sum(tuple(int(c) for c in p) in colours for p in edge)
+    assert hits >= 0.8 * len(edge) and len(edge) > 10
+    if not later:
+        assert (edge == COLORS[0]).all(axis=-1).mean() > 0.8
+    # a second run replaces the picture in place
+    assert main(args + ["--epoch", "1"]) == 0 and [p.name for p in out.parent.iterdir()] == ["s.png"]
+
+
+def test_cli_errors(synth_shards, tmp_path, capsys):
+    shard = min(synth_shards.glob("*.tar"))
+    png = str(tmp_path / "x.png")
+    assert main(["inspect", str(shard), "--key", "nope", "--out", png]) == 1
+    err = capsys.readouterr().err
+    some = json.loads((synth_shards / "manifest.json").read_text())["shards"][0]["samples"][0]
+    assert str(shard) in err and "'nope'" in err and some in err
+    assert main(["inspect", str(shard), "--progress", "0.5", "--out", png]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["inspect", str(shard), "--config", str(TINY), "--progress", "2", "--out", png]) == 2
+    assert not Path(png).exists()
