@@ -93,5 +93,5 @@ def notes_for(d: InspectDraw, fps: float) -> list[str]:
     centres = ", ".join(f"{(s + (dr.frames[v][-1] - dr.frames[v][0]) / 2) / fps:.2f}s"
                         for v, s in enumerate(np.asarray(dr.starts).tolist()))
     return [(f"sampler ({objs}): seed={d.seed} epoch={d.epoch} rank={d.rank} progress={d.progress:.3g} "
-            f"delta_max={dr.delta_max:.3g}s  temporal draw: {'motion-focused' if dr.focused else 'uniform'}  "
+            f"{f'delta_max={dr.delta_max:.3g}s  ' if d.hico else ''}temporal draw: {'motion-focused' if dr.focused else 'uniform'}  "
             f"clip centres: {centres}  (M: motion crop, R: random fallback)")]
