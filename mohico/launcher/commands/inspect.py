@@ -38,7 +38,7 @@ def run(args) -> int:
     given = [k for k, v in sampler_opts.items() if v is not None]
     if args.config is None:
         if given:
-            raise UsageError(f"{', '.join(given)} only apply to the training sampler: give --config CONFIG too "
+            raise UsageError(f"{', '.join(given)}: these options drive the training sampler, which needs --config CONFIG "
                              "(e.g. --config configs/base.yaml)")
         img = render_sample(args.shard, key=args.key, out=args.out, num_frames=args.frames)
         print(f"mohico inspect: wrote {args.out} ({img.shape[1]}x{img.shape[0]})")
