@@ -118,6 +118,7 @@ class HiCoConfig:
     focal_gamma: float = 0.5
     visual_hidden: int = 0             # 0: the backbone's output size
     use_bank: bool = True              # bank keys join the NT-Xent negatives
+    momentum: float = 0.999            # EMA of the bank keys' encoder (visual head; + backbone without MCL)
 
 
 @dataclass
@@ -400,6 +401,7 @@ def validate(cfg: Config) -> None:
     for name, tau in (("mcl", o.mcl.tau), ("hico", o.hico.tau)):
         need(tau > 0, f"objectives.{name}.tau", "must be > 0")
     need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
+    need(0.0 <= o.hico.momentum < 1.0, "objectives.hico.momentum", "must lie in [0, 1)")
     if o.mcl.weight > 0 and o.mcl.mal_enabled:
         need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
              "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mohico.config import Config
+from mohico.config import Config, validate
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.pretrain import PretrainModule
 
@@ -98,6 +98,46 @@ def test_momentum_update_and_no_grad_forward():
     assert model.banks()["mcl"].filled == filled                  # evaluation leaves the bank alone
 
 
+def _ema_update_ok(ema, online_before, ema_before, m):
+    for e, q, k in zip(ema.parameters(), online_before, ema_before):
+        torch.testing.assert_close(e, m * k + (1 - m) * q)
+
+
+@pytest.mark.parametrize("mcl", [1.0, 0.0])
+def test_hico_bank_keys_from_the_ema_encoder_one_ema_backbone(mcl):
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg(mcl=mcl, hico=1.0, mcl__momentum=0.5, hico__momentum=0.25, mcl__mal_enabled=False))
+    hico = model.objectives["hico"]
+    backbone_type = type(model.backbone)
+    ema_backbones = [n for n, m in model.named_modules() if isinstance(m, backbone_type) and n != "backbone"]
+    key_backbone = model.objectives["mcl"].key_backbone if mcl else hico.key_backbone
+    assert ema_backbones == (["objectives.mcl.key_backbone"] if mcl else ["objectives.hico.key_backbone"])
+    assert (hico.key_backbone is None) == bool(mcl)
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_heads = sum(p.numel() for p in hico.key_visual.parameters()) + \
+        (sum(p.numel() for p in model.objectives["mcl"].key_proj.parameters()) if mcl else 0)
+    assert n_frozen == n_backbone + n_heads                              # exactly one EMA backbone
+    assert any(k.startswith("objectives.hico.key_visual.") for k in model.state_dict())
+    # momentum_update: the (shared) backbone copy with MCL's momentum when MCL owns it, the head with HiCo's
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    snap = [[p.clone() for p in m.parameters()] for m in (model.backbone, key_backbone, hico.visual, hico.key_visual)]
+    model.momentum_update()
+    _ema_update_ok(key_backbone, snap[0], snap[1], 0.5 if mcl else 0.25)
+    _ema_update_ok(hico.key_visual, snap[2], snap[3], 0.25)
+    # the keys enqueued into HiCo's bank = EMA head over the EMA backbone's embedding of v_j
+    clips, motion = _batch(3, b=3)
+    loss, terms = model(clips, motion, 0.0)
+    loss.backward()
+    assert all(p.grad is None for p in hico.ema_parameters()) and terms["hico/bank_fill"].item() == 3 / 64
+    with torch.no_grad():                                          # shuffle BN is the identity at world 1
+        expected = torch.nn.functional.normalize(hico.key_visual(key_backbone(clips[:, 1])), dim=1)
+    torch.testing.assert_close(model.banks()["hico"].ordered_keys(), expected)
+
+
 def test_feature_map_variant_and_sync_bn_at_world_one():
     torch.manual_seed(0)
     model = PretrainModule(_cfg(mcl__bn="sync"))
@@ -112,6 +152,11 @@ def test_feature_map_variant_and_sync_bn_at_world_one():
 def test_errors():
     with pytest.raises(ConfigError, match="zero_stage"):
         PretrainModule(_cfg(trainer__zero_stage=3))
+    with pytest.raises(ConfigError, match="zero_stage"):                 # HiCo's bank keys: an EMA encoder too
+        PretrainModule(_cfg(mcl=0.0, hico=1.0, trainer__zero_stage=3))
+    PretrainModule(_cfg(mcl=0.0, hico=1.0, hico__use_bank=False, trainer__zero_stage=3))
+    with pytest.raises(ConfigError, match="objectives.hico.momentum"):
+        validate(_cfg(hico=1.0, hico__momentum=1.0))
     with pytest.raises(ConfigError, match="bank.size"):
         PretrainModule(_cfg(bank__size=0))
     model = PretrainModule(_cfg(mcl=0.0, hico=1.0))

@@ -144,7 +144,7 @@ def test_two_ranks_zero1_reference_run(reference):
     # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
     c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)
     c1 = torch.load(ck / "step_00000004" / "client_rank_00001.pt", weights_only=False)
-    assert set(c0["bank"]) == {"mcl"}      # tiny_cpu.yaml runs HiCo without its bank (it collapsed the visual head)
+    assert set(c0["bank"]) == {"mcl", "hico"}
     for name, bank in c0["bank"].items():
         assert bank["keys"].shape[0] == 128 and bank["world_size"] == 2 and bank["filled"] > 0
         assert not torch.equal(bank["keys"], c1["bank"][name]["keys"])

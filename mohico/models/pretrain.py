@@ -10,7 +10,10 @@ module (recipes.md: it fails on tensors that leave the engine).
 Views: ``clips: (B, V, C, T, H, W)``. With MCL alone V = 2 (query, key); with HiCo V = 3
 (v_i, v_j, v_k) and v_i / v_j double as MCL's query / key. The online backbone runs once on
 the views it needs, concatenated view-major (``V' * B`` clips, one set of BN statistics), with
-the late feature map when MAL is on; MCL's key encoder runs separately on view 1.
+the late feature map when MAL is on. The momentum (EMA) backbone runs separately on view 1
+(MCL's key view, HiCo's ``v_j``): MCL owns it when MCL is on and its embedding is computed once
+(:meth:`MCL.key_embed`) and shared with HiCo's bank keys; with HiCo alone HiCo owns its copy.
+:meth:`momentum_update` updates every EMA part once per optimizer step.
 
 Memory banks are per-rank state kept *out* of ``state_dict()`` (DeepSpeed must neither
 broadcast nor partition them); the trainer saves them per rank with :meth:`bank_state_dict`
@@ -39,9 +42,10 @@ class PretrainModule(nn.Module):
         if not enabled:
             raise ConfigError("'objectives': no objective is enabled: set objectives.mcl.weight or "
                               "objectives.hico.weight > 0")
-        if "mcl" in enabled and cfg.trainer.zero_stage >= 3:
-            raise ConfigError("'trainer.zero_stage': MCL's momentum key encoder is updated outside the "
-                              "forward and ZeRO-3 partitions its parameters; use zero_stage 0, 1 or 2")
+        hico_ema = "hico" in enabled and cfg.objectives.hico.use_bank and cfg.bank.size > 0
+        if ("mcl" in enabled or hico_ema) and cfg.trainer.zero_stage >= 3:
+            raise ConfigError("'trainer.zero_stage': the momentum key encoder (MCL's, HiCo's bank keys) is updated "
+                              "outside the forward and ZeRO-3 partitions its parameters; use zero_stage 0, 1 or 2")
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
         if "mcl" in enabled and cfg.objectives.mcl.bn == "sync":
@@ -78,6 +82,7 @@ class PretrainModule(nn.Module):
 
         loss = emb.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
+        key_emb = None                                              # the EMA backbone's embedding of view 1
         if mcl is not None:
             motion_q = None
             if mcl.needs_features:
@@ -86,12 +91,13 @@ class PretrainModule(nn.Module):
                     raise MohicoError(f"MCL's motion alignment loss needs motion (B, V, T, Hm, Wm) matching clips "
                                       f"{tuple(clips.shape[:2])}; got {got} (or set objectives.mcl.mal_enabled=false)")
                 motion_q = motion[:, 0]
-            part, t = mcl(emb[0], fmap, clips[:, 1], motion_q, progress)
+            key_emb = mcl.key_embed(clips[:, 1])
+            part, t = mcl(emb[0], fmap, clips[:, 1], motion_q, progress, key_emb=key_emb)
             loss = loss + self.weights["mcl"] * part
             terms.update(t)
             terms["mcl/loss"] = part.detach()
         if hico is not None:
-            part, t = hico(emb.transpose(0, 1))
+            part, t = hico(emb.transpose(0, 1), clips[:, 1], key_emb)
             loss = loss + self.weights["hico"] * part
             terms.update(t)
             terms["hico/loss"] = part.detach()
@@ -100,9 +106,10 @@ class PretrainModule(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """EMA update of MCL's key encoder; call after every optimizer step (no-op without MCL)."""
-        if "mcl" in self.objectives:
-            self.objectives["mcl"].momentum_update(self.backbone)
+        """EMA update of the key encoders (MCL's; HiCo's bank-key head and, without MCL, its
+        backbone copy); call after every optimizer step."""
+        for objective in self.objectives.values():
+            objective.momentum_update(self.backbone)
 
     # ------------------------------------------------------------------ memory banks
     def banks(self) -> dict[str, MemoryBank]:

@@ -83,7 +83,8 @@ class MCL(nn.Module):
     """The MCL objective around a shared query ``backbone`` (which it does not own).
 
     Submodules: ``proj`` (query projection), ``key_backbone`` and ``key_proj`` (the EMA key
-    encoder, ``requires_grad=False``; part of ``state_dict()``). ``bank`` is a plain attribute
+    encoder, ``requires_grad=False``; part of ``state_dict()``). ``key_backbone`` is the model's
+    only EMA backbone when HiCo is on too (its bank keys reuse :meth:`key_embed`). ``bank`` is a plain attribute
     (per-rank state, kept out of ``state_dict()``).
     """
 
@@ -126,28 +127,35 @@ class MCL(nn.Module):
                 p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
 
     @torch.no_grad()
-    def keys(self, x_key: torch.Tensor) -> torch.Tensor:
-        """Key embeddings ``(B, proj_dim)`` of ``x_key: (B, C, T, H, W)`` from the EMA encoder."""
-        def encode(x):
-            return self.key_proj(self.key_backbone(x))
-
+    def key_embed(self, x_key: torch.Tensor) -> torch.Tensor:
+        """The EMA key backbone's embedding ``(B, D)`` of ``x_key: (B, C, T, H, W)`` (shuffle BN
+        per ``objectives.mcl.bn``). ``PretrainModule`` computes it once per step and hands it to
+        :meth:`forward` and to HiCo, whose bank keys come from the same EMA backbone."""
         if self.cfg.bn == "shuffle":
-            return shuffled_forward(encode, x_key)
-        return encode(x_key)
+            return shuffled_forward(self.key_backbone, x_key)
+        return self.key_backbone(x_key)
+
+    @torch.no_grad()
+    def keys(self, x_key: torch.Tensor, key_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Key embeddings ``(B, proj_dim)`` of ``x_key: (B, C, T, H, W)`` from the EMA encoder
+        (``key_emb``: :meth:`key_embed` of ``x_key`` if already computed)."""
+        return self.key_proj(self.key_embed(x_key) if key_emb is None else key_emb)
 
     def forward(self, q_emb: torch.Tensor, fmap: torch.Tensor | None, x_key: torch.Tensor,
-                motion_q: torch.Tensor | None, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                motion_q: torch.Tensor | None, progress: float,
+                key_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One MCL step.
 
         ``q_emb: (B, D)`` backbone embeddings of the query clips; ``fmap: (N, C', T', H', W')``
         the late feature map of the backbone batch that produced them, whose first ``B`` rows
         are the query clips' (the batch may hold more views; needed when MAL is on);
         ``x_key: (B, C, T, H, W)`` the key clips; ``motion_q: (B, T, Hm, Wm)`` the query's
-        motion target; ``progress`` in [0, 1] (fraction of ``trainer.max_steps`` done).
+        motion target; ``progress`` in [0, 1] (fraction of ``trainer.max_steps`` done);
+        ``key_emb``: :meth:`key_embed` of ``x_key`` if the caller already computed it.
         Returns the loss (NCE + lambda * MAL) and detached terms for logging.
         """
         q = self.proj(q_emb)                                        # (B, d), unit norm
-        k = self.keys(x_key).to(q.dtype)                            # (B, d), constants
+        k = self.keys(x_key, key_emb).to(q.dtype)                            # (B, d), constants
         nce = self.bank.nce(q, k, self.cfg.tau).mean()
         loss = nce
         terms = {"mcl/nce": nce.detach()}
