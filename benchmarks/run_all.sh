@@ -11,6 +11,9 @@ echo "== kernels: chunked bank NCE vs naive logits (and correlation impls)"
 echo "== loader: this pipeline vs decode-whole-video-then-slice, 1 and 10 min videos"
 "$PY" benchmarks/loader.py --batches 8 --naive-batches 2
 
+echo "== pretraining sanity: clip -> video retrieval, random init vs the tiny pretrained backbone"
+"$PY" benchmarks/pretrain_sanity.py --videos 8
+
 echo "== motion maps: DIS vs Farneback vs TV-L1 on real clips"
 # TV-L1 lives in opencv-contrib-python, which replaces opencv-python's cv2 module: it gets its own venv.
 TVL1_VENV=${TVL1_VENV:-.cache/bench-tvl1-venv}
