@@ -75,11 +75,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- RNG
-def rng_state() -> dict:
-    """Python, NumPy and torch (CPU + CUDA) generator states of this process."""
+def rng_state(cuda: bool = True) -> dict:
+    """Python, NumPy and torch CPU generator states of this process, plus (``cuda=True``) the
+    CUDA generator of this rank's current device only: reading every device's would create a
+    CUDA context on each GPU of the node from every rank."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -88,7 +90,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------- finding checkpoints

@@ -228,8 +228,8 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             wait, loss_sum = 0.0, 0.0
             for _ in range(cfg.trainer.grad_accum):
                 t_wait = time.perf_counter()
-                rng = ck.rng_state()    # the loader (e.g. starting its workers) must not move the
-                batch = next(data)      # training RNG streams: a resumed run restarts it
+                rng = ck.rng_state(cuda=False)  # the loader (e.g. starting its workers) must not move
+                batch = next(data)              # the training RNG streams: a resumed run restarts it
                 ck.set_rng_state(rng)
                 wait += time.perf_counter() - t_wait
                 clips = batch["clips"].to(device, non_blocking=True)
@@ -237,9 +237,12 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 loss, terms = engine(clips, motion, progress)
                 engine.backward(loss)
                 engine.step()
-                loss_sum += float(loss.detach())
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg.trainer.grad_accum
+                # one device-to-host transfer for the loss and every term (not one sync per term)
+                host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                    for v in (loss.detach(), *terms.values())]).tolist()
+                loss_sum += host[0]
+                for k, v in zip(terms, host[1:]):
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.trainer.grad_accum
                 window["clips"] += clips.shape[0] * clips.shape[1] * world
             with torch.no_grad():
                 engine.module.momentum_update()
