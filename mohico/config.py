@@ -296,14 +296,36 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Keys a resumed run may change (allowed and logged at resume): they do not alter the training
+# trajectory so far. ``trainer.max_steps`` re-plans the lr schedule and the progress from the
+# current step (mohico.trainer.optim.SchedulePlan); ``data.shards`` may move when the shards'
+# manifest checksum is unchanged (mohico.trainer.resume_check); ``data.num_workers`` re-splits
+# the loader streams. Everything else changes the trajectory and is hashed.
+RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "trainer.log_every", "trainer.nproc",
+                    "trainer.max_steps", "data.num_workers", "data.shards")
+
+
+def is_resume_safe(dotted: str) -> bool:
+    """True for a dotted key under one of :data:`RESUME_SAFE_KEYS`."""
+    return any(dotted == k or dotted.startswith(k + ".") for k in RESUME_SAFE_KEYS)
+
+
+def trajectory_dict(d: dict) -> dict:
+    """A :func:`to_dict` copy without the :data:`RESUME_SAFE_KEYS`: what the hash guards."""
+    out = json.loads(json.dumps(d))
+    for key in RESUME_SAFE_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
 def config_hash(cfg: Config) -> str:
-    """Hash of what changes the training trajectory (run paths, logging and slurm excluded)."""
-    d = to_dict(cfg)
-    for volatile in ("run", "wandb", "slurm"):
-        d.pop(volatile)
-    d["checkpoint"] = {}
-    d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("log_every", "nproc")}
-    blob = json.dumps(d, sort_keys=True).encode()
+    """Hash of what changes the training trajectory (everything but :data:`RESUME_SAFE_KEYS`)."""
+    blob = json.dumps(trajectory_dict(to_dict(cfg)), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from mohico.errors import MohicoError
+from mohico.trainer.resume_check import check_config, config_difference  # noqa: F401 - re-exported
 from mohico.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mohico.trainer")
@@ -135,38 +136,6 @@ def read_meta(ckdir: Path, tag: str) -> dict:
     except (OSError, ValueError) as e:
         raise MohicoError(f"{path}: cannot read checkpoint metadata ({e}); the checkpoint is incomplete "
                           f"or not a mohico checkpoint") from None
-
-
-def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts, as 'key: saved -> current'."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        dotted = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(config_difference(a, b, dotted + "."))
-        elif a != b:
-            out.append(f"{dotted}: {a!r} -> {b!r}")
-    return out
-
-
-def check_config(meta: dict, cfg, where: Path, force: bool) -> None:
-    """Refuse to resume a checkpoint written under a different config (unless ``force``)."""
-    from mohico.config import config_hash, to_dict
-
-    saved_hash, current = meta.get("config_hash"), config_hash(cfg)
-    if saved_hash == current:
-        return
-    diff = config_difference(meta.get("config", {}), to_dict(cfg))
-    diff = [d for d in diff if not d.split(":")[0].startswith(("run.", "wandb.", "slurm.", "checkpoint."))]
-    shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
-    msg = (f"checkpoint {where} was written by a different config (hash {saved_hash}, this config {current}): "
-           f"{shown or 'settings differ'}")
-    if force:
-        log.warning("%s -- loading anyway because checkpoint.force=true", msg)
-        return
-    raise MohicoError(msg + ". Use a new run.dir, set checkpoint.resume=never to start over, or "
-                      "checkpoint.force=true to load it anyway.")
 
 
 # --------------------------------------------------------------------------- saving

@@ -15,7 +15,9 @@ before every optimizer step.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+
 import torch
 import torch.distributed as dist
 
@@ -47,6 +49,59 @@ def lr_at(step: int, cfg, world_size: int) -> float:
     frac = min(1.0, (step - warmup) / span)
     floor = min(o.min_lr, peak)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class SchedulePlan:
+    """The lr schedule and the training progress, re-planned when a resume changes ``trainer.max_steps``.
+
+    A fresh run follows :func:`lr_at` and ``progress = step / max_steps``. Resuming at step ``s``
+    with another ``max_steps`` re-plans from ``s``: the lr continues from the old schedule's
+    value at ``s`` (as a fraction of the peak) along a half-cosine to ``min_lr`` at the new
+    ``max_steps`` (still in warm-up: the warm-up, then the cosine to the new ``max_steps``); the
+    progress continues from its value at ``s`` linearly to 1 at the new ``max_steps``. Nothing
+    jumps. The plan is saved in each checkpoint's meta (``schedule``) so chained extensions
+    compose.
+    """
+
+    def __init__(self, max_steps: int, start_step: int = 0, start_progress: float = 0.0,
+                 start_lr_frac: float | None = None):
+        self.max_steps, self.start_step = int(max_steps), int(start_step)
+        self.start_progress, self.start_lr_frac = float(start_progress), start_lr_frac
+
+    def state_dict(self) -> dict:
+        return {"max_steps": self.max_steps, "start_step": self.start_step,
+                "start_progress": self.start_progress, "start_lr_frac": self.start_lr_frac}
+
+    @classmethod
+    def resume(cls, meta: dict | None, cfg, world_size: int) -> "SchedulePlan":
+        """The plan for ``cfg`` resuming checkpoint ``meta`` (``None``: a fresh run)."""
+        if meta is None:
+            return cls(cfg.trainer.max_steps)
+        saved = meta.get("schedule") or {"max_steps": (meta.get("config") or {}).get("trainer", {}).get(
+            "max_steps", cfg.trainer.max_steps)}
+        old = cls(**saved)
+        if old.max_steps == cfg.trainer.max_steps:
+            return old
+        step = int(meta["step"])
+        old_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=old.max_steps))
+        warmup = min(int(round(cfg.optim.warmup_epochs * cfg.trainer.steps_per_epoch)), old.max_steps)
+        frac = None if step < warmup else old.lr(step, old_cfg, world_size) / base_lr(old_cfg, world_size)
+        return cls(cfg.trainer.max_steps, step, old.progress(step), frac)
+
+    def progress(self, step: int) -> float:
+        """Training progress in [0, 1] at ``step`` (``step / max_steps`` for a plan from step 0)."""
+        span = max(1, self.max_steps - self.start_step)
+        return min(1.0, max(0.0, self.start_progress + (1.0 - self.start_progress) * (step - self.start_step) / span))
+
+    def lr(self, step: int, cfg, world_size: int) -> float:
+        """The learning rate for optimizer step ``step`` (``cfg.trainer.max_steps`` is this plan's)."""
+        if self.start_lr_frac is None or step < self.start_step:
+            return lr_at(step, cfg, world_size)
+        peak = base_lr(cfg, world_size)
+        floor = min(cfg.optim.min_lr, peak)
+        start = max(self.start_lr_frac * peak, floor)
+        frac = min(1.0, (step - self.start_step) / max(1, self.max_steps - self.start_step))
+        return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -33,7 +33,8 @@ import torch
 
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.engine import build_engine, device_type, init_distributed, resolve_precision
-from mohico.trainer.optim import build_optimizer, lr_at, set_lr
+from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
+from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
 from mohico.trainer.wandb_log import WandbLogger, new_run_id
 
@@ -146,9 +147,11 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     ckpt.remove_partial()
     source = ckpt.find_resume(cfg.checkpoint.resume)
     meta = None
+    data_fp = data_fingerprint(cfg.data.shards)
     if source is not None:
         meta = ck.read_meta(*source)
-        ck.check_config(meta, cfg, source[0] / source[1], cfg.checkpoint.force)
+        ck.check_config(meta, cfg, source[0] / source[1], cfg.checkpoint.force, data_fp=data_fp)
+    plan = SchedulePlan.resume(meta, cfg, world)   # re-planned from the resume step if max_steps changed
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     same_world = meta is None or meta["world_size"] == world
@@ -204,7 +207,8 @@ def train(cfg, build_module=None, build_loader=None) -> int:
 
     def save(at_step: int) -> None:
         meta_out = {"step": at_step, "epoch": at_step // cfg.trainer.steps_per_epoch,
-                    "progress": at_step / cfg.trainer.max_steps, "world_size": world,
+                    "progress": plan.progress(at_step), "schedule": plan.state_dict(),
+                    "data_fingerprint": data_fp, "world_size": world,
                     "zero_stage": cfg.trainer.zero_stage, "wandb_run_id": run_id,
                     "config_hash": config_hash(cfg), "config": to_dict(cfg), "time": time.time()}
         rank_state = {"rank": rank, "loader": loader.state_dict(), "bank": engine.module.bank_state_dict(),
@@ -220,9 +224,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         terms_sum: dict[str, float] = {}
         last_saved = step if source is not None else -1
         while step < cfg.trainer.max_steps:
-            progress = step / cfg.trainer.max_steps
+            progress = plan.progress(step)
             loader.set_progress(progress)
-            lr = lr_at(step, cfg, world)
+            lr = plan.lr(step, cfg, world)
             set_lr(optimizer, lr)
             t_step = time.perf_counter()
             wait, loss_sum = 0.0, 0.0
