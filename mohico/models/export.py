@@ -47,10 +47,15 @@ def _save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def save_backbone(path: str | os.PathLike, name: str, options: dict, backbone: nn.Module) -> Path:
-    """Write ``backbone``'s weights with the ``name`` and ``options`` that rebuild it (atomic)."""
-    return _save(path, {"format": BACKBONE_FORMAT, "version": BACKBONE_FORMAT_VERSION, "name": name,
-                        "options": dict(options), "state_dict": _cpu_state(backbone)})
+def save_backbone(path: str | os.PathLike, name: str, options: dict, backbone: nn.Module,
+                  preprocessing: dict | None = None) -> Path:
+    """Write ``backbone``'s weights with the ``name`` and ``options`` that rebuild it (atomic), and
+    the ``preprocessing`` its training clips had (``mohico.models.encoder.Preprocessing.to_dict()``)."""
+    obj = {"format": BACKBONE_FORMAT, "version": BACKBONE_FORMAT_VERSION, "name": name,
+           "options": dict(options), "state_dict": _cpu_state(backbone)}
+    if preprocessing is not None:
+        obj["preprocessing"] = dict(preprocessing)
+    return _save(path, obj)
 
 
 def load_checkpoint_state(path: str | os.PathLike,
@@ -233,11 +238,25 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str 
         raise UsageError(f"{out} is a directory; give the output file, e.g. {out / 'backbone.pt'}")
     if Path(ckpt).exists() and out.exists() and out.resolve() == Path(ckpt).resolve():
         raise UsageError(f"{out}: the output would overwrite the checkpoint; choose another path")
+    from mohico.models.encoder import find_preprocessing
+
     name, options, backbone = load_backbone(ckpt, config)
+    try:
+        prep = find_preprocessing(ckpt, config).to_dict()
+    except MohicoError:   # e.g. an older backbone file: the weights still export
+        prep = None
     if fmt == "mohico":
-        return save_backbone(out, name, options, backbone)
+        return save_backbone(out, name, options, backbone, prep)
     try:
         state = to_torchvision(backbone)
     except MohicoError as e:
         raise MohicoError(f"{ckpt}: {e}") from e
-    return _save(out, state)
+    path = _save(out, state)
+    if prep is not None:   # a plain state_dict has no room for it: OUT.json beside the weights
+        import json
+
+        from mohico.utils import atomic_write_text
+
+        atomic_write_text(Path(f"{out}.json"), json.dumps(
+            {"format": "mohico.torchvision_export", "backbone": name, "preprocessing": prep}, indent=2) + "\n")
+    return path
