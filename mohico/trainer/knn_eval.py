@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -96,16 +95,32 @@ def center_box(width: int, height: int) -> tuple[int, int, int, int]:
     return (width - side) // 2, (height - side) // 2, side, side
 
 
+def crop_boxes(width: int, height: int, crops: int = 1) -> list[tuple[int, int, int, int]]:
+    """``crops`` squares of the short side spread evenly along the long side (1: the centre square;
+    3: left/centre/right, or top/centre/bottom for portrait frames -- the 3-crop test protocol)."""
+    if crops < 1:
+        raise MohicoError(f"spatial crops must be >= 1, got {crops}")
+    if crops == 1:
+        return [center_box(width, height)]
+    side = min(width, height)
+    slack_x, slack_y = width - side, height - side
+    return [(round(i * slack_x / (crops - 1)), round(i * slack_y / (crops - 1)), side, side) for i in range(crops)]
+
+
 @dataclass
 class LabelledVideo:
     key: str
-    label: object
-    clips: np.ndarray        # (clips_per_video, 3, T, S, S) float32, normalised
+    label: object            # None when the shards carry no label (only with require_label=False)
+    clips: np.ndarray        # (clips_per_video * spatial_crops, 3, T, S, S) float32, normalised; clip-major
+    source: str = ""
 
 
-def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shards") -> Iterator[LabelledVideo]:
-    """Every sample of ``shards`` (pattern, folder or list file) as deterministic clips + label.
-    Raises MohicoError for a sample without a ``label`` or that cannot be read."""
+def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shards", spatial_crops: int = 1,
+                  require_label: bool = True) -> Iterator[LabelledVideo]:
+    """Every sample of ``shards`` (pattern, folder or list file) as deterministic clips + label:
+    ``clips_per_video`` temporal clips x ``spatial_crops`` crops (:func:`crop_boxes`) each.
+    Raises MohicoError for a sample that cannot be read, and (``require_label``) for one without
+    a ``label``."""
     from mohico.datasets.pipeline_cpu import transform_clip
     from mohico.datasets.pipeline_stream import expand_shards, iter_shard
     from mohico.datasets.remux import ClipRemuxer, decode_frames
@@ -122,55 +137,25 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
             except (KeyError, ValueError, TypeError) as e:
                 raise MohicoError(f"{name}: no readable metadata json ({type(e).__name__}: {e})") from None
             label = meta.get("label")
-            if label is None:
+            if label is None and require_label:
                 raise MohicoError(f"{name}: the {where} carry no labels (json 'label' is missing or null); "
-                                  f"write them with `mohico shards SRC OUT --labels LABELS.json`")
+                                  f"write them with `mohico shards SRC OUT --labels LABELS.json` or give "
+                                  f"them at eval time with `--labels LABELS.json`")
             ext = next((e for e in VIDEO_EXTS if e in sample), None)
             if ext is None:
                 raise MohicoError(f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
-            box = center_box(width, height)
+            boxes = crop_boxes(width, height, spatial_crops)
             out = []
             with ClipRemuxer(sample[ext], fps, name) as rem:
                 for start in eval_starts(num_frames, data_cfg.clip_len, data_cfg.frame_stride, clips_per_video):
                     fr = clip_frames(start, data_cfg.clip_len, data_cfg.frame_stride, num_frames)
                     cut = rem.cut(int(fr.min()), int(fr.max()))
                     frames = decode_frames(cut.data, fr - cut.key_frame, name)
-                    out.append(transform_clip(frames, box, IDENTITY_AUG, data_cfg.crop_size, data_cfg.mean,
-                                              data_cfg.std))
-            yield LabelledVideo(str(sample["__key__"]), label, np.stack(out))
+                    out.extend(transform_clip(frames, box, IDENTITY_AUG, data_cfg.crop_size, data_cfg.mean,
+                                              data_cfg.std) for box in boxes)
+            yield LabelledVideo(str(sample["__key__"]), label, np.stack(out), str(meta.get("source", "")))
         if errors:
             raise MohicoError(f"{url}: cannot read the shard to its end: {errors[0]}")
-
-
-@torch.no_grad()
-def embed_videos(backbone: nn.Module, videos: Iterator[LabelledVideo], device: torch.device,
-                 batch_size: int = 16) -> tuple[list[str], list, torch.Tensor]:
-    """``(keys, labels, embeddings (V, D))``: per video the mean of its clips' L2-normalised
-    pooled embeddings, batched over clips."""
-    backbone.eval().to(device)
-    keys, labels, owners, feats, pending = [], [], [], [], []
-
-    def flush():
-        x = torch.from_numpy(np.stack([c for _, c in pending])).to(device)
-        feats.append(nn.functional.normalize(backbone(x).float(), dim=1).cpu())
-        owners.extend(i for i, _ in pending)
-        pending.clear()
-
-    for v in videos:
-        keys.append(v.key)
-        labels.append(v.label)
-        for clip in v.clips:
-            pending.append((len(keys) - 1, clip))
-            if len(pending) >= batch_size:
-                flush()
-    if pending:
-        flush()
-    if not keys:
-        raise MohicoError("no videos to embed (empty shards)")
-    f = torch.cat(feats)
-    owner = torch.tensor(owners)
-    out = torch.zeros(len(keys), f.shape[1]).index_add_(0, owner, f)
-    return keys, labels, out / torch.bincount(owner, minlength=len(keys)).clamp(min=1)[:, None]
 
 
 # --------------------------------------------------------------------------- backbone from a checkpoint
@@ -202,41 +187,18 @@ def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
 
 
 def knn_eval(backbone: nn.Module, cfg, train_shards, val_shards, k: int = 20, temperature: float = 0.07,
-             clips_per_video: int = 1, batch_size: int = 16, device: str | torch.device = "cpu") -> dict:
+             clips_per_video: int = 1, batch_size: int = 16, device: str | torch.device = "cpu",
+             labels: Optional[dict] = None) -> dict:
     """Embed both sets and return ``{"top1", "top5", "k", "temperature", "num_train", "num_val",
-    "num_classes", "chance_top1", "clips_per_video", "per_video": [...]}``."""
+    "num_classes", "chance_top1", "clips_per_video", "per_video": [...]}``
+    (:func:`mohico.trainer.eval_protocols.knn` on :func:`~mohico.trainer.eval_protocols.features`)."""
+    from mohico.trainer.eval_protocols import run_protocol
+
     if clips_per_video < 1:
         raise MohicoError(f"clips_per_video must be >= 1, got {clips_per_video}")
-    device = torch.device(device)
-    tk, tl, tf = embed_videos(backbone, iter_labelled(train_shards, cfg.data, clips_per_video, "train shards"),
-                              device, batch_size)
-    vk, vl, vf = embed_videos(backbone, iter_labelled(val_shards, cfg.data, clips_per_video, "val shards"),
-                              device, batch_size)
-    try:
-        classes = sorted(set(tl) | set(vl))
-    except TypeError:                      # mixed int / str labels
-        classes = sorted(set(tl) | set(vl), key=str)
-    index = {c: i for i, c in enumerate(classes)}
-    ty = torch.tensor([index[c] for c in tl])
-    vy = torch.tensor([index[c] for c in vl])
-    exclude = torch.tensor([[a == b for b in tk] for a in vk], dtype=torch.bool)
-    if bool(exclude.all(dim=1).any()):
-        raise MohicoError("a val video has no train video other than itself to vote: give more train videos")
-    scores = knn_scores(tf, ty, vf, len(classes), k, temperature, exclude)
-    acc = topk_accuracy(scores, vy, (1, 5))
-    pred = scores.argmax(dim=1)
-    counts = np.bincount(ty.numpy(), minlength=len(classes))
-    return {**acc, "k": k, "temperature": temperature, "clips_per_video": clips_per_video,
-            "num_train": len(tk), "num_val": len(vk), "num_classes": len(classes),
-            "leave_one_out": int(exclude.any(dim=1).sum()),
-            "chance_top1": float(counts.max() / counts.sum()),     # always predicting the largest train class
-            "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]} for key, lab, p in zip(vk, vl, pred)]}
-
-
-def write_results(results: dict, path) -> Path:
-    from mohico.utils import atomic_write_bytes
-
-    return atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
+    res = run_protocol("knn", backbone, cfg, train_shards, val_shards, {"k": k, "temperature": temperature},
+                       labels=labels, clips_per_video=clips_per_video, batch_size=batch_size, device=device)
+    return {**res, "num_val": res["num_test"]}
 
 
 def embedding_stats(emb: torch.Tensor, labels: Sequence) -> dict[str, float]:

@@ -1,72 +1,157 @@
-"""`mohico eval CKPT --train SHARDS --val SHARDS [--config CONFIG] [--k 20] ...`: kNN top-1/top-5
-accuracy of a pretrained backbone's pooled embeddings on labelled shards.
+"""`mohico eval [PROTOCOL] CKPT --train SHARDS --val SHARDS [--config CONFIG] ...`: evaluate a
+pretrained backbone on labelled shards. PROTOCOL is `knn` (default), `retrieval` or `linear`.
 
 CKPT is a run directory (its latest checkpoint), a checkpoint folder, a backbone file written by
 `mohico export --format mohico`, a zero_to_fp32 output, or `random` (the config's backbone at random init: the baseline).
 The config (default: CKPT/config.yaml of a run directory) gives the backbone and the clip
 geometry (data.clip_len, data.frame_stride, data.crop_size, data.mean/std). Labels are the shard
-json's `label` field (`mohico shards SRC OUT --labels LABELS.json`). Each video: the mean of the
-L2-normalised embeddings of N deterministic centre clips (centre crop, no augmentation); each
-val video is classified by the exp(cos/T)-weighted vote of its k nearest train videos
-(InstDisc / solo-learn). The same shards may be both sets: a video never votes for itself.
+json's `label` field (`mohico shards SRC OUT --labels LABELS.json`) or, overriding them, `--labels FILE`.
+Each video gives N temporal clips (centred in equal segments) x M spatial crops of the short side,
+embedded by the frozen backbone and L2-normalised (no augmentation); features can be cached (`--cache DIR`).
+- knn (kNN): each val video is classified by the exp(cos/T)-weighted vote of its k nearest train videos (InstDisc / solo-learn).
+- retrieval: val videos query train videos by cosine similarity; recall@k = a video of the query's class in the top k (MCL / CoCLR).
+- linear: a linear classifier on the frozen features of every train view, lr / weight decay picked on a held-out
+  part of train, top-1/top-5 on val from the softmax averaged over a video's views.
+The same shards may be both sets for knn and retrieval: a video never matches itself.
+Results: a table on stdout, JSON (--out), and W&B (the pretraining run's when CKPT is a run, else a new run).
 """
 from __future__ import annotations
 
-HELP = "kNN top-1/top-5 accuracy of a pretrained backbone on labelled shards"
+HELP = "evaluate a backbone on labelled shards: knn (default), retrieval or linear"
 DESCRIPTION = __doc__
+PROTOCOLS = ("knn", "retrieval", "linear")
 
 
 def add_arguments(p):
-    p.add_argument("ckpt", metavar="RUN_DIR_OR_CKPT",
-                   help="run directory, checkpoint folder, exported mohico backbone file, or 'random'")
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.usage = "mohico eval [-h] [PROTOCOL] CKPT --train SHARDS --val SHARDS [options]"
+    p.add_argument("target", nargs="+", metavar="[PROTOCOL] CKPT",
+                   help=f"optional protocol ({', '.join(PROTOCOLS)}; default knn), then a run directory, checkpoint "
+                        "folder, exported backbone file, torchvision state_dict, or 'random'")
     p.add_argument("--config", default=None,
                    help="experiment YAML (default: RUN_DIR/config.yaml when CKPT is a run directory)")
     p.add_argument("--train", required=True, metavar="SHARDS", help="labelled train shards (folder, pattern, list)")
-    p.add_argument("--val", required=True, metavar="SHARDS", help="labelled val shards (may be the train shards)")
-    p.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
-    p.add_argument("--clips-per-video", type=int, default=1, metavar="N",
-                   help="centre clips of N equal segments, embeddings averaged (default 1)")
+    p.add_argument("--val", "--test", dest="val", required=True, metavar="SHARDS",
+                   help="labelled val/test shards (may be the train shards for knn and retrieval)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="labels for both sets, overriding the shards': JSON {source: label} or 'source<TAB>label' lines")
+    p.add_argument("--clips-per-video", type=int, default=None, metavar="N",
+                   help="temporal clips per video (centres of N equal segments; default 1, linear 3)")
+    p.add_argument("--spatial-crops", type=int, default=None, metavar="M",
+                   help="crops of the short side along the long side (1 centre, 3 left/centre/right; default 1, linear 3)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="cache extracted features here (reused when unchanged)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default=None, metavar="results.json", help="write the results (with per-video predictions)")
+    p.add_argument("--no-wandb", action="store_true", help="do not log the results to W&B")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                    help="config override, repeatable, e.g. --set data.clip_len=8 --set data.crop_size=64")
+    g = p.add_argument_group("knn")
+    g.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    g.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--recall-at", default="1,5,10,20,50", metavar="K,K,...", help="recall@k (default 1,5,10,20,50)")
+    g = p.add_argument_group("linear")
+    g.add_argument("--lr", default="0.01,0.1,1", metavar="LR,...", help="learning rates searched (default 0.01,0.1,1)")
+    g.add_argument("--wd", default="0,1e-4,1e-3", metavar="WD,...", help="weight decays searched (default 0,1e-4,1e-3)")
+    g.add_argument("--epochs", type=int, default=100, help="SGD epochs over the train views (default 100)")
+    g.add_argument("--linear-batch-size", type=int, default=256, help="SGD batch size (default 256)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out part of train for the search (default 0.2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and SGD order (default 0)")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    from mohico.errors import UsageError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def parse_target(target: list[str]) -> tuple[str, str]:
+    """``[PROTOCOL] CKPT`` -> ``(protocol, ckpt)``."""
+    from mohico.errors import UsageError
+
+    if len(target) == 1:
+        return "knn", target[0]
+    if len(target) == 2 and target[0] in PROTOCOLS:
+        return target[0], target[1]
+    raise UsageError(f"expected [PROTOCOL] CKPT with PROTOCOL one of {', '.join(PROTOCOLS)}; got {' '.join(target)}")
+
+
+def headline(res: dict) -> str:
+    """One line with the protocol's main numbers."""
+    n = f"{res['num_test']} val / {res['num_train']} train videos, {res['num_classes']} classes, " \
+        f"{res['clips_per_video']} clip(s) x {res['spatial_crops']} crop(s)"
+    if res["protocol"] == "retrieval":
+        return f"retrieval on {n}: " + "  ".join(f"R@{k} {100 * res[f'recall@{k}']:.2f}%" for k in res["ks"])
+    what = (f"kNN (k={res['k']}, T={res['temperature']})" if res["protocol"] == "knn"
+            else f"linear (lr={res['lr']:g}, wd={res['weight_decay']:g})")
+    return (f"{what} on {n}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
+            f"(majority-class top-1 {100 * res['chance_top1']:.2f}%)")
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
     import torch
 
     from mohico.config import load_config
+    from mohico.datasets.shards_inputs import load_labels
     from mohico.errors import UsageError
-    from mohico.trainer.knn_eval import knn_eval, load_eval_backbone, write_results
+    from mohico.trainer.eval_protocols import run_protocol
+    from mohico.trainer.eval_report import log_wandb, results_table, write_results
+    from mohico.trainer.knn_eval import load_eval_backbone
 
-    if args.k < 1 or args.clips_per_video < 1 or args.batch_size < 1 or args.temperature <= 0:
-        raise UsageError("--k, --clips-per-video and --batch-size must be >= 1 and --temperature > 0")
+    protocol, ckpt = parse_target(args.target)
+    linear = protocol == "linear"
+    clips = args.clips_per_video if args.clips_per_video is not None else (3 if linear else 1)
+    crops = args.spatial_crops if args.spatial_crops is not None else (3 if linear else 1)
+    if args.k < 1 or clips < 1 or crops < 1 or args.batch_size < 1 or args.temperature <= 0:
+        raise UsageError("--k, --clips-per-video, --spatial-crops and --batch-size must be >= 1 and --temperature > 0")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UsageError(f"--set takes key=value, got {bad}")
+    options: dict = {}
+    if protocol == "knn":
+        options = {"k": args.k, "temperature": args.temperature}
+    elif protocol == "retrieval":
+        ks = [int(k) for k in _floats(args.recall_at, "--recall-at")]
+        if not ks or min(ks) < 1:
+            raise UsageError(f"--recall-at needs ks >= 1, got {args.recall_at!r}")
+        options = {"ks": ks}
+    else:
+        if args.epochs < 1 or args.linear_batch_size < 1 or not 0 < args.val_fraction < 1:
+            raise UsageError("--epochs and --linear-batch-size must be >= 1 and 0 < --val-fraction < 1")
+        options = {"lrs": _floats(args.lr, "--lr"), "weight_decays": _floats(args.wd, "--wd"), "epochs": args.epochs,
+                   "batch_size": args.linear_batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
     config = args.config
     if config is None:
-        run_cfg = Path(args.ckpt) / "config.yaml"
+        run_cfg = Path(ckpt) / "config.yaml"
         if not run_cfg.is_file():
-            raise UsageError(f"--config is required: {args.ckpt} is not a run directory with config.yaml")
+            raise UsageError(f"--config is required: {ckpt} is not a run directory with config.yaml")
         config = run_cfg
     cfg = load_config(config, list(args.overrides))
+    labels = load_labels(args.labels) if args.labels else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = load_eval_backbone(args.ckpt, cfg, config)
-    res = knn_eval(backbone, cfg, args.train, args.val, k=args.k, temperature=args.temperature,
-                   clips_per_video=args.clips_per_video, batch_size=args.batch_size, device=device)
-    res = {"checkpoint": str(args.ckpt), "config": str(config), "train": str(args.train), "val": str(args.val), **res}
-    print(f"kNN (k={res['k']}, T={res['temperature']}, {res['clips_per_video']} clip(s)/video) on "
-          f"{res['num_val']} val / {res['num_train']} train videos, {res['num_classes']} classes: "
-          f"top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
-          f"(majority-class top-1 {100 * res['chance_top1']:.2f}%)")
+    backbone = load_eval_backbone(ckpt, cfg, config)
+    res = run_protocol(protocol, backbone, cfg, args.train, args.val, options, labels=labels, clips_per_video=clips,
+                       spatial_crops=crops, cache_dir=args.cache, batch_size=args.batch_size, device=device,
+                       progress=not args.quiet)
+    res = {"protocol": protocol, "checkpoint": str(ckpt), "config": str(config), "train": str(args.train),
+           "val": str(args.val), "labels": args.labels, **res}
+    if protocol == "knn":
+        res["num_val"] = res["num_test"]
+    print(results_table(res))
+    print(headline(res))
     if args.out:
         print(f"results: {write_results(res, args.out)}")
-    else:
-        print(json.dumps({k: v for k, v in res.items() if k != "per_video"}))
+    if not args.no_wandb:
+        run_id = log_wandb(cfg, res, ckpt, args.out)
+        if run_id:
+            print(f"W&B run {run_id}: eval/{protocol}/*")
     return 0

@@ -1,0 +1,202 @@
+"""Evaluation protocols on frozen features: kNN, retrieval and linear probe (``mohico eval PROTOCOL``).
+
+Python API (stable; every protocol takes two labelled :class:`~mohico.trainer.eval_features.FeatureSet`
+and returns a JSON-able dict):
+
+- ``features(backbone, cfg, shards, labels=None, clips_per_video=1, spatial_crops=1, cache_dir=None, ...)``
+  -> labelled FeatureSet (``feats: (V, C, D)``), extracted once and cached;
+- ``knn(train, test, k=20, temperature=0.07)`` -> ``{"top1", "top5", ...}`` (InstDisc weighted vote);
+- ``retrieval(train, test, ks=(1, 5, 10, 20, 50))`` -> ``{"recall@1", ..., "recall@50", ...}``;
+- ``linear(train, test, lrs=..., weight_decays=..., epochs=100, ...)`` -> ``{"top1", "top5", "lr",
+  "weight_decay", "search": [...], ...}``;
+- ``retrieval_recall(gallery, gallery_labels, query, query_labels, ks, exclude)`` on raw arrays;
+- ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, ...)`` does both steps.
+
+**Retrieval** (MCL / CoCLR): each test video (the mean of its L2-normalised view embeddings)
+queries the train videos by cosine similarity; recall@k is the fraction of queries with a video of
+their class among the k nearest. **Linear**: a linear classifier trained on every view of the
+train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
+picked on a stratified held-out part of train (video-level top-1), then refit on all of train;
+test top-1/top-5 from the softmax averaged over a video's views. In every protocol a test video
+whose key is also a train video never matches itself (leave-one-out), so one shard set may be both.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from mohico.errors import MohicoError
+from mohico.trainer.eval_features import FeatureSet, class_index, extract_features
+
+PROTOCOLS = ("knn", "retrieval", "linear")
+RECALL_KS = (1, 5, 10, 20, 50)
+LINEAR_LRS = (0.01, 0.1, 1.0)
+LINEAR_WDS = (0.0, 1e-4, 1e-3)
+
+
+def features(backbone, cfg, shards, labels: Optional[dict] = None, clips_per_video: int = 1, spatial_crops: int = 1,
+             cache_dir=None, batch_size: int = 16, device="cpu", progress: bool = False,
+             where: str = "shards") -> FeatureSet:
+    """The labelled FeatureSet of ``shards`` (``labels`` override the shards'; unlabelled videos dropped)."""
+    fs = extract_features(backbone, cfg, shards, clips_per_video, spatial_crops, batch_size, device, cache_dir,
+                          progress, where)
+    return fs.relabel(labels).labelled(where)
+
+
+def _self_pairs(test: FeatureSet, train: FeatureSet) -> torch.Tensor:
+    """``(Q, N)`` bool: the test video is that train video (same key)."""
+    pos = {k: i for i, k in enumerate(train.keys)}
+    ex = torch.zeros(len(test), len(train), dtype=torch.bool)
+    for q, k in enumerate(test.keys):
+        if k in pos:
+            ex[q, pos[k]] = True
+    return ex
+
+
+def _chance(train_y: np.ndarray, num_classes: int) -> float:
+    counts = np.bincount(train_y, minlength=num_classes)
+    return float(counts.max() / counts.sum())
+
+
+def _common(train: FeatureSet, test: FeatureSet, classes) -> dict:
+    return {"num_train": len(train), "num_test": len(test), "num_classes": len(classes),
+            "views_per_video": int(test.feats.shape[1]), "unlabelled_train": len(train.unlabelled),
+            "unlabelled_test": len(test.unlabelled)}
+
+
+# --------------------------------------------------------------------------- kNN
+def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
+    """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (see knn_eval)."""
+    from mohico.trainer.knn_eval import knn_scores, topk_accuracy
+
+    classes, (ty, qy) = class_index(train.labels, test.labels)
+    exclude = _self_pairs(test, train)
+    if bool(exclude.all(dim=1).any()):
+        raise MohicoError("a test video has no train video other than itself to vote: give more train videos")
+    scores = knn_scores(torch.from_numpy(train.video_features()), torch.from_numpy(ty),
+                        torch.from_numpy(test.video_features()), len(classes), k, temperature, exclude)
+    pred = scores.argmax(dim=1)
+    return {**topk_accuracy(scores, torch.from_numpy(qy), (1, 5)), "k": k, "temperature": temperature,
+            **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
+            "chance_top1": _chance(ty, len(classes)),
+            "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]}
+                          for key, lab, p in zip(test.keys, test.labels, pred)]}
+
+
+# --------------------------------------------------------------------------- retrieval
+def retrieval_recall(gallery, gallery_labels, query, query_labels, ks: Sequence[int] = RECALL_KS,
+                     exclude=None) -> dict[str, float]:
+    """``{"recall@k": fraction of queries with a same-label gallery item among their k nearest by
+    cosine}`` for ``gallery: (N, D)``, ``query: (Q, D)``, integer labels; ``exclude: (Q, N)`` bool
+    pairs never retrieved. ``k`` larger than the gallery counts the whole (allowed) gallery."""
+    g = torch.nn.functional.normalize(torch.as_tensor(np.asarray(gallery), dtype=torch.float64), dim=1)
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query), dtype=torch.float64), dim=1)
+    gl = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.int64)
+    ql = torch.as_tensor(np.asarray(query_labels), dtype=torch.int64)
+    if g.ndim != 2 or q.ndim != 2 or g.shape[1] != q.shape[1] or len(gl) != len(g) or len(ql) != len(q):
+        raise MohicoError(f"retrieval: gallery (N, D), query (Q, D) and their labels; got {tuple(g.shape)}, "
+                          f"{tuple(q.shape)}, {tuple(gl.shape)}, {tuple(ql.shape)}")
+    if not ks or min(ks) < 1:
+        raise MohicoError(f"retrieval: recall ks must be >= 1, got {list(ks)}")
+    sim = q @ g.t()
+    if exclude is not None:
+        sim = sim.masked_fill(torch.as_tensor(np.asarray(exclude), dtype=torch.bool), float("-inf"))
+    kmax = min(max(ks), g.shape[0])
+    top, idx = sim.topk(kmax, dim=1)
+    hit = (gl[idx] == ql[:, None]) & torch.isfinite(top)                  # (Q, kmax)
+    first = torch.cumsum(hit.int(), dim=1) > 0
+    return {f"recall@{k}": float(first[:, min(k, kmax) - 1].double().mean()) for k in ks}
+
+
+def retrieval(train: FeatureSet, test: FeatureSet, ks: Sequence[int] = RECALL_KS) -> dict:
+    """Test videos query train videos (module docstring); also each query's nearest train video."""
+    classes, (ty, qy) = class_index(train.labels, test.labels)
+    exclude = _self_pairs(test, train)
+    if bool(exclude.all(dim=1).any()):
+        raise MohicoError("a test video has no train video other than itself to retrieve: give more train videos")
+    gf, qf = train.video_features(), test.video_features()
+    res = retrieval_recall(gf, ty, qf, qy, ks, exclude.numpy())
+    sim = torch.nn.functional.normalize(torch.from_numpy(qf), dim=1) @ \
+        torch.nn.functional.normalize(torch.from_numpy(gf), dim=1).t()
+    nearest = sim.masked_fill(exclude, float("-inf")).argmax(dim=1)
+    return {**res, "ks": list(ks), **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
+            "chance_recall@1": float(np.mean([np.mean(ty == c) for c in qy])),
+            "per_video": [{"key": key, "label": lab, "nearest": train.keys[int(j)], "nearest_label": train.labels[int(j)]}
+                          for key, lab, j in zip(test.keys, test.labels, nearest)]}
+
+
+# --------------------------------------------------------------------------- linear probe
+def linear(train: FeatureSet, test: FeatureSet, lrs: Sequence[float] = LINEAR_LRS,
+           weight_decays: Sequence[float] = LINEAR_WDS, epochs: int = 100, batch_size: int = 256,
+           val_fraction: float = 0.2, seed: int = 0, device="cpu", progress: bool = False) -> dict:
+    """Linear probe: grid search on a held-out part of train, refit on all of train, test top-1/top-5
+    with the softmax averaged over each video's views."""
+    from tqdm import tqdm
+
+    from mohico.trainer.knn_eval import topk_accuracy
+    from mohico.trainer.linear_probe import fit_linear, stratified_holdout, video_probabilities
+
+    classes, (ty, qy) = class_index(train.labels, test.labels)
+    k = len(classes)
+    grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
+    if not grid:
+        raise MohicoError("linear probe: give at least one learning rate and weight decay")
+    overlap = set(train.keys) & set(test.keys)
+    if overlap:
+        raise MohicoError(f"linear probe: {len(overlap)} test videos are also train videos (e.g. {sorted(overlap)[0]}); "
+                          "a classifier would be tested on what it was trained on: give disjoint train and test shards")
+    c = train.feats.shape[1]
+
+    def views(fs_feats, y):
+        return fs_feats.reshape(-1, fs_feats.shape[2]), np.repeat(y, fs_feats.shape[1])
+
+    search = []
+    if len(grid) > 1:
+        held = stratified_holdout(ty, val_fraction, seed)
+        if not held.any() or held.all():
+            raise MohicoError(f"linear probe: no held-out train videos to choose among {len(grid)} settings "
+                              f"(every class has fewer than 2 train videos); give more videos or a single --lr/--wd")
+        xf, yf = views(train.feats[~held], ty[~held])
+        for lr, wd in tqdm(grid, desc="linear search", disable=not progress, dynamic_ncols=True):
+            probe = fit_linear(xf, yf, k, lr, wd, epochs, batch_size, seed=seed, device=device)
+            acc = topk_accuracy(video_probabilities(probe, train.feats[held]), torch.from_numpy(ty[held]), (1,))
+            search.append({"lr": lr, "weight_decay": wd, "val_top1": acc["top1"]})
+        best = max(search, key=lambda r: r["val_top1"])                 # first best in grid order
+        lr, wd = best["lr"], best["weight_decay"]
+    else:
+        lr, wd = grid[0]
+    xf, yf = views(train.feats, ty)
+    probe = fit_linear(xf, yf, k, lr, wd, epochs, batch_size, seed=seed, device=device)
+    probs = video_probabilities(probe, test.feats)
+    pred = probs.argmax(dim=1)
+    return {**topk_accuracy(probs, torch.from_numpy(qy), (1, 5)), "lr": lr, "weight_decay": wd, "epochs": epochs,
+            "search": search, "val_fraction": val_fraction if len(grid) > 1 else 0.0,
+            **_common(train, test, classes), "train_views": int(len(xf)), "views_per_train_video": int(c),
+            "chance_top1": _chance(ty, k),
+            "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]}
+                          for key, lab, p in zip(test.keys, test.labels, pred)]}
+
+
+# --------------------------------------------------------------------------- backbone + shards
+def run_protocol(name: str, backbone, cfg, train_shards, test_shards, options: Optional[dict] = None,
+                 labels: Optional[dict] = None, clips_per_video: int = 1, spatial_crops: int = 1, cache_dir=None,
+                 batch_size: int = 16, device="cpu", progress: bool = False) -> dict:
+    """Extract (or read cached) features of both shard sets (``batch_size`` clips per forward pass),
+    then run protocol ``name`` with keyword ``options`` (e.g. ``{"k": 20}``, ``{"ks": [1, 5]}``,
+    ``{"lrs": [0.1], "epochs": 50}``)."""
+    options = dict(options or {})
+    fn = {"knn": knn, "retrieval": retrieval, "linear": linear}.get(name)
+    if fn is None:
+        raise MohicoError(f"unknown evaluation protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    common = dict(labels=labels, clips_per_video=clips_per_video, spatial_crops=spatial_crops, cache_dir=cache_dir,
+                  batch_size=batch_size, device=device, progress=progress)
+    train = features(backbone, cfg, train_shards, where="train shards", **common)
+    test = train if str(test_shards) == str(train_shards) else features(backbone, cfg, test_shards,
+                                                                         where="test shards", **common)
+    if name == "linear":
+        options.setdefault("device", device)
+        options.setdefault("progress", progress)
+    res = fn(train, test, **options)
+    return {"protocol": name, "clips_per_video": clips_per_video, "spatial_crops": spatial_crops, **res}

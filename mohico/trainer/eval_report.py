@@ -1,0 +1,97 @@
+"""Reporting an evaluation: a table on stdout, a JSON file, and W&B.
+
+W&B: when the checkpoint is a run directory (or one of its checkpoints) whose checkpoint meta
+records a ``wandb_run_id``, the results go to that pretraining run (``wandb.init(id=..., resume=
+"allow")`` in ``RUN_DIR/wandb``) at the checkpoint's step; otherwise to a new run of their own in
+the output file's folder. Keys are ``eval/<protocol>/<metric>``. Mode follows ``wandb.mode`` /
+``WANDB_MODE`` like training (offline without an API key); failures only warn.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+SCALARS_HIDDEN = ("per_video", "search", "ks")
+
+
+def scalar_metrics(results: dict) -> dict[str, float]:
+    """The numeric top-level entries of ``results`` (no bools, no lists)."""
+    return {k: float(v) for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SCALARS_HIDDEN}
+
+
+def format_table(title: str, rows: list[tuple[str, str]]) -> str:
+    """A two-column text table under ``title``."""
+    width = max([len(a) for a, _ in rows] + [6])
+    vwidth = max([len(b) for _, b in rows] + [5])
+    line = "-" * (width + vwidth + 3)
+    body = "\n".join(f"{a:<{width}} | {b:>{vwidth}}" for a, b in rows)
+    return f"{title}\n{line}\n{'metric':<{width}} | {'value':>{vwidth}}\n{line}\n{body}\n{line}"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def results_table(results: dict) -> str:
+    """The protocol's headline metrics (percentages for accuracies/recalls) and settings."""
+    rows = []
+    for k, v in results.items():
+        if k in SCALARS_HIDDEN or isinstance(v, (list, dict)):
+            continue
+        if isinstance(v, float) and (k.startswith(("top", "recall@", "chance", "val_top")) or k.endswith("top1")):
+            rows.append((k, f"{100 * v:.2f}%"))
+        else:
+            rows.append((k, _fmt(v)))
+    table = format_table(f"mohico eval {results.get('protocol', '')}", rows)
+    if results.get("search"):
+        table += "\n" + format_table("learning-rate / weight-decay search (held-out train, video top-1)",
+                                     [(f"lr={_fmt(r['lr'])} wd={_fmt(r['weight_decay'])}", f"{100 * r['val_top1']:.2f}%")
+                                      for r in results["search"]])
+    return table
+
+
+def write_results(results: dict, path) -> Path:
+    from mohico.utils import atomic_write_bytes
+
+    return atomic_write_bytes(path, (json.dumps(results, indent=2, default=str) + "\n").encode())
+
+
+def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
+    """``(run_dir, wandb_run_id, step)`` when ``ckpt`` is a mohico run (or one of its checkpoints)."""
+    from mohico.trainer import checkpoint as ck
+
+    try:
+        ckdir, tag = ck.resolve_checkpoint(ckpt)
+        meta = ck.read_meta(ckdir, tag)
+    except Exception:  # noqa: BLE001 - any other checkpoint form has no run
+        return None
+    run_id = meta.get("wandb_run_id")
+    if not run_id:
+        return None
+    return Path(ckdir).parent, str(run_id), int(meta.get("step", 0))
+
+
+def log_wandb(cfg, results: dict, ckpt, out: Optional[str]) -> Optional[str]:
+    """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used."""
+    from mohico.trainer.wandb_log import WandbLogger, new_run_id
+
+    protocol = results.get("protocol", "eval")
+    found = pretraining_run(ckpt)
+    if found is not None:
+        run_dir, run_id, step = found
+    else:
+        run_dir = Path(out).resolve().parent if out else Path.cwd()
+        run_id, step = new_run_id(), 0
+    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=found is not None)
+    if logger.run is None:
+        return None
+    logger.log({f"eval/{protocol}/{k}": v for k, v in scalar_metrics(results).items()}, step=step)
+    logger.finish()
+    return run_id

@@ -1,0 +1,241 @@
+"""Evaluation protocols on fixed features against float64 numpy references (retrieval recall,
+linear-probe SGD, multi-view averaging), then features from shards (cache, eval-time labels)
+and `mohico eval retrieval|linear` end to end."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mohico.config import load_config
+from mohico.errors import MohicoError
+from mohico.trainer import eval_protocols as P
+from mohico.trainer.eval_features import FeatureSet, extract_features
+from mohico.trainer.linear_probe import fit_linear, stratified_holdout, video_probabilities
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+# --------------------------------------------------------------------------- references
+def numpy_recall(gallery, gl, query, ql, ks, exclude=None):
+    """float64 reference: per query sort the allowed gallery by cosine, look for the label."""
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+    out = {}
+    for k in ks:
+        hits = 0
+        for i in range(len(q)):
+            allowed = np.arange(len(g)) if exclude is None else np.flatnonzero(~exclude[i])
+            order = allowed[np.argsort(-(g[allowed] @ q[i]), kind="stable")][:k]
+            hits += bool(np.any(gl[order] == ql[i]))
+        out[f"recall@{k}"] = hits / len(q)
+    return out
+
+
+def numpy_linear(x, y, k, lr, wd, epochs, batch_size, momentum, perms):
+    """float64 reference of the probe: standardise, SGD with momentum + cosine lr on softmax CE."""
+    x = x.astype(np.float64)
+    mean, std = x.mean(0), np.sqrt(x.var(0) + 1e-6)
+    z = (x - mean) / std
+    n, d = z.shape
+    w, b = np.zeros((k, d)), np.zeros(k)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    steps = math.ceil(n / batch_size)
+    total, t = epochs * steps, 0
+    for e in range(epochs):
+        for s in range(steps):
+            idx = perms[e][s * batch_size:(s + 1) * batch_size]
+            logits = z[idx] @ w.T + b
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(idx)), y[idx]] -= 1
+            g = p / len(idx)
+            lr_t = lr * 0.5 * (1 + math.cos(math.pi * t / total))
+            vw = momentum * vw + g.T @ z[idx] + wd * w
+            vb = momentum * vb + g.sum(0)
+            w, b, t = w - lr_t * vw, b - lr_t * vb, t + 1
+    return mean, std, w, b
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_recall_matches_numpy_reference(seed):
+    g = np.random.default_rng(seed)
+    gallery, query = g.normal(size=(40, 8)), g.normal(size=(15, 8))
+    gl, ql = g.integers(0, 5, 40), g.integers(0, 5, 15)
+    exclude = g.random((15, 40)) < 0.3
+    ks = (1, 5, 10, 20, 50)
+    for ex in (None, exclude):
+        got = P.retrieval_recall(gallery, gl, query, ql, ks, ex)
+        ref = numpy_recall(gallery, gl, query, ql, ks, ex)
+        assert got == pytest.approx(ref, abs=1e-12)
+    # k beyond the gallery: every query whose class is anywhere in the gallery hits
+    got = P.retrieval_recall(gallery[:3], [0, 1, 2], query[:4], [0, 1, 3, 2], (50,))
+    assert got["recall@50"] == 0.75
+
+
+@pytest.mark.parametrize("batch_size", [64, 10])
+def test_fit_linear_matches_numpy_sgd(batch_size):
+    g = np.random.default_rng(3)
+    x = g.normal(size=(64, 6)) * np.array([1, 2, 3, 0.5, 1, 4]) + 1.0
+    y = g.integers(0, 4, 64)
+    lr, wd, epochs, mom = 0.5, 1e-3, 5, 0.9
+    probe = fit_linear(x, y, 4, lr, wd, epochs, batch_size, momentum=mom, seed=7)
+    gen = torch.Generator().manual_seed(7)                                # the documented epoch order
+    perms = [torch.randperm(64, generator=gen).numpy() for _ in range(epochs)]
+    mean, std, w, b = numpy_linear(x, y, 4, lr, wd, epochs, batch_size, mom, perms)
+    np.testing.assert_allclose(probe.mean.numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(probe.std.numpy(), std, rtol=1e-6)
+    np.testing.assert_allclose(probe.weight.numpy(), w, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(probe.bias.numpy(), b, rtol=2e-4, atol=2e-5)
+    assert np.abs(w).max() > 0.05                                         # it trained
+
+
+def test_video_probabilities_average_softmax_over_views():
+    g = np.random.default_rng(0)
+    probe = fit_linear(g.normal(size=(30, 5)), g.integers(0, 3, 30), 3, 0.1, 0.0, 2, 8)
+    feats = g.normal(size=(4, 6, 5)).astype(np.float32)
+    z = (feats.astype(np.float64) - probe.mean.double().numpy()) / probe.std.double().numpy()
+    logits = z @ probe.weight.double().numpy().T + probe.bias.double().numpy()
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(video_probabilities(probe, feats).numpy(), p.mean(1), rtol=1e-5)
+
+
+def test_stratified_holdout():
+    y = np.array([0] * 10 + [1] * 3 + [2])
+    held = stratified_holdout(y, 0.2, seed=0)
+    assert held[:10].sum() == 2 and held[10:13].sum() == 1 and not held[13]
+    assert np.array_equal(held, stratified_holdout(y, 0.2, seed=0))
+
+
+def blobs(n_per_class, classes, views, dim, seed, spread=0.3, prefix="v"):
+    """Class-centred Gaussian views: a FeatureSet a linear classifier separates."""
+    g = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    feats = centres[labels][:, None, :] + spread * g.normal(size=(len(labels), views, dim))
+    feats /= np.linalg.norm(feats, axis=2, keepdims=True)
+    keys = [f"{prefix}{i}" for i in range(len(labels))]
+    return FeatureSet(keys, keys, [f"class{c}" for c in labels], feats.astype(np.float32))
+
+
+def test_linear_protocol_separates_blobs_and_searches():
+    train, test = blobs(12, 4, 3, 16, 0, prefix="tr"), blobs(5, 4, 3, 16, 1, prefix="te")
+    res = P.linear(train, test, lrs=(1e-4, 0.5), weight_decays=(0.0,), epochs=30, batch_size=32)
+    assert res["top1"] == 1.0 and res["top5"] == 1.0 and res["num_classes"] == 4
+    assert [r["lr"] for r in res["search"]] == [1e-4, 0.5]
+    # noisy blobs: the settings differ on the held-out videos; the first best one is refit
+    noisy, noisy_test = blobs(12, 4, 2, 16, 2, spread=1.5, prefix="tr"), blobs(5, 4, 2, 16, 3, spread=1.5, prefix="te")
+    res2 = P.linear(noisy, noisy_test, lrs=(1e-3, 0.3), weight_decays=(0.0, 0.3), epochs=20, batch_size=16)
+    vals = [r["val_top1"] for r in res2["search"]]
+    best = res2["search"][vals.index(max(vals))]
+    assert (res2["lr"], res2["weight_decay"]) == (best["lr"], best["weight_decay"]) and len(vals) == 4
+    assert res["train_views"] == 48 * 3 and len(res["per_video"]) == 20
+    # shuffled labels: no better than chance on held-out data (the probe cannot memorise the test set)
+    rnd = FeatureSet(test.keys, test.sources, list(np.random.default_rng(5).permutation(test.labels)), test.feats)
+    assert P.linear(train, rnd, lrs=(0.5,), weight_decays=(0.0,), epochs=30)["top1"] < 0.6
+    with pytest.raises(MohicoError, match="also train videos"):
+        P.linear(train, train, lrs=(0.5,), weight_decays=(0.0,))
+
+
+def test_retrieval_and_knn_protocols_on_featuresets():
+    train, test = blobs(6, 3, 2, 8, 0, spread=0.05, prefix="a"), blobs(4, 3, 2, 8, 1, spread=0.05, prefix="b")
+    res = P.retrieval(train, test, ks=(1, 5))
+    assert res["recall@1"] == 1.0 and res["leave_one_out"] == 0
+    assert all(r["label"] == r["nearest_label"] for r in res["per_video"])
+    # the same set as both: a video never retrieves itself (the reference with the diagonal excluded)
+    classes = sorted(set(train.labels))
+    y = np.array([classes.index(c) for c in train.labels])
+    vf = train.video_features()
+    same = P.retrieval(train, train, ks=(1, 5))
+    assert same["leave_one_out"] == len(train)
+    ref = numpy_recall(vf, y, vf, y, (1, 5), np.eye(len(train), dtype=bool))
+    assert same["recall@1"] == pytest.approx(ref["recall@1"]) and same["recall@5"] == pytest.approx(ref["recall@5"])
+    k = P.knn(train, test, k=3)
+    assert k["top1"] == 1.0 and k["num_test"] == 12
+
+
+class CountingColour(nn.Module):
+    """Mean/std colour of the clip (informative on the synthetic palettes); counts forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1) * self.scale
+
+
+def test_features_multi_view_cache_and_eval_time_labels(synth_shards, synth_videos, tmp_path):
+    cfg = load_config(CONFIG)
+    net = CountingColour()
+    fs = extract_features(net, cfg, synth_shards, clips_per_video=2, spatial_crops=3, batch_size=4,
+                          cache_dir=tmp_path)
+    assert fs.feats.shape == (6, 6, 6) and all(lab is None for lab in fs.labels)     # shards without labels
+    np.testing.assert_allclose(np.linalg.norm(fs.feats, axis=2), 1.0, rtol=1e-5)
+    # three crops of a 4:3 frame differ; the cached second extraction runs no forward pass
+    assert not np.allclose(fs.feats[:, 0], fs.feats[:, 1])
+    calls = net.calls
+    again = extract_features(net, cfg, synth_shards, clips_per_video=2, spatial_crops=3, cache_dir=tmp_path)
+    assert net.calls == calls and np.array_equal(again.feats, fs.feats) and again.keys == fs.keys
+    with torch.no_grad():
+        net.scale.fill_(2.0)                                             # other weights: another cache entry
+    extract_features(net, cfg, synth_shards, clips_per_video=2, spatial_crops=3, cache_dir=tmp_path)
+    assert net.calls > calls
+    # labels at eval time: by source name, no re-encode; unlabelled videos are skipped and counted
+    labels = json.loads((synth_videos / "labels.json").read_text())
+    part = dict(list(labels.items())[:5])
+    got = fs.relabel(part).labelled()
+    assert len(got) == 5 and got.unlabelled and sorted(got.labels) == sorted(part.values())
+    with pytest.raises(MohicoError, match="--labels"):
+        fs.labelled()
+
+
+def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_path):
+    from mohico.models.backbones import build_backbone
+    from mohico.models.export import save_backbone
+
+    ckpt = tmp_path / "b.pt"
+    save_backbone(ckpt, "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    base = [sys.executable, "-m", "mohico", "eval"]
+    common = ["--config", str(CONFIG), "--train", str(synth_shards), "--labels", str(synth_videos / "labels.json"),
+              "--cache", str(tmp_path / "cache")]
+    out = tmp_path / "retrieval.json"
+    res = subprocess.run(base + ["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out),
+                                 "--recall-at", "1,5", *common], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "recall@1" in res.stdout and "R@5" in res.stdout
+    saved = json.loads(out.read_text())
+    assert saved["protocol"] == "retrieval" and saved["num_test"] == 6 and saved["leave_one_out"] == 6
+    assert 0 <= saved["recall@1"] <= saved["recall@5"] <= 1
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "results not logged to W&B"
+    # linear: disjoint sets (one shard trains, the other tests); 2 clips x 3 crops per video
+    shards = sorted(synth_shards.glob("*.tar"))
+    assert len(shards) == 2
+    out = tmp_path / "linear.json"
+    lin = base + ["linear", str(ckpt), "--config", str(CONFIG), "--labels", str(synth_videos / "labels.json"),
+                  "--train", str(shards[0]), "--val", str(shards[1]), "--out", str(out), "--epochs", "3",
+                  "--lr", "0.1", "--wd", "0", "--clips-per-video", "2", "--no-wandb"]
+    res = subprocess.run(lin, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert saved["protocol"] == "linear" and saved["views_per_video"] == 6 and saved["lr"] == 0.1
+    assert saved["num_train"] + saved["num_test"] == 6 and 0 <= saved["top1"] <= saved["top5"] <= 1
+    assert "top-1" in res.stdout and "linear" in res.stdout
+    # the same shards as train and test: refused with the fix
+    res = subprocess.run(lin[:10] + ["--train", str(synth_shards), "--val", str(synth_shards), "--epochs", "1",
+                                      "--no-wandb"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 1 and "disjoint" in res.stderr, res.stderr[-2000:]
