@@ -1,7 +1,8 @@
-"""Loader throughput on CPU: this pipeline vs a naive whole-video decoder, 1- and 10-minute videos.
+"""Loader throughput on CPU: this pipeline vs a naive whole-video decoder, 1- and 10-minute videos;
+and several samples per read (data.samples_per_read R) side by side: clips/s, bytes read per clip.
 
     .venv/bin/python benchmarks/loader.py [--work /tmp/mohico-bench-loader] [--workers 1]
-        [--batch 4] [--batches 6] [--step-ms 200]
+        [--batch 4] [--batches 6] [--step-ms 200] [--reads-only] [--read-batches 16]
 
 Makes two synthetic VP9 videos per length (mohico.datasets.synth, 160x120, 15 fps) and their
 shards (short side 128, GOP 16, DIS motion), cached in --work. Then, side by side in this
@@ -13,6 +14,11 @@ The trainer's step is simulated by sleeping --step-ms per batch (a GPU step cost
 data wait = time blocked in next() / wall time. Also a single-process breakdown: remux alone
 and DALI decode of the remuxed bytes (per clip), and the worker's whole job for one sample
 (parse json + motion maps, sample, remux 3 clips). Prints a Markdown table.
+
+Reads table (``--reads-only`` prints just this one): build_loader at R = 1, 2, 4, 8 and with the
+length rule (R <= 8, data.seconds_per_sample = 60: one sample per started minute), each for
+--read-batches batches after a warm-up batch: clips/s, data wait, and bytes read from the tars
+per clip (the loader's ``stats()["bytes_read"]`` growth over those batches / clips handed out).
 """
 from __future__ import annotations
 
@@ -95,8 +101,10 @@ def naive_loader(cfg, shards: Path):
                                             multiprocessing_context="forkserver"))
 
 
-def run(it, batches: int, step_s: float, clips_per_batch: int) -> dict:
+def run(it, batches: int, step_s: float, clips_per_batch: int, stats=None) -> dict:
+    """Time ``batches`` batches after a warm-up one; ``stats``: the loader's, for bytes read per clip."""
     next(it)                                   # warm-up: worker start, first batch
+    b0 = stats()["bytes_read"] if stats else 0
     wait, t0 = 0.0, time.perf_counter()
     for _ in range(batches):
         t = time.perf_counter()
@@ -104,8 +112,26 @@ def run(it, batches: int, step_s: float, clips_per_batch: int) -> dict:
         wait += time.perf_counter() - t
         time.sleep(step_s)
     wall = time.perf_counter() - t0
-    return {"clips_s": batches * clips_per_batch / wall, "wait": wait / wall,
-            "ms_clip": 1000 * wait / (batches * clips_per_batch)}
+    clips = batches * clips_per_batch
+    return {"clips_s": clips / wall, "wait": wait / wall, "ms_clip": 1000 * wait / clips,
+            "bytes_clip": (stats()["bytes_read"] - b0) / clips if stats else float("nan")}
+
+
+READ_MODES = [(1, 0.0), (2, 0.0), (4, 0.0), (8, 0.0), (8, 60.0)]
+
+
+def run_reads(cfg, shards: Path, R: int, seconds: float, batches: int, step_s: float, clips_per_batch: int) -> dict:
+    """build_loader at samples_per_read=R (seconds_per_sample=seconds): clips/s, wait, bytes/clip."""
+    import copy
+
+    from mohico.datasets.pipeline import build_loader
+
+    c = copy.deepcopy(cfg)
+    c.data.samples_per_read, c.data.seconds_per_sample = R, seconds
+    loader = build_loader(c, str(shards))
+    out = run(iter(loader), batches, step_s, clips_per_batch, loader.stats)
+    loader.close()
+    return out
 
 
 def breakdown(cfg, shards: Path, n: int = 12) -> dict:
@@ -154,6 +180,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--naive-batches", type=int, default=2)
     ap.add_argument("--step-ms", type=float, default=200.0)
+    ap.add_argument("--reads-only", action="store_true", help="only the samples-per-read table")
+    ap.add_argument("--read-batches", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mohico.datasets.pipeline import build_loader
@@ -161,6 +189,25 @@ def main() -> None:
     work = Path(args.work)
     cfg = config(args)
     V = 3
+    reads = {}
+    for minutes in (1, 10):
+        shards = make_data(work, minutes)
+        for R, sec in READ_MODES:
+            reads[(minutes, R, sec)] = run_reads(cfg, shards, R, sec, args.read_batches, args.step_ms / 1000,
+                                                 args.batch * V)
+    print(f"\nSamples per read: CPU, {os.cpu_count()} cores, loader workers {args.workers}, batch {args.batch} "
+          f"videos x {V} clips, {args.read_batches} batches after warm-up, simulated step {args.step_ms:.0f} ms, "
+          f"shuffle buffer {cfg.data.shuffle_buffer}\n")
+    print("| R | 1 min clips/s | 1 min data wait | 1 min KB read/clip | 10 min clips/s | 10 min data wait "
+          "| 10 min KB read/clip | KB/clip 10 min / 1 min |")
+    print("|---|---|---|---|---|---|---|---|")
+    for R, sec in READ_MODES:
+        a, b = reads[(1, R, sec)], reads[(10, R, sec)]
+        name = f"{R}" if not sec else f"<= {R}, {sec:.0f} s/sample"
+        print(f"| {name} | {a['clips_s']:.1f} | {a['wait']:.0%} | {a['bytes_clip'] / 1e3:.0f} | {b['clips_s']:.1f} "
+              f"| {b['wait']:.0%} | {b['bytes_clip'] / 1e3:.0f} | {b['bytes_clip'] / max(a['bytes_clip'], 1):.2f} |")
+    if args.reads_only:
+        return
     rows = []
     for minutes in (1, 10):
         shards = make_data(work, minutes)

@@ -47,7 +47,9 @@ class DataConfig:
     shards: str = ""                   # brace pattern, directory or file list of shard tars
     batch_size: int = 8                # videos per rank per step
     num_workers: int = 2               # loader worker processes per rank
-    shuffle_buffer: int = 64           # samples held for shuffling
+    shuffle_buffer: int = 64           # samples held for shuffling (entries: a video read R times is R entries)
+    samples_per_read: int = 1          # R: independent samples (views, crops, augmentations) per video read
+    seconds_per_sample: float = 0.0    # > 0: a video of D s yields min(R, ceil(D / this)) samples per read
     resampled: bool = True             # infinite multi-epoch stream (webdataset resampling)
     clip_len: int = 16                 # frames per clip (T)
     frame_stride: int = 2              # take every n-th frame
@@ -265,6 +267,9 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1 (the latest checkpoint is always kept)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
+    need(cfg.data.samples_per_read >= 1, "data.samples_per_read", "must be >= 1 (1: one sample per video read)")
+    need(cfg.data.seconds_per_sample >= 0, "data.seconds_per_sample",
+         "must be >= 0 seconds (0: every read yields data.samples_per_read samples)")
     need(cfg.data.clip_len >= 1 and cfg.data.frame_stride >= 1, "data.clip_len", "clip_len and frame_stride must be >= 1")
     need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
     need(len(cfg.data.augment.color_jitter) == 4, "data.augment.color_jitter", "needs 4 values: brightness, contrast, saturation, hue")

@@ -121,7 +121,7 @@ def reference(synth_shards, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_two_ranks_zero1_reference_run(reference):
+def test_two_ranks_zero1_reference_run(reference, synth_shards):
     ck = reference / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
@@ -140,6 +140,14 @@ def test_two_ranks_zero1_reference_run(reference):
         assert {"mcl/loss", "hico/loss", "window/loss", "bank/mcl_fill", "hico/topical_acc", "perf/clips_per_s",
                 "perf/data_wait_frac", "data/skipped", "epoch"} <= rows[s].keys(), sorted(rows[s])
         assert 0 < rows[s]["bank/mcl_fill"] <= 1 and rows[s]["perf/clips_per_s"] > 0
+    # storage reads per clip and per second, per rank and in total (the first window reads the shards)
+    r2 = rows[2]
+    assert {"io/bytes_per_clip", "io/read_MB_per_s", "data/bytes_read", "data/rank0_bytes_per_clip",
+            "data/rank1_bytes_per_clip", "data/rank0_read_bytes_per_s", "data/rank1_read_bytes_per_s"} <= r2.keys()
+    assert r2["data/rank0_bytes_per_clip"] > 0 and r2["data/rank1_bytes_per_clip"] > 0
+    # equal clips per rank: the run's bytes per clip is the mean of the ranks'
+    assert r2["io/bytes_per_clip"] == pytest.approx((r2["data/rank0_bytes_per_clip"] + r2["data/rank1_bytes_per_clip"]) / 2)
+    assert r2["data/bytes_read"] <= sum(p.stat().st_size for p in synth_shards.glob("*.tar")) * 4
     assert rows[1].keys() == {"step", "loss", "lr"}
     # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
     c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)

@@ -56,7 +56,7 @@ from mohico.errors import MohicoError
 STATE_VERSION = 1
 PREFETCH = 2
 COUNTERS = ("skipped", "bad_json", "bad_video", "bad_motion", "missing_motion", "missing_video", "bad_other",
-            "read_error", "lost_on_restore", "dropped_last", "dali_fallback", "duplicated")
+            "read_error", "lost_on_restore", "dropped_last", "dali_fallback", "duplicated", "bytes_read")
 
 
 def _identity(x):
@@ -124,7 +124,9 @@ class VideoLoader:
         bad_other, the last being any other exception while preparing a sample),
         ``read_error`` (shards that ended early), ``lost_on_restore``, ``dropped_last`` (finite
         mode), ``dali_fallback``, ``duplicated``, ``batches``, ``data_wait_s``,
-        ``data_wait_fraction`` (time in ``next()`` / wall time since the first call)."""
+        ``data_wait_fraction`` (time in ``next()`` / wall time since the first call),
+        ``bytes_read`` (bytes the workers read from the tars, cumulative over resumes) and
+        ``clips`` (clips handed out by this loader object: batches * B * V)."""
         out = {k: 0 for k in COUNTERS}
         out.update(self._main)
         for c in self._counters.values():
@@ -132,7 +134,8 @@ class VideoLoader:
                 if k in out and isinstance(v, (int, float)):
                     out[k] += v
         total = self._wait + self._busy
-        out.update(batches=self._batches, data_wait_s=self._wait,
+        V = 3 if self.spec.hico else 2
+        out.update(batches=self._batches, clips=self._batches * self.spec.batch_size * V, data_wait_s=self._wait,
                    data_wait_fraction=self._wait / total if total > 0 else 0.0)
         return out
 

@@ -8,6 +8,7 @@ knows the exact state behind each batch it has handed to the trainer.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing as mp
@@ -136,7 +137,7 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
                                           f"{motion.dtype} {motion.shape}")
     elif spec.mcl:
         raise BadSample("missing_motion", f"{name}: no motion.npy member")
-    rng = sample_rng(spec.seed, sample["__epoch__"], spec.rank, key)
+    rng = sample_rng(spec.seed, sample["__epoch__"], spec.rank, key, sample.get("__draw__", 0))
     draw = sampler.sample(meta, motion, rng, progress)
     clips = []
     try:
@@ -163,12 +164,35 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
             "flip": np.array([a["flip"] for a in draw.augment]), "progress": progress}
 
 
+def draws_per_read(sample: dict, samples_per_read: int, seconds_per_sample: float) -> int:
+    """How many samples one read of ``sample`` yields (``data.samples_per_read`` R, and with
+    ``data.seconds_per_sample`` S > 0: ``min(R, ceil(duration / S))``, at least 1; the duration
+    is ``num_frames / fps`` from the sample's json, 1 draw if that is unreadable: the sample is
+    then skipped once, not R times)."""
+    R = int(samples_per_read)
+    if R <= 1 or seconds_per_sample <= 0:
+        return max(R, 1)
+    try:
+        meta = json.loads(sample["json"])
+        duration = float(meta["num_frames"]) / float(meta["fps"])
+    except Exception:  # noqa: BLE001 - bad json: prepare_sample counts it
+        return 1
+    if not np.isfinite(duration) or duration <= 0:
+        return 1
+    return int(min(R, max(1, np.ceil(duration / float(seconds_per_sample) - 1e-9))))
+
+
 def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_item: int,
                  schedule: ProgressSchedule, counters: dict):
     """Yield this logical worker's items forever (a finite stream then yields ``done`` markers)."""
     W = spec.workers
+    d = spec.data
+    draws = None
+    if getattr(d, "samples_per_read", 1) > 1:
+        draws = functools.partial(draws_per_read, samples_per_read=d.samples_per_read,
+                                  seconds_per_sample=getattr(d, "seconds_per_sample", 0.0))
     stream = SampleStream(spec.urls, spec.seed, spec.rank * W + logical, spec.world_size * W,
-                          spec.shuffle_buffer, spec.resampled)
+                          spec.shuffle_buffer, spec.resampled, draws)
     if state is not None:
         stream.load_state_dict(state)
         counters["lost_on_restore"] = counters.get("lost_on_restore", 0) + stream.lost_on_restore
@@ -176,12 +200,12 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
         stream._reset(start_epoch)
     sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
     g = first_item
-    errors_seen = 0
+    errors_seen = bytes_seen = 0
     while True:
         progress = schedule.get(g)
-        batch, done = [], False
+        batch, done, in_batch = [], False, set()
         while len(batch) < spec.batch_size:
-            sample = stream.next()
+            sample = stream.next(in_batch)     # keeps a video's R draws out of one batch (bound: stream doc)
             new_errors = stream.read_errors[errors_seen:]
             if new_errors:
                 errors_seen = len(stream.read_errors)
@@ -190,6 +214,7 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
             if sample is None:
                 done = True
                 break
+            in_batch.add(sample["__ref__"])
             try:
                 batch.append(prepare_sample(sample, spec, sampler, progress))
             except BadSample as e:
@@ -201,6 +226,8 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
                 counters["skipped"] = counters.get("skipped", 0) + 1
                 counters["last_error"] = (f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
                                           f"{type(e).__name__}: {e}")
+        counters["bytes_read"] = counters.get("bytes_read", 0) + stream.bytes_read - bytes_seen
+        bytes_seen = stream.bytes_read
         item = {"logical": logical, "g": g, "state": stream.state_dict(), "counters": dict(counters)}
         if done:     # a finite epoch ended: the partial batch is dropped, never shrunk
             counters["dropped_last"] = counters.get("dropped_last", 0) + len(batch)

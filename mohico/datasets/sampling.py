@@ -38,11 +38,14 @@ def stable_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def sample_rng(seed: int, epoch: int, rank: int, key: str) -> np.random.Generator:
-    """The generator for one sample occurrence: ``SeedSequence([seed, epoch, rank, hash(key)])``."""
+def sample_rng(seed: int, epoch: int, rank: int, key: str, draw: int = 0) -> np.random.Generator:
+    """The generator for one sample occurrence: ``SeedSequence([seed, epoch, rank, hash(key)])``;
+    draw ``r > 0`` of a video read several times (``data.samples_per_read``) appends ``r``."""
     h = stable_hash(key)
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [int(seed) & 0xFFFFFFFF, int(epoch), int(rank), h & 0xFFFFFFFF, h >> 32])))
+    words = [int(seed) & 0xFFFFFFFF, int(epoch), int(rank), h & 0xFFFFFFFF, h >> 32]
+    if draw:
+        words.append(int(draw))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 # --------------------------------------------------------------------------- temporal

@@ -33,6 +33,7 @@ import torch
 
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.engine import build_engine, device_type, init_distributed, resolve_precision
+from mohico.trainer.io_meter import IOMeter
 from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
@@ -197,6 +198,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         log.info("resumed from %s at step %d", source[0] / source[1], step)
 
     wandb = WandbLogger(cfg, run_dir, run_id, rank, resumed=source is not None)
+    io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
     pre = Preemption().install()
     metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None
     bar = None
@@ -265,12 +267,14 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 n = window["steps"]
                 counters = {k: float(v) for k, v in (loader.stats() or {}).items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                counters.update(io_meter.window(counters, window["clips"] / world, window["time"]))
                 avg = reduce_metrics({k: v / n for k, v in terms_sum.items()}, counters)
                 row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
                        "perf/step_time_s": window["time"] / n,
                        "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
                        "perf/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-                       "perf/memory_mb": memory_mb(), **bank_fills(engine.module)}
+                       "perf/memory_mb": memory_mb(), **bank_fills(engine.module),
+                       **io_meter.totals(avg, window["clips"], window["time"])}
                 wandb.log(row, step=step)
                 # metrics.jsonl keeps "loss" = this step's loss on rank 0; W&B's "loss" (the mean over the
                 # window and the ranks) is "window/loss" there, every other key is W&B's.
