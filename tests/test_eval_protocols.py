@@ -202,6 +202,7 @@ def test_features_multi_view_cache_and_eval_time_labels(synth_shards, synth_vide
         fs.labelled()
 
 
+@pytest.mark.slow
 def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_path):
     from mohico.models.backbones import build_backbone
     from mohico.models.export import save_backbone

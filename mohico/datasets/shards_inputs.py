@@ -14,9 +14,14 @@ def list_inputs(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     """``[(absolute path, source name)]`` sorted by source name.
 
     ``src`` is a folder (every file below it, recursively, except hidden files and ``.json``
-    ground-truth/metadata files) or a text file with one path per line (relative paths are
-    relative to the list file; blank lines and ``#`` comments are ignored).
+    ground-truth/metadata files), a text file with one path per line (relative paths are
+    relative to the list file; blank lines and ``#`` comments are ignored), or a list of
+    ``(path, source name)`` pairs (e.g. a benchmark split: ``benchmark_layouts.split_inputs``).
     """
+    if isinstance(src, (list, tuple)):
+        if not all(isinstance(x, (list, tuple)) and len(x) == 2 for x in src):
+            raise UsageError("inputs: a list of (path, source name) pairs")
+        return sorted({str(s): (str(p), str(s)) for p, s in src}.values(), key=lambda x: x[1])
     src = Path(src)
     if src.is_dir():
         excl = Path(exclude).resolve() if exclude else None

@@ -162,7 +162,9 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
 def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
     """The backbone of ``cfg.model`` with the weights of ``ckpt`` (a run dir, a checkpoint folder,
     an exported mohico backbone file or a zero_to_fp32 output, whose backbone ``config_path``
-    names: :func:`mohico.models.export.load_checkpoint_state`). ``ckpt="random"``: the config's backbone at its random init
+    names: :func:`mohico.models.export.load_checkpoint_state`; or a torchvision state_dict of the
+    config's backbone, e.g. ``mohico export --format torchvision``'s output:
+    :mod:`mohico.models.torchvision_import`). ``ckpt="random"``: the config's backbone at its random init
     (seeded with ``trainer.seed``), the baseline to compare a pretrained one with."""
     from mohico.models.backbones import build_backbone
 
@@ -170,8 +172,14 @@ def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
         torch.manual_seed(cfg.trainer.seed)
         return build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
     from mohico.models.export import load_checkpoint_state
+    from mohico.models.torchvision_import import torchvision_backbone_state, torchvision_name
 
-    name, options, state = load_checkpoint_state(ckpt, config_path)
+    name = torchvision_name(ckpt, cfg.model.backbone)
+    state = torchvision_backbone_state(ckpt, name)
+    if state is not None:            # a torchvision state_dict: the config gives the options (width 64)
+        options = dict(cfg.model.backbone_options)
+    else:
+        name, options, state = load_checkpoint_state(ckpt, config_path)
     want = (cfg.model.backbone, dict(cfg.model.backbone_options))
     if (name, dict(options)) != want:
         raise MohicoError(f"{ckpt}: the checkpoint holds backbone {name!r} with options {dict(options)}, the config "

@@ -27,6 +27,14 @@ def add_arguments(p):
     p.add_argument("--labels", default=None, help="labels file: JSON {source: label} or lines 'source<TAB>label'")
     p.add_argument("--min-frames", type=int, default=16, help="skip videos with fewer output frames than this (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("benchmark layouts (labelled train/test shards per official split)")
+    g.add_argument("--layout", choices=["ucf101", "hmdb51"], default=None,
+                   help="SRC is the UCF101 (UCF-101/<Class>/v_*.avi) or HMDB51 (<class>/*.avi) video folder: writes "
+                        "OUT/splitN/train and OUT/splitN/test, labelled with the class names, plus OUT/splitN/labels.json")
+    g.add_argument("--splits", default=None, metavar="DIR",
+                   help="the split files: UCF101's ucfTrainTestlist (classInd.txt, trainlist0N.txt, testlist0N.txt) or "
+                        "HMDB51's testTrainMulti_7030_splits (<class>_test_splitN.txt)")
+    g.add_argument("--split", default="1", metavar="N[,N]", help="which official splits (1, 2, 3; default 1)")
 
 
 def run(args) -> int:
@@ -38,14 +46,58 @@ def run(args) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise UsageError("--workers must be >= 1")
+    if args.layout is not None:
+        return _run_layout(args, workers)
+    if args.splits is not None:
+        raise UsageError("--splits needs --layout ucf101 or --layout hmdb51")
     man = write_shards(args.src, args.out, codec=args.codec, short_side=args.short_side, fps=args.fps, gop=args.gop,
                        max_shard_size=parse_size(args.max_shard_size), workers=workers, flow=args.flow,
                        progress=not args.quiet, labels=args.labels, min_frames=args.min_frames)
+    _summary(man, args.out)
+    return 0
+
+
+def _summary(man: dict, out) -> None:
     print(f"mohico shards: {man['num_samples']} videos ({man['total_frames']} frames, {man['total_hours']:.3f} h) "
-          f"in {man['num_shards']} shards in {args.out}; skipped {man['num_skipped']} of {man['inputs']['count']} inputs"
+          f"in {man['num_shards']} shards in {out}; skipped {man['num_skipped']} of {man['inputs']['count']} inputs"
           + (" (reasons in manifest.json)" if man["num_skipped"] else ""))
     for s in man["skipped"][:10]:
         print(f"  skipped {s['source']}: {s['reason']}")
     if man["num_skipped"] > 10:
         print(f"  ... and {man['num_skipped'] - 10} more")
+
+
+def _run_layout(args, workers: int) -> int:
+    import json
+    from pathlib import Path
+
+    from mohico.datasets.benchmark_layouts import split_inputs
+    from mohico.datasets.shards import parse_size, write_shards
+    from mohico.errors import UsageError
+    from mohico.utils import atomic_write_text
+
+    if args.splits is None:
+        raise UsageError(f"--layout {args.layout} needs --splits DIR (the official split files)")
+    if args.labels is not None:
+        raise UsageError("--layout labels the videos with their class names; drop --labels")
+    try:
+        splits = sorted({int(x) for x in args.split.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--split takes 1, 2, 3 or a list like 1,2,3; got {args.split!r}") from None
+    for n in splits:
+        sp = split_inputs(args.layout, args.src, args.splits, n)
+        folder = Path(args.out) / f"split{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "labels.json", json.dumps(sp.labels, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(folder / "classes.txt", "".join(f"{c}\n" for c in sp.classes))
+        print(f"{args.layout} split {n}: {len(sp.train)} train, {len(sp.test)} test videos, {len(sp.classes)} classes"
+              + (f"; {len(sp.missing)} listed videos not found under {args.src} (e.g. {sp.missing[0]})"
+                 if sp.missing else ""))
+        for part, inputs in (("train", sp.train), ("test", sp.test)):
+            if not inputs:
+                raise UsageError(f"{args.layout} split {n}: no {part} video found under {args.src}")
+            man = write_shards(inputs, folder / part, codec=args.codec, short_side=args.short_side, fps=args.fps,
+                               gop=args.gop, max_shard_size=parse_size(args.max_shard_size), workers=workers,
+                               flow=args.flow, progress=not args.quiet, labels=sp.labels, min_frames=args.min_frames)
+            _summary(man, folder / part)
     return 0

@@ -10,7 +10,12 @@ several shots separated by hard cuts; a shot is a textured background with senso
 optional camera pan and 0-3 textured objects bouncing around; motion level 0 shots are nearly static.
 OUT gets video_NNNNN.webm (vp9) or .mp4 (h264), video_NNNNN.json (topic, shots with motion level
 and pan, per-frame object boxes [id, x, y, w, h] and camera translation) and labels.json
-({video: topic}, usable as `mohico shards --labels`). Same seed, same bytes."""
+({video: topic}, usable as `mohico shards --labels`). Same seed, same bytes.
+
+With --layout ucf101 or hmdb51, OUT gets a small benchmark tree with the real layout, file names
+and split files instead (UCF-101/<Class>/v_<Class>_gGG_cCC.avi + ucfTrainTestlist/, or
+hmdb51/<class>/*.avi + testTrainMulti_7030_splits/): --topics classes, --videos per class, a class
+being a topic; `mohico shards --layout` reads it like the real datasets."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -35,6 +40,8 @@ def add_arguments(p):
     p.add_argument("--size", type=_size, default=(160, 120), help="WxH (default 160x120)")
     p.add_argument("--duration", type=float, default=12.0, help="seconds per video (default 12)")
     p.add_argument("--topics", type=int, default=4, help="number of topics (default 4)")
+    p.add_argument("--layout", choices=["ucf101", "hmdb51"], default=None,
+                   help="write a small UCF101 or HMDB51 tree (real layout and split files; --videos per class)")
     p.add_argument("--workers", type=int, default=1,
                    help="render videos in this many processes (default 1; same bytes either way)")
 
@@ -45,6 +52,14 @@ def run(args) -> int:
     from mohico.datasets.synth import synthesize
 
     t0 = time.perf_counter()
+    if args.layout is not None:
+        from mohico.datasets.benchmark_synth import synth_benchmark
+
+        res = synth_benchmark(args.out, args.layout, classes=args.topics, per_class=args.videos, seed=args.seed,
+                              fps=args.fps, size=args.size, duration=args.duration)
+        print(f"mohico synth: wrote a {args.layout} tree of {res['num_videos']} videos ({args.topics} classes) to "
+              f"{res['videos']} with split files in {res['splits']} in {time.perf_counter() - t0:.1f} s")
+        return 0
     # synthesize() validates every argument and raises UsageError (exit 2) naming the flag.
     paths = synthesize(args.out, videos=args.videos, seed=args.seed, codec=args.codec, fps=args.fps,
                        size=args.size, duration=args.duration, topics=args.topics, workers=args.workers)
