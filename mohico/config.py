@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from mohico.config_load import build, check_keys, collect
+from mohico.config_load import build, check_keys, collect, mapping_fields_set, packaged_fallback
 from mohico.errors import ConfigError
 
 
@@ -186,7 +186,7 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int = 0            # 0: one task per GPU
-    cpus_per_task: int = 8
+    cpus_per_task: int = 0             # 0: what the partition's nodes offer per task (sinfo)
     time: str = "24:00:00"
     signal_seconds: int = 120          # USR1 this long before the time limit
     extra_sbatch: list[str] = field(default_factory=list)
@@ -217,7 +217,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
     sources: list[tuple[str, dict]] = []          # (origin, plain dict) in merge order
     if path is not None:
-        collect(Path(path), sources)
+        collect(packaged_fallback(Path(path)), sources)
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -231,6 +231,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         check_keys(data, Config, (), origin)
     try:
         merged = OmegaConf.merge(*[OmegaConf.create(d) for _, d in sources]) if sources else OmegaConf.create({})
+        if overrides:   # `model.backbone_options={}` replaces the mapping (a merge would keep the old keys)
+            for dotted, value in mapping_fields_set(sources[-1][1], Config):
+                OmegaConf.update(merged, dotted, value, merge=False)
         plain = OmegaConf.to_container(merged, resolve=True)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path}: {e}") from None
@@ -294,6 +297,15 @@ def validate(cfg: Config) -> None:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"'model.backbone': unknown backbone {cfg.model.backbone!r}{hint} "
                           f"(registered: {', '.join(sorted(BACKBONES))})")
+    if BACKBONES is not None:
+        from mohico.models.backbones import _builder_options
+
+        valid = _builder_options(cfg.model.backbone)
+        for key in cfg.model.backbone_options:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            need(key in valid, f"model.backbone_options.{key}",
+                 f"backbone {cfg.model.backbone!r} has no option {key!r}{hint} (its options: {', '.join(valid) or 'none'})")
 
 
 # --------------------------------------------------------------------------- saving

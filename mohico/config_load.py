@@ -46,6 +46,15 @@ def collect(path: Path, sources: list, stack: tuple = ()) -> None:
     sources.append((str(path), data))
 
 
+def packaged_fallback(path: Path) -> Path:
+    """``configs/NAME.yaml`` that is not in the current directory -> the copy installed with mohico
+    (``mohico/configs/NAME.yaml``, package data of the wheel); any other path unchanged."""
+    if path.exists() or path.is_absolute() or len(path.parts) != 2 or path.parts[0] != "configs":
+        return path
+    packaged = Path(__file__).resolve().parent / "configs" / path.name
+    return packaged if packaged.is_file() else path
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -165,3 +174,23 @@ def _convert(tp, value, dotted: tuple, sources: list):
             raise bad("a string")
         return value
     raise bad(f"of type {tp}")  # pragma: no cover - a schema type this loader does not know
+
+
+def mapping_fields_set(data: dict, cls, prefix: tuple = ()) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for each mapping-typed field (e.g. ``model.backbone_options``) that
+    ``data`` sets as a whole: a command-line ``key={...}`` replaces the inherited mapping instead of
+    merging into it (``model.backbone_options={}`` clears it; ``model.backbone_options.width=8``
+    still sets one entry)."""
+    out = []
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return out
+    hints = _hints(cls)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        if dataclasses.is_dataclass(tp):
+            out.extend(mapping_fields_set(value, tp, (*prefix, key)))
+        elif typing.get_origin(tp) is dict:
+            out.append((".".join((*prefix, key)), value))
+    return out

@@ -308,8 +308,8 @@ def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = ROOT / "configs" / "tiny_cpu.yaml"
     code, out, err = _submit(str(cfg), "run.dir=runs/a b", "optim.lr=0.1", "--nodes", "2", "--gpus-per-node", "4",
-                             "--time", "1-02:03:04", "--partition", "gpu", "--account", "proj1", "--dry-run",
-                             capsys=capsys)
+                             "--time", "1-02:03:04", "--partition", "gpu", "--account", "proj1", "--cpus-per-task", "8",
+                             "--dry-run", capsys=capsys)
     assert code == 0, err
     lines = _sbatch_lines(out)
     run_dir = tmp_path / "runs" / "a b"
@@ -318,8 +318,9 @@ def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
                  f"--output={run_dir}/slurm-%j.out", f"--chdir={tmp_path}", "--job-name=a_b", "--cpus-per-task=8"]:
         assert want in lines, (want, lines)
     assert not run_dir.exists()                                  # a dry run writes nothing
-    # the config and overrides reach `mohico train` intact (quoted), and the script parses
-    assert f"set -- {cfg} 'run.dir=runs/a b' optim.lr=0.1" in out
+    # `mohico train` gets the snapshot of the resolved config (overrides applied) under run.dir, quoted
+    snap = next(line for line in out.splitlines() if line.startswith("set -- "))[len("set -- "):]
+    assert shlex.split(snap)[0].startswith(f"{run_dir}/submitted/") and shlex.split(snap)[0].endswith("/config.yaml")
     assert f"export MOHICO_PYTHON={shlex.quote(sys.executable)}" in out
     assert 'srun --kill-on-bad-exit=0 --wait="${MOHICO_SRUN_WAIT:-300}" ${MOHICO_SRUN_ARGS:-} "$PYTHON" -m mohico train "$@"' in out
     assert "export MOHICO_REQUEUE_BY=sbatch" in out and 'scontrol requeue "${SLURM_JOB_ID}"' in out

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -29,16 +30,63 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(f"mohico.launcher.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        p.set_defaults(_module=mod, _parser=p)
     return parser
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def unknown_option_message(option: str, known: list[str]) -> str:
+    """'unknown option '--nprocs'; did you mean '--nproc'?' (closest of ``known``)."""
+    flag = option.split("=", 1)[0]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (options: {', '.join(sorted(known))})"
+    return f"unknown option '{flag}'{hint}"
+
+
+def _check_long_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A ``--flag`` the command does not have (nor abbreviates) is a usage error naming the closest
+    option, before argparse reports what else is missing."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if command is None or subs is None or command not in subs.choices:
+        return
+    sub = subs.choices[command]
+    known = option_strings(sub)
+    for item in argv[argv.index(command) + 1:]:
+        flag = item.split("=", 1)[0]
+        if item.startswith("--") and flag != "--" and not any(k.startswith(flag) for k in known):
+            sub.error(unknown_option_message(item, known))
+
+
+def _take_extras(args, extras: list[str]) -> None:
+    """Arguments argparse left over: ``key=value`` overrides given after flags join the command's
+    overrides (``mohico submit CONFIG --nodes 2 run.dir=x``); anything else is a usage error
+    naming the closest option."""
+    sub = args._parser
+    for item in extras:
+        if item.startswith("-"):
+            sub.error(unknown_option_message(item, option_strings(sub)))
+        if "=" in item and isinstance(getattr(args, "overrides", None), list):
+            args.overrides.append(item)
+        else:
+            sub.error(f"unexpected argument {item!r} (config overrides are key=value, e.g. optim.lr=0.1)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)   # argparse exits 2 on usage errors
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_long_options(parser, argv)
+    args, extras = parser.parse_known_args(argv)   # argparse exits 2 on usage errors
     if args.command is None:
+        if extras:
+            parser.error(unknown_option_message(extras[0], option_strings(parser)) if extras[0].startswith("-")
+                         else f"unknown command {extras[0]!r}")
         parser.print_help()
         return 2
+    _take_extras(args, extras)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args._module.run(args) or 0)

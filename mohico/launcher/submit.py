@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from mohico.errors import MohicoError, UsageError
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "pretrain.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "pretrain.sbatch"   # in the wheel too (package data)
 RENDER_BEGIN = "# ---- rendered by mohico submit"
 RENDER_END = "# ---- end of rendered block ----"
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$")
@@ -33,7 +33,7 @@ class SubmitOptions:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int = 0            # 0: one task per GPU
-    cpus_per_task: int = 8
+    cpus_per_task: int = 0             # 0: what the partition offers (launcher.partition)
     time: str = "24:00:00"
     partition: str = ""
     account: str = ""
@@ -83,8 +83,8 @@ def validate(opts: SubmitOptions) -> None:
                          f"--gpus-per-node 0 on a CPU-only cluster")
     if opts.gpus_per_node == 0 and opts.tasks_per_node == 0:
         raise UsageError("--gpus-per-node 0 needs --tasks-per-node T (ranks per node on a CPU-only cluster)")
-    if opts.cpus_per_task < 1:
-        raise UsageError(f"--cpus-per-task {opts.cpus_per_task}: must be >= 1")
+    if opts.cpus_per_task < 0:
+        raise UsageError(f"--cpus-per-task {opts.cpus_per_task}: must be >= 1 (or 0: what the partition offers)")
     limit = parse_time(opts.time)
     if not 0 < opts.signal_seconds <= 65535:
         raise UsageError(f"slurm.signal_seconds={opts.signal_seconds}: must lie in 1..65535")
@@ -109,7 +109,8 @@ def sbatch_lines(opts: SubmitOptions, output: str, workdir: str) -> list[str]:
              f"--ntasks-per-node={tasks_per_node(opts)}"]
     if opts.gpus_per_node > 0:
         lines.append(f"--gpus-per-node={opts.gpus_per_node}")
-    lines.append(f"--cpus-per-task={opts.cpus_per_task}")
+    if opts.cpus_per_task > 0:      # 0 (unresolved, no sinfo): SLURM's default
+        lines.append(f"--cpus-per-task={opts.cpus_per_task}")
     lines.append(f"--time={opts.time}")
     if opts.partition:
         lines.append(f"--partition={opts.partition}")

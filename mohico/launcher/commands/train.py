@@ -40,7 +40,10 @@ def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
                 raise UsageError(f"--nproc needs an integer, got {value!r}") from None
             continue
         if a.startswith("-"):
-            raise UsageError(f"unknown option {a!r} (overrides are key=value, e.g. trainer.max_steps=100)")
+            from mohico.launcher.cli import unknown_option_message
+
+            raise UsageError(unknown_option_message(a, ["--nproc", "--help"])
+                             + " (overrides are key=value, e.g. trainer.max_steps=100)")
         out.append(a)
         i += 1
     return out, nproc
