@@ -129,8 +129,9 @@ def _fake_states(world, size, dim, fills, seed=0):
         b.group, b.rank, b.world_size, b.size, b.dim, b.impl = None, r, world, size, dim, None
         b.shard_size = size // world
         b.keys, b.ptr, b.filled = torch.zeros(b.shard_size, dim, dtype=torch.float64), 0, 0
+        b.ids = torch.full((b.shard_size,), -1, dtype=torch.int64)
         for step in range(fills[r]):
-            b.enqueue(_unit(1, dim, seed + 1000 * r + step))
+            b.enqueue(_unit(1, dim, seed + 1000 * r + step), ids=torch.tensor([1000 * r + step]))
         states.append(b.state_dict())
     return states
 
@@ -145,6 +146,7 @@ def test_reshard_2_1_2_preserves_keys_in_order(fills):
     back = MemoryBank.reshard(one, 2)
     for old, new in zip(states, back):
         torch.testing.assert_close(_ordered(new), _ordered(old))
+        assert torch.equal(_ordered(new, "ids"), _ordered(old, "ids"))       # each key keeps its video id
         assert new["filled"] == old["filled"] and new["rank"] == old["rank"]
     # the single shard is in age order: its newest keys are the ranks' newest, interleaved
     merged = _ordered(one[0])
@@ -158,6 +160,7 @@ def test_reshard_2_1_2_preserves_keys_in_order(fills):
     assert [s["keys"].shape[0] for s in four] == [4] * 4 and sum(s["filled"] for s in four) == sum(kept)
     for old, new in zip(states, MemoryBank.reshard(four, 2)):
         torch.testing.assert_close(_ordered(new), _ordered(old))
+        assert torch.equal(_ordered(new, "ids"), _ordered(old, "ids"))
 
 
 def test_reshard_errors():

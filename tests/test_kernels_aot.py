@@ -51,12 +51,15 @@ BANK = [(90, dt, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16,
 BANK += [(90, torch.float32, torch.bfloat16, (256, 128), True)]  # fp32 queries, bf16 bank
 BANK += [(90, dt, dt, (7, 64), False) for dt in (torch.float32, torch.bfloat16)]
 BANK += [(80, dt, dt, (256, 128), True) for dt in (torch.float32, torch.bfloat16)]
-for arch, dtype, bank_dtype, (B, D), has_pos in BANK:
+BANK = [b + (False,) for b in BANK]
+BANK += [(90, dt, dt, (256, 128), pos, True) for dt in (torch.float32, torch.bfloat16) for pos in (True, False)]
+for arch, dtype, bank_dtype, (B, D), has_pos, has_ids in BANK:
     c = bt._config(FakeCuda((B, D), dtype), 131072, 4)
     acc = TY[c["acc"]]
-    common = dict(Q=f"*{TY[dtype]}", KP=f"*{acc}", BANK=f"*{TY[bank_dtype]}", B="i32", K="i32", D="i32",
+    common = dict(Q=f"*{TY[dtype]}", KP=f"*{acc}", BANK=f"*{TY[bank_dtype]}",
+                  QID="*i64" if has_ids else f"*{TY[dtype]}", BID="*i64" if has_ids else f"*{TY[dtype]}", B="i32", K="i32", D="i32",
                   k_per_split="i32", inv_tau="fp32", stride_q="i32", stride_kp="i32", stride_bank="i32")
-    cst = dict(HAS_POS=has_pos, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"],
+    cst = dict(HAS_POS=has_pos, HAS_IDS=has_ids, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"],
                UPCAST=c["upcast"], BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"])
     compile_one(bt._lse_partial_fwd_kernel, dict(common, M_OUT=f"*{acc}", S_OUT=f"*{acc}"), cst,
                 c["num_warps"], arch)

@@ -7,6 +7,10 @@ partial (max, sum) per query -- the same partial LSE a distributed bank combines
 and the wrapper merges the splits (O(splits * B)). Backward writes a partial dq per split and
 the wrapper sums them (deterministic, no atomics).
 
+Own-video masking (``HAS_IDS``): with int64 ``q_ids: (B,)`` and ``bank_ids: (K,)``, bank entry
+``j`` is left out of query ``i``'s sums (forward and backward) when ``bank_ids[j] == q_ids[i]``
+and ``bank_ids[j] >= 0`` (a negative id is "unknown" and never masks).
+
 Accumulation is float32 for float16 / bfloat16 / float32 inputs and float64 for float64.
 float32 dots use 3xTF32 on the GPU (float32-level accuracy on tensor cores; plain TF32's 1e-3
 relative error would be amplified by 1/tau ~ 10) and IEEE in the interpreter. Half banks use tensor-core dots with float32 accumulation.
@@ -46,9 +50,9 @@ def launch_env(interpreted: bool):
 
 
 @triton.jit
-def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv_tau,
+def _lse_partial_fwd_kernel(Q, KP, BANK, QID, BID, M_OUT, S_OUT, B, K, D, k_per_split, inv_tau,
                             stride_q, stride_kp, stride_bank,
-                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                            HAS_POS: tl.constexpr, HAS_IDS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -62,6 +66,8 @@ def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv
     if UPCAST:  # bf16 dots are wrong in the triton 3.8 CPU interpreter: compute in fp32 there
         q = q.to(acc_t)
     neg_inf = float("-inf")
+    if HAS_IDS:
+        qid = tl.load(QID + offs_b, mask=mask_b, other=-1)
     m = tl.full((BLOCK_B,), neg_inf, acc_t)
     s = tl.zeros((BLOCK_B,), acc_t)
     if HAS_POS:  # the positive logit opens the stream of split 0 only
@@ -82,19 +88,24 @@ def _lse_partial_fwd_kernel(Q, KP, BANK, M_OUT, S_OUT, B, K, D, k_per_split, inv
             logits = tl.dot(q, tl.trans(kt.to(q.dtype)), input_precision=PREC, out_dtype=acc_t)
         else:
             logits = tl.dot(q, tl.trans(kt.to(q.dtype)), out_dtype=acc_t)
-        logits = tl.where(mask_k[None, :], logits * inv_tau, neg_inf)
+        valid = mask_k[None, :]
+        if HAS_IDS:
+            bid = tl.load(BID + offs_k, mask=mask_k, other=-1)
+            valid = valid & ((bid[None, :] != qid[:, None]) | (bid[None, :] < 0))
+        logits = tl.where(valid, logits * inv_tau, neg_inf)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
-        # m_new is finite here (every tile holds at least one valid row)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        # m_new is -inf only while every entry seen so far is masked: shift by 0 then (s stays 0)
+        m_safe = tl.where(m_new > neg_inf, m_new, 0.0)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
         m = m_new
     tl.store(M_OUT + pid_k * B + offs_b, m, mask=mask_b)
     tl.store(S_OUT + pid_k * B + offs_b, s, mask=mask_b)
 
 
 @triton.jit
-def _lse_partial_bwd_kernel(Q, KP, BANK, LSE, G, DQ_OUT, B, K, D, k_per_split, inv_tau,
+def _lse_partial_bwd_kernel(Q, KP, BANK, QID, BID, LSE, G, DQ_OUT, B, K, D, k_per_split, inv_tau,
                             stride_q, stride_kp, stride_bank,
-                            HAS_POS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                            HAS_POS: tl.constexpr, HAS_IDS: tl.constexpr, ACC_F64: tl.constexpr, IEEE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial dq of split pid_k: g * (sum_j softmax_j k_j [+ p_pos k+ on split 0]) / tau."""
     pid_b = tl.program_id(0)
@@ -113,6 +124,8 @@ def _lse_partial_bwd_kernel(Q, KP, BANK, LSE, G, DQ_OUT, B, K, D, k_per_split, i
     finite = lse > float("-inf")  # an empty set has no gradient
     lse = tl.where(finite, lse, 0.0)
     g = tl.where(finite, g, 0.0)
+    if HAS_IDS:
+        qid = tl.load(QID + offs_b, mask=mask_b, other=-1)
     acc = tl.zeros((BLOCK_B, BLOCK_D), acc_t)
     if HAS_POS:
         kp = tl.load(KP + offs_b[:, None] * stride_kp + offs_d[None, :], mask=mask_bd, other=0.0).to(acc_t)
@@ -131,7 +144,11 @@ def _lse_partial_bwd_kernel(Q, KP, BANK, LSE, G, DQ_OUT, B, K, D, k_per_split, i
         else:
             logits = tl.dot(q, tl.trans(kt), out_dtype=acc_t)
         p = tl.exp(logits * inv_tau - lse[:, None])
-        p = tl.where(mask_k[None, :], p, 0.0)
+        valid = mask_k[None, :] & finite[:, None]
+        if HAS_IDS:
+            bid = tl.load(BID + offs_k, mask=mask_k, other=-1)
+            valid = valid & ((bid[None, :] != qid[:, None]) | (bid[None, :] < 0))
+        p = tl.where(valid, p, 0.0)
         if IEEE:
             acc += tl.dot(p, kt.to(acc_t), input_precision=PREC, out_dtype=acc_t)
         else:  # half bank: tensor-core dot, float32 accumulation (as flash attention does)
@@ -176,6 +193,14 @@ def _config(q: torch.Tensor, K: int, splits: int | None):
                 acc=torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def _prep_ids(q, q_ids, bank_ids, K):
+    """Contiguous int64 id vectors for the kernels (dummies when not masking; K = 0 never reads BID)."""
+    if q_ids is None:
+        return q, q, False
+    q_ids = q_ids.contiguous()
+    return q_ids, (bank_ids.contiguous() if K > 0 else q_ids), True
+
+
 def _prep(q, bank, k_pos):
     q = q.contiguous() if q.stride(-1) != 1 else q
     bank = bank.contiguous() if bank.stride(-1) != 1 else bank
@@ -191,14 +216,17 @@ def _prep(q, bank, k_pos):
 
 def lse_partials_triton(q: torch.Tensor, bank: torch.Tensor, inv_tau: float,
                         k_pos: torch.Tensor | None = None, splits: int | None = None,
-                        out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        q_ids: torch.Tensor | None = None, bank_ids: torch.Tensor | None = None):
     """Partial (max, sum) of exp(q @ bank.T * inv_tau) over ``splits`` contiguous bank ranges.
 
     q: (B, d) any float dtype; bank: (K, d); k_pos: optional (B, d) positives, folded into
     split 0. Returns ``(m, s)`` each (splits, B) in the accumulation dtype, such that
     ``lse = logsumexp_over_splits(m + log s)``. ``out`` may pass preallocated (m, s) buffers.
+    ``q_ids: (B,)``, ``bank_ids: (K,)`` int64: leave out each query's own video.
     """
     q, bank, k_pos, K = _prep(q, bank, k_pos)
+    qid, bid, has_ids = _prep_ids(q, q_ids, bank_ids, K)
     c = _config(q, K, splits)
     if out is None:
         m = torch.empty((c["splits"], c["B"]), dtype=c["acc"], device=q.device)
@@ -212,10 +240,10 @@ def lse_partials_triton(q: torch.Tensor, bank: torch.Tensor, inv_tau: float,
     grid = (c["n_bblocks"], c["splits"])
     with launch_env(INTERPRETED):
         _lse_partial_fwd_kernel[grid](
-            q, k_pos if k_pos is not None else q, bank, m, s, c["B"], c["K"], c["D"], c["k_per_split"],
+            q, k_pos if k_pos is not None else q, bank, qid, bid, m, s, c["B"], c["K"], c["D"], c["k_per_split"],
             float(inv_tau), q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
-            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
+            HAS_POS=k_pos is not None, HAS_IDS=has_ids, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
             BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return m, s
 
@@ -226,15 +254,16 @@ def combine_partials(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(lse, dim=0)
 
 
-def lse_forward_triton(q, bank, k_pos, inv_tau, splits=None, out=None):
-    """(B,) logsumexp([q.k+ (if k_pos given), q @ bank.T] * inv_tau)."""
-    m, s = lse_partials_triton(q, bank, inv_tau, k_pos, splits, out)
+def lse_forward_triton(q, bank, k_pos, inv_tau, splits=None, out=None, q_ids=None, bank_ids=None):
+    """(B,) logsumexp([q.k+ (if k_pos given), q @ bank.T] * inv_tau), own-video entries left out."""
+    m, s = lse_partials_triton(q, bank, inv_tau, k_pos, splits, out, q_ids, bank_ids)
     return combine_partials(m, s)
 
 
-def lse_backward_triton(q, bank, k_pos, lse, g, inv_tau, splits=None, out=None):
+def lse_backward_triton(q, bank, k_pos, lse, g, inv_tau, splits=None, out=None, q_ids=None, bank_ids=None):
     """(B, d) g * (softmax @ [k+; bank]) * inv_tau in the accumulation dtype (dq of the lse)."""
     q, bank, k_pos, K = _prep(q, bank, k_pos)
+    qid, bid, has_ids = _prep_ids(q, q_ids, bank_ids, K)
     c = _config(q, K, splits)
     if out is None:
         dq = torch.empty((c["splits"], c["B"], c["D"]), dtype=c["acc"], device=q.device)
@@ -247,11 +276,11 @@ def lse_backward_triton(q, bank, k_pos, lse, g, inv_tau, splits=None, out=None):
     grid = (c["n_bblocks"], c["splits"])
     with launch_env(INTERPRETED):
         _lse_partial_bwd_kernel[grid](
-            q, k_pos if k_pos is not None else q, bank, lse.contiguous(), g.contiguous(), dq,
+            q, k_pos if k_pos is not None else q, bank, qid, bid, lse.contiguous(), g.contiguous(), dq,
             c["B"], c["K"], c["D"], c["k_per_split"], float(inv_tau),
             q.stride(0), (k_pos if k_pos is not None else q).stride(0),
             bank.stride(0),
-            HAS_POS=k_pos is not None, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
+            HAS_POS=k_pos is not None, HAS_IDS=has_ids, ACC_F64=c["acc"] == torch.float64, IEEE=c["ieee"], PREC=c["prec"], UPCAST=c["upcast"],
             BLOCK_B=c["block_b"], BLOCK_K=c["block_k"], BLOCK_D=c["block_d"], num_warps=c["num_warps"])
     return dq.sum(0)
 

@@ -22,6 +22,14 @@ gradients ``(B*W,)``, computes its shard's weighted contribution for all gathere
 all-reduce; each rank returns its own slice. (An all-reduce rather than a reduce-scatter: it
 works on every backend, gloo included, and the tensor is only ``B*W x d``.)
 
+Own video (issue 12): each slot also stores the int64 id of the video its key came from
+(``ids``; -1 when unknown). :meth:`MemoryBank.nce` / :meth:`MemoryBank.logits_lse` given the
+queries' ``ids: (B,)`` leave every bank entry of the query's own video out of the log-sum-exp
+(on every rank's shard: the ids are all-gathered with the queries), so a query's own video is
+never its negative. The ids are checkpointed and resharded with the keys. A checkpoint written
+before ids existed (state version 1) loads with every id unknown (-1): those keys are never
+masked until they are evicted, i.e. for ``size / global batch`` steps (a warning says so).
+
 Until the bank is full only the filled slots count as negatives (``filled``, logged as the
 bank fill). All ranks must call :meth:`MemoryBank.nce` / :meth:`MemoryBank.logits_lse` together
 with the same batch size (they are collectives).
@@ -31,6 +39,7 @@ of all ranks' states to a new world size, preserving the FIFO (age) order of the
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -40,7 +49,9 @@ from torch.autograd.function import once_differentiable
 
 from mohico.errors import MohicoError
 
-STATE_VERSION = 1
+STATE_VERSION = 2          # 2: per-slot video ids; version 1 (keys only) still loads, ids unknown
+UNKNOWN_ID = -1            # a slot whose video is unknown: never masked
+log = logging.getLogger("mohico.bank")
 
 
 def dist_info(group=None) -> tuple[int, int]:
@@ -60,11 +71,13 @@ def all_gather_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def _partial_lse(q: torch.Tensor, keys: torch.Tensor, tau: float, impl: Optional[str]) -> torch.Tensor:
-    """log-sum-exp of ``q @ keys.T / tau`` per row (the kernel); ``-inf`` for an empty shard."""
+def _partial_lse(q: torch.Tensor, keys: torch.Tensor, tau: float, impl: Optional[str],
+                 q_ids: Optional[torch.Tensor] = None, key_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log-sum-exp of ``q @ keys.T / tau`` per row (the kernel), own-video keys left out when
+    ``q_ids``/``key_ids`` are given; ``-inf`` for an empty shard."""
     from mohico.kernels import bank_lse
 
-    return bank_lse(q, keys, tau, impl=impl)
+    return bank_lse(q, keys, tau, impl=impl, q_ids=q_ids, bank_ids=key_ids)
 
 
 class ShardedBankLSE(torch.autograd.Function):
@@ -72,18 +85,21 @@ class ShardedBankLSE(torch.autograd.Function):
 
     ``q: (B, d)`` this rank's queries; ``keys: (n_r, d)`` this rank's filled shard (n_r may be
     0). Returns ``(B,)``: for each local query, the LSE over the keys of *all* ranks.
+    ``q_ids: (B,)`` / ``key_ids: (n_r,)`` (both or neither): each query's own video is left out
+    on every shard (the ids travel with the gathered queries).
     Differentiable w.r.t. ``q`` only. A collective: every rank of ``group`` must call it with
-    the same ``B``.
+    the same ``B`` (and all with ids or all without).
     """
 
     @staticmethod
-    def forward(ctx, q, keys, tau, group=None, impl=None):
+    def forward(ctx, q, keys, tau, group=None, impl=None, q_ids=None, key_ids=None):
         rank, world = dist_info(group)
         b = q.shape[0]
         gathered = all_gather_nograd(q.detach(), group)                 # (B*W, d)
+        gathered_ids = None if q_ids is None else all_gather_nograd(q_ids, group)
         with torch.enable_grad():
             qg = gathered.detach().requires_grad_(True)
-            lse_r = _partial_lse(qg, keys.detach(), tau, impl)          # (B*W,), graph kept for backward
+            lse_r = _partial_lse(qg, keys.detach(), tau, impl, gathered_ids, key_ids)  # (B*W,), graph kept
         part = lse_r.detach()
         if world > 1:
             m = part.clone()
@@ -115,7 +131,7 @@ class ShardedBankLSE(torch.autograd.Function):
         if world > 1:
             contrib = contrib.contiguous()
             dist.all_reduce(contrib, op=dist.ReduceOp.SUM, group=ctx.group)
-        return contrib[rank * b:(rank + 1) * b].clone(), None, None, None, None
+        return contrib[rank * b:(rank + 1) * b].clone(), None, None, None, None, None, None
 
 
 class MemoryBank:
@@ -124,8 +140,8 @@ class MemoryBank:
     Not an ``nn.Module`` on purpose: the bank is per-rank state that DeepSpeed must neither
     broadcast nor partition; it is saved per rank by the trainer.
 
-    Attributes: ``keys: (size / W, dim)`` this rank's shard (a ring buffer), ``ptr`` the next
-    slot to write, ``filled`` how many slots hold keys, ``shard_size``, ``rank``, ``world_size``.
+    Attributes: ``keys: (size / W, dim)`` this rank's shard (a ring buffer), ``ids: (size / W,)``
+    int64 the video id of each slot's key (-1: unknown), ``ptr`` the next slot to write, ``filled`` how many slots hold keys, ``shard_size``, ``rank``, ``world_size``.
     """
 
     def __init__(self, size: int, dim: int, group=None, dtype: torch.dtype = torch.float32,
@@ -141,6 +157,7 @@ class MemoryBank:
         self.size, self.dim, self.impl = size, dim, impl
         self.shard_size = size // self.world_size
         self.keys = torch.zeros(self.shard_size, dim, dtype=dtype, device=device)
+        self.ids = torch.full((self.shard_size,), UNKNOWN_ID, dtype=torch.int64, device=device)
         self.ptr = 0
         self.filled = 0
 
@@ -154,9 +171,14 @@ class MemoryBank:
         """The keys that count as negatives, ``(filled, dim)`` (slot order, not age order)."""
         return self.keys if self.filled == self.shard_size else self.keys[:self.filled]
 
+    def filled_ids(self) -> torch.Tensor:
+        """The video ids of :meth:`filled_keys`, ``(filled,)`` int64."""
+        return self.ids if self.filled == self.shard_size else self.ids[:self.filled]
+
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Append this rank's ``keys: (n, dim)`` (L2-normalised here), evicting the oldest.
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Append this rank's ``keys: (n, dim)`` (L2-normalised here) and their videos' ``ids: (n,)``
+        int64 (None: unknown, never masked), evicting the oldest.
 
         Out of place (``index_copy``, a new tensor): a loss computed against the bank before
         the enqueue keeps the keys it saw, so ``nce(); enqueue(); backward()`` is correct (MoCo
@@ -164,13 +186,21 @@ class MemoryBank:
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise MohicoError(f"MemoryBank.enqueue: keys must be (n, {self.dim}), got {tuple(keys.shape)}")
+        if ids is None:
+            ids = torch.full((keys.shape[0],), UNKNOWN_ID, dtype=torch.int64, device=keys.device)
+        if ids.shape != (keys.shape[0],) or ids.dtype != torch.int64:
+            raise MohicoError(f"MemoryBank.enqueue: ids must be int64 ({keys.shape[0]},) video ids (one per key), "
+                              f"got {ids.dtype} {tuple(ids.shape)}")
         if keys.device != self.keys.device:             # the bank follows the model's device
             self.keys = self.keys.to(keys.device)
+        if self.ids.device != keys.device:
+            self.ids = self.ids.to(keys.device)
         keys = F.normalize(keys.detach().to(self.keys.dtype), dim=1)
         n = keys.shape[0]
         skip = max(0, n - self.shard_size)           # more keys than slots: only the newest survive
         idx = (self.ptr + skip + torch.arange(n - skip, device=keys.device)) % self.shard_size
         self.keys = self.keys.index_copy(0, idx, keys[skip:])
+        self.ids = self.ids.index_copy(0, idx, ids.to(keys.device)[skip:])
         self.ptr = (self.ptr + n) % self.shard_size
         self.filled = min(self.shard_size, self.filled + n)
 
@@ -181,45 +211,59 @@ class MemoryBank:
         return torch.cat([self.keys[self.ptr:], self.keys[:self.ptr]], 0)
 
     # ------------------------------------------------------------------ losses
-    def _bank_for(self, q: torch.Tensor) -> torch.Tensor:
+    def _bank_for(self, q: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                             torch.Tensor | None]:
+        """(filled keys, their ids or None, the queries' ids on q's device or None)."""
         if self.keys.device != q.device:             # the bank follows the model's device
             self.keys = self.keys.to(q.device)
-        return self.filled_keys()
+        if self.ids.device != q.device:
+            self.ids = self.ids.to(q.device)
+        if ids is None:
+            return self.filled_keys(), None, None
+        if ids.shape != (q.shape[0],) or ids.dtype != torch.int64:
+            raise MohicoError(f"MemoryBank: query ids must be int64 ({q.shape[0]},) video ids (batch['video_id']), "
+                              f"got {ids.dtype} {tuple(ids.shape)}")
+        return self.filled_keys(), self.filled_ids(), ids.to(q.device)
 
-    def logits_lse(self, q: torch.Tensor, tau: float) -> torch.Tensor:
+    def logits_lse(self, q: torch.Tensor, tau: float, ids: torch.Tensor | None = None) -> torch.Tensor:
         """``q: (B, dim)`` -> ``(B,)`` log-sum-exp of ``q @ bank.T / tau`` over the whole
-        (all ranks') filled bank; ``-inf`` if the bank is empty. Differentiable w.r.t. ``q``."""
-        keys = self._bank_for(q)
+        (all ranks') filled bank, without the entries of each query's own video when its
+        ``ids: (B,)`` are given; ``-inf`` if nothing is left. Differentiable w.r.t. ``q``."""
+        keys, key_ids, ids = self._bank_for(q, ids)
         if self.world_size == 1:
-            return _partial_lse(q, keys, tau, self.impl)
-        return ShardedBankLSE.apply(q, keys, tau, self.group, self.impl)
+            return _partial_lse(q, keys, tau, self.impl, ids, key_ids)
+        return ShardedBankLSE.apply(q, keys, tau, self.group, self.impl, ids, key_ids)
 
-    def nce(self, q: torch.Tensor, k_pos: torch.Tensor, tau: float) -> torch.Tensor:
+    def nce(self, q: torch.Tensor, k_pos: torch.Tensor, tau: float, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample InfoNCE ``-log(e^{q.k+/tau} / (e^{q.k+/tau} + sum_bank e^{q.k/tau}))``.
 
         ``q: (B, dim)``, ``k_pos: (B, dim)`` L2-normalised (``k_pos`` is treated as a constant)
-        -> ``(B,)``, differentiable w.r.t. ``q``. A collective when the bank is sharded.
+        -> ``(B,)``, differentiable w.r.t. ``q``. ``ids: (B,)`` int64 the queries' video ids:
+        bank entries of the query's own video are left out of the sum. A collective when the
+        bank is sharded.
         """
-        keys = self._bank_for(q)
+        keys, key_ids, q_ids = self._bank_for(q, ids)
         k_pos = k_pos.detach()
         if self.world_size == 1:              # single shard: the fused kernel (an empty bank gives 0)
             from mohico.kernels import bank_nce
 
-            return bank_nce(q, k_pos, keys, tau, impl=self.impl)
-        lse = self.logits_lse(q, tau)
+            return bank_nce(q, k_pos, keys, tau, impl=self.impl, q_ids=q_ids, bank_ids=key_ids)
+        lse = self.logits_lse(q, tau, ids)
         pos = (q.to(lse.dtype) * k_pos.to(lse.dtype)).sum(-1) / tau
         return torch.logaddexp(pos, lse) - pos
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """This rank's shard: keys (CPU copy), pointer, fill, rank, world size, total size."""
-        return {"version": STATE_VERSION, "keys": self.keys.detach().cpu().clone(), "ptr": self.ptr,
+        """This rank's shard: keys and ids (CPU copies), pointer, fill, rank, world size, total size."""
+        return {"version": STATE_VERSION, "keys": self.keys.detach().cpu().clone(), "ids": self.ids.cpu().clone(),
+                "ptr": self.ptr,
                 "filled": self.filled, "rank": self.rank, "world_size": self.world_size,
                 "size": self.size, "dim": self.dim}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load this rank's shard saved by :meth:`state_dict` at the same world size."""
-        _check_state(state, "MemoryBank.load_state_dict")
+        """Load this rank's shard saved by :meth:`state_dict` at the same world size (a version-1
+        state, without ids, loads with every id unknown: see the module docstring)."""
+        state = _check_state(state, "MemoryBank.load_state_dict")
         if state["size"] != self.size or state["dim"] != self.dim:
             raise MohicoError(f"bank checkpoint holds size={state['size']}, dim={state['dim']} but this run has "
                               f"bank.size={self.size}, bank.dim={self.dim}: use the same bank.size/bank.dim as the "
@@ -235,7 +279,11 @@ class MemoryBank:
         if not (0 <= state["ptr"] < self.shard_size and 0 <= state["filled"] <= self.shard_size):
             raise MohicoError(f"bank checkpoint has ptr={state['ptr']}, filled={state['filled']} outside "
                               f"[0, {self.shard_size}]: the checkpoint is corrupt")
+        if tuple(state["ids"].shape) != (self.shard_size,):
+            raise MohicoError(f"bank checkpoint ids have shape {tuple(state['ids'].shape)}, expected "
+                              f"({self.shard_size},): the checkpoint is corrupt or from another run")
         self.keys = keys.to(device=self.keys.device, dtype=self.keys.dtype).clone()
+        self.ids = state["ids"].to(device=self.ids.device, dtype=torch.int64).clone()
         self.ptr, self.filled = int(state["ptr"]), int(state["filled"])
 
     @staticmethod
@@ -251,9 +299,7 @@ class MemoryBank:
         """
         if not states:
             raise MohicoError("MemoryBank.reshard: no states given")
-        for s in states:
-            _check_state(s, "MemoryBank.reshard")
-        states = sorted(states, key=lambda s: s["rank"])
+        states = sorted((_check_state(s, "MemoryBank.reshard") for s in states), key=lambda s: s["rank"])
         world, size, dim = states[0]["world_size"], states[0]["size"], states[0]["dim"]
         if [s["rank"] for s in states] != list(range(world)) or len(states) != world or \
                 any((s["world_size"], s["size"], s["dim"]) != (world, size, dim) for s in states):
@@ -263,33 +309,46 @@ class MemoryBank:
         if new_world_size <= 0 or size % new_world_size:
             raise MohicoError(f"MemoryBank.reshard: bank size {size} is not divisible by the new world size "
                               f"{new_world_size}: change bank.size or the number of ranks")
-        newest_first = [_ordered(s).flip(0) for s in states]
+        newest_first = [_ordered(s, "keys").flip(0) for s in states]
+        ids_newest_first = [_ordered(s, "ids").flip(0) for s in states]
         ages = torch.cat([torch.arange(len(k)) for k in newest_first])
         ranks = torch.cat([torch.full((len(k),), r) for r, k in enumerate(newest_first)])
-        merged = torch.cat(newest_first)[torch.argsort(ages * world + ranks)]   # newest first, ranks interleaved
+        order = torch.argsort(ages * world + ranks)                                # newest first, ranks interleaved
+        merged, merged_ids = torch.cat(newest_first)[order], torch.cat(ids_newest_first)[order]
         shard = size // new_world_size
         out = []
         for r in range(new_world_size):
             mine = merged[r::new_world_size].flip(0)                              # oldest -> newest
             keys = torch.zeros(shard, dim, dtype=merged.dtype)
             keys[:len(mine)] = mine
-            out.append({"version": STATE_VERSION, "keys": keys, "ptr": len(mine) % shard, "filled": len(mine),
-                        "rank": r, "world_size": new_world_size, "size": size, "dim": dim})
+            ids = torch.full((shard,), UNKNOWN_ID, dtype=torch.int64)
+            ids[:len(mine)] = merged_ids[r::new_world_size].flip(0)
+            out.append({"version": STATE_VERSION, "keys": keys, "ids": ids, "ptr": len(mine) % shard,
+                        "filled": len(mine), "rank": r, "world_size": new_world_size, "size": size, "dim": dim})
         return out
 
 
-def _check_state(state: dict, where: str) -> None:
+def _check_state(state: dict, where: str) -> dict:
+    """The state, checked; a version-1 state (before per-slot video ids) is upgraded with every
+    id unknown (-1), with a warning: those keys are not masked as own-video negatives until evicted."""
     need = {"version", "keys", "ptr", "filled", "rank", "world_size", "size", "dim"}
     if not isinstance(state, dict) or not need <= set(state):
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise MohicoError(f"{where}: not a memory-bank state (expected keys {sorted(need)}, got {got})")
-    if state["version"] != STATE_VERSION:
+    if state["version"] == 1 and "ids" not in state:
+        log.warning("%s: bank state version 1 has no video ids: its %d keys count as negatives of every query "
+                    "(own video included) until they are evicted", where, int(state["filled"]))
+        state = dict(state, version=STATE_VERSION,
+                     ids=torch.full((state["keys"].shape[0],), UNKNOWN_ID, dtype=torch.int64))
+    if state["version"] != STATE_VERSION or "ids" not in state:
         raise MohicoError(f"{where}: bank state version {state['version']} is not supported (this release "
-                          f"reads version {STATE_VERSION})")
+                          f"reads versions 1 and {STATE_VERSION}, and version {STATE_VERSION} needs 'ids')")
+    return state
 
 
-def _ordered(state: dict) -> torch.Tensor:
-    keys, ptr, filled = state["keys"], state["ptr"], state["filled"]
-    if filled < keys.shape[0]:
-        return keys[:filled]
-    return torch.cat([keys[ptr:], keys[:ptr]], 0)
+def _ordered(state: dict, field: str = "keys") -> torch.Tensor:
+    """``state[field]`` (keys or ids) of the filled slots, oldest -> newest."""
+    rows, ptr, filled = state[field], state["ptr"], state["filled"]
+    if filled < rows.shape[0]:
+        return rows[:filled]
+    return torch.cat([rows[ptr:], rows[:ptr]], 0)

@@ -60,10 +60,14 @@ class PretrainModule(nn.Module):
         self.num_views = 3 if "hico" in enabled else 2
 
     # ------------------------------------------------------------------ training step
-    def forward(self, clips: torch.Tensor, motion: torch.Tensor | None, progress: float | torch.Tensor = 0.0):
+    def forward(self, clips: torch.Tensor, motion: torch.Tensor | None, progress: float | torch.Tensor = 0.0,
+                video_id: torch.Tensor | None = None):
         """``clips: (B, V, C, T, H, W)``, ``motion: (B, V, T, Hm, Wm)`` (None without MAL),
-        ``progress`` in [0, 1] -> ``(loss, terms)``: a scalar tensor and a dict of detached
-        scalar tensors (every objective term, the bank fills, ``loss``). In training mode the
+        ``progress`` in [0, 1], ``video_id: (B,)`` int64 (``batch["video_id"]``; None: every
+        sample its own video) -> ``(loss, terms)``: a scalar tensor and a dict of detached
+        scalar tensors (every objective term, the bank fills, ``loss``). With ids, no objective
+        takes a clip or bank key of the query's own video as a negative, and the banks store
+        the ids with the keys. In training mode the
         step's keys are enqueued into the banks; in ``eval()`` mode the banks are untouched.
         Under ``torch.no_grad()`` the gradient-based MAL variants are skipped (no double backprop)."""
         if clips.ndim != 6 or clips.shape[1] < self.num_views:
@@ -92,12 +96,12 @@ class PretrainModule(nn.Module):
                                       f"{tuple(clips.shape[:2])}; got {got} (or set objectives.mcl.mal_enabled=false)")
                 motion_q = motion[:, 0]
             key_emb = mcl.key_embed(clips[:, 1])
-            part, t = mcl(emb[0], fmap, clips[:, 1], motion_q, progress, key_emb=key_emb)
+            part, t = mcl(emb[0], fmap, clips[:, 1], motion_q, progress, key_emb=key_emb, video_id=video_id)
             loss = loss + self.weights["mcl"] * part
             terms.update(t)
             terms["mcl/loss"] = part.detach()
         if hico is not None:
-            part, t = hico(emb.transpose(0, 1), clips[:, 1], key_emb)
+            part, t = hico(emb.transpose(0, 1), clips[:, 1], key_emb, video_id=video_id)
             loss = loss + self.weights["hico"] * part
             terms.update(t)
             terms["hico/loss"] = part.detach()

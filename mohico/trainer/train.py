@@ -8,7 +8,7 @@
     restore: engine (weights, optimizer), loader state, bank shard, RNG states, W&B run id
     for step in [start, max_steps):
         lr = warm-up + cosine(step); loader.set_progress(step / max_steps)
-        grad_accum x (batch -> engine(clips, motion, progress) -> backward -> engine.step())
+        grad_accum x (batch -> engine(clips, motion, progress, video_id) -> backward -> engine.step())
         module.momentum_update()            # key encoder EMA (the bank is filled in forward)
         log (rank 0: console, metrics.jsonl, W&B); checkpoint every N steps and at the end
         preemption signal on any rank -> all save -> exit 3 (SLURM: requeue)
@@ -240,7 +240,10 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 wait += time.perf_counter() - t_wait
                 clips = batch["clips"].to(device, non_blocking=True)
                 motion = batch["motion"].to(device, non_blocking=True)
-                loss, terms = engine(clips, motion, progress)
+                video_id = batch.get("video_id")   # own-video clips and bank keys are not negatives
+                if video_id is not None:
+                    video_id = video_id.to(device, non_blocking=True)
+                loss, terms = engine(clips, motion, progress, video_id=video_id)
                 engine.backward(loss)
                 engine.step()
                 # one device-to-host transfer for the loss and every term (not one sync per term)

@@ -10,7 +10,9 @@ positive of ``v_i`` is ``v_j`` and vice versa. The denominator holds the positiv
 of every *other* video (``v_i``, ``v_j``, ``v_k``) and -- in this system -- the memory bank.
 ``v_k`` is never an anchor and is not a negative of its own video's clips (it is
 topically the same video; the official code pairs only ``i``-``j`` for the visual loss): it
-enters the visual loss only as a negative of other videos, and the topical loss.
+enters the visual loss only as a negative of other videos, and the topical loss. With the
+batch's ``video_id`` (every training step), "own video" means the same id: clips of a video
+sampled twice in the global batch, and bank keys of the anchor's video, are not negatives.
 
 The bank's keys come from a momentum (EMA) key encoder, as in MoCo: the EMA visual head
 ``key_visual`` (momentum ``objectives.hico.momentum``) over an EMA backbone's embedding of
@@ -28,7 +30,7 @@ in different embedding spaces), sharded the same way. ``objectives.hico.use_bank
 **Topical consistency** ``L_TP`` (:func:`topical_consistency`): a separate projection
 (:class:`TopicalHead`), the pair classifier ``phi`` over every ordered pair ``(a, b), a != b``
 of this rank's 3B clips (both orders; self-pairs excluded), label 1 for clips of the same
-video, and the focal loss with gamma = 0.5, positives and negatives averaged separately::
+video (same ``video_id``: a video sampled twice gives positive pairs across its samples), and the focal loss with gamma = 0.5, positives and negatives averaged separately::
 
     L_TP = -mean_pos[(1 - p)^gamma log p] - mean_neg[p^gamma log(1 - p)]
 
@@ -73,12 +75,15 @@ class AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
 
-def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = None, group=None) -> torch.Tensor:
+def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = None, group=None,
+                       video_id: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent with HiCo's positive structure; ``z: (B, 3, d)`` L2-normalised (views i, j, k)
     of this rank's videos -> per-anchor loss ``(2B,)`` (anchors: all ``v_i`` then all ``v_j``).
 
     Candidates: the global batch ``(W*B*3, d)`` minus the anchor's own video, plus its positive,
-    plus the bank (if given). A collective when distributed.
+    plus the bank (if given). ``video_id: (B,)`` int64: "own video" also covers other samples
+    of the same video in the global batch and the bank's keys of that video. A collective when
+    distributed (every rank with ids, or none).
     """
     b, v, d = z.shape
     if v != 3:
@@ -91,11 +96,20 @@ def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = No
     video_of_col = torch.arange(everything.shape[0], device=z.device) // 3
     video_of_anchor = (rank * b + torch.arange(b, device=z.device)).repeat(2)
     own_video = video_of_col[None, :] == video_of_anchor[:, None]
+    anchor_ids = None
+    if video_id is not None:
+        if video_id.shape != (b,) or video_id.dtype != torch.int64:
+            raise MohicoError(f"HiCo: video_id must be int64 ({b},) (batch['video_id']); got "
+                              f"{video_id.dtype} {tuple(video_id.shape)}")
+        video_id = video_id.to(z.device)
+        id_of_col = all_gather_nograd(video_id, group).repeat_interleave(3)      # (W*B*3,)
+        anchor_ids = video_id.repeat(2)                                         # (2B,)
+        own_video = own_video | (id_of_col[None, :] == anchor_ids[:, None])     # duplicates of the video
     logits = logits.masked_fill(own_video, float("-inf"))                     # own clips out (incl. self, v_k)
     pos = (anchors * positives).sum(-1) / tau
     parts = [logits, pos[:, None]]
     if bank is not None:
-        parts.append(bank.logits_lse(anchors, tau)[:, None].to(logits.dtype))
+        parts.append(bank.logits_lse(anchors, tau, ids=anchor_ids)[:, None].to(logits.dtype))
     return torch.logsumexp(torch.cat(parts, 1), dim=1) - pos
 
 
@@ -197,24 +211,27 @@ class HiCo(nn.Module):
         finally:
             head.train(training)
 
-    def forward(self, emb: torch.Tensor, x_j: torch.Tensor | None = None,
-                key_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, emb: torch.Tensor, x_j: torch.Tensor | None = None, key_emb: torch.Tensor | None = None,
+                video_id: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``emb: (B, 3, D)`` backbone embeddings of views i, j, k -> (loss, detached terms).
         With the bank, in training mode, also needs ``x_j: (B, C, T, H, W)`` (the ``v_j`` clips,
         for HiCo's own EMA backbone) or ``key_emb: (B, D)`` (the shared EMA backbone's embedding
-        of them) to compute the keys it enqueues."""
+        of them) to compute the keys it enqueues. ``video_id: (B,)`` int64 (``batch["video_id"]``):
+        same-video clips are not negatives, topical pairs are labelled by video id, and the
+        enqueued keys carry the ids."""
         b, v, d_in = emb.shape
         if v != 3:
             raise ValueError(f"HiCo needs 3 views per video (v_i, v_j, v_k); got {v}")
         flat = emb.reshape(b * 3, d_in)
         z = self.visual(flat).reshape(b, 3, -1)
-        visual = visual_consistency(z, self.cfg.tau, self.bank).mean()
-        video = torch.arange(b, device=emb.device).repeat_interleave(3)
+        visual = visual_consistency(z, self.cfg.tau, self.bank, video_id=video_id).mean()
+        video = (torch.arange(b, device=emb.device) if video_id is None else video_id.to(emb.device))
+        video = video.repeat_interleave(3)
         topical, acc = topical_consistency(self.topical(flat), self.classifier, video, self.cfg.focal_gamma)
         loss = self.cfg.visual_weight * visual + self.cfg.topical_weight * topical
         terms = {"hico/visual": visual.detach(), "hico/topical": topical.detach(), "hico/topical_acc": acc}
         if self.bank is not None:
             if self.training:                                       # evaluation passes leave the bank alone
-                self.bank.enqueue(self.keys(x_j, key_emb))
+                self.bank.enqueue(self.keys(x_j, key_emb), ids=video_id)
             terms["hico/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms

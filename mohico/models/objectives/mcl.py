@@ -143,7 +143,8 @@ class MCL(nn.Module):
 
     def forward(self, q_emb: torch.Tensor, fmap: torch.Tensor | None, x_key: torch.Tensor,
                 motion_q: torch.Tensor | None, progress: float,
-                key_emb: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                key_emb: torch.Tensor | None = None,
+                video_id: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One MCL step.
 
         ``q_emb: (B, D)`` backbone embeddings of the query clips; ``fmap: (N, C', T', H', W')``
@@ -151,12 +152,13 @@ class MCL(nn.Module):
         are the query clips' (the batch may hold more views; needed when MAL is on);
         ``x_key: (B, C, T, H, W)`` the key clips; ``motion_q: (B, T, Hm, Wm)`` the query's
         motion target; ``progress`` in [0, 1] (fraction of ``trainer.max_steps`` done);
-        ``key_emb``: :meth:`key_embed` of ``x_key`` if the caller already computed it.
-        Returns the loss (NCE + lambda * MAL) and detached terms for logging.
+        ``key_emb``: :meth:`key_embed` of ``x_key`` if the caller already computed it;
+        ``video_id: (B,)`` int64 (``batch["video_id"]``): bank keys of the query's own video are
+        not its negatives, and the enqueued keys carry these ids. Returns the loss (NCE + lambda * MAL) and detached terms for logging.
         """
         q = self.proj(q_emb)                                        # (B, d), unit norm
         k = self.keys(x_key, key_emb).to(q.dtype)                            # (B, d), constants
-        nce = self.bank.nce(q, k, self.cfg.tau).mean()
+        nce = self.bank.nce(q, k, self.cfg.tau, ids=video_id).mean()
         loss = nce
         terms = {"mcl/nce": nce.detach()}
         if self.cfg.mal_enabled:
@@ -166,7 +168,7 @@ class MCL(nn.Module):
                 terms.update({"mcl/mal": mal.detach(), "mcl/mal_weight": torch.tensor(float(lam))})
                 terms.update({f"mcl/mal_{name}": v for name, v in mal_terms.items()})
         if self.training:                                           # evaluation passes leave the bank alone
-            self.bank.enqueue(k)
+            self.bank.enqueue(k, ids=video_id)
         terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
 
