@@ -14,6 +14,9 @@ echo "== loader: this pipeline vs decode-whole-video-then-slice, 1 and 10 min vi
 echo "== pretraining sanity: clip -> video retrieval, random init vs the tiny pretrained backbone"
 "$PY" benchmarks/pretrain_sanity.py --videos 8
 
+echo "== MCL motion-crop scale: area distribution, old smallest-first rule vs the official rule"
+"$PY" benchmarks/crop_area.py
+
 echo "== motion maps: DIS vs Farneback vs TV-L1 on real clips"
 # TV-L1 lives in opencv-contrib-python, which replaces opencv-python's cv2 module: it gets its own venv.
 TVL1_VENV=${TVL1_VENV:-.cache/bench-tvl1-venv}

@@ -52,7 +52,12 @@ class DataConfig:
     seconds_per_sample: float = 0.0    # > 0: a video of D s yields min(R, ceil(D / this)) samples per read
     resampled: bool = True             # infinite multi-epoch stream (webdataset resampling)
     clip_len: int = 16                 # frames per clip (T)
-    frame_stride: int = 2              # take every n-th frame
+    frame_stride: int = 2              # take every n-th frame (counted at reference_fps when that is set)
+    reference_fps: float = 0.0         # frame_stride counts frames at this rate, so a clip spans
+                                       # (clip_len - 1) * frame_stride / reference_fps seconds on shards
+                                       # of any fps (each video's stride is frame_stride * fps /
+                                       # reference_fps, fractional strides take the nearest frames);
+                                       # 0: frame_stride counts the shards' stored frames
     crop_size: int = 112               # output H = W
     motion_size: int = 14              # motion targets are (T, motion_size, motion_size)
     decoder: Literal["auto", "dali", "pyav"] = "auto"   # auto: DALI if the codec decodes on this device
@@ -78,6 +83,8 @@ class SamplingConfig:
     crop_max_sizes: int = 20
     crop_max_positions: int = 40
     motion_crop: bool = True           # False: plain random resized crop
+    # shot cuts (untrimmed data)
+    avoid_cuts: bool = True            # draw only clips spanning no shot cut (meta["cuts"]) when the video has any
 
 
 @dataclass
@@ -274,6 +281,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.seconds_per_sample >= 0, "data.seconds_per_sample",
          "must be >= 0 seconds (0: every read yields data.samples_per_read samples)")
     need(cfg.data.clip_len >= 1 and cfg.data.frame_stride >= 1, "data.clip_len", "clip_len and frame_stride must be >= 1")
+    need(cfg.data.reference_fps >= 0, "data.reference_fps",
+         "must be >= 0 (the frame rate frame_stride counts at; 0: the shards' stored frames)")
     need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
     need(len(cfg.data.augment.color_jitter) == 4, "data.augment.color_jitter", "needs 4 values: brightness, contrast, saturation, hue")
     need(len(cfg.sampling.crop_area) == 2 and 0 < cfg.sampling.crop_area[0] <= cfg.sampling.crop_area[1] <= 1,

@@ -89,7 +89,18 @@ def test_old_backbone_file_without_preprocessing_says_what_to_do(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"defaults: [{ROOT / 'configs' / 'tiny_cpu.yaml'}]\ndata: {{shards: ''}}\n")
     _, prep = mohico.load_encoder(f, config=cfg)
-    assert prep.clip_len == 4 and prep.crop_size == 32 and prep.fps is None and prep.sampling_rate is None
+    # tiny_cpu counts its stride at data.reference_fps = 15: the rate is known without the shards
+    assert prep.clip_len == 4 and prep.crop_size == 32 and prep.fps == 15.0 and prep.sampling_rate == 7.5
+    cfg.write_text(f"defaults: [{ROOT / 'configs' / 'tiny_cpu.yaml'}]\ndata: {{shards: '', reference_fps: 0}}\n")
+    _, prep = mohico.load_encoder(f, config=cfg)
+    assert prep.fps is None and prep.sampling_rate is None
+
+
+def test_preprocessing_rate_is_the_reference_fps_whatever_the_shards_fps(tmp_path):
+    """Strides count at data.reference_fps: 3 frames at 15 fps = 5 clip frames/s, even on 30 fps shards."""
+    run, _ = fake_run(tmp_path, fps=30)
+    _, prep = mohico.load_encoder(run)
+    assert prep.fps == 15.0 and prep.frame_stride == 3 and prep.sampling_rate == 5.0
 
 
 def test_preprocessing_call_matches_a_float64_reference():

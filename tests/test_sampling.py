@@ -106,15 +106,102 @@ def test_motion_crop_box_coverage_and_focus():
         assert w * h < 28 * 28 * 0.999                    # never the whole frame
 
 
+def supersampled_coverage(hot, box, k=8):
+    """Fraction of the hot cells' area inside ``box``, by supersampling each cell k x k."""
+    H, W = hot.shape
+    up = np.kron(hot, np.ones((k, k), bool))
+    yy, xx = (np.mgrid[0:H * k, 0:W * k] + 0.5) / k
+    x, y, w, h = box
+    inside = (xx >= x) & (xx < x + w) & (yy >= y) & (yy < y + h)
+    return (up & inside).sum() / up.sum()
+
+
+def exact_coverages(hot, boxes):
+    """Hot-cell area inside each box / hot area, one hot cell at a time (float64 reference)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]
+    inside = np.zeros(len(boxes))
+    cells = list(zip(*np.nonzero(hot)))
+    for r, c in cells:
+        ox = np.maximum(0.0, np.minimum(x1, c + 1.0) - np.maximum(x0, float(c)))
+        oy = np.maximum(0.0, np.minimum(y1, r + 1.0) - np.maximum(y0, float(r)))
+        inside += ox * oy
+    return inside / len(cells)
+
+
 def test_motion_crop_box_fallback():
     box, method = S.motion_crop_box(np.zeros((14, 14)), rng=rng(6))
     assert method == "random"
     x, y, w, h = box
     assert 0 <= x and x + w <= 14 + 1e-9 and 0.2 * 196 - 1e-6 <= w * h <= 196 + 1e-6
-    # hot cells in the four corners: no box under the area cap reaches 0.95 coverage
+    # hot cells in the four corners: no box under the area cap reaches 0.95 coverage; the official
+    # rule then takes the best-coverage box it saw (the first of equals), still a motion crop
     m = np.zeros((14, 14)); m[0, 0] = m[0, 13] = m[13, 0] = m[13, 13] = 1
-    _, method = S.motion_crop_box(m, 90, 0.95, rng(7), area=(0.2, 0.5))
-    assert method == "random"
+    box, method = S.motion_crop_box(m, 90, 0.95, rng(7), area=(0.2, 0.5))
+    assert method == "motion"
+    cands = S.motion_crop_candidates((14, 14), rng(7), area=(0.2, 0.5)).reshape(-1, 4)
+    hot = S.hot_mask(m, 90)
+    ref = exact_coverages(hot, cands)
+    assert ref.max() < 0.95
+    np.testing.assert_allclose(box, cands[np.flatnonzero(ref >= ref.max() - 1e-9)[0]])
+    assert supersampled_coverage(hot, box) > 0.2                  # most of a corner cell
+
+
+def test_motion_crop_box_takes_the_first_drawn_box_that_covers():
+    """Official rule: candidates in the order drawn (not smallest first), the first that covers."""
+    r = rng(9)
+    for trial in range(40):
+        gt = (int(r.integers(0, 20)), int(r.integers(0, 20)), int(r.integers(3, 9)), int(r.integers(3, 9)))
+        m = blob_map(box=gt, seed=trial)
+        seed = 100 + trial
+        box, method = S.motion_crop_box(m, 90, 0.8, rng(seed))
+        cands = S.motion_crop_candidates(m.shape, rng(seed)).reshape(-1, 4)
+        hot = S.hot_mask(m, 90)
+        ref = exact_coverages(hot, cands)
+        assert method == "motion" and (ref >= 0.8).any()
+        np.testing.assert_allclose(box, cands[np.flatnonzero(ref >= 0.8 - 1e-9)[0]])
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic (numpy)."""
+    a, b = np.sort(a), np.sort(b)
+    x = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, x, side="right") / len(a) - np.searchsorted(b, x, side="right") / len(b)).max()
+
+
+@pytest.mark.parametrize("area", [(0.2, 1.0), (0.324, 0.576)])
+def test_motion_crop_box_keeps_the_random_scale(area):
+    """Where every candidate covers the hot cells, the crop area follows the configured draw:
+    area ~ U(area) restricted to sizes that fit the map (reference: an independent rejection draw)."""
+    H = W = 28
+    m = np.zeros((H, W)); m[::3, ::3] = 1.0                  # hot cells everywhere (11% density)
+    got = []
+    for i in range(700):
+        (x, y, w, h), method = S.motion_crop_box(m, 90, 0.01, rng(10_000 + i), area=area)
+        assert method == "motion"
+        assert x >= 0 and y >= 0 and x + w <= W + 1e-9 and y + h <= H + 1e-9
+        got.append(w * h / (H * W))
+    got = np.array(got)
+    assert got.min() >= area[0] - 1e-9 and got.max() <= area[1] + 1e-9
+    r = rng(1)                                                # reference: draw, keep the sizes that fit
+    a = r.uniform(area[0], area[1], 20000)
+    ar = np.exp(r.uniform(np.log(3 / 4), np.log(4 / 3), 20000))
+    fits = (np.sqrt(a * ar) <= 1) & (np.sqrt(a / ar) <= 1)
+    ref = a[fits]
+    assert ks_statistic(got, ref) < 1.95 * np.sqrt(1 / len(got) + 1 / len(ref))   # alpha = 0.001
+    assert abs(np.median(got) - np.median(ref)) < 0.05
+
+
+def test_motion_crop_box_median_area_on_blob_maps():
+    """On blob maps the boxes spread over the range (the old smallest-first rule gave a median
+    area of ~0.25 on these maps, near the 0.2 floor; benchmarks/crop_area.py)."""
+    r = rng(11)
+    areas = []
+    for trial in range(150):
+        gt = (int(r.integers(0, 20)), int(r.integers(0, 20)), int(r.integers(3, 9)), int(r.integers(3, 9)))
+        box, _ = S.motion_crop_box(blob_map(box=gt, seed=trial), 90, 0.8, r)
+        areas.append(box[2] * box[3] / 28 ** 2)
+    assert np.median(areas) > 0.45 and np.mean(np.array(areas) < 0.25) < 0.15
 
 
 def test_crop_resize_maps_identity_flip_and_reference():
@@ -172,3 +259,55 @@ def test_sampler_deterministic():
     b = cs.sample(meta, motion, S.sample_rng(3, 1, 0, "x"))
     assert np.array_equal(a.frames, b.frames) and np.array_equal(a.boxes, b.boxes)
     assert a.augment == b.augment and np.array_equal(a.motion, b.motion)
+
+
+# --------------------------------------------------------------------------- shot cuts
+def spans_cut(frames, cuts) -> bool:
+    """A clip holds frames of two shots: some cut c with first frame < c <= last frame."""
+    return any(frames[0] < c <= frames[-1] for c in cuts)
+
+
+@pytest.mark.parametrize("mcl,hico", [(True, False), (False, True), (True, True)])
+def test_sampler_avoids_shot_cuts(mcl, hico):
+    """Ground truth cuts at known frames: with avoid_cuts no view spans one while clean clips
+    exist; without it, some do; every clean stretch long enough is still reached."""
+    cfg = Config()
+    cfg.data.clip_len, cfg.data.frame_stride, cfg.data.motion_size = 8, 2, 7
+    meta, motion = meta_with_shots(n=300)
+    cuts = [40, 47, 130, 210, 260]                      # shots: [0,40) [40,47) [47,130) [130,210) [210,260) [260,300)
+    meta["cuts"] = cuts
+    span = S.clip_span(8, 2)
+    clean = [s for s in range(300 - span + 1) if not spans_cut(np.arange(s, s + span), cuts)]
+    on = S.ClipSampler(cfg.sampling, cfg.data, mcl=mcl, hico=hico)
+    cfg_off = Config(); cfg_off.data = cfg.data; cfg_off.sampling.avoid_cuts = False
+    off = S.ClipSampler(cfg_off.sampling, cfg.data, mcl=mcl, hico=hico)
+    on.set_progress(1.0); off.set_progress(1.0)
+    spanned_off, starts_on = 0, set()
+    for i in range(300):
+        d = on.sample(meta, motion, S.sample_rng(0, 0, 0, f"v{i}"))
+        for fr in d.frames:
+            assert not spans_cut(fr, cuts), (fr, cuts)
+        starts_on.update(int(s) for s in d.starts)
+        if hico:                                        # HiCo's window still holds
+            assert abs(d.starts[0] - d.starts[1]) / 15.0 < 1.0 or d.starts[0] == d.starts[1]
+        spanned_off += sum(spans_cut(fr, cuts) for fr in off.sample(meta, motion, S.sample_rng(0, 0, 0, f"v{i}")).frames)
+    assert spanned_off > 0
+    assert starts_on <= set(clean)
+    for lo, hi in [(0, 40), (47, 130), (130, 210), (210, 260), (260, 300)]:   # each shot that holds a clip
+        assert any(lo <= s and s + span <= hi for s in starts_on), (lo, hi)
+
+
+def test_cut_free_starts_reference_and_fallback():
+    cuts = [5, 17, 18, 60]
+    for stride in (1, 2, 2.5, 0.5):
+        span = S.clip_span(6, stride)
+        ref = [s for s in range(100 - span + 1) if not any(s < c <= s + span - 1 for c in cuts)]
+        assert S.cut_free_starts(100, 6, stride, cuts).tolist() == ref
+    # a cut every 3 frames: no clean clip, every valid start stays allowed
+    cfg = Config()
+    cfg.data.clip_len, cfg.data.frame_stride = 8, 2
+    meta = {"num_frames": 60, "fps": 15.0, "width": 32, "height": 32, "cuts": list(range(3, 60, 3))}
+    cs = S.ClipSampler(cfg.sampling, cfg.data, mcl=False, hico=True)
+    assert cs.candidates(meta) is None
+    d = cs.sample(meta, None, rng(3))
+    assert (d.frames < 60).all() and d.frames.shape == (3, 8)

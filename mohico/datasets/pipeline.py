@@ -51,6 +51,7 @@ from torch.utils.data import IterableDataset
 
 from mohico.datasets.pipeline_stream import expand_shards
 from mohico.datasets.pipeline_worker import (ProgressSchedule, WorkerSpec, worker_items)
+from mohico.datasets.shard_geometry import check_crop_resolution
 from mohico.errors import MohicoError
 
 STATE_VERSION = 1
@@ -320,8 +321,12 @@ def _device(cfg) -> str:
 
 def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int = 0,
                  world_size: int = 1) -> VideoLoader:
-    """The loader for ``rank`` of ``world_size``; ``shards`` defaults to ``cfg.data.shards``."""
+    """The loader for ``rank`` of ``world_size``; ``shards`` defaults to ``cfg.data.shards``.
+
+    Raises ConfigError when the shards' short side is too small for ``data.crop_size``
+    (:mod:`mohico.datasets.shard_geometry`)."""
     urls = expand_shards(shards if shards else cfg.data.shards)
+    check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
     mcl = cfg.objectives.mcl.weight > 0
     hico = cfg.objectives.hico.weight > 0
     if not (mcl or hico):

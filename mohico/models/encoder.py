@@ -9,8 +9,9 @@
 its ``checkpoints/`` folder, one DeepSpeed checkpoint folder, DeepSpeed zero_to_fp32's output)
 and returns the backbone in eval mode with its weights loaded strictly, and a
 :class:`Preprocessing`: ``mean``/``std`` (RGB, of pixels scaled to [0, 1]), ``clip_len`` (T
-frames per clip), ``frame_stride`` (every n-th frame of the video), ``fps`` (the frame rate of
-the shards the clips came from; ``None`` when unknown), ``sampling_rate`` (= fps / frame_stride,
+frames per clip), ``frame_stride`` (every n-th frame of the video), ``fps`` (the frame rate
+``frame_stride`` counts at: the config's ``data.reference_fps``, else that of the shards the clips
+came from; ``None`` when unknown), ``sampling_rate`` (= fps / frame_stride,
 clip frames per second) and ``crop_size`` (H = W). The backbone also carries it as
 ``encoder.preprocessing``. Backbone files written by ``mohico export --format mohico`` record it;
 a torchvision export writes it beside the weights as ``OUT.json``.
@@ -93,9 +94,12 @@ def preprocessing_from_config(config: dict) -> Preprocessing:
     """The :class:`Preprocessing` of a training config given as a :func:`mohico.config.to_dict` dict."""
     data = config.get("data") or {}
     try:
+        # frame_stride counts frames at data.reference_fps when set (training clips span the same
+        # seconds on shards of any fps), else at the shards' own frame rate
+        ref = float(data.get("reference_fps") or 0.0)
         return Preprocessing(mean=tuple(data["mean"]), std=tuple(data["std"]), clip_len=int(data["clip_len"]),
                              frame_stride=int(data["frame_stride"]), crop_size=int(data["crop_size"]),
-                             fps=shards_fps(data.get("shards")))
+                             fps=ref if ref > 0 else shards_fps(data.get("shards")))
     except (KeyError, TypeError, ValueError) as e:
         raise MohicoError(f"the run's config has no usable data.* preprocessing settings ({e})") from None
 

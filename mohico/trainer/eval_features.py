@@ -12,7 +12,7 @@ video's source name, file name, stem or shard key), so relabelling needs no re-e
 with no label is skipped and counted (``FeatureSet.unlabelled``).
 
 Cache: ``cache_dir/<sha256>.npz`` keyed by the backbone's weights, the shard files (path, size,
-mtime), the clip geometry (``data.clip_len, frame_stride, crop_size, mean, std``) and the view
+mtime), the clip geometry (``data.clip_len, frame_stride, reference_fps, crop_size, mean, std``) and the view
 counts. Labels are applied after the cache, so a new labels file reuses the features.
 """
 from __future__ import annotations
@@ -157,6 +157,7 @@ def cache_key(backbone: nn.Module, shards, data_cfg, clips_per_video: int, spati
         files.append([os.path.abspath(u), st.st_size if st else None, st.st_mtime_ns if st else None])
     spec = {"version": CACHE_VERSION, "backbone": backbone_digest(backbone), "shards": files,
             "clip_len": data_cfg.clip_len, "frame_stride": data_cfg.frame_stride, "crop_size": data_cfg.crop_size,
+            "reference_fps": data_cfg.reference_fps,
             "mean": list(data_cfg.mean), "std": list(data_cfg.std), "clips_per_video": clips_per_video,
             "spatial_crops": spatial_crops}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

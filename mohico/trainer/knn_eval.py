@@ -81,7 +81,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 # --------------------------------------------------------------------------- deterministic clips
-def eval_starts(num_frames: int, clip_len: int, stride: int, clips: int) -> list[int]:
+def eval_starts(num_frames: int, clip_len: int, stride: float, clips: int) -> list[int]:
     """Start frames of ``clips`` clips centred in equal segments of the video (1: the centre clip)."""
     from mohico.datasets.sampling import clip_span, max_start
 
@@ -124,7 +124,7 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
     from mohico.datasets.pipeline_cpu import transform_clip
     from mohico.datasets.pipeline_stream import expand_shards, iter_shard
     from mohico.datasets.remux import ClipRemuxer, decode_frames
-    from mohico.datasets.sampling import clip_frames
+    from mohico.datasets.sampling import clip_frames, video_stride
 
     for url in expand_shards(shards):
         errors: list[str] = []
@@ -146,9 +146,10 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
                 raise MohicoError(f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
             boxes = crop_boxes(width, height, spatial_crops)
             out = []
+            stride = video_stride(data_cfg.frame_stride, data_cfg.reference_fps, fps)   # same seconds as training
             with ClipRemuxer(sample[ext], fps, name) as rem:
-                for start in eval_starts(num_frames, data_cfg.clip_len, data_cfg.frame_stride, clips_per_video):
-                    fr = clip_frames(start, data_cfg.clip_len, data_cfg.frame_stride, num_frames)
+                for start in eval_starts(num_frames, data_cfg.clip_len, stride, clips_per_video):
+                    fr = clip_frames(start, data_cfg.clip_len, stride, num_frames)
                     cut = rem.cut(int(fr.min()), int(fr.max()))
                     frames = decode_frames(cut.data, fr - cut.key_frame, name)
                     out.extend(transform_clip(frames, box, IDENTITY_AUG, data_cfg.crop_size, data_cfg.mean,

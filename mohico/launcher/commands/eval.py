@@ -4,7 +4,7 @@ pretrained backbone on labelled shards. PROTOCOL is `knn` (default), `retrieval`
 CKPT is a run directory (its latest checkpoint), a checkpoint folder, a backbone file written by
 `mohico export --format mohico`, a zero_to_fp32 output, or `random` (the config's backbone at random init: the baseline).
 The config (default: CKPT/config.yaml of a run directory) gives the backbone and the clip
-geometry (data.clip_len, data.frame_stride, data.crop_size, data.mean/std). Labels are the shard
+geometry (data.clip_len, data.frame_stride at data.reference_fps, data.crop_size, data.mean/std). Labels are the shard
 json's `label` field (`mohico shards SRC OUT --labels LABELS.json`) or, overriding them, `--labels FILE`.
 Each video gives N temporal clips (centred in equal segments) x M spatial crops of the short side,
 embedded by the frozen backbone and L2-normalised (no augmentation); features can be cached (`--cache DIR`).

@@ -1,0 +1,74 @@
+"""Start-up check that the shards' resolution can serve the config's crops without upsampling.
+
+A crop of ``data.crop_size`` pixels cut from a box smaller than that is an upsampling, not a crop.
+The smallest box the sampler draws has ``sampling.crop_area[0]`` of the frame's area at the worst
+aspect of ``sampling.crop_aspect`` (:func:`mohico.datasets.crops.min_crop_side`), so the shards'
+short side must be at least :func:`required_short_side`. The loader calls
+:func:`check_crop_resolution` before it starts its workers and fails with the ``mohico shards``
+command that fixes it.
+
+The short side is read from the shards' ``manifest.json`` (``options.short_side``, written by
+``mohico shards`` next to the tars) or, without one, from the first sample's json (``width``,
+``height``) of the first shard.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mohico.datasets.crops import min_crop_side
+from mohico.errors import ConfigError
+
+
+def required_short_side(crop_size: int, area: Sequence[float], aspect: Sequence[float]) -> int:
+    """The smallest even short side whose smallest crop box is at least ``crop_size`` pixels."""
+    factor = min_crop_side(1.0, area, aspect)
+    n = int(math.ceil(crop_size / factor - 1e-9))
+    while min_crop_side(n, area, aspect) < crop_size - 1e-9:      # float safety
+        n += 1
+    return n + (n % 2)
+
+
+def shards_short_side(urls: Sequence[str]) -> Optional[tuple[int, str]]:
+    """``(short side in pixels, where it was read)`` for the first shard, or None if unknown
+    (a remote shard without a local manifest and no readable sample json)."""
+    first = str(urls[0])
+    manifest = Path(first).parent / "manifest.json"
+    if "://" not in first and manifest.is_file():
+        try:
+            side = int(json.loads(manifest.read_text())["options"]["short_side"])
+            return side, str(manifest)
+        except (KeyError, ValueError, TypeError, OSError):
+            pass                                    # fall back to the first sample's json
+    from mohico.datasets.pipeline_stream import iter_shard
+
+    for sample in iter_shard(first):
+        if "json" not in sample:
+            continue
+        try:
+            meta = json.loads(sample["json"])
+            return min(int(meta["width"]), int(meta["height"])), f"{first}:{sample['__key__']}"
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
+
+
+def check_crop_resolution(data, sampling, urls: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` when the shards' short side is too small for ``data.crop_size``
+    at the smallest crop ``sampling.crop_area[0]`` (``data``/``sampling``: DataConfig/SamplingConfig)."""
+    found = shards_short_side(urls)
+    if found is None:
+        return
+    side, where = found
+    smallest = min_crop_side(side, sampling.crop_area, sampling.crop_aspect)
+    if smallest + 1e-9 >= data.crop_size:
+        return
+    need = required_short_side(data.crop_size, sampling.crop_area, sampling.crop_aspect)
+    raise ConfigError(
+        f"'data.crop_size': {data.crop_size} px crops need shards with a short side of at least {need} px, "
+        f"but {where} says {side}: the smallest crop box (sampling.crop_area[0] = {sampling.crop_area[0]} of "
+        f"the frame, aspect {sampling.crop_aspect}) is only {smallest:.0f} px, so it would be upsampled. "
+        f"Rewrite the shards with `mohico shards SRC OUT --short-side {need}` (and the same --fps), or lower "
+        f"data.crop_size to {int(smallest)} or raise sampling.crop_area[0]")
