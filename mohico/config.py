@@ -187,6 +187,19 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online kNN monitor during pretraining (mohico.trainer.online_knn); off by default."""
+    every_steps: int = 0               # 0: off; N: a kNN on val_shards every N steps (rank 0)
+    val_shards: str = ""               # a small labelled shard set (folder, pattern or list file)
+    train_shards: str = ""             # the voters; "" = val_shards itself (leave-one-out)
+    labels: str = ""                   # labels file overriding the shards' (JSON {source: label} or TSV)
+    k: int = 20
+    temperature: float = 0.07
+    clips_per_video: int = 1
+    batch_size: int = 16
+
+
+@dataclass
 class SlurmConfig:
     partition: str = ""
     account: str = ""
@@ -212,6 +225,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -275,6 +289,11 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
     need(cfg.trainer.nproc >= 1, "trainer.nproc", "must be >= 1")
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+    need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN)")
+    need(cfg.eval.every_steps == 0 or bool(cfg.eval.val_shards), "eval.val_shards",
+         "the online kNN (eval.every_steps > 0) needs a small labelled shard set: eval.val_shards=PATH")
+    need(cfg.eval.k >= 1 and cfg.eval.temperature > 0 and cfg.eval.clips_per_video >= 1 and cfg.eval.batch_size >= 1,
+         "eval.k", "eval.k, eval.clips_per_video and eval.batch_size must be >= 1 and eval.temperature > 0")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1 (the latest checkpoint is always kept)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     need(cfg.data.samples_per_read >= 1, "data.samples_per_read", "must be >= 1 (1: one sample per video read)")
@@ -327,7 +346,7 @@ def to_dict(cfg: Config) -> dict:
 # current step (mohico.trainer.optim.SchedulePlan); ``data.shards`` may move when the shards'
 # manifest checksum is unchanged (mohico.trainer.resume_check); ``data.num_workers`` re-splits
 # the loader streams. Everything else changes the trajectory and is hashed.
-RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "trainer.log_every", "trainer.nproc",
+RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "trainer.log_every", "trainer.nproc",
                     "trainer.max_steps", "data.num_workers", "data.shards")
 
 

@@ -348,3 +348,20 @@ def test_grad_accumulation_clipping_lars_one_rank(synth_shards, tmp_path):
     assert sorted(curve) == [1, 2] and all(v == v for v in curve.values())
     lr = [json.loads(line)["lr"] for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert lr[0] == pytest.approx(0.3 * 4 / 256 * 0.01)         # warm-up start of the batch-scaled lr
+
+
+def test_online_knn_is_logged_and_leaves_training_bitwise_unchanged(reference, synth_shards, synth_videos, tmp_path):
+    """eval.every_steps: rank 0 logs knn/top1 at steps 2 and 4 (metrics.jsonl and W&B); the
+    trajectory and both checkpoints equal the reference run's (no state or RNG touched)."""
+    run_dir = tmp_path / "online_knn"
+    ok(run_train(run_dir, synth_shards, "eval.every_steps=2", f"eval.val_shards={synth_shards}",
+                 f"eval.labels={synth_videos / 'labels.json'}", "eval.k=3", "eval.clips_per_video=2"))
+    rows = [json.loads(r) for r in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    knn_rows = {r["step"]: r for r in rows if "knn/top1" in r}
+    assert sorted(knn_rows) == [2, 4] and not any("knn/failed" in r for r in rows)
+    assert all(0 <= r["knn/top1"] <= r["knn/top5"] <= 1 and r["knn/time_s"] > 0 for r in knn_rows.values())
+    assert losses(run_dir) == losses(reference)
+    for tag in ("step_00000002", "step_00000004"):
+        assert assert_same_checkpoint(reference / "checkpoints" / tag, run_dir / "checkpoints" / tag) > 10
+    summary = list((run_dir / "wandb").rglob("*.wandb"))
+    assert summary and any(b"knn/top1" in p.read_bytes() for p in summary)

@@ -109,10 +109,11 @@ def embed_views(backbone: nn.Module, videos, device: torch.device, batch_size: i
     from tqdm import tqdm
 
     backbone.eval().to(device)
+    dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
     keys, sources, labels, views, feats, pending = [], [], [], [], [], []
 
     def flush():
-        x = torch.from_numpy(np.stack(pending)).to(device)
+        x = torch.from_numpy(np.stack(pending)).to(device, dtype)
         feats.append(nn.functional.normalize(backbone(x).float(), dim=1).cpu().numpy())
         pending.clear()
 

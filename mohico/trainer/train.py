@@ -34,6 +34,7 @@ import torch
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.engine import build_engine, device_type, init_distributed, resolve_precision
 from mohico.trainer.io_meter import IOMeter
+from mohico.trainer.online_knn import OnlineKnn
 from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
@@ -198,6 +199,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         log.info("resumed from %s at step %d", source[0] / source[1], step)
 
     wandb = WandbLogger(cfg, run_dir, run_id, rank, resumed=source is not None)
+    monitor = OnlineKnn(cfg, device) if rank == 0 and cfg.eval.every_steps > 0 else None   # eval.every_steps
     io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
     pre = Preemption().install()
     metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None
@@ -290,6 +292,10 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                              row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])
                 window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
                 terms_sum = {}
+            if monitor is not None and monitor.due(step):      # online kNN: no state or RNG touched
+                knn_row = monitor.run(engine.module.backbone)
+                wandb.log(knn_row, step=step)
+                metrics_row.update(knn_row)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(metrics_row) + "\n")
                 metrics_file.flush()
