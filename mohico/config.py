@@ -102,6 +102,7 @@ class MALConfig:
     st: bool = True
     s: bool = True
     t: bool = True
+    time_weighting: Literal["normalized", "raw"] = "normalized"   # s_st's softmax over per-clip-normalised totals (scale-free) or raw (official code)
     warmup_weight: float = 2.0         # lambda during warm-up
     weight: float = 1.0                # lambda after
     warmup_epochs: float = 5.0
@@ -124,9 +125,10 @@ class HiCoConfig:
     visual_weight: float = 1.0
     topical_weight: float = 1.0
     focal_gamma: float = 0.5
-    visual_hidden: int = 0             # 0: the backbone's output size
+    visual_hidden: int = 0             # hidden width of the visual and topical MLPs; 0: the backbone's output size
     use_bank: bool = True              # bank keys join the NT-Xent negatives
     momentum: float = 0.999            # EMA of the bank keys' encoder (visual head; + backbone without MCL)
+    bn: Literal["shuffle", "sync", "none"] = "shuffle"   # HiCo's own EMA backbone (MCL off); sync: SyncBatchNorm everywhere
 
 
 @dataclass
@@ -149,6 +151,7 @@ class OptimConfig:
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False  # True: every parameter decays (MCL's official SGD); False: BN/bias exempt (HiCo, MoCo v3)
     lars_eta: float = 0.001
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.01  # warm-up starts at lr * this

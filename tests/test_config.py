@@ -27,12 +27,15 @@ def test_paper_hyperparameters():
     mcl = load_config(ROOT / "configs" / "mcl_r2plus1d_k400.yaml")
     assert (mcl.bank.size, mcl.objectives.mcl.tau, mcl.objectives.mcl.momentum) == (131072, 0.1, 0.999)
     assert (mcl.optim.name, mcl.optim.lr, mcl.optim.weight_decay, mcl.optim.min_lr) == ("sgd", 0.02, 1e-4, 1e-6)
+    assert mcl.optim.decay_norm_and_bias                       # official MCL: SGD decays every parameter
     assert (mcl.data.clip_len, mcl.data.frame_stride, mcl.data.crop_size) == (16, 2, 224)
     assert (mcl.objectives.mcl.mal.warmup_weight, mcl.objectives.mcl.mal.weight) == (2.0, 1.0)
     assert mcl.objectives.mcl.mal.variant == "weighted_gradient_map"
     hico = load_config(ROOT / "configs" / "hico_s3d_uk400.yaml")
     assert hico.objectives.mcl.weight == 0 and hico.objectives.hico.weight == 1
     assert (hico.optim.name, hico.optim.lr, hico.optim.weight_decay) == ("lars", 0.3, 1e-6)
+    assert not hico.optim.decay_norm_and_bias                  # official HiCo: BN and bias exempt
+    assert load_config(ROOT / "configs" / "msnet_r50.yaml").optim.decay_norm_and_bias   # MCL-pretrained
     assert hico.optim.scale_lr_with_batch
     assert (hico.objectives.hico.focal_gamma, hico.sampling.delta, hico.data.frame_stride) == (0.5, 1.0, 4)
     assert hico.sampling.crop_area == [0.324, 0.576]

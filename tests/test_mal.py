@@ -20,11 +20,15 @@ def _np_cos(a, b):
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def _np_similarities(p, m):
-    """methods.md 1.3, official code form: s_st, s_s, s_t for (B, T, H, W) maps."""
+def _np_similarities(p, m, time_weighting="normalized"):
+    """methods.md 1.3, official code form: s_st, s_s, s_t for (B, T, H, W) maps; the s_st softmax
+    runs over each time step's total motion divided by the clip's mean total ("normalized") or
+    over the raw totals (the official code)."""
     b, t = p.shape[:2]
     p, m = p.reshape(b, t, -1), m.reshape(b, t, -1)
     score = m.sum(-1)
+    if time_weighting == "normalized":
+        score = score / score.mean(1, keepdims=True)
     att = np.exp(score - score.max(1, keepdims=True))
     att /= att.sum(1, keepdims=True)
     s_st = (_np_cos(p, m) * att).sum(1)
@@ -60,6 +64,27 @@ def test_response_maps_and_similarities_match_numpy(variant, channel_weights):
     assert terms["s"].item() == pytest.approx((1 - ref[1]).mean(), rel=1e-12)   # logged even when off
     with pytest.raises(ValueError):
         mal_loss(pred, m, st=False, s=False, t=False)
+    raw = alignment_similarities(pred.abs() + 0.1, m, time_weighting="raw")
+    ref_raw = _np_similarities(pred.abs().numpy() + 0.1, m.numpy(), "raw")
+    np.testing.assert_allclose(raw["st"].numpy(), ref_raw[0], rtol=1e-12)
+
+
+def test_time_weighting_is_invariant_to_rescaling_the_motion_maps():
+    g = torch.Generator().manual_seed(1)
+    pred = torch.rand(4, 4, 7, 7, generator=g, dtype=torch.float64)
+    m = torch.rand(4, 4, 7, 7, generator=g, dtype=torch.float64) * torch.tensor([0.2, 1.0, 3.0, 0.5])[:, None, None]
+    sims = {c: alignment_similarities(pred, c * m) for c in (1e-3, 1.0, 1e3)}
+    for c in (1e-3, 1e3):
+        for k in ("st", "s", "t"):
+            np.testing.assert_allclose(sims[c][k].numpy(), sims[1.0][k].numpy(), rtol=1e-12, err_msg=f"{k} x{c}")
+    np.testing.assert_allclose(sims[1.0]["st"].numpy(), _np_similarities(pred.numpy(), m.numpy())[0], rtol=1e-12)
+    # the official raw softmax is not scale-free: its weights turn one-hot / uniform with the units
+    raw = {c: alignment_similarities(pred, c * m, time_weighting="raw")["st"] for c in (1e-3, 1e3)}
+    assert (raw[1e-3] - raw[1e3]).abs().max() > 1e-3
+    zero = alignment_similarities(pred, torch.zeros_like(m))["st"]          # no motion: equal weights, no nan
+    assert torch.isfinite(zero).all()
+    with pytest.raises(ValueError, match="time_weighting"):
+        alignment_similarities(pred, m, time_weighting="softmax")
 
 
 def test_pool_motion_is_adaptive_average_pooling():

@@ -260,7 +260,10 @@ def test_projection_heads():
     visual = HiCoVisualHead(32, hidden=48)
     kinds = [type(m).__name__ for m in visual.net]
     assert kinds.count("Linear") == 3 and kinds.count("BatchNorm1d") == 2
-    assert TopicalHead(32)(x).shape == (6, 128)
+    topical = TopicalHead(32, hidden=48)                 # official: the 3-layer BN MLP to 128, L2-normalised
+    assert [type(m).__name__ for m in topical.net] == kinds
+    assert [m.out_features for m in topical.net if isinstance(m, torch.nn.Linear)] == [48, 48, 128]
+    torch.testing.assert_close(topical(x).norm(dim=1), torch.ones(6))
 
 
 def test_pair_classifier_scores_all_ordered_pairs():

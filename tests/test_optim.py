@@ -60,6 +60,21 @@ def test_param_groups_exclude_bias_norm_and_frozen():
     assert not any(p is q for g in per for p in g["params"] for q in net.key.parameters())
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_decay_norm_and_bias_decays_every_trainable_parameter(name):
+    net = Net()
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    opt = build_optimizer(cfg_with(f"optim.name={name}", "optim.weight_decay=0.1", "optim.decay_norm_and_bias=true"),
+                          net)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == trainable and len(trainable) == 6
+    if name == "lars":                                   # layer-wise adaptation stays on weights only
+        assert [g["lars"] for g in opt.param_groups] == [p.ndim >= 2 for g in opt.param_groups for p in g["params"]]
+    default = build_optimizer(cfg_with(f"optim.name={name}", "optim.weight_decay=0.1"), net)
+    exempt = {id(p) for g in default.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert exempt == {id(net.conv.bias), id(net.bn.weight), id(net.bn.bias), id(net.fc.bias)}
+
+
 @pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lars", LARS)])
 def test_build_optimizer_and_set_lr(name, cls):
     opt = build_optimizer(cfg_with(f"optim.name={name}"), Net())

@@ -149,6 +149,28 @@ def test_feature_map_variant_and_sync_bn_at_world_one():
     assert "mcl/mal" in terms and model.backbone.stem[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mcl,mcl_bn,hico_bn,synced", [
+    (0.0, "sync", "shuffle", False),     # MCL off: its bn setting asks for nothing
+    (0.0, "shuffle", "sync", True),      # HiCo alone asks for SyncBN
+    (1.0, "none", "sync", True),         # either objective asking is enough
+    (1.0, "sync", "shuffle", True),
+    (1.0, "shuffle", "shuffle", False)])
+def test_sync_bn_when_either_objective_asks(mcl, mcl_bn, hico_bn, synced):
+    torch.manual_seed(0)
+    model = PretrainModule(_cfg(mcl=mcl, hico=1.0, mcl__bn=mcl_bn, hico__bn=hico_bn, mcl__mal_enabled=False))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    hico = model.objectives["hico"]
+    head_bns = [m for part in (hico.visual, hico.topical, hico.key_visual) for m in part.modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(head_bns) == 6 and len(bns) > len(head_bns)
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) == synced for m in bns)   # backbone, EMA copies, heads
+    if mcl == 0.0:
+        assert hico.shuffle == (hico_bn == "shuffle")
+    loss, _ = model(*_batch(3), 0.0)                     # world size 1: SyncBatchNorm runs as plain BN
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_errors():
     with pytest.raises(ConfigError, match="zero_stage"):
         PretrainModule(_cfg(trainer__zero_stage=3))

@@ -3,7 +3,8 @@
 - ``MCLProjection``: ``d -> hidden -> ReLU -> 128``, L2-normalised (MoCo-v2 style MLP).
 - ``HiCoVisualHead``: ``d -> h (BN, ReLU) -> h (BN, ReLU) -> 128``, L2-normalised (the visual
   consistency MLP; official 1024-1024-1024-128).
-- ``TopicalHead``: the separate ``d -> 128`` projection of the topical consistency branch.
+- ``TopicalHead``: the topical consistency branch's own projection, the same official 3-layer
+  MLP with BN (``d -> h -> h -> 128``), L2-normalised; the pair classifier reads its outputs.
 - ``PairClassifier``: ``Linear(2*128, 256) - ReLU - Linear(256, 1)`` on concatenated pairs;
   ``pairwise(z)`` scores every ordered pair of a set at once.
 """
@@ -48,17 +49,10 @@ class HiCoVisualHead(nn.Module):
         return F.normalize(self.net(x), dim=1)
 
 
-class TopicalHead(nn.Module):
-    """``x: (N, d)`` -> ``(N, out_dim)``: the topical branch's own linear projection (not normalised;
-    the pair classifier reads raw projections, as in the official code)."""
-
-    def __init__(self, in_dim: int, out_dim: int = 128):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, out_dim)
-        self.out_dim = out_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+class TopicalHead(HiCoVisualHead):
+    """``x: (N, d)`` -> ``(N, out_dim)`` unit vectors: the topical branch's own projection, a separate
+    instance of the visual head's architecture (official HiCo: 3 linear layers, BN + ReLU after the
+    first two, to 128, L2-normalised). ``hidden`` defaults to ``d``."""
 
 
 class PairClassifier(nn.Module):

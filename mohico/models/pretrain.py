@@ -48,15 +48,17 @@ class PretrainModule(nn.Module):
                               "outside the forward and ZeRO-3 partitions its parameters; use zero_stage 0, 1 or 2")
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
-        if "mcl" in enabled and cfg.objectives.mcl.bn == "sync":
+        sync = [name for name in enabled if getattr(cfg.objectives, name).bn == "sync"]
+        if sync:                                                    # either objective asks: the whole model
             multi_rank = torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1
             if multi_rank and not torch.cuda.is_available():
-                raise ConfigError("'objectives.mcl.bn': SyncBatchNorm needs GPUs to synchronise across ranks; "
-                                  "on CPU use objectives.mcl.bn=shuffle")
+                raise ConfigError(f"'objectives.{sync[0]}.bn': SyncBatchNorm needs GPUs to synchronise across "
+                                  f"ranks; on CPU use objectives.{sync[0]}.bn=shuffle")
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
         self.backbone = backbone
-        self.objectives = nn.ModuleDict({name: OBJECTIVES[name](cfg, backbone) for name in enabled})
+        objectives = nn.ModuleDict({name: OBJECTIVES[name](cfg, backbone) for name in enabled})
+        self.objectives = nn.SyncBatchNorm.convert_sync_batchnorm(objectives) if sync else objectives
         self.num_views = 3 if "hico" in enabled else 2
 
     # ------------------------------------------------------------------ training step

@@ -4,7 +4,9 @@ The optimizers are plain ``torch.optim`` optimizers handed to DeepSpeed with
 ``zero_allow_untested_optimizer`` (DeepSpeed's own fused Adam JIT-compiles for ~60 s on CPU).
 
 Parameter groups: weights with ``ndim >= 2`` get weight decay (and LARS' layer-wise adaptation);
-biases and normalisation parameters (``ndim <= 1``) get neither, as in solo-learn / MoCo v3.
+biases and normalisation parameters (``ndim <= 1``) get neither, as in solo-learn / MoCo v3 and
+HiCo's official code -- unless ``optim.decay_norm_and_bias`` (MCL's official code decays every
+parameter: ``SGD(model.parameters(), weight_decay=1e-4)``); LARS' adaptation stays on ``ndim >= 2``.
 LARS puts every parameter in its own group so that, under ZeRO 1/2 (which flattens each group
 into one partition per rank), a group is still one layer: its weight and gradient norms are the
 partition norms summed over the data-parallel ranks (one all-reduce per step, ``partitioned=True``).
@@ -171,20 +173,26 @@ class LARS(torch.optim.Optimizer):
 
 
 # --------------------------------------------------------------------------- building
-def param_groups(module: torch.nn.Module, weight_decay: float, per_parameter: bool = False) -> list[dict]:
-    """Trainable parameters split into decayed (``ndim >= 2``) and not decayed (biases, norms).
+def param_groups(module: torch.nn.Module, weight_decay: float, per_parameter: bool = False,
+                 decay_norm_and_bias: bool = False) -> list[dict]:
+    """Trainable parameters split into decayed (``ndim >= 2``) and not decayed (biases, norms);
+    ``decay_norm_and_bias=True`` decays every parameter.
 
-    ``per_parameter=True`` (LARS): one group per parameter, with ``lars`` set for decayed ones.
+    ``per_parameter=True`` (LARS): one group per parameter, with ``lars`` set for ``ndim >= 2``.
     Parameters with ``requires_grad=False`` (the momentum encoder) are left out.
     """
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no trainable parameters (check model.* in the config)")
+
+    def decays(p) -> bool:
+        return decay_norm_and_bias or p.ndim >= 2
+
     if per_parameter:
-        return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+        return [{"params": [p], "weight_decay": weight_decay if decays(p) else 0.0,
                  "lars": p.ndim >= 2, "name": n} for n, p in named]
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
+    decay = [p for _, p in named if decays(p)]
+    no_decay = [p for _, p in named if not decays(p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -196,11 +204,14 @@ def build_optimizer(cfg, module: torch.nn.Module, partitioned: bool = False) -> 
     LARS must know to compute layer norms across ranks. The lr is set per step by the trainer.
     """
     o = cfg.optim
+    every = o.decay_norm_and_bias
     if o.name == "sgd":
-        return torch.optim.SGD(param_groups(module, o.weight_decay), lr=o.lr, momentum=o.momentum)
+        return torch.optim.SGD(param_groups(module, o.weight_decay, decay_norm_and_bias=every), lr=o.lr,
+                               momentum=o.momentum)
     if o.name == "adamw":
-        return torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        return torch.optim.AdamW(param_groups(module, o.weight_decay, decay_norm_and_bias=every), lr=o.lr,
+                                 betas=tuple(o.betas))
     if o.name == "lars":
-        return LARS(param_groups(module, o.weight_decay, per_parameter=True), lr=o.lr,
+        return LARS(param_groups(module, o.weight_decay, per_parameter=True, decay_norm_and_bias=every), lr=o.lr,
                     momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta, partitioned=partitioned)
     raise ConfigError(f"'optim.name': unknown optimizer {o.name!r} (sgd, adamw, lars)")

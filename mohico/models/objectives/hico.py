@@ -21,14 +21,15 @@ own past outputs collapsed the visual head: pushing every clip away from the fas
 together beat the NT-Xent, and the loss rose to ln(#candidates).) The EMA backbone is MCL's
 ``key_backbone`` when MCL is on (one EMA backbone; ``PretrainModule`` passes its embedding of
 ``v_j``, MCL's key view, as ``key_emb``; its momentum is MCL's), else HiCo's own
-``key_backbone`` (shuffle BN across ranks when ``objectives.mcl.bn`` is ``shuffle``). The EMA
+``key_backbone`` (shuffle BN across ranks when ``objectives.hico.bn`` is ``shuffle``; ``sync``
+makes every BN of the model a SyncBatchNorm, as MCL's ``bn: sync`` does). The EMA
 head's BN runs over the key embeddings of the whole global batch (all-gathered; a single key
 uses its running statistics). It is a separate :class:`MemoryBank` from MCL's (the two live
 in different embedding spaces), sharded the same way. ``objectives.hico.use_bank=false`` (or
 ``bank.size=0``) turns it off, and with it the EMA parts.
 
 **Topical consistency** ``L_TP`` (:func:`topical_consistency`): a separate projection
-(:class:`TopicalHead`), the pair classifier ``phi`` over every ordered pair ``(a, b), a != b``
+(:class:`TopicalHead`, the official 3-layer MLP with BN to 128, L2-normalised), the pair classifier ``phi`` over every ordered pair ``(a, b), a != b``
 of this rank's 3B clips (both orders; self-pairs excluded), label 1 for clips of the same
 video (same ``video_id``: a video sampled twice gives positive pairs across its samples), and the focal loss with gamma = 0.5, positives and negatives averaged separately::
 
@@ -155,12 +156,12 @@ class HiCo(nn.Module):
         self.cfg = cfg.objectives.hico
         d_in, d = backbone.out_dim, cfg.model.proj_dim
         self.visual = HiCoVisualHead(d_in, self.cfg.visual_hidden or None, d)
-        self.topical = TopicalHead(d_in, d)
+        self.topical = TopicalHead(d_in, self.cfg.visual_hidden or None, d)
         self.classifier = PairClassifier(d, 256)
         use_bank = self.cfg.use_bank and cfg.bank.size > 0
         self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if use_bank else None
         self.key_visual = self.key_backbone = None
-        self.shuffle = cfg.objectives.mcl.bn == "shuffle"
+        self.shuffle = self.cfg.bn == "shuffle"                    # HiCo's own EMA backbone (MCL off)
         if use_bank:
             self.key_visual = copy.deepcopy(self.visual)
             if cfg.objectives.mcl.weight <= 0:                      # with MCL: MCL's key_backbone is shared

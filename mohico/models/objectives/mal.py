@@ -18,7 +18,10 @@ cosines as in the official code and ``L_MAL = (1 - s_st) + (1 - s_s) + (1 - s_t)
 term switchable:
 
 - ``s_st``: per-time cosine over ``H' x W'``, weighted by a softmax over each time step's total
-  (summed) motion;
+  (summed) motion. ``time_weighting="normalized"`` (default) divides the totals by their mean
+  over the clip first, so the weights do not depend on the motion maps' units (rescaling the maps
+  leaves them unchanged; a clip without motion weighs its time steps equally); ``"raw"`` is the
+  official code's softmax over the physical totals, whose sharpness depends on those units;
 - ``s_s``: cosine of the time-averaged maps (S-motion);
 - ``s_t``: cosine of the per-time totals (T-motion curve, length ``T'``).
 
@@ -69,23 +72,39 @@ def pool_motion(motion: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tenso
     return F.adaptive_avg_pool3d(motion[:, None].float(), tuple(grid))[:, 0]
 
 
-def alignment_similarities(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+TIME_WEIGHTINGS = ("normalized", "raw")
+
+
+def time_weights(target: torch.Tensor, time_weighting: str = "normalized") -> torch.Tensor:
+    """``target: (B, T', H', W')`` -> ``(B, T')`` softmax weights of ``s_st`` over each time step's
+    total motion; ``normalized``: totals divided by their per-clip mean (scale-free), ``raw``: as is."""
+    totals = target.reshape(target.shape[0], target.shape[1], -1).sum(-1)       # (B, T')
+    if time_weighting == "normalized":
+        mean = totals.mean(1, keepdim=True)
+        totals = totals / mean.clamp_min(torch.finfo(totals.dtype).tiny)        # no motion: all 0, uniform
+    elif time_weighting != "raw":
+        raise ValueError(f"time_weighting must be one of {TIME_WEIGHTINGS}, got {time_weighting!r}")
+    return torch.softmax(totals, dim=1)
+
+
+def alignment_similarities(pred: torch.Tensor, target: torch.Tensor,
+                           time_weighting: str = "normalized") -> dict[str, torch.Tensor]:
     """Cosine similarities ``s_st, s_s, s_t``, each ``(B,)``, between ``pred`` and ``target``
-    (both ``(B, T', H', W')``)."""
+    (both ``(B, T', H', W')``); ``time_weighting`` of ``s_st``: :func:`time_weights`."""
     if pred.shape != target.shape:
         raise ValueError(f"response map {tuple(pred.shape)} and motion target {tuple(target.shape)} differ")
     b, t = pred.shape[:2]
     target = target.to(pred.dtype)
     p, m = pred.reshape(b, t, -1), target.reshape(b, t, -1)
     per_time = (F.normalize(p, dim=-1) * F.normalize(m, dim=-1)).sum(-1)      # (B, T')
-    s_st = (per_time * torch.softmax(m.sum(-1), dim=1)).sum(1)
+    s_st = (per_time * time_weights(target, time_weighting)).sum(1)
     s_s = (F.normalize(p.mean(1), dim=-1) * F.normalize(m.mean(1), dim=-1)).sum(-1)
     s_t = (F.normalize(p.sum(-1), dim=-1) * F.normalize(m.sum(-1), dim=-1)).sum(-1)
     return {"st": s_st, "s": s_s, "t": s_t}
 
 
 def mal_loss(pred: torch.Tensor, target: torch.Tensor, st: bool = True, s: bool = True,
-             t: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             t: bool = True, time_weighting: str = "normalized") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_MAL`` for response maps ``pred`` and pooled targets ``target`` (``(B, T', H', W')``).
 
     Returns the scalar loss (enabled terms summed) and every term ``1 - s`` (batch mean),
@@ -93,7 +112,7 @@ def mal_loss(pred: torch.Tensor, target: torch.Tensor, st: bool = True, s: bool 
     """
     if not (st or s or t):
         raise ValueError("MAL needs at least one of the st, s, t terms")
-    sims = alignment_similarities(pred, target)
+    sims = alignment_similarities(pred, target, time_weighting)
     enabled = {"st": st, "s": s, "t": t}
     terms = {name: (1.0 - sim).mean() for name, sim in sims.items()}
     loss = sum(terms[name] for name in terms if enabled[name])

@@ -184,7 +184,7 @@ class MCL(nn.Module):
             grad = grad[:q.shape[0]]
         pred = response_map(c.variant, fmap[:q.shape[0]], grad, c.channel_weights)
         target = pool_motion(motion_q, tuple(pred.shape[1:]))
-        loss, terms = mal_loss(pred, target, st=c.st, s=c.s, t=c.t)
+        loss, terms = mal_loss(pred, target, st=c.st, s=c.s, t=c.t, time_weighting=c.time_weighting)
         epoch = progress * self.epoch_of_progress
         lam = mal_weight(epoch, weight=c.weight, warmup_weight=c.warmup_weight, warmup_epochs=c.warmup_epochs)
         return loss, terms, lam
