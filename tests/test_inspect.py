@@ -72,14 +72,17 @@ def test_cli_picture_shows_the_boxes(synth_shards, tmp_path, capsys):
     cfg = load_config(TINY, SETS)
     s = read_sample(where[key], key)
     ovs = overlays_for(draw_sample(cfg, where[key], s, progress=0.6))
-    # the first tile is view 0's first frame; its box's top edge has view 0's colour
+    # the tiles are in time order (first, middle, last frame of every view, sorted); view 0's first
+    # frame's tile shows view 0's box: its top edge has view 0's colour
+    shown = sorted({f for ov in ovs for f in (ov["frames"][0], ov["frames"][len(ov["frames"]) // 2], ov["frames"][-1])})
     x, y, w, _h = ovs[0]["box"]
     f0 = ovs[0]["frames"][0]
     later = [ov for ov in ovs[1:] if f0 in ov["frames"]]            # drawn over view 0's box
     sc = TILE_H / s["meta"]["height"]
     tw = round(s["meta"]["width"] * sc)
     row = HEADER + int(y * sc)
-    edge = img[row, int(x * sc) + 2:min(int((x + w) * sc) - 2, tw)]
+    x0 = shown.index(f0) * tw
+    edge = img[row, x0 + int(x * sc) + 2:x0 + min(int((x + w) * sc) - 2, tw)]
     colours = {tuple(COLORS[0])} | {tuple(ov["color"]) for ov in later}
     hits = sum(tuple(int(c) for c in p) in colours for p in edge)
     assert hits >= 0.8 * len(edge) and len(edge) > 10
@@ -100,3 +103,35 @@ def test_cli_errors(synth_shards, tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     assert main(["inspect", str(shard), "--config", str(TINY), "--progress", "2", "--out", png]) == 2
     assert not Path(png).exists()
+
+
+def test_config_picture_frames_in_time_order_and_labelled_curve(synth_shards, tmp_path):
+    """The frame tiles' captions (f<index> <seconds>) run in time order across views, and the
+    T-motion curve's axes carry labels."""
+    from mohico.datasets.inspect_sample import CURVE_H, render_sample
+
+    where = shard_of(synth_shards)
+    key = min(where)
+    cfg = load_config(TINY, SETS)
+    s = read_sample(where[key], key)
+    ovs = overlays_for(draw_sample(cfg, where[key], s, progress=0.9))
+    calls = []
+    import mohico.datasets.inspect_sample as ins
+    real = ins._text
+
+    def spy(img, text, org, *a, **k):
+        calls.append((text, org))
+        return real(img, text, org, *a, **k)
+
+    ins._text = spy
+    try:
+        render_sample(where[key], overlays=ovs, sample=s)
+    finally:
+        ins._text = real
+    tiles = [int(t.split()[0][1:]) for t, _ in calls if t.startswith("f") and t.endswith("s") and " " in t]
+    assert tiles == sorted(tiles) and len(tiles) >= 3
+    assert set(tiles) == {f for ov in ovs for f in (ov["frames"][0], ov["frames"][len(ov["frames"]) // 2],
+                                                    ov["frames"][-1])}
+    texts = [t for t, _ in calls]
+    assert any(t.startswith("T-motion") for t in texts) and "0s" in texts and any("time in the video" in t for t in texts)
+    assert CURVE_H > 40

@@ -140,6 +140,9 @@ def test_two_ranks_zero1_reference_run(reference, synth_shards):
         assert {"mcl/loss", "hico/loss", "window/loss", "bank/mcl_fill", "hico/topical_acc", "perf/clips_per_s",
                 "perf/data_wait_frac", "data/skipped", "epoch"} <= rows[s].keys(), sorted(rows[s])
         assert 0 < rows[s]["bank/mcl_fill"] <= 1 and rows[s]["perf/clips_per_s"] > 0
+        # one fill metric per bank; wait fractions are means over the ranks (a sum would exceed 1)
+        assert not {"mcl/bank_fill", "hico/bank_fill"} & rows[s].keys()
+        assert 0 <= rows[s]["perf/data_wait_frac"] <= 1 and 0 <= rows[s]["data/data_wait_fraction"] <= 1
     # storage reads per clip and per second, per rank and in total (the first window reads the shards)
     r2 = rows[2]
     assert {"io/bytes_per_clip", "io/read_MB_per_s", "data/bytes_read", "data/rank0_bytes_per_clip",
@@ -148,7 +151,11 @@ def test_two_ranks_zero1_reference_run(reference, synth_shards):
     # equal clips per rank: the run's bytes per clip is the mean of the ranks'
     assert r2["io/bytes_per_clip"] == pytest.approx((r2["data/rank0_bytes_per_clip"] + r2["data/rank1_bytes_per_clip"]) / 2)
     assert r2["data/bytes_read"] <= sum(p.stat().st_size for p in synth_shards.glob("*.tar")) * 4
-    assert rows[1].keys() == {"step", "loss", "lr"}
+    # every step: lr, the global gradient norm, the non-finite step count, seconds since the last step
+    assert rows[1].keys() == {"step", "loss", "lr", "optim/grad_norm", "optim/nonfinite_steps"}
+    for s in (2, 3, 4):
+        assert 0 < rows[s]["optim/grad_norm"] < 1e6 and rows[s]["optim/nonfinite_steps"] == 0
+        assert 0 < rows[s]["perf/seconds_since_last_step"] < 300
     # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
     c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)
     c1 = torch.load(ck / "step_00000004" / "client_rank_00001.pt", weights_only=False)

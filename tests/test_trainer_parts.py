@@ -20,19 +20,39 @@ def cfg(*overrides):
     return load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18", *overrides])
 
 
-def test_batch_picture_draws_views_boxes_and_motion():
-    clips = torch.zeros(1, 2, 3, 4, 16, 16)           # normalised zeros -> the mean colour
-    motion = torch.zeros(1, 2, 4, 4, 4)
-    motion[0, 1, 2, 0, 0] = 1.0                         # view 1, middle frame: hot top-left cell
-    boxes = torch.tensor([[[0.0, 0.0, 50.0, 50.0], [50.0, 50.0, 50.0, 50.0]]])
-    img = batch_picture({"clips": clips, "motion": motion, "boxes": boxes}, [0.5] * 3, [0.2] * 3, tile=64)
-    assert img.shape == (64, 5 * 64, 3) and img.dtype == np.uint8
+def test_batch_picture_frames_in_time_order_with_boxes_and_motion():
+    T = 4
+    clips = torch.zeros(1, 2, 3, T, 16, 16)
+    for t in range(T):                                   # frame t of the clip has grey level 0.2 * (t + 1)
+        clips[0, :, :, t] = (0.2 * (t + 1) - 0.5) / 0.25
+    motion = torch.zeros(1, 2, T, 4, 4)
+    motion[0, 1, :, 0, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])   # view 1: hot top-left cell, rising
+    boxes = torch.tensor([[[0.0, 0.0, 48.0, 48.0], [48.0, 48.0, 48.0, 48.0]]])   # extent 96 x 96
+    frames = torch.tensor([[[10, 12, 14, 16], [9, 7, 5, 3]]])   # view 1's clip runs backwards in time
+    flip = torch.tensor([[False, True]])
+    batch = {"clips": clips, "motion": motion, "boxes": boxes, "frames": frames, "flip": flip}
+    tile = 96
+    img = batch_picture(batch, [0.5] * 3, [0.25] * 3, tile=tile)
+    # rows: view 0 frames, view 0 motion, view 1 frames, view 1 motion, the T-motion plot
+    assert img.shape == (5 * tile, T * tile, 3) and img.dtype == np.uint8
     green, red = wandb_log.COLOURS[0], wandb_log.COLOURS[1]
-    assert (img[0, 5] == green).all() and (img[40, 63] == red).all()          # box borders on the canvas
-    assert (img[20, 20] == 127).all()                                         # view 0 pasted in its box (0.5 * 255)
-    assert (img[0, 64 + 10] == green).all() and (img[10, 3 * 64] == red).all()
-    hot = img[:, 4 * 64:]                                                     # view 1's motion map
-    assert (hot[:16, :16] == 255).all() and (hot[32:, 32:] == 0).all()
+    for j in range(T):
+        x = j * tile
+        # view 0: tile j shows clip frame j (frames already in time order) inside its box, top-left quarter
+        assert abs(int(img[30, x + 30, 0]) - round(255 * 0.2 * (j + 1))) <= 1
+        assert (img[80, x + 80] == 64).all()                                  # outside the box: the frame's extent
+        assert (img[0, x + 20] == green).all()                                # the box's top edge
+        # view 1: time order = reversed clip order, so tile j shows clip frame T-1-j, in the lower-right box
+        assert abs(int(img[2 * tile + 70, x + 70, 0]) - round(255 * 0.2 * (T - j))) <= 1
+        assert (img[2 * tile + 48, x + 70] == red).all()
+    # view 1's motion row: the hot cell is top-left of the *flipped* clip = top-right in the stored frame;
+    # the first time-ordered tile is clip frame 3 (the strongest, 4.0: white), the last clip frame 0 (1.0)
+    row = 3 * tile
+    assert (img[row + 52, 92] == 255).all() and (img[row + 52, 52] == 0).all()
+    assert img[row + 52, (T - 1) * tile + 92, 0] < 255
+    # the T-motion plot has axis labels (text pixels left of the y axis and below the x axis)
+    plot = img[4 * tile:]
+    assert (plot[30:70, :40] > 200).any() and (plot[-12:, 100:300] > 200).any()
 
 
 def test_mode_resolution(monkeypatch, tmp_path):
@@ -136,3 +156,46 @@ def test_reduce_metrics_over_ranks_with_different_counters():
     results = run_gloo(_metrics_worker, 2)
     want = {"loss": 1.5, "mcl/nce": 2.0, "data/skipped": 3.0, "data/lost_on_restore": 3.0}
     assert results[0] == want and results[1] == want
+
+
+def _fraction_worker(rank, world):
+    from mohico.trainer.train import reduce_metrics
+
+    return reduce_metrics({"perf/data_wait_frac": 0.5 + 0.1 * rank}, {"data_wait_fraction": 0.6 + 0.2 * rank,
+                                                                      "skipped": 1.0})
+
+
+def test_fractions_are_averaged_over_ranks_not_summed():
+    results = run_gloo(_fraction_worker, 2)
+    want = {"perf/data_wait_frac": 0.55, "data/data_wait_fraction": 0.7, "data/skipped": 2.0}
+    for r in results:
+        assert r.keys() == want.keys() and all(r[k] == pytest.approx(v) for k, v in want.items())
+
+
+class _FakeEngine:
+    def __init__(self, module, norm=None):
+        self.module, self.norm = module, norm
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def test_step_health_grad_norm_nonfinite_and_time_between_steps():
+    from mohico.trainer.step_metrics import StepHealth
+
+    net = torch.nn.Linear(3, 2)
+    net.weight.grad = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    net.bias.grad = torch.tensor([0.0, 12.0])
+    zero0 = StepHealth(0)
+    norm = zero0.norm_before_step(_FakeEngine(net))
+    assert norm == pytest.approx(13.0, rel=1e-12)                    # sqrt(9 + 16 + 144)
+    first = zero0.after_step(_FakeEngine(net), 1.5, 0.1, norm)
+    assert first == {"lr": 0.1, "optim/nonfinite_steps": 0, "optim/grad_norm": pytest.approx(13.0)}
+    second = zero0.after_step(_FakeEngine(net), float("nan"), 0.1, norm)
+    assert second["optim/nonfinite_steps"] == 1 and second["perf/seconds_since_last_step"] >= 0
+    # ZeRO 1/2: DeepSpeed's norm after the step; an infinite one counts as a non-finite step
+    zero1 = StepHealth(1)
+    assert zero1.norm_before_step(_FakeEngine(net)) is None
+    assert zero1.after_step(_FakeEngine(net, 2.5), 1.0, 0.2)["optim/grad_norm"] == 2.5
+    row = zero1.after_step(_FakeEngine(net, float("inf")), 1.0, 0.2)
+    assert row["optim/nonfinite_steps"] == 1 and row["optim/grad_norm"] == float("inf")

@@ -3,8 +3,9 @@
 
 ``overlays`` is the hook for the sampler: a list of ``{"frames": [int, ...], "box": (x, y, w, h) |
 None, "label": str, "color": (r, g, b)}`` (box in stored-frame pixels). With overlays the frames
-shown are the first, middle and last frame of each overlay's clip, their boxes are drawn on the
-frames and maps, and their spans are marked on the T-motion curve.
+shown are the first, middle and last frame of each overlay's clip, in time order, their boxes are
+drawn on the frames and maps, and their spans are marked on the T-motion curve, whose axes are
+labelled (time in seconds; T-motion, the mean motion magnitude per frame).
 """
 from __future__ import annotations
 
@@ -104,6 +105,15 @@ def _label(img, text, org, color, scale=0.35):
     _text(img, text, (x, y - 1), scale, color)
 
 
+def _axis_labels(canvas, y0: int, width: int, seconds: float, top: float) -> None:
+    """Label the T-motion curve's axes: y = T-motion (0 .. its max), x = time in the video (s)."""
+    _text(canvas, f"T-motion (max {top:.3g})", (width - 150, y0 + 12), color=(255, 200, 80))
+    _text(canvas, "0s", (2, y0 + CURVE_H - 8), scale=0.35)
+    end = f"{seconds:.1f}s"
+    _text(canvas, end, (width - 8 * len(end), y0 + CURVE_H - 8), scale=0.35)
+    _text(canvas, "time in the video ->", (width // 2 - 60, y0 + CURVE_H - 8), scale=0.35)
+
+
 def _color(ov, k):
     return tuple(int(v) for v in ov.get("color", COLORS[k % len(COLORS)]))
 
@@ -129,7 +139,7 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
         for ov in overlays:
             fr = sorted(int(f) for f in ov["frames"])
             idx += [fr[0], fr[len(fr) // 2], fr[-1]]
-        idx = [i for i in dict.fromkeys(idx) if 0 <= i < n]
+        idx = sorted(i for i in set(idx) if 0 <= i < n)          # time order, whichever view they come from
     else:
         idx = sorted(set(np.linspace(0, n - 1, min(num_frames, n)).round().astype(int).tolist()))
     frames = decode_frames(s["video"], idx)
@@ -193,6 +203,7 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
             _text(canvas, label, (lx, ly + 4), color=col)
     pts = np.stack([xs, y0 + CURVE_H - 6 - tm / top * (CURVE_H - 16)], 1).astype(np.int32)
     cv2.polylines(canvas, [pts], False, (255, 200, 80), 1, cv2.LINE_AA)
+    _axis_labels(canvas, y0, width, n / float(meta["fps"]), top)
     for i in idx:
         cv2.line(canvas, (int(xs[i]), y0 + CURVE_H - 4), (int(xs[i]), y0 + CURVE_H), (200, 200, 200), 1)
     for j, line in enumerate(lines):

@@ -37,6 +37,7 @@ from mohico.trainer.io_meter import IOMeter
 from mohico.trainer.online_knn import OnlineKnn
 from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
+from mohico.trainer.step_metrics import StepHealth, mean_over_ranks
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
 from mohico.trainer.wandb_log import WandbLogger, new_run_id
 
@@ -96,7 +97,8 @@ def _default_loader(cfg, rank, world):
 
 
 def reduce_metrics(terms: dict[str, float], counters: dict[str, float]) -> dict[str, float]:
-    """Objective terms averaged and loader counters summed over the ranks (collective). Key sets
+    """Objective terms averaged and loader counters summed over the ranks (collective; fractions
+    such as ``data_wait_fraction`` are averaged: ``step_metrics.mean_over_ranks``). Key sets
     may differ between ranks (a counter appears once something happened), so the dicts are
     gathered as objects rather than reduced as aligned tensors."""
     import torch.distributed as dist
@@ -110,7 +112,8 @@ def reduce_metrics(terms: dict[str, float], counters: dict[str, float]) -> dict[
         values = [t[key] for t, _ in parts if key in t]
         out[key] = sum(values) / len(values)
     for key in sorted({k for _, c in parts for k in c}):
-        out[f"data/{key}"] = sum(c.get(key, 0.0) for _, c in parts)
+        values = [c[key] for _, c in parts if key in c]
+        out[f"data/{key}"] = sum(values) / len(values) if mean_over_ranks(key) else sum(values)
     return out
 
 
@@ -227,6 +230,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
         terms_sum: dict[str, float] = {}
         last_saved = step if source is not None else -1
+        health = StepHealth(cfg.trainer.zero_stage)
         while step < cfg.trainer.max_steps:
             progress = plan.progress(step)
             loader.set_progress(progress)
@@ -234,7 +238,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             set_lr(optimizer, lr)
             t_step = time.perf_counter()
             wait, loss_sum = 0.0, 0.0
-            for _ in range(cfg.trainer.grad_accum):
+            for micro in range(cfg.trainer.grad_accum):
                 t_wait = time.perf_counter()
                 rng = ck.rng_state(cuda=False)  # the loader (e.g. starting its workers) must not move
                 batch = next(data)              # the training RNG streams: a resumed run restarts it
@@ -247,6 +251,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                     video_id = video_id.to(device, non_blocking=True)
                 loss, terms = engine(clips, motion, progress, video_id=video_id)
                 engine.backward(loss)
+                norm0 = health.norm_before_step(engine) if micro == cfg.trainer.grad_accum - 1 else None
                 engine.step()
                 # one device-to-host transfer for the loss and every term (not one sync per term)
                 host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
@@ -262,7 +267,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             window["time"] += dt
             window["wait"] += wait
             window["steps"] += 1
-            metrics_row = {"step": step, "loss": loss_sum / cfg.trainer.grad_accum, "lr": lr}
+            step_row = health.after_step(engine, loss_sum / cfg.trainer.grad_accum, lr, norm0)
+            wandb.log(step_row, step=step)     # every step: lr, grad norm, non-finite steps, seconds since the last
+            metrics_row = {"step": step, "loss": loss_sum / cfg.trainer.grad_accum, **step_row}
             ck._fault_point("step", step, rank)
             if bar is not None:
                 bar.update(1)
@@ -273,11 +280,12 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 counters = {k: float(v) for k, v in (loader.stats() or {}).items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
                 counters.update(io_meter.window(counters, window["clips"] / world, window["time"]))
-                avg = reduce_metrics({k: v / n for k, v in terms_sum.items()}, counters)
+                wait_frac = window["wait"] / max(window["time"], 1e-9)
+                avg = reduce_metrics({**{k: v / n for k, v in terms_sum.items() if not k.endswith("/bank_fill")},
+                                      "perf/data_wait_frac": wait_frac}, counters)   # one fill key per bank: below
                 row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
                        "perf/step_time_s": window["time"] / n,
                        "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
-                       "perf/data_wait_frac": window["wait"] / max(window["time"], 1e-9),
                        "perf/memory_mb": memory_mb(), **bank_fills(engine.module),
                        **io_meter.totals(avg, window["clips"], window["time"])}
                 wandb.log(row, step=step)

@@ -15,7 +15,7 @@ import netrc
 import os
 from pathlib import Path
 
-import numpy as np
+from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
 
 log = logging.getLogger("mohico.trainer")
 
@@ -94,8 +94,9 @@ class WandbLogger:
             self._fail(e)
 
     def log_batch_images(self, batch: dict, step: int, mean, std, max_samples: int = 2) -> None:
-        """A picture of the batch: per sample and view, the middle frame of the clip and its
-        motion map, captioned with the crop box and frame indices."""
+        """A picture of the batch (:mod:`mohico.trainer.batch_picture`): per sample and view its
+        frames in time order with the crop box drawn where it lies in the frame, the motion maps,
+        and a T-motion plot; captioned with the boxes and frame indices."""
         if self.run is None:
             return
         try:
@@ -136,68 +137,3 @@ class WandbLogger:
         elif errors:
             self.run = run
             self._fail(errors[0])
-
-
-COLOURS = np.array([[0, 255, 0], [255, 64, 64], [64, 128, 255], [255, 255, 0]], dtype=np.uint8)
-
-
-def _resize_nearest(img: np.ndarray, h: int, w: int) -> np.ndarray:
-    ys = np.minimum(np.arange(h) * img.shape[0] // max(h, 1), img.shape[0] - 1)
-    xs = np.minimum(np.arange(w) * img.shape[1] // max(w, 1), img.shape[1] - 1)
-    return img[ys][:, xs]
-
-
-def _border(img: np.ndarray, y0: int, x0: int, y1: int, x1: int, colour) -> None:
-    y1, x1 = min(y1, img.shape[0]) - 1, min(x1, img.shape[1]) - 1
-    if y1 <= y0 or x1 <= x0:
-        return
-    img[y0, x0:x1 + 1] = colour
-    img[y1, x0:x1 + 1] = colour
-    img[y0:y1 + 1, x0] = colour
-    img[y0:y1 + 1, x1] = colour
-
-
-def batch_picture(batch: dict, mean, std, max_samples: int = 2, tile: int = 128) -> np.ndarray:
-    """uint8 ``(rows * tile, (1 + 2V) * tile, 3)`` image, one row per sample: first the crop
-    boxes of all views drawn in the stored frame (each view's middle frame pasted into its box,
-    one colour per view), then per view its middle frame (de-normalised) and its motion map
-    ("hot" colours), framed in the view's colour."""
-    clips = batch["clips"].detach().float().cpu().numpy()          # (B, V, C, T, H, W)
-    B, V, C, T, H, W = clips.shape
-    motion = batch.get("motion")
-    motion = motion.detach().float().cpu().numpy() if motion is not None else None   # (B, V, T, Hm, Wm)
-    boxes = batch.get("boxes")
-    boxes = boxes.detach().float().cpu().numpy() if boxes is not None else None     # (B, V, 4) x, y, w, h
-    m = np.asarray(mean, dtype=np.float32).reshape(C, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(C, 1, 1)
-    rows = []
-    for b in range(min(B, max_samples)):
-        frames = []
-        for v in range(V):
-            f = clips[b, v, :, T // 2] * s + m                         # (C, H, W) in [0, 1]
-            frames.append((np.clip(f.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8))
-        canvas = np.full((tile, tile, 3), 64, dtype=np.uint8)
-        if boxes is not None:
-            extent = max(float((boxes[b, :, 0] + boxes[b, :, 2]).max()), float((boxes[b, :, 1] + boxes[b, :, 3]).max()), 1.0)
-            k = (tile - 1) / extent
-            for v in range(V):
-                x, y, w, h = (boxes[b, v] * k).round().astype(int)
-                if w > 1 and h > 1:
-                    canvas[y:y + h, x:x + w] = _resize_nearest(frames[v], h, w)[:tile - y, :tile - x]
-            for v in range(V):
-                x, y, w, h = (boxes[b, v] * k).round().astype(int)
-                _border(canvas, y, x, y + h, x + w, COLOURS[v % len(COLOURS)])
-        tiles = [canvas]
-        for v in range(V):
-            frame = _resize_nearest(frames[v], tile, tile).copy()
-            _border(frame, 0, 0, tile, tile, COLOURS[v % len(COLOURS)])
-            tiles.append(frame)
-            heat = np.zeros((tile, tile, 3), dtype=np.uint8)
-            if motion is not None:
-                mm = motion[b, v, min(T // 2, motion.shape[2] - 1)]
-                mm = mm / (mm.max() + 1e-8)
-                up = _resize_nearest(mm, tile, tile)
-                heat = (np.stack([up, up ** 2, up ** 4], axis=-1) * 255).astype(np.uint8)
-            tiles.append(heat)
-        rows.append(np.concatenate(tiles, axis=1))
-    return np.concatenate(rows, axis=0)
