@@ -9,7 +9,7 @@ DEMO_DIR ?= demo
 # pip prints one harmless "Location ... is ignored" line per package on this machine.
 QUIET_PIP := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: venv
 
 bench: venv
 	@PATH=$(VENV)/bin:$$PATH bash benchmarks/run_all.sh
+
+# On a CUDA machine: every GPU path in one command, one table (without a GPU it says so, exit 0).
+gpu-check: venv
+	@PATH=$(VENV)/bin:$$PATH PY=$(PY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache
