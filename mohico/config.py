@@ -48,8 +48,8 @@ class DataConfig:
     batch_size: int = 8                # videos per rank per step
     num_workers: int = 2               # loader worker processes per rank
     shuffle_buffer: int = 64           # samples held for shuffling (entries: a video read R times is R entries)
-    samples_per_read: int = 1          # R: independent samples (views, crops, augmentations) per video read
-    seconds_per_sample: float = 0.0    # > 0: a video of D s yields min(R, ceil(D / this)) samples per read
+    samples_per_read: int = 8          # R: independent samples (views, crops, augmentations) per video read
+    seconds_per_sample: float = 60.0   # > 0: a video of D s yields min(R, ceil(D / this)); 0: always R
     resampled: bool = True             # infinite multi-epoch stream (webdataset resampling)
     clip_len: int = 16                 # frames per clip (T)
     frame_stride: int = 2              # take every n-th frame (counted at reference_fps when that is set)

@@ -111,6 +111,16 @@ def test_stream_resume_with_draws_and_old_three_field_refs(tmp_path):
     assert [s["__key__"] for s in (new.next() for _ in range(10))] == [s["__key__"] for s in (old.next() for _ in range(10))]
 
 
+def test_default_rule_reads_each_short_video_once_and_long_ones_up_to_8_times():
+    from mohico.config import DataConfig
+
+    d = DataConfig()
+    def sample(seconds):
+        return {"json": json.dumps({"num_frames": int(seconds * 15), "fps": 15.0}).encode()}
+    assert [draws_per_read(sample(t), d.samples_per_read, d.seconds_per_sample) for t in (8, 60, 90, 600, 7200)] \
+        == [1, 1, 2, 8, 8]
+
+
 def test_draws_per_read_from_the_duration():
     def sample(frames, fps=15.0):
         return {"json": json.dumps({"num_frames": frames, "fps": fps}).encode()}
@@ -129,7 +139,7 @@ def test_loader_draws_are_independent_and_from_seed_epoch_rank_key_r(synth_shard
     """Every sample the loader hands out equals ClipSampler's draw with sample_rng(..., r) for
     some r < R, and each video's R draws differ."""
     R = 3
-    cfg = small_cfg(samples_per_read=R, shuffle_buffer=4, resampled=False)
+    cfg = small_cfg(samples_per_read=R, seconds_per_sample=0.0, shuffle_buffer=4, resampled=False)
     loader = build_loader(cfg, str(synth_shards))
     got = [(k, f, bx) for b in loader for k, f, bx in zip(b["key"], b["frames"], b["boxes"])]
     raw = {s["__key__"]: s for t in sorted(synth_shards.glob("*.tar")) for s in iter_shard(str(t))}
@@ -153,7 +163,7 @@ def test_loader_draws_are_independent_and_from_seed_epoch_rank_key_r(synth_shard
 
 
 def test_loader_resume_is_bitwise_with_several_draws(synth_shards):
-    cfg = small_cfg(num_workers=2, samples_per_read=3)
+    cfg = small_cfg(num_workers=2, samples_per_read=3, seconds_per_sample=0.0)
     full = build_loader(cfg, str(synth_shards))
     _take(full, 3)
     state = copy.deepcopy(full.state_dict())

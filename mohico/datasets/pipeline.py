@@ -42,6 +42,7 @@ that fails too, the sample is replaced by another sample of the same batch (``du
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from typing import Optional, Sequence, Union
@@ -336,6 +337,12 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                       data=cfg.data, sampling=cfg.sampling, mcl=mcl, hico=hico,
                       device=_device(cfg), decoder=cfg.data.decoder)
+    bound = (cfg.data.batch_size - 1) * (cfg.data.samples_per_read - 1) + 1
+    if cfg.data.samples_per_read > 1 and cfg.data.shuffle_buffer < bound:
+        logging.getLogger("mohico.data").warning(
+            "data.shuffle_buffer=%d < (batch_size - 1) * (samples_per_read - 1) + 1 = %d: a video read %d times "
+            "may give two samples of one batch; raise data.shuffle_buffer to %d to rule it out",
+            cfg.data.shuffle_buffer, bound, cfg.data.samples_per_read, bound)
     return VideoLoader(spec, cfg.data.num_workers)
 
 
