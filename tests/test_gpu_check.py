@@ -36,6 +36,7 @@ def test_bank_step_fails_on_a_wrong_kernel(monkeypatch):
     real = K.bank_nce
 
     def off_by_a_bit(q, kp, bank, tau, impl=None, **kw):
+        assert kw["q_ids"] is not None and kw["bank_ids"] is not None       # the masked path is checked
         out = real(q, kp, bank, tau, impl=impl, **kw)
         return out * 1.001 if impl == "triton" else out
     monkeypatch.setattr(K, "bank_nce", off_by_a_bit)
