@@ -203,6 +203,20 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning (mohico.trainer.finetune): set ``backbone`` to fine-tune instead of pretraining."""
+    backbone: str = ""                 # "": pretrain; a run dir / checkpoint / backbone file / torchvision file / "random"
+    labels: str = ""                   # labels file overriding the shards' (JSON {source: label} or TSV)
+    num_classes: int = 0               # 0: from the train shards' labels
+    dropout: float = 0.5
+    label_smoothing: float = 0.0
+    test_shards: str = ""              # multi-clip test accuracy after the last step ("" = none)
+    test_clips: int = 10
+    test_crops: int = 3
+    test_batch_size: int = 8
+
+
+@dataclass
 class SlurmConfig:
     partition: str = ""
     account: str = ""
@@ -229,6 +243,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -293,6 +308,11 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.nproc >= 1, "trainer.nproc", "must be >= 1")
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN)")
+    ft = cfg.finetune
+    need(0 <= ft.dropout < 1 and 0 <= ft.label_smoothing < 1, "finetune.dropout",
+         "finetune.dropout and finetune.label_smoothing must lie in [0, 1)")
+    need(ft.num_classes >= 0 and ft.test_clips >= 1 and ft.test_crops >= 1 and ft.test_batch_size >= 1,
+         "finetune.test_clips", "finetune.num_classes >= 0; test_clips, test_crops, test_batch_size >= 1")
     need(cfg.eval.every_steps == 0 or bool(cfg.eval.val_shards), "eval.val_shards",
          "the online kNN (eval.every_steps > 0) needs a small labelled shard set: eval.val_shards=PATH")
     need(cfg.eval.k >= 1 and cfg.eval.temperature > 0 and cfg.eval.clips_per_video >= 1 and cfg.eval.batch_size >= 1,
@@ -349,7 +369,8 @@ def to_dict(cfg: Config) -> dict:
 # current step (mohico.trainer.optim.SchedulePlan); ``data.shards`` may move when the shards'
 # manifest checksum is unchanged (mohico.trainer.resume_check); ``data.num_workers`` re-splits
 # the loader streams. Everything else changes the trajectory and is hashed.
-RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "trainer.log_every", "trainer.nproc",
+RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.test_shards", "finetune.test_clips",
+                    "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",
                     "trainer.max_steps", "data.num_workers", "data.shards")
 
 

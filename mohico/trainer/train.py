@@ -85,6 +85,10 @@ def memory_mb() -> float:
 
 
 def _default_module(cfg):
+    if cfg.finetune.backbone:            # fine-tuning: backbone + new head on labelled clips
+        from mohico.trainer.finetune import FinetuneModule
+
+        return FinetuneModule(cfg)
     from mohico.models.pretrain import PretrainModule
 
     return PretrainModule(cfg)

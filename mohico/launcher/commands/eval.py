@@ -1,5 +1,5 @@
 """`mohico eval [PROTOCOL] CKPT --train SHARDS --val SHARDS [--config CONFIG] ...`: evaluate a
-pretrained backbone on labelled shards. PROTOCOL is `knn` (default), `retrieval` or `linear`.
+pretrained backbone on labelled shards. PROTOCOL is `knn` (default), `retrieval`, `linear` or `finetune`.
 
 CKPT is a run directory (its latest checkpoint), a checkpoint folder, a backbone file written by
 `mohico export --format mohico`, a zero_to_fp32 output, or `random` (the config's backbone at random init: the baseline).
@@ -12,6 +12,9 @@ embedded by the frozen backbone and L2-normalised (no augmentation); features ca
 - retrieval: val videos query train videos by cosine similarity; recall@k = a video of the query's class in the top k (MCL / CoCLR).
 - linear: a linear classifier on the frozen features of every train view, lr / weight decay picked on a held-out
   part of train, top-1/top-5 on val from the softmax averaged over a video's views.
+- finetune: the backbone plus a new head trained end to end on the --train shards by `mohico train` with the
+  config (e.g. configs/finetune_ucf101.yaml; its run.dir, resumable, DeepSpeed, W&B), then multi-clip test
+  accuracy on --val (finetune.test_clips x finetune.test_crops views, softmax averaged) in RUN_DIR/finetune_test.json.
 The same shards may be both sets for knn and retrieval: a video never matches itself.
 Results: a table on stdout, JSON (--out), and W&B (the pretraining run's when CKPT is a run, else a new run).
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 HELP = "evaluate a backbone on labelled shards: knn (default), retrieval or linear"
 DESCRIPTION = __doc__
-PROTOCOLS = ("knn", "retrieval", "linear")
+PROTOCOLS = ("knn", "retrieval", "linear", "finetune")
 
 
 def add_arguments(p):
@@ -61,6 +64,8 @@ def add_arguments(p):
     g.add_argument("--linear-batch-size", type=int, default=256, help="SGD batch size (default 256)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="held-out part of train for the search (default 0.2)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and SGD order (default 0)")
+    g = p.add_argument_group("finetune (the rest comes from --config: finetune.*, optim.*, trainer.*, run.dir)")
+    g.add_argument("--nproc", type=int, default=None, help="local ranks (default: trainer.nproc)")
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -108,6 +113,8 @@ def run(args) -> int:
     from mohico.trainer.knn_eval import load_eval_backbone
 
     protocol, ckpt = parse_target(args.target)
+    if protocol == "finetune":
+        return run_finetune(args, ckpt)
     linear = protocol == "linear"
     clips = args.clips_per_video if args.clips_per_video is not None else (3 if linear else 1)
     crops = args.spatial_crops if args.spatial_crops is not None else (3 if linear else 1)
@@ -155,3 +162,37 @@ def run(args) -> int:
         if run_id:
             print(f"W&B run {run_id}: eval/{protocol}/*")
     return 0
+
+
+def run_finetune(args, ckpt: str) -> int:
+    """`mohico eval finetune`: `mohico train CONFIG finetune.backbone=CKPT data.shards=TRAIN
+    finetune.test_shards=VAL [finetune.labels=FILE] [--set ...]` (which tests at the end)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from mohico.config import load_config
+    from mohico.errors import UsageError
+    from mohico.launcher.commands import train as train_cmd
+
+    if args.config is None:
+        raise UsageError("eval finetune needs --config (e.g. configs/finetune_ucf101.yaml, or configs/finetune_tiny_cpu.yaml)")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UsageError(f"--set takes key=value, got {bad}")
+    overrides = [f"finetune.backbone={ckpt}", f"data.shards={args.train}", f"finetune.test_shards={args.val}"]
+    if args.labels:
+        overrides.append(f"finetune.labels={args.labels}")
+    overrides += list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if Path(ckpt).is_dir() and Path(cfg.run.dir).resolve() in (Path(ckpt).resolve(), *Path(ckpt).resolve().parents):
+        raise UsageError(f"run.dir {cfg.run.dir} is the pretraining run {ckpt}: give the fine-tuning run its own "
+                         f"folder (--set run.dir=runs/finetune_x)")
+    ns = argparse.Namespace(config=args.config, overrides=overrides, nproc=args.nproc, _parser=None)
+    code = train_cmd.run(ns)
+    result = Path(cfg.run.dir) / "finetune_test.json"
+    if code == 0 and args.out and result.is_file():
+        from mohico.trainer.eval_report import write_results
+
+        print(f"results: {write_results(json.loads(result.read_text()), args.out)}")
+    return code

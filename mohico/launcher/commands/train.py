@@ -1,5 +1,6 @@
 """`mohico train CONFIG [--nproc N] [key=value ...]`: pretrain with DeepSpeed, resuming from the
-run's latest checkpoint.
+run's latest checkpoint (or fine-tune, when the config sets finetune.backbone: configs/finetune_*.yaml,
+then test on finetune.test_shards).
 
 One process per rank. Without a distributed environment, ``--nproc N`` (or ``trainer.nproc``)
 starts N local ranks; under torchrun or ``srun`` (RANK / SLURM_PROCID set) this process is one
@@ -73,6 +74,20 @@ def run(args) -> int:
     from mohico.trainer.train import shutdown, train
 
     try:
-        return train(cfg)
+        code = train(cfg)
     finally:
         shutdown()
+    return finetune_test_after(cfg, code)
+
+
+def finetune_test_after(cfg, code: int) -> int:
+    """After a completed fine-tuning run, rank 0 measures multi-clip test accuracy (finetune.test_shards)."""
+    import os
+    import sys
+
+    if code != 0 or not cfg.finetune.backbone or not cfg.finetune.test_shards or os.environ.get("RANK", "0") != "0":
+        return code
+    from mohico.trainer.finetune import finetune_test
+
+    finetune_test(cfg, progress=sys.stderr.isatty())
+    return 0
