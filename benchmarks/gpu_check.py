@@ -158,7 +158,7 @@ def check_correlation(device: str, N: int = 128, C: int = 64, S: int = 28, radiu
 
 # ------------------------------------------------------------------------------------------ decode
 def make_shards(work: Path, codec: str, videos: int = 4, seconds: float = 8.0) -> Path:
-    """Synthetic 160x120 videos -> shards (short side 112, GOP 16), cached in ``work``."""
+    """Synthetic 160x120 videos -> shards (short side 128, GOP 16), cached in ``work``."""
     from mohico.datasets.shards import write_shards
     from mohico.datasets.synth import synthesize
 
@@ -167,18 +167,21 @@ def make_shards(work: Path, codec: str, videos: int = 4, seconds: float = 8.0) -
     if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
         synthesize(work / f"videos-{codec}", videos=videos, seed=11, codec=codec, fps=15, size=(160, 120),
                    duration=seconds, topics=2)
-        write_shards(work / f"videos-{codec}", out, codec=codec, short_side=112, fps=15, gop=16,
+        write_shards(work / f"videos-{codec}", out, codec=codec, short_side=128, fps=15, gop=16,
                      max_shard_size=10 ** 9, workers=1, flow="dis", progress=False)
     return out
 
 
-def loader_cfg(device: str, decoder: str, workers: int = 2):
+def loader_cfg(device: str, decoder: str, workers: int = 2, crop_size: int = 112):
+    """MCL + HiCo views, B = 4; crops of 0.8-1 of the frame (112 px from short side 128 shards:
+    the loader refuses crops that upsample the shards)."""
     from mohico.config import Config
 
     cfg = Config()
     cfg.objectives.mcl.weight = cfg.objectives.hico.weight = 1.0
     d = cfg.data
-    d.batch_size, d.num_workers, d.clip_len, d.frame_stride, d.crop_size = 4, workers, 16, 2, 112
+    d.batch_size, d.num_workers, d.clip_len, d.frame_stride, d.crop_size = 4, workers, 16, 2, crop_size
+    cfg.sampling.crop_area = [0.8, 1.0]
     d.shuffle_buffer, d.device, d.decoder = 4, device, decoder
     return cfg
 
@@ -204,12 +207,12 @@ def _batches(cfg, shards: Path, n: int):
 
 
 def check_decode(work: Path, codec: str, device: str, baseline: str, batches: int = 8, shards: Path | None = None,
-                 workers: int = 2) -> dict:
+                 workers: int = 2, crop_size: int = 112) -> dict:
     """Loader clips/s with DALI on ``device`` ("gpu": mixed) vs ``baseline`` ("cpu": DALI CPU or
     PyAV, whatever the CPU backend uses for the codec; "pyav"); same draws, same pixels."""
     shards = shards or make_shards(work, codec)
-    cand_cfg = loader_cfg(device, "dali", workers)
-    base_cfg = loader_cfg("cpu", "pyav" if baseline == "pyav" else "auto", workers)
+    cand_cfg = loader_cfg(device, "dali", workers, crop_size)
+    base_cfg = loader_cfg("cpu", "pyav" if baseline == "pyav" else "auto", workers, crop_size)
     _peak_reset("cuda" if device == "gpu" else "cpu")
     got, rate = _batches(cand_cfg, shards, batches)
     peak = _peak_mb("cuda" if device == "gpu" else "cpu")

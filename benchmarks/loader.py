@@ -55,6 +55,7 @@ def config(args):
     d = cfg.data
     d.batch_size, d.num_workers, d.clip_len, d.frame_stride, d.crop_size = args.batch, args.workers, 16, 2, 112
     d.shuffle_buffer = 2
+    cfg.sampling.crop_area = [0.8, 1.0]   # 112-px crops of short side 128 shards never upsample (the loader checks)
     return cfg
 
 
@@ -134,6 +135,27 @@ def run_reads(cfg, shards: Path, R: int, seconds: float, batches: int, step_s: f
     return out
 
 
+def worker_cpu(cfg, shards: Path, R: int, seconds: float, batches: int) -> dict:
+    """The loader worker's job in this process (read the tar, parse, sample, remux; DALI decode,
+    unchanged by R, excluded): CPU ms per clip by time.process_time, robust to other jobs' load."""
+    import copy
+
+    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.pipeline_worker import ProgressSchedule, worker_items
+
+    c = copy.deepcopy(cfg)
+    c.data.samples_per_read, c.data.seconds_per_sample = R, seconds
+    spec = build_loader(c, str(shards)).spec
+    items = worker_items(spec, 0, None, 0, 0, ProgressSchedule(64), {})
+    next(items)                                # warm-up
+    t = time.process_time()
+    clips = 0
+    for _ in range(batches):
+        item = next(items)
+        clips += sum(len(s["clips"]) for s in item["samples"])
+    return {"cpu_ms_clip": 1000 * (time.process_time() - t) / clips, "bytes": item["counters"]["bytes_read"]}
+
+
 def breakdown(cfg, shards: Path, n: int = 12) -> dict:
     """Single process: remux one clip's GOPs; DALI-decode those bytes (ms per clip)."""
     from mohico.datasets.dali_decode import DaliClipDecoder
@@ -182,6 +204,8 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=200.0)
     ap.add_argument("--reads-only", action="store_true", help="only the samples-per-read table")
     ap.add_argument("--read-batches", type=int, default=16)
+    ap.add_argument("--worker-cpu", action="store_true",
+                    help="only the worker's CPU ms per clip (read + parse + sample + remux) per R, in this process")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from mohico.datasets.pipeline import build_loader
@@ -189,6 +213,16 @@ def main() -> None:
     work = Path(args.work)
     cfg = config(args)
     V = 3
+    if args.worker_cpu:
+        print(f"\nWorker CPU per clip (read + parse + sample + remux, no decode), {args.read_batches} batches of "
+              f"{args.batch} videos x {V} clips, after a warm-up batch; time.process_time\n")
+        print("| R | 1 min CPU ms/clip | 10 min CPU ms/clip |")
+        print("|---|---|---|")
+        for R, sec in READ_MODES:
+            got = [worker_cpu(cfg, make_data(work, m), R, sec, args.read_batches) for m in (1, 10)]
+            name = f"{R}" if not sec else f"<= {R}, {sec:.0f} s/sample"
+            print(f"| {name} | {got[0]['cpu_ms_clip']:.1f} | {got[1]['cpu_ms_clip']:.1f} |")
+        return
     reads = {}
     for minutes in (1, 10):
         shards = make_data(work, minutes)

@@ -11,7 +11,7 @@
 3. Checkpoint write: torch.save + fsync of a --save-mb float32 tensor (a bank shard) to --dir.
 4. Storage read per clip for untrimmed videos: lengths exponential with mean --mean-min minutes
    (HowTo100M: 15 years of video in 1.22M videos, 6.5 min on average), --kbps KB per second of
-   stored video (7.7 KB/s: the loader benchmark's VP9 shards, 4.6 MB per 10 minutes), V = 3 clips
+   video in the shards (12.3 KB/s: the loader benchmark's samples, video + json + motion maps), V = 3 clips
    per sample: total bytes / total clips = E[bytes] / (V * E[R_v]) at R = 1, fixed R, and the
    length rule R_v = min(R, ceil(L / S)).
 """
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--save-mb", type=int, default=256)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--mean-min", type=float, default=6.5)
-    ap.add_argument("--kbps", type=float, default=7.7)
+    ap.add_argument("--kbps", type=float, default=12.3)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     B, d, K = args.batch, args.dim, args.bank

@@ -50,7 +50,7 @@ def test_correlation_step_interpreted_triton_vs_streaming():
 
 
 def test_decode_step_dali_cpu_vs_pyav(synth_shards, tmp_path):
-    r = gpu_check.check_decode(tmp_path, "vp9", "cpu", "pyav", batches=1, shards=synth_shards, workers=0)
+    r = gpu_check.check_decode(tmp_path, "vp9", "cpu", "pyav", batches=1, shards=synth_shards, workers=0, crop_size=96)
     assert r["ok"], r["note"]
     assert "same draws: True" in r["note"]
 
