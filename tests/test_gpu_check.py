@@ -76,5 +76,5 @@ def test_checkpoint_differences(tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_pretrain_step_gloo_kill_and_resume_bitwise(synth_shards, tmp_path):
-    r = gpu_check.check_pretrain(tmp_path, "cpu", steps=4, kill_at=3, shards=synth_shards, timeout=400)
+    r = gpu_check.check_pretrain(tmp_path, "cpu", steps=4, kill_at=3, shards=synth_shards, timeout=900)
     assert r["ok"], r["note"]

@@ -188,9 +188,9 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
     W = spec.workers
     d = spec.data
     draws = None
-    if getattr(d, "samples_per_read", 1) > 1:
+    if d.samples_per_read > 1:
         draws = functools.partial(draws_per_read, samples_per_read=d.samples_per_read,
-                                  seconds_per_sample=getattr(d, "seconds_per_sample", 0.0))
+                                  seconds_per_sample=d.seconds_per_sample)
     stream = SampleStream(spec.urls, spec.seed, spec.rank * W + logical, spec.world_size * W,
                           spec.shuffle_buffer, spec.resampled, draws)
     if state is not None:
