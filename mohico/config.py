@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mohico.config_load import build, check_keys, collect, mapping_fields_set, packaged_fallback
+from mohico.config_secrets import env_expressions, keep_env_expressions, redact_env
 from mohico.errors import ConfigError
 
 
@@ -170,6 +171,10 @@ class TrainerConfig:
     log_every: int = 10
     deterministic: bool = False
     nproc: int = 1                     # local ranks for `mohico train` (--nproc)
+    nonfinite_limit: int = 10          # NaN/inf losses skipped in a row before the run stops (exit 4)
+    stall_timeout_s: float = 600.0     # no batch/step for this long: log the loader state, exit 5 (0: off)
+    signal_grace_s: float = 90.0       # SIGTERM/USR1: checkpoint within this, else exit 6 unsaved (0: off)
+    dist_timeout_s: float = 1800.0     # process-group timeout of one collective
 
 
 @dataclass
@@ -278,6 +283,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"{path}: {e}") from None
     cfg = build(Config, plain, (), sources)
     validate(cfg)
+    keep_env_expressions(cfg, env_expressions(OmegaConf.to_container(merged, resolve=False)))
     return cfg
 
 
@@ -306,6 +312,10 @@ def validate(cfg: Config) -> None:
     need(cfg.trainer.steps_per_epoch > 0, "trainer.steps_per_epoch", "must be > 0")
     need(cfg.trainer.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
     need(cfg.trainer.nproc >= 1, "trainer.nproc", "must be >= 1")
+    need(cfg.trainer.nonfinite_limit >= 1, "trainer.nonfinite_limit", "must be >= 1")
+    for key in ("stall_timeout_s", "signal_grace_s"):
+        need(getattr(cfg.trainer, key) >= 0, f"trainer.{key}", "must be >= 0 seconds (0 turns it off)")
+    need(cfg.trainer.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0 seconds")
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN)")
     ft = cfg.finetune
@@ -371,7 +381,13 @@ def to_dict(cfg: Config) -> dict:
 # the loader streams. Everything else changes the trajectory and is hashed.
 RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.test_shards", "finetune.test_clips",
                     "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",
-                    "trainer.max_steps", "data.num_workers", "data.shards")
+                    "trainer.max_steps", "data.num_workers", "data.shards", "trainer.nonfinite_limit",
+                    "trainer.stall_timeout_s", "trainer.signal_grace_s", "trainer.dist_timeout_s")
+
+
+def to_saved_dict(cfg: Config) -> dict:
+    """:func:`to_dict` as written to disk and W&B: ``${oc.env:...}`` values keep their expression."""
+    return redact_env(cfg, to_dict(cfg))
 
 
 def is_resume_safe(dotted: str) -> bool:
@@ -404,7 +420,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 
     from mohico.utils import atomic_write_text
 
-    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_saved_dict(cfg))))
 
 
 def config_from_dict(data: dict, origin: str = "dict") -> Config:

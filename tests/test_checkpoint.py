@@ -12,6 +12,7 @@ import torch
 from mohico.config import config_hash, load_config, to_dict
 from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
+from mohico.trainer.ckpt_resume import pick_resume
 
 
 class FakeEngine:
@@ -57,11 +58,13 @@ def test_interrupted_save_is_invisible_and_cleaned_up(tmp_path):
     c = cfg()
     cp = ck.Checkpointer(tmp_path, rank=0, world_size=1, keep=3)
     save(cp, FakeEngine(), 10, c)
-    with pytest.raises(RuntimeError, match="disk full"):
-        save(cp, FakeEngine(fail_at=20), 20, c)
+    with pytest.raises(MohicoError, match="disk full"):    # a failed write: every rank raises, the
+        save(cp, FakeEngine(fail_at=20), 20, c)              # partial folder is removed at once
     assert ck.read_latest(cp.dir) == "step_00000010"
-    assert (cp.dir / ".tmp-step_00000020").is_dir()
-    assert cp.find_resume("auto") == (cp.dir, "step_00000010")
+    assert not (cp.dir / ".tmp-step_00000020").exists()
+    assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000010")
+    (cp.dir / ".tmp-step_00000020").mkdir()                  # a crash (SIGKILL) during a save leaves it
+    (cp.dir / ".tmp-step_00000020" / "client_rank_00000.pt").write_bytes(b"half")
     cp.remove_partial()
     assert not (cp.dir / ".tmp-step_00000020").exists()
     # a crash after the rename but before `latest` moved: the step is redone and replaced
@@ -74,20 +77,20 @@ def test_interrupted_save_is_invisible_and_cleaned_up(tmp_path):
 def test_find_resume_and_resolve(tmp_path):
     c = cfg()
     cp = ck.Checkpointer(tmp_path / "run", rank=0, world_size=1, keep=3)
-    assert cp.find_resume("auto") is None and cp.find_resume("never") is None
+    assert pick_resume(cp, "auto", False) is None and pick_resume(cp, "never", False) is None
     save(cp, FakeEngine(), 5, c)
     save(cp, FakeEngine(), 7, c)
-    assert cp.find_resume("never") is None
+    assert pick_resume(cp, "never", True) is None
     want = (cp.dir, "step_00000007")
     assert ck.resolve_checkpoint(tmp_path / "run") == want                  # run directory
     assert ck.resolve_checkpoint(cp.dir) == want                            # checkpoints directory
     assert ck.resolve_checkpoint(cp.dir / "step_00000005") == (cp.dir, "step_00000005")
-    assert cp.find_resume(str(cp.dir / "step_00000005")) == (cp.dir, "step_00000005")
+    assert pick_resume(cp, str(cp.dir / "step_00000005"), False) == (cp.dir, "step_00000005")
     with pytest.raises(MohicoError, match="no checkpoint at"):
         ck.resolve_checkpoint(tmp_path / "empty")
-    (cp.dir / ck.LATEST).write_text("step_00000009")
-    with pytest.raises(MohicoError, match="step_00000009.*missing or incomplete"):
-        cp.find_resume("auto")
+    (cp.dir / ck.LATEST).write_text("step_00000009")       # points nowhere: the newest intact one
+    assert pick_resume(cp, "auto", False) == want
+    assert ck.read_latest(cp.dir) == "step_00000007"
 
 
 def test_config_mismatch_is_refused_unless_forced(tmp_path):
@@ -99,6 +102,7 @@ def test_config_mismatch_is_refused_unless_forced(tmp_path):
         ck.check_config(meta, cfg("optim.lr=0.05"), tmp_path, force=False)
     msg = str(e.value)
     assert "optim.lr: 0.02 -> 0.05" in msg and "checkpoint.force=true" in msg and str(tmp_path) in msg
+    assert "resume=never" not in msg      # it would overwrite the run's checkpoints
     ck.check_config(meta, cfg("optim.lr=0.05"), tmp_path, force=True)      # warns, loads
 
 

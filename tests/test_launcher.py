@@ -315,7 +315,7 @@ def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "runs" / "a b"
     for want in ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=1-02:03:04", "--partition=gpu",
                  "--account=proj1", "--requeue", "--signal=USR1@120", "--open-mode=append",
-                 f"--output={run_dir}/slurm-%j.out", f"--chdir={tmp_path}", "--job-name=a_b", "--cpus-per-task=8"]:
+                 f'--output="{run_dir}/slurm-%j.out"', f'--chdir="{tmp_path}"', "--job-name=a_b", "--cpus-per-task=8"]:
         assert want in lines, (want, lines)
     assert not run_dir.exists()                                  # a dry run writes nothing
     # `mohico train` gets the snapshot of the resolved config (overrides applied) under run.dir, quoted

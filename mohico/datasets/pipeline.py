@@ -50,6 +50,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from mohico.datasets.loader_checks import check_enough_samples, no_usable_data_message
 from mohico.datasets.pipeline_stream import expand_shards
 from mohico.datasets.pipeline_worker import (ProgressSchedule, WorkerSpec, worker_items)
 from mohico.datasets.shard_geometry import check_crop_resolution
@@ -218,12 +219,11 @@ class VideoLoader:
             logical = item["logical"]
             self._states[logical] = item["state"]
             self._counters[logical] = item["counters"]
+            if item.get("fatal") or (item.get("done") and self.spec.resampled):
+                self._shutdown()
+                raise MohicoError(no_usable_data_message(self.spec, logical, item.get("fatal") or (
+                    "a whole epoch gave this stream no sample"), item["counters"], self.stats()))
             if item.get("done"):
-                if self.spec.resampled:
-                    raise MohicoError(
-                        f"rank {self.spec.rank}, loader stream {logical}: a whole epoch of its shards gave no "
-                        f"readable sample (last error: {item['counters'].get('last_error', 'none')}); check "
-                        f"data.shards ({len(self.spec.urls)} shards, first {self.spec.urls[0]})")
                 self._done.add(logical)
                 if len(self._done) >= self.spec.workers:     # finite epoch over
                     self._shutdown()
@@ -241,6 +241,17 @@ class VideoLoader:
 
     def close(self) -> None:
         self._shutdown()
+
+    def dead_workers(self) -> str:
+        """'' while every loader worker lives, else which died and how (safe from another thread)."""
+        it = self._it
+        dead = [w for w in (getattr(it, "_workers", None) or []) if not w.is_alive() and w.exitcode not in (0, None)]
+        if not dead:
+            return ""
+        how = ", ".join(f"pid {w.pid} " + (f"killed by signal {-w.exitcode}" if w.exitcode < 0 else f"exit {w.exitcode}")
+                        for w in dead)
+        return (f"rank {self.spec.rank}: data-loader worker(s) died ({how}; signal 9 is usually the OOM killer: "
+                f"lower data.num_workers or data.batch_size)")
 
     def __del__(self):
         try:
@@ -328,6 +339,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
     (:mod:`mohico.datasets.shard_geometry`)."""
     urls = expand_shards(shards if shards else cfg.data.shards)
     check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
+    check_enough_samples(urls, int(world_size), max(1, cfg.data.num_workers))
     mcl = cfg.objectives.mcl.weight > 0
     hico = cfg.objectives.hico.weight > 0
     if not (mcl or hico):

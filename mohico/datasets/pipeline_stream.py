@@ -152,6 +152,7 @@ class SampleStream:
         self.shard_pos = 0          # position in this epoch's shard list
         self.in_shard = 0           # samples read from the current shard
         self.seen = 0               # samples read this epoch (all shards, before the modulo split)
+        self.kept = 0               # samples of this epoch that went to this stream
         self.buffer: list[tuple[dict, tuple]] = []
         self.ended = False          # finite mode: this epoch's input is exhausted
         self._rng = _gen(self.seed, self.epoch, self.stream_id, 0x5EED)
@@ -181,6 +182,7 @@ class SampleStream:
                 if self._modulo and (self.seen - 1) % self.num_streams != self.stream_id:
                     continue
                 sample["__epoch__"] = self.epoch
+                self.kept += 1
                 yield sample, (self.epoch, self.shard_pos, i)
             self.shard_pos += 1
             self.in_shard = 0
@@ -220,14 +222,14 @@ class SampleStream:
                 return {**sample, "__draw__": ref[3], "__ref__": ref[:3]}
             if not self.resampled:
                 return None
-            if self.seen == 0:
-                return None          # a whole epoch without one readable sample: give up
+            if self.kept == 0:       # a whole epoch gave this stream no sample (unreadable shards, or
+                return None          # fewer samples than streams): give up rather than spin forever
             self._reset(self.epoch + 1)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "in_shard": self.in_shard,
-                "seen": self.seen, "ended": self.ended, "rng": self._rng.bit_generator.state,
+                "seen": self.seen, "kept": self.kept, "ended": self.ended, "rng": self._rng.bit_generator.state,
                 "buffer": [list(ref) for _, ref in self.buffer],
                 "stream_id": self.stream_id, "num_streams": self.num_streams}
 
@@ -235,6 +237,7 @@ class SampleStream:
         self._reset(int(state["epoch"]))
         self.shard_pos, self.in_shard = int(state["shard_pos"]), int(state["in_shard"])
         self.seen, self.ended = int(state["seen"]), bool(state["ended"])
+        self.kept = int(state.get("kept", self.seen))
         self._rng.bit_generator.state = state["rng"]
         refs = [tuple(r) + (0,) * (4 - len(r)) for r in state["buffer"]]   # (ep, pos, idx[, draw])
         wanted: dict[tuple, dict] = {}

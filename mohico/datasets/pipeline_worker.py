@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mohico.datasets.loader_checks import BadRun
 from mohico.datasets.pipeline_stream import SampleStream
 from mohico.datasets.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
 from mohico.datasets.sampling import ClipSampler, sample_rng, stable_hash
@@ -201,6 +202,7 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
     sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
     g = first_item
     errors_seen = bytes_seen = 0
+    bad = BadRun()
     while True:
         progress = schedule.get(g)
         batch, done, in_batch = [], False, set()
@@ -217,6 +219,8 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
             in_batch.add(sample["__ref__"])
             try:
                 batch.append(prepare_sample(sample, spec, sampler, progress))
+                bad.good()
+                continue
             except BadSample as e:
                 counters[e.reason] = counters.get(e.reason, 0) + 1
                 counters["skipped"] = counters.get("skipped", 0) + 1
@@ -226,6 +230,11 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
                 counters["skipped"] = counters.get("skipped", 0) + 1
                 counters["last_error"] = (f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
                                           f"{type(e).__name__}: {e}")
+            why = bad.failed(sample.get("__epoch__", 0))
+            if why:
+                while True:
+                    yield {"logical": logical, "g": g, "state": stream.state_dict(), "counters": dict(counters),
+                           "fatal": why}
         counters["bytes_read"] = counters.get("bytes_read", 0) + stream.bytes_read - bytes_seen
         bytes_seen = stream.bytes_read
         item = {"logical": logical, "g": g, "state": stream.state_dict(), "counters": dict(counters)}

@@ -100,6 +100,16 @@ def validate(opts: SubmitOptions) -> None:
                              f"'--', e.g. '--mem=200G' or '--constraint=h100'")
 
 
+def check_sbatch_path(name: str, value: str) -> None:
+    """A path written into an ``#SBATCH`` line: a newline would start a shell line of the job
+    script, ``#`` and quotes break sbatch's parsing, ``%`` is a SLURM file-name pattern."""
+    bad = sorted({c for c in value if c in "\n\r#%\"'" or (ord(c) < 32)})
+    if bad:
+        raise UsageError(f"{name} {value!r} contains {', '.join(repr(c) for c in bad)}, which cannot go into a "
+                         f"#SBATCH line (a newline would inject a shell line into the job script): choose a path "
+                         f"without newlines, '#', '%' or quotes")
+
+
 def tasks_per_node(opts: SubmitOptions) -> int:
     return opts.tasks_per_node or opts.gpus_per_node
 
@@ -117,7 +127,7 @@ def sbatch_lines(opts: SubmitOptions, output: str, workdir: str) -> list[str]:
     if opts.account:
         lines.append(f"--account={opts.account}")
     lines += ["--requeue", f"--signal=USR1@{opts.signal_seconds}", "--open-mode=append",
-              f"--output={output}", f"--chdir={workdir}", *opts.extra_sbatch]
+              f'--output="{output}"', f'--chdir="{workdir}"', *opts.extra_sbatch]   # quoted: paths may hold spaces
     return [f"#SBATCH {line}" for line in lines]
 
 
@@ -132,6 +142,8 @@ def render_sbatch(cfg, config_path: str | os.PathLike, overrides: Sequence[str],
     work = Path(workdir or os.getcwd()).resolve()
     run_dir = Path(cfg.run.dir)
     run_dir = run_dir if run_dir.is_absolute() else work / run_dir
+    check_sbatch_path("run.dir", str(run_dir))
+    check_sbatch_path("the working directory", str(work))
     if not opts.job_name:
         opts.job_name = re.sub(r"[^\w.+-]", "_", cfg.run.name or run_dir.name) or "mohico"
     config = Path(config_path)

@@ -33,12 +33,14 @@ import torch.distributed as dist
 
 from mohico.errors import MohicoError
 from mohico.trainer.resume_check import check_config, config_difference  # noqa: F401 - re-exported
+from mohico.trainer.ckpt_files import (META, file_digests, folder_bytes, gather_digests, safe_load,
+                                      write_failure_message)
+from mohico.trainer.ckpt_universal import write_universal  # noqa: F401 - part of this module's API
 from mohico.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mohico.trainer")
 
 LATEST = "latest"
-META = "mohico_meta.json"
 TMP_PREFIX = ".tmp-"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
@@ -80,7 +82,9 @@ def rng_state(cuda: bool = True) -> dict:
     """Python, NumPy and torch CPU generator states of this process, plus (``cuda=True``) the
     CUDA generator of this rank's current device only: reading every device's would create a
     CUDA context on each GPU of the node from every rank."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()   # as a tensor: loads with weights_only
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -88,7 +92,8 @@ def rng_state(cuda: bool = True) -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -166,20 +171,26 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         _barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"mohico": meta}, save_latest=False)
         own = tmp / client_file(self.rank)
-        torch.save(rank_state, own)
-        if self.rank == 0:
-            atomic_write_json(tmp / META, meta)
-        for f in tmp.iterdir():   # flush what this rank wrote before the others may publish it
-            if f.name == own.name or (f"_rank_{self.rank}_" in f.name) or (self.rank == 0 and f.name.startswith("mp_rank")):
+        digests, error = {}, ""
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"mohico": meta}, save_latest=False)
+            torch.save(rank_state, own)
+            mine = [f for f in tmp.iterdir() if f.name == own.name or f"_rank_{self.rank}_" in f.name
+                    or (self.rank == 0 and f.name.startswith("mp_rank"))]
+            for f in mine:        # flush what this rank wrote before the others may publish it
                 _fsync_file(f)
+            digests = file_digests(mine)
+        except (OSError, RuntimeError) as e:   # disk full, I/O error: every rank stops below
+            error = write_failure_message(e, tmp, self.dir, step, read_latest(self.dir),
+                                          folder_bytes(self.dir / read_latest(self.dir)) if read_latest(self.dir) else 0)
         _fault_point("save", step, self.rank)
-        _barrier()                # every rank has finished writing
+        digests = gather_digests(digests, error, tmp if self.rank == 0 else None)   # every rank has written
         final = self.dir / tag
         if self.rank == 0:
             if final.exists():    # left by a run that crashed after the rename but before 'latest'
                 shutil.rmtree(final)
+            atomic_write_json(tmp / META, {**meta, "files": digests})
             os.rename(tmp, final)
             _fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST, tag)
@@ -195,22 +206,6 @@ class Checkpointer:
                 shutil.rmtree(self.dir / "universal" / old, ignore_errors=True)
 
     # ----------------------------------------------------------------------- resuming
-    def find_resume(self, resume: str) -> tuple[Path, str] | None:
-        """Where to resume from: ``auto`` = this run's ``latest`` (None if there is none),
-        ``never`` = None, anything else = a path for :func:`resolve_checkpoint`."""
-        if resume == "never":
-            return None
-        if resume == "auto":
-            tag = read_latest(self.dir)
-            if tag is None:
-                return None
-            if not (self.dir / tag / META).is_file():
-                raise MohicoError(f"{self.dir / LATEST} points to '{tag}', which is missing or incomplete; "
-                                  f"complete checkpoints: {complete_tags(self.dir) or 'none'}. Point "
-                                  f"checkpoint.resume at one of them, or set checkpoint.resume=never.")
-            return self.dir, tag
-        return resolve_checkpoint(resume)
-
     def universal(self, ckdir: Path, tag: str) -> tuple[Path, str]:
         """DeepSpeed's universal form of a ZeRO 1/2 checkpoint, for loading at another world
         size (collective; rank 0 converts once into ``<ckdir>/universal/<tag>``)."""
@@ -238,63 +233,6 @@ class Checkpointer:
         return out_root, tag
 
 
-def write_universal(src: Path, out: Path) -> None:
-    """Write ZeRO 1/2 checkpoint folder ``src`` in DeepSpeed's universal form to ``out``.
-
-    DeepSpeed's ``ds_to_universal`` only knows Adam's state (``exp_avg``, ``exp_avg_sq``); this
-    writes whatever state the optimizer has (SGD/LARS ``momentum_buffer``, AdamW's moments,
-    ``step``): per parameter, ``zero/<name>/<state>.pt`` = ``{"param": full tensor}``, rebuilt by
-    concatenating every rank's fragment in rank order; DeepSpeed's universal loader reads any
-    state names and re-partitions them for the new world size. Frozen parameters and buffers
-    come from the module state as ``fp32.pt`` as DeepSpeed does.
-    """
-    src, out = Path(src), Path(out)
-    model = torch.load(src / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    files = sorted(src.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))
-    if not files:
-        raise MohicoError(f"{src}: no ZeRO optimizer partitions (zero_pp_rank_*_mp_rank_00_optim_states.pt)")
-    ranks = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
-    zero = out / "zero"
-    for g, shapes in enumerate(model["param_shapes"]):
-        for name, shape in shapes.items():
-            pieces: dict[str, list] = {}
-            step = None
-            for sd in ranks:
-                frag = sd["param_slice_mappings"][g].get(name)
-                if frag is None:
-                    continue
-                flat = {"fp32": sd["single_partition_of_fp32_groups"][g]}
-                for key, value in sd["base_optimizer_state"]["state"].get(g, {}).items():
-                    if key == "step":
-                        step = value
-                    elif torch.is_tensor(value) and value.ndim == 1 and value.numel() >= frag.start + frag.numel:
-                        flat[key] = value      # flat state of this partition (may carry padding)
-                for key, value in flat.items():
-                    pieces.setdefault(key, []).append(value.narrow(0, frag.start, frag.numel))
-            (zero / name).mkdir(parents=True, exist_ok=True)
-            for key, parts in pieces.items():
-                full = torch.cat(parts).view(shape).clone()
-                torch.save({"param": full}, zero / name / f"{key}.pt")
-            if step is not None:
-                torch.save(step, zero / name / "step.pt")
-    first = ranks[0]   # optimizer-wide state (clip, loss scale, param groups) as ds_to_universal writes it
-    glob_state = {k: v for k, v in first.items()
-                  if k not in ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")}
-    glob_state["param_groups"] = first["base_optimizer_state"]["param_groups"]
-    zero.mkdir(parents=True, exist_ok=True)
-    torch.save(glob_state, zero / "optimizer_state.pt")
-    for name, tensor in model["module"].items():   # frozen parameters (key encoder), buffers
-        if not (zero / name / "fp32.pt").exists():
-            (zero / name).mkdir(parents=True, exist_ok=True)
-            torch.save({"param": tensor.float()}, zero / name / "fp32.pt")
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
-    model.setdefault(UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    torch.save(model, out / "mp_rank_00_model_states.pt")
-
-
 def load_rank_states(ckdir: Path, tag: str, world_size: int) -> list[dict]:
     """Every saved rank's client state (loader, bank shard, RNG), in rank order."""
     states = []
@@ -303,7 +241,7 @@ def load_rank_states(ckdir: Path, tag: str, world_size: int) -> list[dict]:
         if not path.is_file():
             raise MohicoError(f"{path} is missing: checkpoint {Path(ckdir) / tag} was written by "
                               f"{world_size} ranks and is incomplete")
-        states.append(torch.load(path, map_location="cpu", weights_only=False))
+        states.append(safe_load(path))
     return states
 
 
@@ -335,7 +273,7 @@ def load_module_state(path: str | os.PathLike) -> tuple[dict, dict]:
     model_file = ckdir / tag / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise MohicoError(f"{model_file} is missing: {ckdir / tag} is not a DeepSpeed ZeRO 0-2 checkpoint")
-    sd = torch.load(model_file, map_location="cpu", weights_only=False)
+    sd = safe_load(model_file)
     state = dict(sd["module"])
     meta = (sd.get("mohico") or {}) if isinstance(sd, dict) else {}
     if (ckdir / tag / META).is_file():

@@ -38,15 +38,15 @@ def _disable_shm_op() -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """Start the process group once (plain, torchrun and SLURM environments: see
     :mod:`mohico.launcher.distributed`; one process without any is rank 0 of 1) and return
-    ``(rank, world_size, local_rank)``."""
+    ``(rank, world_size, local_rank)``; ``timeout_s`` bounds every collective (trainer.dist_timeout_s)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     _disable_shm_op()
     from mohico.launcher.distributed import init_distributed as launcher_init
 
-    env = launcher_init()
+    env = launcher_init(timeout_s=timeout_s)
     return env.rank, env.world_size, env.local_rank
 
 

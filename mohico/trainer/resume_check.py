@@ -106,8 +106,8 @@ def check_config(meta: dict, cfg, where: Path, force: bool, data_fp: str | None 
         msg = (f"checkpoint {where} was written by a different config (hash {meta.get('config_hash')}, this "
                f"config {config_hash(cfg)}): {shown}")
         if not force:
-            raise MohicoError(msg + ". Use a new run.dir, set checkpoint.resume=never to start over, or "
-                              "checkpoint.force=true to load it anyway.")
+            raise MohicoError(msg + ". Resume under the config it was written with (run.dir's config.yaml), "
+                              "start over in a new run.dir, or set checkpoint.force=true to load it anyway.")
         log.warning("%s -- loading anyway because checkpoint.force=true", msg)
     for d in allowed:
         note = ""

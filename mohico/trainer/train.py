@@ -13,6 +13,12 @@
         log (rank 0: console, metrics.jsonl, W&B); checkpoint every N steps and at the end
         preemption signal on any rank -> all save -> exit 3 (SLURM: requeue)
 
+Failure behaviour (README "Failure behaviour"): rank 0 holds ``run.dir/.lock``; resume verifies
+the checkpoint's sha256 digests and falls back past damaged ones (ckpt_resume); a NaN/inf loss
+skips the micro-step on every rank and stops after ``trainer.nonfinite_limit`` in a row (exit 4,
+nonfinite); NaN weights are never saved; a watchdog ends a stalled loop (exit 5) and a signal
+whose checkpoint cannot be reached within ``trainer.signal_grace_s`` (exit 6, watchdog).
+
 Everything of a run lives under ``run.dir``: ``config.yaml``, ``checkpoints/``, ``logs/``
 (``train_rank{r}.log``, ``metrics.jsonl``) and ``wandb/``.
 """
@@ -31,14 +37,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
+from mohico.trainer.ckpt_resume import pick_resume
+from mohico.trainer.batches import loader_report, next_batch, skip_counts
 from mohico.trainer.engine import build_engine, device_type, init_distributed, resolve_precision
 from mohico.trainer.io_meter import IOMeter
 from mohico.trainer.online_knn import OnlineKnn
 from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.step_metrics import StepHealth, mean_over_ranks
+from mohico.trainer.nonfinite import NonFiniteGuard
+from mohico.trainer.peer_failure import clear_note, is_peer_failure, note_failure, peer_failure_message
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
+from mohico.trainer.run_lock import acquire_on_rank0
+from mohico.trainer.watchdog import Watchdog
 from mohico.trainer.wandb_log import WandbLogger, new_run_id
 
 log = logging.getLogger("mohico.trainer")
@@ -139,14 +152,35 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     """Run (or resume) training for ``cfg``; returns 0, or PREEMPTED_EXIT_CODE after a
     preemption checkpoint. ``build_module(cfg)`` / ``build_loader(cfg, rank, world)`` default
     to PretrainModule and datasets.pipeline.build_loader."""
-    from mohico.config import config_hash, save_config, to_dict
-
     build_module = build_module or _default_module
     build_loader = build_loader or _default_loader
     setup_determinism(cfg)
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(cfg.trainer.dist_timeout_s)
     device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
     run_dir = Path(cfg.run.dir)
+    lock = acquire_on_rank0(run_dir, rank)          # one training per run.dir (names the holder)
+    clear_note(run_dir, rank)
+    try:
+        return _train(cfg, build_module, build_loader, rank, world, device, run_dir)
+    except MohicoError as e:        # the peers name this rank and the reason
+        note_failure(run_dir, rank, str(e))
+        log.error("%s", e)
+        raise
+    except Exception as e:
+        if not is_peer_failure(e):
+            note_failure(run_dir, rank, f"{type(e).__name__}: {e}")
+            raise
+        msg = peer_failure_message(run_dir, rank, e)
+        log.error("%s", msg)
+        raise MohicoError(msg) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int:
+    from mohico.config import config_hash, save_config, to_saved_dict
+
     setup_logging(run_dir, rank)
     log.info("run %s: %d rank(s), %s, ZeRO %d, %s, %s", run_dir, world, device_type(), cfg.trainer.zero_stage,
              resolve_precision(cfg), cfg.optim.name)
@@ -154,7 +188,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     # ---- where to resume from (decided before the engine: the universal form changes its config)
     ckpt = ck.Checkpointer(run_dir, rank, world, cfg.checkpoint.keep)
     ckpt.remove_partial()
-    source = ckpt.find_resume(cfg.checkpoint.resume)
+    source = pick_resume(ckpt, cfg.checkpoint.resume, cfg.checkpoint.force)
     meta = None
     data_fp = data_fingerprint(cfg.data.shards)
     if source is not None:
@@ -209,6 +243,10 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     monitor = OnlineKnn(cfg, device) if rank == 0 and cfg.eval.every_steps > 0 else None   # eval.every_steps
     io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
     pre = Preemption().install()
+    guard = NonFiniteGuard(cfg.trainer.nonfinite_limit)
+    dog = Watchdog(cfg.trainer.stall_timeout_s, cfg.trainer.signal_grace_s, lambda: loader_report(loader),
+                   probe=getattr(loader, "dead_workers", None),
+                   on_die=lambda reason: note_failure(run_dir, rank, reason)).start()
     metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None
     bar = None
     if rank == 0 and sys.stderr.isatty():
@@ -217,16 +255,19 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         bar = tqdm(total=cfg.trainer.max_steps, initial=step, desc="train", dynamic_ncols=True)
 
     def save(at_step: int) -> None:
+        guard.check_weights(engine.module, at_step, device)      # NaN/inf weights are never saved
+        dog.beat(f"checkpoint step {at_step} to be written by every rank")
         meta_out = {"step": at_step, "epoch": at_step // cfg.trainer.steps_per_epoch,
                     "progress": plan.progress(at_step), "schedule": plan.state_dict(),
                     "data_fingerprint": data_fp, "world_size": world,
                     "zero_stage": cfg.trainer.zero_stage, "wandb_run_id": run_id,
-                    "config_hash": config_hash(cfg), "config": to_dict(cfg), "time": time.time()}
+                    "config_hash": config_hash(cfg), "config": to_saved_dict(cfg), "time": time.time()}
         rank_state = {"rank": rank, "loader": loader.state_dict(), "bank": engine.module.bank_state_dict(),
                       "rng": ck.rng_state()}
         t0 = time.perf_counter()
         path = ckpt.save(engine, at_step, meta_out, rank_state)
         log.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        dog.beat()
 
     exit_code = 1
     try:
@@ -235,18 +276,20 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         terms_sum: dict[str, float] = {}
         last_saved = step if source is not None else -1
         health = StepHealth(cfg.trainer.zero_stage)
+        save_due = False
         while step < cfg.trainer.max_steps:
             progress = plan.progress(step)
             loader.set_progress(progress)
             lr = plan.lr(step, cfg, world)
             set_lr(optimizer, lr)
             t_step = time.perf_counter()
-            wait, loss_sum = 0.0, 0.0
+            wait, loss_sum, n_ok, norm0 = 0.0, 0.0, 0, None
             for micro in range(cfg.trainer.grad_accum):
                 t_wait = time.perf_counter()
                 rng = ck.rng_state(cuda=False)  # the loader (e.g. starting its workers) must not move
-                batch = next(data)              # the training RNG streams: a resumed run restarts it
+                data, batch = next_batch(data, loader)   # the training RNG streams: a resumed run restarts it
                 ck.set_rng_state(rng)
+                dog.beat("the forward/backward pass and its collectives")
                 wait += time.perf_counter() - t_wait
                 clips = batch["clips"].to(device, non_blocking=True)
                 motion = batch["motion"].to(device, non_blocking=True)
@@ -254,9 +297,13 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 if video_id is not None:
                     video_id = video_id.to(device, non_blocking=True)
                 loss, terms = engine(clips, motion, progress, video_id=video_id)
+                if not guard.finite(loss, device):   # NaN/inf on any rank: every rank skips it
+                    guard.skipped(step)
+                    continue
                 engine.backward(loss)
                 norm0 = health.norm_before_step(engine) if micro == cfg.trainer.grad_accum - 1 else None
                 engine.step()
+                n_ok += 1
                 # one device-to-host transfer for the loss and every term (not one sync per term)
                 host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                                     for v in (loss.detach(), *terms.values())]).tolist()
@@ -264,6 +311,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 for k, v in zip(terms, host[1:]):
                     terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.trainer.grad_accum
                 window["clips"] += clips.shape[0] * clips.shape[1] * world
+            dog.beat()
             with torch.no_grad():
                 engine.module.momentum_update()
             step += 1
@@ -271,13 +319,14 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             window["time"] += dt
             window["wait"] += wait
             window["steps"] += 1
-            step_row = health.after_step(engine, loss_sum / cfg.trainer.grad_accum, lr, norm0)
+            step_loss = loss_sum / n_ok if n_ok else float("nan")
+            step_row = health.after_step(engine, step_loss, lr, norm0)
             wandb.log(step_row, step=step)     # every step: lr, grad norm, non-finite steps, seconds since the last
-            metrics_row = {"step": step, "loss": loss_sum / cfg.trainer.grad_accum, **step_row}
+            metrics_row = {"step": step, "loss": step_loss, **step_row}
             ck._fault_point("step", step, rank)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / cfg.trainer.grad_accum:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{metrics_row['loss']:.4f}", lr=f"{lr:.2e}")
 
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 n = window["steps"]
@@ -288,6 +337,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 avg = reduce_metrics({**{k: v / n for k, v in terms_sum.items() if not k.endswith("/bank_fill")},
                                       "perf/data_wait_frac": wait_frac}, counters)   # one fill key per bank: below
                 row = {**avg, "lr": lr, "epoch": step / cfg.trainer.steps_per_epoch,
+                       "optim/nonfinite_skipped": guard.total,
                        "perf/step_time_s": window["time"] / n,
                        "perf/clips_per_s": window["clips"] / max(window["time"], 1e-9),
                        "perf/memory_mb": memory_mb(), **bank_fills(engine.module),
@@ -299,9 +349,10 @@ def train(cfg, build_module=None, build_loader=None) -> int:
                 if bar is None:
                     shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items()
                                      if k == "loss" or k.endswith("/loss"))      # all terms go to W&B
-                    log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB",
+                    log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB%s",
                              step, cfg.trainer.max_steps, shown, lr, row["perf/step_time_s"],
-                             row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"])
+                             row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"], row["perf/memory_mb"],
+                             skip_counts(row))
                 window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
                 terms_sum = {}
             if monitor is not None and monitor.due(step):      # online kNN: no state or RNG touched
@@ -314,13 +365,16 @@ def train(cfg, build_module=None, build_loader=None) -> int:
             if cfg.wandb.image_every > 0 and step % cfg.wandb.image_every == 0:
                 wandb.log_batch_images(batch, step, cfg.data.mean, cfg.data.std)
 
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.trainer.max_steps:
+            save_due = save_due or step % cfg.checkpoint.every_steps == 0 or step == cfg.trainer.max_steps
+            if save_due and guard.last_bad:
+                log.warning("step %d: checkpoint deferred (this step's loss was not finite)", step)
+            elif save_due:
                 save(step)
-                last_saved = step
+                last_saved, save_due = step, False
             if pre.agreed(device):
                 log.warning("preemption (%s): checkpointing at step %d and exiting with code %d",
                             pre.signal_name, step, PREEMPTED_EXIT_CODE)
-                if last_saved != step:
+                if last_saved != step and not guard.last_bad:
                     save(step)
                 requeue(rank)
                 exit_code = PREEMPTED_EXIT_CODE
@@ -329,6 +383,7 @@ def train(cfg, build_module=None, build_loader=None) -> int:
         exit_code = 0
         return 0
     finally:
+        dog.stop()
         pre.uninstall()
         if bar is not None:
             bar.close()

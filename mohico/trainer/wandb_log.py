@@ -59,13 +59,13 @@ class WandbLogger:
             return
         try:
             import wandb
-            from mohico.config import to_dict
+            from mohico.config import to_saved_dict
 
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
                                   name=cfg.run.name or Path(run_dir).resolve().name, id=run_id,
                                   resume="allow", dir=str(run_dir), mode=self.mode,
-                                  config=to_dict(cfg), tags=list(cfg.wandb.tags) or None,
+                                  config=to_saved_dict(cfg), tags=list(cfg.wandb.tags) or None,
                                   settings=wandb.Settings(console="off", silent=True))
             log.info("W&B %s run %s (%s)%s", self.mode, run_id, self.run_dir or run_dir,
                      ", resumed" if resumed else "")

@@ -1,0 +1,91 @@
+"""One training per run directory: an exclusive ``flock`` on ``run.dir/.lock``.
+
+    lock = RunLock(run_dir).acquire()        # rank 0; raises MohicoError naming the holder
+    ...
+    lock.release()
+
+The lock file holds the holder's host, pid, SLURM job id and start time (JSON), so a second
+training started on the same ``run.dir`` fails at once with who holds it (instead of both
+writing one ``metrics.jsonl`` and overwriting each other's checkpoints). ``flock`` locks die
+with their process, so a stale lock of a crashed or killed run is taken over silently (the old
+holder's details are only a record). :func:`acquire_on_rank0` runs it as a collective: rank 0
+takes the lock and every rank raises the same error if that failed.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from mohico.errors import MohicoError
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.lock`` held until :meth:`release`
+    (or the process ends)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise MohicoError(f"run.dir {self.path.parent} is in use by another training ({holder}); two "
+                              f"trainings on one run.dir would overwrite each other's checkpoints and logs. "
+                              f"Wait for it (or stop it), or use another run.dir.") from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        info = json.loads(raw.decode() or "{}")
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or not info:
+        return "holder unknown"
+    job = f", SLURM job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+    return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}{job}, since {info.get('started', '?')}"
+
+
+def acquire_on_rank0(run_dir: str | os.PathLike, rank: int) -> RunLock | None:
+    """Rank 0 takes the lock (collective): returns it on rank 0, None elsewhere; every rank
+    raises the MohicoError if rank 0 could not take it."""
+    import torch.distributed as dist
+
+    lock, result = None, [""]
+    if rank == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except MohicoError as e:
+            result[0] = str(e)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[0]:
+        raise MohicoError(result[0])
+    return lock

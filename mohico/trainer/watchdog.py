@@ -1,0 +1,119 @@
+"""Bounded waits: a stall watchdog and a grace period after SIGTERM/SIGUSR1.
+
+    dog = Watchdog(stall_s=600, grace_s=90, describe=lambda: "loader stats ...").start()
+    for step ...:
+        batch = next(data); dog.beat()
+    dog.stop()
+
+- **Dead loader worker**: ``probe()`` (the loader's ``dead_workers``) is checked every second;
+  a worker killed mid-write (the OOM killer) can leave the rank blocked forever in the queue,
+  so a dead worker ends the process at once (code 5) naming its pid and signal.
+- **Stall**: no :meth:`Watchdog.beat` for ``stall_s`` seconds (no batch from the loader, a peer
+  rank gone silent in a collective, a save that never ends) -> the log names what was
+  awaited, the loader's counters and last error, and the process exits with code 5.
+- **Signal grace**: SIGTERM/SIGUSR1 normally make the training loop checkpoint at the next step
+  boundary (:mod:`mohico.trainer.preemption`). If that boundary is not reached within
+  ``grace_s`` seconds (the main thread is blocked in the loader or a collective, where Python
+  cannot even run its signal handler), the process says so and exits with code 6, without
+  saving: the last published checkpoint stays intact. The signal is seen through
+  ``signal.set_wakeup_fd``, which CPython's C-level handler writes to at once, whatever the
+  main thread is doing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("mohico.trainer")
+
+STALLED_EXIT_CODE = 5
+SIGNAL_TIMEOUT_EXIT_CODE = 6
+GRACE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _flush_logs() -> None:
+    for h in logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _die(code: int, message: str, on_die: Callable[[str], None] | None = None) -> None:
+    log.error(message)
+    if on_die is not None:
+        on_die(message)
+    _flush_logs()
+    os._exit(code)
+
+
+class Watchdog:
+    """Daemon threads that end the process when the training loop stops making progress."""
+
+    def __init__(self, stall_s: float, grace_s: float, describe: Callable[[], str] = lambda: "",
+                 probe: Callable[[], str] | None = None, on_die: Callable[[str], None] | None = None):
+        self.stall_s, self.grace_s, self.describe = float(stall_s), float(grace_s), describe
+        self.probe, self.on_die = probe, on_die
+        self.waiting_for = "the first batch"
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+
+    def beat(self, next_wait: str = "the next batch") -> None:
+        """Progress was made; ``next_wait`` names what the loop waits for now."""
+        self._last = time.monotonic()
+        self.waiting_for = next_wait
+
+    def start(self) -> "Watchdog":
+        if self.stall_s > 0 or self.probe is not None:
+            threading.Thread(target=self._watch_stall, name="mohico-stall-watchdog", daemon=True).start()
+        if self.grace_s > 0 and threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._pipe = (r, w)
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            threading.Thread(target=self._watch_signals, name="mohico-signal-grace", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            os.write(self._pipe[1], b"\0")       # wake the signal thread so it ends (it closes the read end)
+            os.close(self._pipe[1])
+            self._pipe = None
+
+    def _watch_stall(self) -> None:
+        while not self._stop.wait(1.0):
+            dead = self.probe() if self.probe is not None else ""
+            if dead:
+                _die(STALLED_EXIT_CODE, f"{dead}; {self.describe()}. Exiting with code {STALLED_EXIT_CODE} (the rank "
+                     f"could wait forever for its batch); the last published checkpoint is intact.", self.on_die)
+            idle = time.monotonic() - self._last
+            if self.stall_s > 0 and idle > self.stall_s:
+                _die(STALLED_EXIT_CODE,
+                     f"stalled: no progress for {idle:.0f} s (trainer.stall_timeout_s={self.stall_s:g}) while waiting "
+                     f"for {self.waiting_for}; {self.describe()}. Exiting with code {STALLED_EXIT_CODE}; the last "
+                     f"published checkpoint is intact.", self.on_die)
+
+    def _watch_signals(self) -> None:
+        r = self._pipe[0]
+        while not self._stop.is_set():
+            data = os.read(r, 64)
+            if self._stop.is_set():
+                break
+            sigs = [b for b in data if b in GRACE_SIGNALS]
+            if sigs:
+                name = signal.Signals(sigs[0]).name
+                if not self._stop.wait(self.grace_s):
+                    _die(SIGNAL_TIMEOUT_EXIT_CODE,
+                         f"{name}: the training loop did not reach a step boundary within trainer.signal_grace_s="
+                         f"{self.grace_s:g} s (waiting for {self.waiting_for}; {self.describe()}), so no consistent "
+                         f"state could be saved: exiting with code {SIGNAL_TIMEOUT_EXIT_CODE} without a checkpoint. "
+                         f"The last published checkpoint is intact and a restart resumes from it.", self.on_die)
+        os.close(r)

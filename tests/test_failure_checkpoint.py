@@ -1,0 +1,194 @@
+"""Checkpoint corruptions and hostile checkpoint files (issue 14, items 5 and 7): every corruption
+either falls back to the newest intact checkpoint with a warning or stops with a clear error; a
+hostile file never runs code. Units on the checkpoint protocol with a fake engine (the
+end-to-end runs are in tests/test_failure_train.py)."""
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+
+import pytest
+import torch
+
+from mohico.config import config_hash, load_config, to_dict
+from mohico.errors import MohicoError
+from mohico.trainer import checkpoint as ck
+from mohico.trainer.ckpt_files import file_digests, verify_checkpoint
+from mohico.trainer.ckpt_resume import pick_resume
+
+
+class FakeEngine:
+    """Writes what DeepSpeed's save_checkpoint writes at ZeRO 0 (one file per tag)."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (pathlib.Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"module": {"backbone.w": torch.arange(4.0)}, **client_state},
+                   pathlib.Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+
+
+def make_run(tmp_path, steps=(2, 4, 6), keep=3):
+    c = load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18"])
+    cp = ck.Checkpointer(tmp_path / "run", rank=0, world_size=1, keep=keep)
+    for s in steps:
+        meta = {"step": s, "world_size": 1, "zero_stage": 0, "config": to_dict(c), "config_hash": config_hash(c)}
+        cp.save(FakeEngine(), s, meta, {"rank": 0, "loader": {"n": s}, "rng": ck.rng_state()})
+    return cp
+
+
+class Hostile:
+    """Unpickling this runs ``Path(marker).touch()``: what a poisoned checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_meta_records_size_and_sha256_of_every_file(tmp_path):
+    cp = make_run(tmp_path, steps=(2,))
+    folder = cp.dir / "step_00000002"
+    meta = json.loads((folder / ck.META).read_text())
+    on_disk = sorted(p.name for p in folder.iterdir() if p.name != ck.META)
+    assert sorted(meta["files"]) == on_disk == ["client_rank_00000.pt", "mp_rank_00_model_states.pt"]
+    assert meta["files"] == file_digests([folder / n for n in on_disk])        # hashlib over the bytes
+    assert verify_checkpoint(cp.dir, "step_00000002") == []
+
+
+def _truncate(folder):
+    p = folder / "client_rank_00000.pt"
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def _flip_byte(folder):
+    p = folder / "mp_rank_00_model_states.pt"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _delete(folder):
+    (folder / "client_rank_00000.pt").unlink()
+
+
+def _bad_meta(folder):
+    (folder / ck.META).write_text("{not json")
+
+
+def _delete_folder(folder):
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("corrupt, problem", [(_truncate, "truncated"), (_flip_byte, "sha256 differs"),
+                                              (_delete, "missing"), (_bad_meta, "unreadable"),
+                                              (_delete_folder, "does not exist")])
+def test_damaged_latest_falls_back_to_newest_intact(tmp_path, caplog, corrupt, problem):
+    cp = make_run(tmp_path)
+    corrupt(cp.dir / "step_00000006")
+    with caplog.at_level("WARNING", logger="mohico.trainer"):
+        assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000004")
+    assert problem in caplog.text and "step_00000006" in caplog.text
+    assert ck.read_latest(cp.dir) == "step_00000004"
+    if corrupt is not _delete_folder:   # moved aside, kept for inspection, never pruned or loaded again
+        assert (cp.dir / "damaged-step_00000006").is_dir() and not (cp.dir / "step_00000006").exists()
+    assert ck.complete_tags(cp.dir) == ["step_00000002", "step_00000004"]
+    states = ck.load_rank_states(cp.dir, "step_00000004", 1)
+    assert states[0]["loader"] == {"n": 4}
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
+    cp = make_run(tmp_path, steps=(2, 4))
+    _truncate(cp.dir / "step_00000002")
+    _flip_byte(cp.dir / "step_00000004")
+    with pytest.raises(MohicoError) as e:
+        pick_resume(cp, "auto", False)
+    msg = str(e.value)
+    assert "no intact checkpoint" in msg and "step_00000002" in msg and "step_00000004" in msg and "new run.dir" in msg
+
+
+def test_explicit_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    cp = make_run(tmp_path, steps=(2, 4))
+    _truncate(cp.dir / "step_00000004")
+    with pytest.raises(MohicoError, match=r"step_00000004 is damaged \(client_rank_00000.pt has 100 bytes"):
+        pick_resume(cp, str(cp.dir / "step_00000004"), False)
+
+
+def test_latest_naming_a_path_outside_is_ignored(tmp_path):
+    cp = make_run(tmp_path, steps=(2,))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (cp.dir / ck.LATEST).write_text("../../victim")
+    assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000002")
+    assert victim.is_dir()                     # never moved or deleted
+
+
+def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):
+    cp = make_run(tmp_path, steps=(2, 4))
+    with pytest.raises(MohicoError) as e:
+        pick_resume(cp, "never", False)
+    msg = str(e.value)
+    assert "already holds checkpoints" in msg and "new run.dir" in msg and "checkpoint.force=true" in msg
+    assert ck.complete_tags(cp.dir) == ["step_00000002", "step_00000004"]
+    assert pick_resume(cp, "never", True) is None                      # forced: starts fresh
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:659] . unexpected pos 320 vs 256")])
+def test_disk_full_is_reported_as_disk_full(tmp_path, monkeypatch, error):
+    cp = make_run(tmp_path, steps=(2,))
+
+    def full(obj, path):
+        pathlib.Path(path).write_bytes(b"x" * 10)
+        raise error
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    c = load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18"])
+    with pytest.raises(MohicoError) as e:
+        cp.save(FakeEngine(), 4, {"step": 4, "world_size": 1, "config": to_dict(c)}, {"rank": 0})
+    msg = str(e.value)
+    assert msg.startswith("rank 0: disk full while writing checkpoint step 4")
+    assert "MiB are free" in msg and str(cp.dir / "step_00000002") in msg and "checkpoint.keep" in msg
+    assert not (cp.dir / ".tmp-step_00000004").exists()                # the partial write is gone
+    assert ck.read_latest(cp.dir) == "step_00000002" and verify_checkpoint(cp.dir, "step_00000002") == []
+
+
+def test_poisoned_client_state_runs_no_code_on_resume(tmp_path):
+    cp = make_run(tmp_path, steps=(2,))
+    marker = tmp_path / "pwned"
+    folder = cp.dir / "step_00000002"
+    torch.save({"rank": 0, "loader": Hostile(marker)}, folder / "client_rank_00000.pt")
+    meta = json.loads((folder / ck.META).read_text())   # an attacker can rewrite the digests too
+    meta["files"].update(file_digests([folder / "client_rank_00000.pt"]))
+    (folder / ck.META).write_text(json.dumps(meta))
+    assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000002")
+    with pytest.raises(MohicoError, match="client_rank_00000.pt: cannot load.*never loads"):
+        ck.load_rank_states(cp.dir, "step_00000002", 1)
+    assert not marker.exists()
+
+
+def test_poisoned_model_file_runs_no_code_on_export(tmp_path):
+    cp = make_run(tmp_path, steps=(2,))
+    marker = tmp_path / "pwned"
+    torch.save({"module": {"backbone.w": torch.zeros(1)}, "x": Hostile(marker)},
+               cp.dir / "step_00000002" / "mp_rank_00_model_states.pt")
+    from mohico.models.export import load_backbone
+
+    with pytest.raises(MohicoError, match="mp_rank_00_model_states.pt: cannot load"):
+        load_backbone(cp.dir.parent)
+    assert not marker.exists()
+
+
+def test_poisoned_optimizer_partition_runs_no_code_in_universal_conversion(tmp_path):
+    from mohico.trainer.ckpt_universal import write_universal
+
+    cp = make_run(tmp_path, steps=(2,))
+    marker = tmp_path / "pwned"
+    folder = cp.dir / "step_00000002"
+    torch.save({"optimizer_state_dict": Hostile(marker)}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"module": {}, "param_shapes": []}, folder / "mp_rank_00_model_states.pt")
+    with pytest.raises(MohicoError, match="cannot load"):
+        write_universal(folder, tmp_path / "universal")
+    assert not marker.exists()

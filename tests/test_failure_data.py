@@ -1,0 +1,154 @@
+"""Bad input never hangs the loader (issue 14, item 1): each kind x {rank 0, rank 1 of 2}
+is refused at start or fails within 60 s naming the shards, the skip reasons and the fix; a
+finite loader's epoch rolls over; a killed worker is named within seconds. The loader is built
+per rank in-process (it needs no process group)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from mohico.datasets.pipeline import build_loader
+from mohico.datasets.pipeline_stream import iter_shard
+from mohico.errors import ConfigError, MohicoError
+from mohico.trainer.batches import next_batch
+from tests.test_pipeline import _member, small_cfg
+
+
+def foreign_tar(folder):
+    """A tar that is not a mohico shard (text files)."""
+    folder.mkdir()
+    with tarfile.open(folder / "notes-000000.tar", "w") as tar:
+        for i in range(5):
+            _member(tar, f"doc{i}.txt", f"hello {i}".encode())
+    return folder
+
+
+def all_bad_shards(folder, synth_shards):
+    """mohico shards whose every sample has corrupt metadata."""
+    folder.mkdir()
+    for src in sorted(synth_shards.glob("*.tar")):
+        with tarfile.open(folder / src.name, "w") as tar:
+            for s in iter_shard(str(src)):
+                _member(tar, f"{s['__key__']}.webm", s["webm"])
+                _member(tar, f"{s['__key__']}.json", b"{not json")
+                _member(tar, f"{s['__key__']}.motion.npy", s["motion.npy"])
+    return folder
+
+
+def shards_without_manifest(folder, synth_shards):
+    folder.mkdir()
+    for src in synth_shards.glob("*.tar"):
+        shutil.copy(src, folder / src.name)
+    return folder
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("kind", ["foreign_tar", "all_bad"])
+def test_unusable_shards_fail_within_a_minute_naming_shards_reasons_and_fix(synth_shards, tmp_path, kind, rank):
+    folder = foreign_tar(tmp_path / "s") if kind == "foreign_tar" else all_bad_shards(tmp_path / "s", synth_shards)
+    loader = build_loader(small_cfg(), str(folder), rank=rank, world_size=2)
+    t0 = time.monotonic()
+    with pytest.raises(MohicoError) as e:
+        next(iter(loader))
+    assert time.monotonic() - t0 < 60
+    msg = str(e.value)
+    assert f"rank {rank}, loader stream" in msg and "gave no usable sample" in msg and str(folder) in msg
+    assert "'bad_json': " in msg and "metadata json" in msg and "last error: " in msg and "`mohico shards`" in msg and "data.num_workers" in msg
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_too_few_samples_for_ranks_x_workers_is_refused_at_start(synth_shards, rank):
+    # the synthetic set: 6 samples in 2 shards; 2 ranks x 4 workers = 8 streams
+    with pytest.raises(ConfigError, match=r"6 samples in 2 shard\(s\).*2 rank\(s\) x 4 loader workers = 8 streams"):
+        build_loader(small_cfg(num_workers=4), str(synth_shards), rank=rank, world_size=2)
+    build_loader(small_cfg(num_workers=3), str(synth_shards), rank=rank, world_size=2)       # 6 streams: fine
+
+
+def test_starved_stream_without_manifest_fails_instead_of_hanging(synth_shards, tmp_path):
+    folder = shards_without_manifest(tmp_path / "s", synth_shards)
+    loader = build_loader(small_cfg(), str(folder), rank=7, world_size=8)   # stream 7 of 8, 6 samples
+    t0 = time.monotonic()
+    with pytest.raises(MohicoError, match="rank 7, loader stream 0 of 8: a whole epoch gave this stream no sample"):
+        next(iter(loader))
+    assert time.monotonic() - t0 < 60
+
+
+class FiniteLoader:
+    """Two batches per epoch; ``empty_from`` epochs on yield nothing."""
+
+    def __init__(self, empty_from=None):
+        self.epoch, self.n, self.empty_from = 0, 0, empty_from
+
+    def __iter__(self):
+        self.n = 0
+        return self
+
+    def __next__(self):
+        if self.n >= 2 or (self.empty_from is not None and self.epoch >= self.empty_from):
+            self.epoch += 1
+            raise StopIteration
+        self.n += 1
+        return (self.epoch, self.n)
+
+    def stats(self):
+        return {"skipped": 4}
+
+    def last_error(self):
+        return "x.tar:k: unreadable metadata json"
+
+
+def test_finite_epoch_rolls_over_and_an_empty_epoch_is_an_error():
+    loader = FiniteLoader(empty_from=2)
+    data, got = iter(loader), []
+    for _ in range(4):
+        data, batch = next_batch(data, loader)
+        got.append(batch)
+    assert got == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    with pytest.raises(MohicoError, match=r"a whole data epoch gave no batch \(loader counters: \{'skipped': 4\}; "
+                                          r"last error: x.tar:k: unreadable metadata json\)"):
+        next_batch(data, loader)
+
+
+def test_finite_loader_stops_cleanly_after_one_epoch(synth_shards):
+    keys = []
+    for rank in (0, 1):      # each rank's epoch ends (StopIteration, no traceback); together: every sample once
+        loader = build_loader(small_cfg(resampled=False, batch_size=1), str(synth_shards), rank=rank, world_size=2)
+        keys += [k for b in loader for k in b["key"]]
+        assert loader.stats()["skipped"] == 0
+    assert len(keys) == len(set(keys)) == 6
+
+
+def test_killed_worker_is_named_within_seconds(synth_shards):
+    loader = build_loader(small_cfg(num_workers=2), str(synth_shards))
+    it = iter(loader)
+    next(it)
+    assert loader.dead_workers() == ""
+    pid = loader._it._workers[0].pid
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while not loader.dead_workers() and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert f"pid {pid} killed by signal 9" in loader.dead_workers() and "OOM killer" in loader.dead_workers()
+    loader.close()
+
+
+def test_watchdog_ends_the_process_on_a_dead_worker_and_on_a_stall():
+    code = ("import time, sys; from mohico.trainer.watchdog import Watchdog; "
+            "t = time.monotonic(); "
+            "dog = Watchdog(float(sys.argv[1]), 0, lambda: 'loader counters X', "
+            "probe=(lambda: 'worker pid 7 killed by signal 9' if time.monotonic() - t > 1 else '') "
+            "if sys.argv[2] == '1' else None).start(); time.sleep(60)")
+    for stall, probe, needle in (("0", "1", "worker pid 7 killed by signal 9; loader counters X"),
+                                 ("2", "0", "s (trainer.stall_timeout_s=2) while waiting for the first batch; "
+                                            "loader counters X")):
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-c", code, stall, probe], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 5 and needle in res.stderr, res.stderr[-2000:]
+        assert time.monotonic() - t0 < 30

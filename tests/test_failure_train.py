@@ -1,0 +1,77 @@
+"""Training-loop failure behaviour (issue 14, items 1, 4, 6): NaN stops and is never
+checkpointed, a stalled loader or a signal during a hang end the process within a bound, and one
+run.dir holds one training. The real loop (DeepSpeed, gloo) around a fake module and loader
+(tests/_fake_train.py); no test waits for a collective timeout."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from mohico.trainer import checkpoint as ck
+from mohico.trainer.run_lock import RunLock
+from tests._fake_train import run_fake_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nan_on_one_rank_skips_on_both_then_stops_with_exit_4_keeping_finite_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    out = run_fake_train(run, world=2, overrides=["trainer.max_steps=12", "trainer.nonfinite_limit=3"],
+                         env={"FAKE_NAN_AT": "4", "FAKE_NAN_RANK": "1"})
+    for status, kind, msg, code in out:    # both ranks stop together, with the same message
+        assert (status, kind, code) == ("error", "NonFiniteError", 4)
+        assert "stopped at step 6" in msg and "3 micro-steps in a row" in msg and "optim.lr" in msg
+    assert ck.complete_tags(run / "checkpoints") == ["step_00000002"]   # step 4 was due but not finite
+    assert ck.read_latest(run / "checkpoints") == "step_00000002"
+    losses = {r["step"]: r["loss"] for r in rows(run)}
+    assert all(v == v for s, v in losses.items() if s <= 3) and all(v != v for s, v in losses.items() if s >= 4)
+    log = (run / "logs" / "train_rank0.log").read_text()        # rank 0's loss was finite: it skipped too
+    assert "step 4: non-finite loss on at least one rank" in log and "checkpoint deferred" in log
+
+
+def test_stalled_loader_ends_both_ranks_with_exit_5_naming_the_loader_state(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 5"):
+        run_fake_train(run, world=2, overrides=["trainer.stall_timeout_s=20"],
+                       env={"FAKE_STALL_AT": "3", "FAKE_STALL_RANK": "1"})
+    assert time.monotonic() - t0 < 150
+    log = (run / "logs" / "train_rank1.log").read_text()
+    assert "stalled: no progress for" in log and "waiting for the next batch" in log
+    assert "'skipped': 3" in log and "metadata json missing" in log
+    # rank 0 (blocked in a collective) stops at once with one line naming rank 1 and its reason
+    log0 = (run / "logs" / "train_rank0.log").read_text()
+    assert "rank 0: a peer rank stopped, so this one stops too (rank 1 stopped: stalled: no progress" in log0
+    assert "Traceback" not in log0
+    assert ck.read_latest(run / "checkpoints") == "step_00000002"
+
+
+def test_sigterm_during_a_hang_exits_6_within_the_grace_period(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="rank 0 exited with code 6"):
+        run_fake_train(run, world=1, overrides=["trainer.stall_timeout_s=300", "trainer.signal_grace_s=3"],
+                       env={"FAKE_STALL_AT": "3", "FAKE_SIGNAL_SELF": "1"})
+    log = (run / "logs" / "train_rank0.log").read_text()
+    assert "SIGTERM: the training loop did not reach a step boundary within trainer.signal_grace_s=3" in log
+    assert "without a checkpoint" in log and ck.read_latest(run / "checkpoints") == "step_00000002"
+
+
+def test_second_training_on_a_locked_run_dir_fails_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    lock = RunLock(run).acquire()
+    try:
+        out = run_fake_train(run, world=2)
+    finally:
+        lock.release()
+    for status, kind, msg, code in out:
+        assert status == "error" and code == 1
+        assert f"pid {os.getpid()}" in msg and socket.gethostname() in msg and "another run.dir" in msg
+    assert not (run / "checkpoints").exists() and not (run / "logs").exists()   # it wrote nothing
