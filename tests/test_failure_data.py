@@ -4,6 +4,7 @@ finite loader's epoch rolls over; a killed worker is named within seconds. The l
 per rank in-process (it needs no process group)."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -152,3 +153,48 @@ def test_watchdog_ends_the_process_on_a_dead_worker_and_on_a_stall():
         res = subprocess.run([sys.executable, "-c", code, stall, probe], capture_output=True, text=True, timeout=60)
         assert res.returncode == 5 and needle in res.stderr, res.stderr[-2000:]
         assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_motion_npy_not_matching_the_json_is_skipped_and_counted(synth_shards, tmp_path, rank):
+    import numpy as np
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    bad_keys = set()
+    for src in sorted(synth_shards.glob("*.tar")):
+        with tarfile.open(folder / src.name, "w") as tar:
+            for i, s in enumerate(iter_shard(str(src))):
+                motion = np.load(io.BytesIO(s["motion.npy"]))
+                if i == 0:      # first sample of each shard: half the frames / a coarser grid
+                    motion = motion[: len(motion) // 2] if src.name.endswith("0.tar") else motion[:, ::2, ::2]
+                    bad_keys.add(s["__key__"])
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(motion))
+                for ext, data in (("webm", s["webm"]), ("json", s["json"]), ("motion.npy", buf.getvalue())):
+                    _member(tar, f"{s['__key__']}.{ext}", data)
+    loader = build_loader(small_cfg(resampled=False, batch_size=1), str(folder), rank=rank, world_size=2)
+    keys = [k for b in loader for k in b["key"]]
+    st = loader.stats()
+    assert not set(keys) & bad_keys          # (a rank whose shard holds only a bad sample gets no batch)
+    assert st["bad_motion"] == st["skipped"] >= 1 and "but the json says" in loader.last_error()
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not UTF-8 text"),
+    (b'{"a.webm": {"x": 1}}', r"the label of 'a.webm' is \{'x': 1\}"),
+    (b'{"a.webm": [1]}', r"the label of 'a.webm' is \[1\]"),
+    (b'{"a.webm": Infinity}', "the label of 'a.webm' is inf"),
+    (b'{"a.webm": true}', "the label of 'a.webm' is True"),
+])
+def test_malformed_labels_file_is_a_clear_error(tmp_path, content, pattern):
+    from mohico.datasets.shards_inputs import load_labels
+    from mohico.errors import UsageError
+
+    path = tmp_path / ("labels.json" if content.startswith(b"{") else "labels.txt")
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=pattern):
+        load_labels(path)
+    good = tmp_path / "good.json"
+    good.write_text('{"a.webm": 3, "b.webm": "dog"}')
+    assert load_labels(good) == {"a.webm": 3, "b.webm": "dog"}

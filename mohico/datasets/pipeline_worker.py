@@ -136,6 +136,10 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
         if motion.ndim != 3 or motion.dtype != np.uint8 or motion.shape[0] < 1:
             raise BadSample("bad_motion", f"{name}: motion.npy must be uint8 (N, gh, gw), got "
                                           f"{motion.dtype} {motion.shape}")
+        grid = (meta.get("motion") or {}).get("grid") if isinstance(meta.get("motion"), dict) else None
+        if motion.shape[0] != meta["num_frames"] or (grid is not None and list(motion.shape[1:]) != list(grid)):
+            raise BadSample("bad_motion", f"{name}: motion.npy is {motion.shape}, but the json says "
+                                          f"{meta['num_frames']} frames on a {grid or '?'} grid")
     elif spec.mcl:
         raise BadSample("missing_motion", f"{name}: no motion.npy member")
     rng = sample_rng(spec.seed, sample["__epoch__"], spec.rank, key, sample.get("__draw__", 0))

@@ -53,9 +53,12 @@ def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
         return {}
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read labels file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"labels file {path} is not UTF-8 text (byte {e.start}: a binary file?); give a JSON "
+                         f"object {{source: label}} or lines 'source<TAB>label'") from None
     if path.suffix.lower() == ".json":
         try:
             obj = json.loads(text)
@@ -63,6 +66,10 @@ def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
             raise UsageError(f"labels file {path} is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UsageError(f"labels file {path} must hold a JSON object {{source: label}}")
+        for name, lab in obj.items():
+            if isinstance(lab, bool) or not isinstance(lab, (int, str)) or (isinstance(lab, str) and not lab.strip()):
+                raise UsageError(f"labels file {path}: the label of {name!r} is {lab!r}; a label must be an integer "
+                                 f"or a non-empty string")
         return obj
     labels: dict[str, object] = {}
     for n, line in enumerate(text.splitlines(), 1):
