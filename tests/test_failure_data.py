@@ -50,11 +50,11 @@ def shards_without_manifest(folder, synth_shards):
     return folder
 
 
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank, world", [(0, 1), (0, 2), (1, 2)])
 @pytest.mark.parametrize("kind", ["foreign_tar", "all_bad"])
-def test_unusable_shards_fail_within_a_minute_naming_shards_reasons_and_fix(synth_shards, tmp_path, kind, rank):
+def test_unusable_shards_fail_within_a_minute_naming_shards_reasons_and_fix(synth_shards, tmp_path, kind, rank, world):
     folder = foreign_tar(tmp_path / "s") if kind == "foreign_tar" else all_bad_shards(tmp_path / "s", synth_shards)
-    loader = build_loader(small_cfg(), str(folder), rank=rank, world_size=2)
+    loader = build_loader(small_cfg(), str(folder), rank=rank, world_size=world)
     t0 = time.monotonic()
     with pytest.raises(MohicoError) as e:
         next(iter(loader))

@@ -40,16 +40,19 @@ def test_nan_on_one_rank_skips_on_both_then_stops_with_exit_4_keeping_finite_che
 def test_stalled_loader_ends_both_ranks_with_exit_5_naming_the_loader_state(tmp_path):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 1 exited with code 5"):
+    with pytest.raises(RuntimeError, match=r"rank [01] exited with code 5"):   # rank 0: its own watchdog or the peer line
         run_fake_train(run, world=2, overrides=["trainer.stall_timeout_s=20"],
                        env={"FAKE_STALL_AT": "3", "FAKE_STALL_RANK": "1"})
     assert time.monotonic() - t0 < 150
     log = (run / "logs" / "train_rank1.log").read_text()
     assert "stalled: no progress for" in log and "waiting for the next batch" in log
     assert "'skipped': 3" in log and "metadata json missing" in log
-    # rank 0 (blocked in a collective) stops at once with one line naming rank 1 and its reason
+    # rank 0, blocked in a collective, stops too with one line naming rank 1 and its reason: at once when
+    # the backend sees rank 1 go, or from its own watchdog when both time out together
     log0 = (run / "logs" / "train_rank0.log").read_text()
-    assert "rank 0: a peer rank stopped, so this one stops too (rank 1 stopped: stalled: no progress" in log0
+    assert ("rank 0: a peer rank stopped, so this one stops too (rank 1 stopped: stalled: no progress" in log0
+            or "waiting for the forward/backward pass and its collectives; loader counters" in log0
+            and "; rank 1 stopped: stalled: no progress" in log0), log0
     assert "Traceback" not in log0
     assert ck.read_latest(run / "checkpoints") == "step_00000002"
 

@@ -55,8 +55,8 @@ def is_peer_failure(e: BaseException) -> bool:
         "ProcessGroupGloo", "ProcessGroupNCCL"))
 
 
-def peer_failure_message(run_dir, rank: int, e: BaseException, wait_s: float = NOTE_WAIT_S) -> str:
-    """One line for a rank whose collective failed: which peer rank(s) stopped and why."""
+def read_notes(run_dir, rank: int, wait_s: float = 0.0) -> dict[int, str]:
+    """``{peer rank: reason}`` of the other ranks' notes, waiting up to ``wait_s`` for one."""
     logs = Path(run_dir) / "logs"
     deadline = time.monotonic() + wait_s
     notes: dict[int, str] = {}
@@ -69,8 +69,19 @@ def peer_failure_message(run_dir, rank: int, e: BaseException, wait_s: float = N
             except (OSError, ValueError, IndexError):
                 continue
         if notes or time.monotonic() > deadline:
-            break
+            return notes
         time.sleep(0.2)
+
+
+def peer_notes(run_dir, rank: int) -> str:
+    """``"; rank 1 stopped: ..."`` for the other ranks' notes ('' if none): for a stall message."""
+    return "".join(f"; rank {r} stopped: {msg}" for r, msg in sorted(read_notes(run_dir, rank).items()))
+
+
+def peer_failure_message(run_dir, rank: int, e: BaseException, wait_s: float = NOTE_WAIT_S) -> str:
+    """One line for a rank whose collective failed: which peer rank(s) stopped and why."""
+    logs = Path(run_dir) / "logs"
+    notes = read_notes(run_dir, rank, wait_s)
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     if notes:
         who = "; ".join(f"rank {r} stopped: {msg}" for r, msg in sorted(notes.items()))

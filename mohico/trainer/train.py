@@ -48,7 +48,8 @@ from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.step_metrics import StepHealth, mean_over_ranks
 from mohico.trainer.nonfinite import NonFiniteGuard
-from mohico.trainer.peer_failure import clear_note, is_peer_failure, note_failure, peer_failure_message
+from mohico.trainer.peer_failure import (clear_note, is_peer_failure, note_failure, peer_failure_message,
+                                         peer_notes)
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
 from mohico.trainer.run_lock import acquire_on_rank0
 from mohico.trainer.watchdog import Watchdog
@@ -244,7 +245,8 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int
     io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
     pre = Preemption().install()
     guard = NonFiniteGuard(cfg.trainer.nonfinite_limit)
-    dog = Watchdog(cfg.trainer.stall_timeout_s, cfg.trainer.signal_grace_s, lambda: loader_report(loader),
+    dog = Watchdog(cfg.trainer.stall_timeout_s, cfg.trainer.signal_grace_s,
+                   lambda: loader_report(loader) + peer_notes(run_dir, rank),
                    probe=getattr(loader, "dead_workers", None),
                    on_die=lambda reason: note_failure(run_dir, rank, reason)).start()
     metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None

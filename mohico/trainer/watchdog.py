@@ -96,6 +96,8 @@ class Watchdog:
                      f"could wait forever for its batch); the last published checkpoint is intact.", self.on_die)
             idle = time.monotonic() - self._last
             if self.stall_s > 0 and idle > self.stall_s:
+                time.sleep(1.0)      # a peer that timed out at the same moment leaves its note (describe)
+                idle = time.monotonic() - self._last
                 _die(STALLED_EXIT_CODE,
                      f"stalled: no progress for {idle:.0f} s (trainer.stall_timeout_s={self.stall_s:g}) while waiting "
                      f"for {self.waiting_for}; {self.describe()}. Exiting with code {STALLED_EXIT_CODE}; the last "
