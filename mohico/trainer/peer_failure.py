@@ -2,6 +2,7 @@
 
     note_failure(run_dir, rank, "stalled: ...")           # a rank that is about to stop
     raise MohicoError(peer_failure_message(run_dir, rank, exc))   # a peer whose collective broke
+    return failing_together(run_dir, rank, run)                   # both around the training
 
 A rank that stops on its own (an error, the stall watchdog, a signal it could not honour)
 writes ``run.dir/logs/failed_rank{r}.txt`` first. When a peer's collective then fails (gloo:
@@ -15,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from mohico.errors import MohicoError
 from mohico.utils import atomic_write_text
 
 NOTE = "failed_rank{rank}.txt"
@@ -88,3 +90,25 @@ def peer_failure_message(run_dir, rank: int, e: BaseException, wait_s: float = N
         return f"rank {rank}: a peer rank stopped, so this one stops too ({who}) [{type(e).__name__}: {first}]"
     return (f"rank {rank}: a peer rank died without a message (killed from outside: SIGKILL, the OOM killer or a "
             f"lost node?); see the other ranks' logs in {logs} [{type(e).__name__}: {first}]")
+
+
+def failing_together(run_dir, rank: int, run):
+    """``run()``, with this rank's failure noted for its peers and a peer's failure (a broken
+    collective) turned into one MohicoError line naming that peer; both are logged."""
+    import logging
+
+    log = logging.getLogger("mohico.trainer")
+    clear_note(run_dir, rank)
+    try:
+        return run()
+    except MohicoError as e:
+        note_failure(run_dir, rank, str(e))
+        log.error("%s", e)
+        raise
+    except Exception as e:
+        if not is_peer_failure(e):
+            note_failure(run_dir, rank, f"{type(e).__name__}: {e}")
+            raise
+        msg = peer_failure_message(run_dir, rank, e)
+        log.error("%s", msg)
+        raise MohicoError(msg) from None

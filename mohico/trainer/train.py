@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.ckpt_resume import pick_resume
 from mohico.trainer.batches import loader_report, next_batch, skip_counts
@@ -48,8 +47,7 @@ from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.step_metrics import StepHealth, mean_over_ranks
 from mohico.trainer.nonfinite import NonFiniteGuard
-from mohico.trainer.peer_failure import (clear_note, is_peer_failure, note_failure, peer_failure_message,
-                                         peer_notes)
+from mohico.trainer.peer_failure import failing_together, note_failure, peer_notes
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
 from mohico.trainer.run_lock import acquire_on_rank0
 from mohico.trainer.watchdog import Watchdog
@@ -160,20 +158,9 @@ def train(cfg, build_module=None, build_loader=None) -> int:
     device = torch.device("cuda", local_rank) if device_type() == "cuda" else torch.device("cpu")
     run_dir = Path(cfg.run.dir)
     lock = acquire_on_rank0(run_dir, rank)          # one training per run.dir (names the holder)
-    clear_note(run_dir, rank)
-    try:
-        return _train(cfg, build_module, build_loader, rank, world, device, run_dir)
-    except MohicoError as e:        # the peers name this rank and the reason
-        note_failure(run_dir, rank, str(e))
-        log.error("%s", e)
-        raise
-    except Exception as e:
-        if not is_peer_failure(e):
-            note_failure(run_dir, rank, f"{type(e).__name__}: {e}")
-            raise
-        msg = peer_failure_message(run_dir, rank, e)
-        log.error("%s", msg)
-        raise MohicoError(msg) from None
+    try:            # a failing rank leaves a note; a peer whose collective breaks names it in one line
+        return failing_together(run_dir, rank, lambda: _train(cfg, build_module, build_loader, rank, world,
+                                                              device, run_dir))
     finally:
         if lock is not None:
             lock.release()
