@@ -29,7 +29,7 @@ class FakeModule(nn.Module):
         self.lin = nn.Linear(4, 1)
         self.calls = 0
 
-    def forward(self, clips, motion, progress):
+    def forward(self, clips, motion, progress, video_id=None):
         self.calls += 1
         x = clips.reshape(clips.shape[0], -1)[:, :4]
         loss = ((self.lin(x) - 1.0) ** 2).mean()

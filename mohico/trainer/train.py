@@ -245,7 +245,7 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int
 
     def save(at_step: int) -> None:
         guard.check_weights(engine.module, at_step, device)      # NaN/inf weights are never saved
-        dog.beat(f"checkpoint step {at_step} to be written by every rank")
+        dog.beat(f"checkpoint step {at_step} to be written by every rank", collective=True)
         meta_out = {"step": at_step, "epoch": at_step // cfg.trainer.steps_per_epoch,
                     "progress": plan.progress(at_step), "schedule": plan.state_dict(),
                     "data_fingerprint": data_fp, "world_size": world,
@@ -278,7 +278,7 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int
                 rng = ck.rng_state(cuda=False)  # the loader (e.g. starting its workers) must not move
                 data, batch = next_batch(data, loader)   # the training RNG streams: a resumed run restarts it
                 ck.set_rng_state(rng)
-                dog.beat("the forward/backward pass and its collectives")
+                dog.beat("the forward/backward pass and its collectives", collective=True)
                 wait += time.perf_counter() - t_wait
                 clips = batch["clips"].to(device, non_blocking=True)
                 motion = batch["motion"].to(device, non_blocking=True)

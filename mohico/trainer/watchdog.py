@@ -59,15 +59,19 @@ class Watchdog:
         self.stall_s, self.grace_s, self.describe = float(stall_s), float(grace_s), describe
         self.probe, self.on_die = probe, on_die
         self.waiting_for = "the first batch"
+        self._slack = 0.0
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._pipe: tuple[int, int] | None = None
         self._old_wakeup = -1
 
-    def beat(self, next_wait: str = "the next batch") -> None:
-        """Progress was made; ``next_wait`` names what the loop waits for now."""
+    def beat(self, next_wait: str = "the next batch", collective: bool = False) -> None:
+        """Progress was made; ``next_wait`` names what the loop waits for now. While waiting in a
+        ``collective`` the limit is a quarter longer (at most 60 s): a peer stuck on its own data
+        times out first and says why, and this rank then names it."""
         self._last = time.monotonic()
         self.waiting_for = next_wait
+        self._slack = min(0.25 * self.stall_s, 60.0) if collective else 0.0
 
     def start(self) -> "Watchdog":
         if self.stall_s > 0 or self.probe is not None:
@@ -95,7 +99,7 @@ class Watchdog:
                 _die(STALLED_EXIT_CODE, f"{dead}; {self.describe()}. Exiting with code {STALLED_EXIT_CODE} (the rank "
                      f"could wait forever for its batch); the last published checkpoint is intact.", self.on_die)
             idle = time.monotonic() - self._last
-            if self.stall_s > 0 and idle > self.stall_s:
+            if self.stall_s > 0 and idle > self.stall_s + self._slack:
                 time.sleep(1.0)      # a peer that timed out at the same moment leaves its note (describe)
                 idle = time.monotonic() - self._last
                 _die(STALLED_EXIT_CODE,
