@@ -51,6 +51,7 @@ from mohico.utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 GENERATOR = "mohico-synth"
+TASKS = ("scenes", "motion")
 LABELS = "labels.json"  # {video file name: topic} for every video made in the folder
 VERSION = 1
 GOP = 16
@@ -273,12 +274,18 @@ def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> No
 
 def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = "vp9", fps=15,
                size: tuple[int, int] = (160, 120), duration: float = 12.0, topics: int = 4,
-               workers: int = 1) -> list[Path]:
+               workers: int = 1, task: str = "scenes") -> list[Path]:
     """Write ``videos`` synthetic videos + ground truth JSON into ``out_dir``; returns the video paths.
 
+    ``task="scenes"``: the topic videos above (label = topic); ``task="motion"``: the motion
+    benchmark of :mod:`mohico.datasets.synth_motion` (label = motion class name; ``topics`` unused).
     ``workers > 1`` renders videos in that many processes (same bytes as ``workers=1``).
     Existing files of the same names are replaced.
     """
+    from mohico.datasets.synth_motion import MOTION_CLASSES, synthesize_motion_one
+
+    if task not in TASKS:
+        raise UsageError(f"task (--task) must be one of {', '.join(TASKS)}, got {task!r}")
     _check_args(videos, seed, codec, fps, size, duration, topics, workers)
     videos, seed, topics, workers = int(videos), int(seed), int(topics), int(workers)
     fps = int(fps) if float(fps).is_integer() else float(fps)
@@ -288,7 +295,12 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MohicoError(f"cannot create output folder {out_dir}: {e}") from e
-    kwargs = dict(seed=seed, codec=codec, fps=fps, size=size, duration=float(duration), topics=topics)
+    kwargs = dict(seed=seed, codec=codec, fps=fps, size=size, duration=float(duration))
+    one = synthesize_one
+    if task == "motion":
+        one = synthesize_motion_one
+    else:
+        kwargs["topics"] = topics
     step = max(1, videos // 10)
 
     def done(i: int) -> None:
@@ -298,16 +310,19 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
     paths = []
     if workers == 1 or videos == 1:
         for i in range(videos):
-            paths.append(synthesize_one(out_dir, i, **kwargs))
+            paths.append(one(out_dir, i, **kwargs))
             done(i)
     else:
         with ProcessPoolExecutor(min(workers, videos), mp_context=get_context("spawn"),
                                  initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-            futures = [pool.submit(synthesize_one, out_dir, i, **kwargs) for i in range(videos)]
+            futures = [pool.submit(one, out_dir, i, **kwargs) for i in range(videos)]
             for i, f in enumerate(futures):
                 paths.append(f.result())
                 done(i)
-    _update_labels(out_dir / LABELS, {p.name: i % topics for i, p in enumerate(paths)})
+    if task == "motion":
+        _update_labels(out_dir / LABELS, {p.name: MOTION_CLASSES[i % len(MOTION_CLASSES)] for i, p in enumerate(paths)})
+    else:
+        _update_labels(out_dir / LABELS, {p.name: i % topics for i, p in enumerate(paths)})
     return paths
 
 

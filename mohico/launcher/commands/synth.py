@@ -15,7 +15,12 @@ and pan, per-frame object boxes [id, x, y, w, h] and camera translation) and lab
 With --layout ucf101 or hmdb51, OUT gets a small benchmark tree with the real layout, file names
 and split files instead (UCF-101/<Class>/v_<Class>_gGG_cCC.avi + ucfTrainTestlist/, or
 hmdb51/<class>/*.avi + testTrainMulti_7030_splits/): --topics classes, --videos per class, a class
-being a topic; `mohico shards --layout` reads it like the real datasets."""
+being a topic; `mohico shards --layout` reads it like the real datasets.
+
+--task motion writes the motion benchmark instead: each video's label is how its objects move
+(horizontal, vertical, circular, zoom, or camera pan over a still scene); backgrounds, palettes,
+textures, shapes and sizes are redrawn at every cut independently of the label, and each shot has
+still stretches around its motion. labels.json maps each video to its class name."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -32,6 +37,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_arguments(p):
     p.add_argument("out", help="output folder: one video + one <name>.json ground truth per video")
+    p.add_argument("--task", choices=["scenes", "motion"], default="scenes",
+                   help="scenes (topic videos, default) or motion (label = how objects move; appearance random)")
     p.add_argument("--videos", type=int, default=4, help="how many videos (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same videos")
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9",
@@ -62,9 +69,11 @@ def run(args) -> int:
         return 0
     # synthesize() validates every argument and raises UsageError (exit 2) naming the flag.
     paths = synthesize(args.out, videos=args.videos, seed=args.seed, codec=args.codec, fps=args.fps,
-                       size=args.size, duration=args.duration, topics=args.topics, workers=args.workers)
+                       size=args.size, duration=args.duration, topics=args.topics, workers=args.workers,
+                       task=args.task)
     w, h = args.size
     print(f"mohico synth: wrote {len(paths)} {args.codec} videos ({w}x{h}, {args.fps} fps, "
-          f"{args.duration:g} s, {args.topics} topics) with ground truth JSON to {args.out} "
+          f"{args.duration:g} s, {args.topics if args.task == 'scenes' else 'motion'} "
+          f"{'topics' if args.task == 'scenes' else 'classes'}) with ground truth JSON to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
