@@ -1,0 +1,188 @@
+"""The motion-benchmark ablation (issue 13 item 5): does motion focus pay off when appearance is a distractor?
+
+Makes the motion benchmark (`mohico synth --task motion`: label = how objects move, appearance
+redrawn at every cut, still stretches between motions) as labelled train / test shards, pretrains
+configs/motion_bench_cpu.yaml's thin R3D-18 on the train shards (labels unused) in each arm with
+the same budget and seeds, and evaluates every backbone (and the random init of each seed) on
+frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_protocols`):
+
+    random      no pretraining (the seed's random init)
+    nce         MoCo-style NCE with a memory bank, random clips, random resized crops (no MAL)
+    nce+ts      + MCL's motion-focused temporal sampling
+    nce+ts+sc   + MCL's motion-focused spatial crop
+    mcl         + the motion alignment loss (full MCL, MCL Table 1's last row)
+    hico        HiCo alone (visual + topical consistency, gradual sampling)
+    mcl+hico    both objectives
+
+Each run dir gets eval.json; the table (mean +- sample std over seeds) is printed and written to
+WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a run killed mid
+way resumes from its last checkpoint.
+
+    .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion] [--seeds 0 1 2]
+        [--arms random nce ...] [--steps 300] [--jobs 2] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "motion_bench_cpu.yaml"
+NO_MAL = "objectives.mcl.mal_enabled=false"
+ARMS: dict[str, list[str] | None] = {
+    "random": None,
+    "nce": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false"],
+    "nce+ts": [NO_MAL, "sampling.motion_crop=false"],
+    "nce+ts+sc": [NO_MAL],
+    "mcl": [],
+    "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
+    "mcl+hico": ["objectives.hico.weight=1.0"],
+}
+METRICS = (("knn", "top1"), ("retrieval", "recall@1"), ("retrieval", "recall@5"), ("linear", "top1"))
+
+
+def make_data(work: Path, train_videos: int, test_videos: int, size: int, workers: int) -> tuple[Path, Path]:
+    """Labelled train / test shards of the motion benchmark (different seeds: disjoint videos)."""
+    from mohico.datasets.shards import write_shards
+    from mohico.datasets.synth import synthesize
+
+    out = []
+    for split, n, seed in (("train", train_videos, 1), ("test", test_videos, 2)):
+        videos, shards = work / f"videos-{split}-{n}", work / f"shards-{split}-{n}"
+        if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get(
+                "complete"):
+            if not (videos / "labels.json").exists():
+                synthesize(videos, videos=n, seed=seed, size=(size, size), duration=8.0, workers=workers, task="motion")
+            write_shards(videos, shards, short_side=size, workers=workers, labels=videos / "labels.json")
+        out.append(shards)
+    return out[0], out[1]
+
+
+def train(run: Path, overrides: list[str], seed: int, train_shards: Path, steps: int, extra: list[str]) -> float:
+    """Pretrain one arm/seed into ``run`` (skipped when finished); returns the wall seconds spent."""
+    done = run / "train_done.json"
+    if done.exists():
+        return json.loads(done.read_text())["seconds"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "mohico", "train", str(CONFIG), "--nproc", "1", f"run.dir={run}",
+           f"data.shards={train_shards}", f"trainer.seed={seed}", f"trainer.max_steps={steps}",
+           f"checkpoint.every_steps={max(steps // 3, 1)}", *overrides, *extra]
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run / "train.log", "a") as log:
+        subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    done.write_text(json.dumps({"seconds": seconds, "cmd": cmd}))
+    return seconds
+
+
+def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: Path, clips: int,
+             extra: list[str]) -> dict:
+    """kNN, retrieval and linear probe of one backbone on frozen features; cached in run/eval.json."""
+    import torch
+
+    from mohico.config import load_config
+    from mohico.trainer import eval_protocols as ep
+    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.utils import atomic_write_json
+
+    out = run / "eval.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    torch.set_num_threads(1)
+    config = run / "config.yaml" if ckpt != "random" else CONFIG
+    cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])
+    backbone = load_eval_backbone(ckpt, cfg, config)
+    common = dict(clips_per_video=clips, cache_dir=run / "features")
+    tr = ep.features(backbone, cfg, str(train_shards), where="train shards", **common)
+    te = ep.features(backbone, cfg, str(test_shards), where="test shards", **common)
+    res = {"knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te), "linear": ep.linear(tr, te, seed=seed)}
+    for r in res.values():
+        r.pop("per_video", None)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res)
+    return res
+
+
+def job(arm: str, seed: int, args, train_shards: Path, test_shards: Path) -> dict:
+    run = Path(args.work) / "runs" / f"{arm}-s{seed}"
+    seconds = 0.0
+    if ARMS[arm] is None:
+        ckpt = "random"
+    else:
+        seconds = train(run, ARMS[arm], seed, train_shards, args.steps, args.set)
+        ckpt = str(run)
+    # evaluate in a child process: a fresh interpreter per job keeps the parallel jobs' torch state apart
+    if not (run / "eval.json").exists():
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run([sys.executable, __file__, "--_eval", str(run), ckpt, str(seed), str(train_shards),
+                        str(test_shards), str(args.clips), *[f"--set={s}" for s in args.set]],
+                       env=env, check=True)
+    res = json.loads((run / "eval.json").read_text())
+    print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: train {seconds:.0f} s, "
+          + ", ".join(f"{p} {m} {res[p][m]:.3f}" for p, m in METRICS), flush=True)
+    return {"arm": arm, "seed": seed, "train_seconds": seconds, **{f"{p}/{m}": res[p][m] for p, m in METRICS}}
+
+
+def table(rows: list[dict]) -> str:
+    head = "| arm | seeds | " + " | ".join(f"{p} {m}" for p, m in METRICS) + " | train s |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+    for arm in ARMS:
+        rs = [r for r in rows if r["arm"] == arm]
+        if not rs:
+            continue
+
+        def cell(key):
+            v = [100 * r[key] for r in rs]
+            return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+        secs = statistics.mean(r["train_seconds"] for r in rs)
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cell(f"{p}/{m}") for p, m in METRICS)
+                     + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_eval":
+        run, ckpt, seed, tr, te, clips = sys.argv[2:8]
+        extra = [a.split("=", 1)[1] for a in sys.argv[8:]]
+        evaluate(Path(run), ckpt, int(seed), Path(tr), Path(te), int(clips), extra)
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/mohico-motion")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per run (same for every arm)")
+    ap.add_argument("--train-videos", type=int, default=200)
+    ap.add_argument("--test-videos", type=int, default=100)
+    ap.add_argument("--size", type=int, default=64, help="video side in pixels")
+    ap.add_argument("--clips", type=int, default=4, help="eval clips per video")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained/evaluated at once")
+    ap.add_argument("--set", action="append", default=[], metavar="key=value",
+                    help="config override for every arm (e.g. model.backbone_options.width=4)")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train_shards, test_shards = make_data(work, args.train_videos, args.test_videos, args.size, max(args.jobs, 1))
+    order = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+        rows = list(pool.map(lambda a: job(*a, args, train_shards, test_shards), order))
+    text = table(rows)
+    print(f"\nmotion benchmark, {args.train_videos} train / {args.test_videos} test videos, {args.steps} steps, "
+          f"seeds {args.seeds}, mean ± std (%):\n{text}")
+    from mohico.utils import atomic_write_json
+
+    atomic_write_json(work / "summary.json", {"args": vars(args), "rows": rows, "table": text})
+
+
+if __name__ == "__main__":
+    main()
