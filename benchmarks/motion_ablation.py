@@ -49,17 +49,18 @@ METRICS = (("knn", "top1"), ("retrieval", "recall@1"), ("retrieval", "recall@5")
 
 
 def make_data(work: Path, train_videos: int, test_videos: int, size: int, workers: int) -> tuple[Path, Path]:
-    """Labelled train / test shards of the motion benchmark (different seeds: disjoint videos)."""
+    """Labelled train / test shards of the motion benchmark: videos 0..N-1 and N..N+M-1 of seed 1."""
     from mohico.datasets.shards import write_shards
     from mohico.datasets.synth import synthesize
 
     out = []
-    for split, n, seed in (("train", train_videos, 1), ("test", test_videos, 2)):
+    for split, n, first in (("train", train_videos, 0), ("test", test_videos, train_videos)):
         videos, shards = work / f"videos-{split}-{n}", work / f"shards-{split}-{n}"
         if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get(
                 "complete"):
             if not (videos / "labels.json").exists():
-                synthesize(videos, videos=n, seed=seed, size=(size, size), duration=8.0, workers=workers, task="motion")
+                synthesize(videos, videos=n, seed=1, size=(size, size), duration=8.0, workers=workers, task="motion",
+                           first=first)
             write_shards(videos, shards, short_side=size, workers=workers, labels=videos / "labels.json")
         out.append(shards)
     return out[0], out[1]
@@ -84,6 +85,23 @@ def train(run: Path, overrides: list[str], seed: int, train_shards: Path, steps:
     return seconds
 
 
+def eval_clips(shards: Path, cfg, clips: int) -> list:
+    """The deterministic eval clips of every video of ``shards`` (``LabelledVideo`` list), decoded
+    once and kept beside the shards: every backbone of the ablation embeds the same clips."""
+    import torch
+
+    from mohico.trainer.knn_eval import iter_labelled
+
+    d = cfg.data
+    path = shards.parent / f"{shards.name}.evalclips-{clips}x{d.clip_len}x{d.frame_stride}x{d.crop_size}.pt"
+    if not path.exists():
+        videos = list(iter_labelled(str(shards), d, clips, where=str(shards)))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(videos, tmp)
+        os.replace(tmp, path)
+    return torch.load(path, weights_only=False)
+
+
 def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: Path, clips: int,
              extra: list[str]) -> dict:
     """kNN, retrieval and linear probe of one backbone on frozen features; cached in run/eval.json."""
@@ -91,6 +109,7 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
 
     from mohico.config import load_config
     from mohico.trainer import eval_protocols as ep
+    from mohico.trainer.eval_features import embed_views
     from mohico.trainer.knn_eval import load_eval_backbone
     from mohico.utils import atomic_write_json
 
@@ -101,9 +120,9 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     config = run / "config.yaml" if ckpt != "random" else CONFIG
     cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])
     backbone = load_eval_backbone(ckpt, cfg, config)
-    common = dict(clips_per_video=clips, cache_dir=run / "features")
-    tr = ep.features(backbone, cfg, str(train_shards), where="train shards", **common)
-    te = ep.features(backbone, cfg, str(test_shards), where="test shards", **common)
+    cpu = torch.device("cpu")
+    tr = embed_views(backbone, eval_clips(train_shards, cfg, clips), cpu).labelled("train shards")
+    te = embed_views(backbone, eval_clips(test_shards, cfg, clips), cpu).labelled("test shards")
     res = {"knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te), "linear": ep.linear(tr, te, seed=seed)}
     for r in res.values():
         r.pop("per_video", None)
@@ -160,12 +179,12 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/mohico-motion")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per run (same for every arm)")
+    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per run (same for every arm)")
     ap.add_argument("--train-videos", type=int, default=200)
     ap.add_argument("--test-videos", type=int, default=100)
     ap.add_argument("--size", type=int, default=64, help="video side in pixels")
     ap.add_argument("--clips", type=int, default=4, help="eval clips per video")
-    ap.add_argument("--jobs", type=int, default=2, help="runs trained/evaluated at once")
+    ap.add_argument("--jobs", type=int, default=4, help="runs trained/evaluated at once")
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="config override for every arm (e.g. model.backbone_options.width=4)")
     args = ap.parse_args()
@@ -173,7 +192,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_shards, test_shards = make_data(work, args.train_videos, args.test_videos, args.size, max(args.jobs, 1))
-    order = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    from mohico.config import load_config
+
+    cfg = load_config(CONFIG, args.set)
+    for shards in (train_shards, test_shards):         # decode the eval clips once, before the parallel jobs
+        eval_clips(shards, cfg, args.clips)
+    first = ("random", "nce", "mcl")       # the comparison that matters finishes first
+    arms = [a for a in first if a in args.arms] + [a for a in args.arms if a not in first]
+    order = [(arm, seed) for seed in args.seeds for arm in arms]
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
         rows = list(pool.map(lambda a: job(*a, args, train_shards, test_shards), order))
     text = table(rows)

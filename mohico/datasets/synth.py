@@ -274,11 +274,13 @@ def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> No
 
 def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = "vp9", fps=15,
                size: tuple[int, int] = (160, 120), duration: float = 12.0, topics: int = 4,
-               workers: int = 1, task: str = "scenes") -> list[Path]:
+               workers: int = 1, task: str = "scenes", first: int = 0) -> list[Path]:
     """Write ``videos`` synthetic videos + ground truth JSON into ``out_dir``; returns the video paths.
 
     ``task="scenes"``: the topic videos above (label = topic); ``task="motion"``: the motion
     benchmark of :mod:`mohico.datasets.synth_motion` (label = motion class name; ``topics`` unused).
+    ``first``: the index of the first video (videos ``first .. first + videos - 1``; video ``i`` is
+    the same whatever the range, so two ranges of one seed are disjoint splits of one dataset).
     ``workers > 1`` renders videos in that many processes (same bytes as ``workers=1``).
     Existing files of the same names are replaced.
     """
@@ -287,6 +289,9 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
     if task not in TASKS:
         raise UsageError(f"task (--task) must be one of {', '.join(TASKS)}, got {task!r}")
     _check_args(videos, seed, codec, fps, size, duration, topics, workers)
+    if not isinstance(first, numbers.Integral) or isinstance(first, bool) or first < 0:
+        raise UsageError(f"first (--first) must be an integer >= 0, got {first!r}")
+    first = int(first)
     videos, seed, topics, workers = int(videos), int(seed), int(topics), int(workers)
     fps = int(fps) if float(fps).is_integer() else float(fps)
     size = (int(size[0]), int(size[1]))
@@ -309,20 +314,21 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
 
     paths = []
     if workers == 1 or videos == 1:
-        for i in range(videos):
+        for i in range(first, first + videos):
             paths.append(one(out_dir, i, **kwargs))
-            done(i)
+            done(i - first)
     else:
         with ProcessPoolExecutor(min(workers, videos), mp_context=get_context("spawn"),
                                  initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-            futures = [pool.submit(one, out_dir, i, **kwargs) for i in range(videos)]
+            futures = [pool.submit(one, out_dir, i, **kwargs) for i in range(first, first + videos)]
             for i, f in enumerate(futures):
                 paths.append(f.result())
                 done(i)
     if task == "motion":
-        _update_labels(out_dir / LABELS, {p.name: MOTION_CLASSES[i % len(MOTION_CLASSES)] for i, p in enumerate(paths)})
+        _update_labels(out_dir / LABELS, {p.name: MOTION_CLASSES[i % len(MOTION_CLASSES)]
+                                          for i, p in enumerate(paths, first)})
     else:
-        _update_labels(out_dir / LABELS, {p.name: i % topics for i, p in enumerate(paths)})
+        _update_labels(out_dir / LABELS, {p.name: i % topics for i, p in enumerate(paths, first)})
     return paths
 
 

@@ -41,6 +41,9 @@ def add_arguments(p):
                    help="scenes (topic videos, default) or motion (label = how objects move; appearance random)")
     p.add_argument("--videos", type=int, default=4, help="how many videos (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same videos")
+    p.add_argument("--first", type=int, default=0,
+                   help="index of the first video (default 0): --first 200 --videos 100 makes videos 200-299 of the "
+                        "seed, disjoint from --videos 200 (a test split of the same dataset)")
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9",
                    help="vp9 (.webm, decodes on DALI's CPU and GPU decoders) or h264 (.mp4, GPU only)")
     p.add_argument("--fps", type=int, default=15, help="frames per second (default 15)")
@@ -70,7 +73,7 @@ def run(args) -> int:
     # synthesize() validates every argument and raises UsageError (exit 2) naming the flag.
     paths = synthesize(args.out, videos=args.videos, seed=args.seed, codec=args.codec, fps=args.fps,
                        size=args.size, duration=args.duration, topics=args.topics, workers=args.workers,
-                       task=args.task)
+                       task=args.task, first=args.first)
     w, h = args.size
     print(f"mohico synth: wrote {len(paths)} {args.codec} videos ({w}x{h}, {args.fps} fps, "
           f"{args.duration:g} s, {args.topics if args.task == 'scenes' else 'motion'} "

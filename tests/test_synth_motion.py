@@ -1,0 +1,133 @@
+"""The motion benchmark (`mohico synth --task motion`): labels are how things move, checked against
+the ground truth boxes and against the decoded pixels; still stretches are still; ranges are splits."""
+from __future__ import annotations
+
+import json
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from mohico.datasets.synth import synthesize
+from mohico.datasets.synth_motion import MOTION_CLASSES
+
+SEED, FPS, SIZE, DURATION = 3, 15, (64, 64), 5.0
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("motion")
+    paths = synthesize(out, videos=5, seed=SEED, fps=FPS, size=SIZE, duration=DURATION, task="motion")
+    return out, paths
+
+
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="gray") for f in c.decode(video=0)]).astype(np.float32)
+
+
+def _gt(path) -> dict:
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def test_labels_cycle_through_the_classes(videos):
+    out, paths = videos
+    labels = json.loads((out / "labels.json").read_text())
+    assert [labels[p.name] for p in paths] == list(MOTION_CLASSES)
+    for p, cls in zip(paths, MOTION_CLASSES):
+        gt = _gt(p)
+        assert gt["label"] == cls and gt["task"] == "motion" and gt["num_frames"] == int(FPS * DURATION)
+        assert len(gt["moving"]) == len(gt["boxes"]) == gt["num_frames"]
+
+
+def test_each_shot_has_still_stretches_and_a_motion(videos):
+    _, paths = videos
+    for p in paths:
+        gt = _gt(p)
+        moving = np.array(gt["moving"])
+        for s in gt["shots"]:
+            m0, m1 = s["moving"]
+            n = s["end"] - s["start"]
+            assert s["start"] <= m0 < m1 <= s["end"]
+            assert 0.35 * n <= m1 - m0 <= 0.75 * n           # 40-70% of the shot, rounded
+            assert moving[s["start"]:s["end"]].sum() == m1 - m0
+
+
+def _box_track(gt, shot) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (n, 2) and sizes (n, 2) of object 0 over the shot's moving stretch (+ 1 frame)."""
+    m0, m1 = shot["moving"]
+    rows = [next(b for b in gt["boxes"][f] if b[0] == 0) for f in range(m0, min(m1 + 1, shot["end"]))]
+    b = np.array(rows, np.float64)
+    return b[:, 1:3] + b[:, 3:5] / 2, b[:, 3:5]
+
+
+@pytest.mark.parametrize("cls", MOTION_CLASSES)
+def test_ground_truth_motion_is_the_class(videos, cls):
+    """Unclipped objects: horizontal moves only in x, vertical only in y, circular in both with a
+    constant radius, zoom changes size not centre, camera moves every object with the pan."""
+    _, paths = videos
+    gt = _gt(paths[MOTION_CLASSES.index(cls)])
+    W, H = SIZE
+    for shot in gt["shots"]:
+        c, size = _box_track(gt, shot)
+        if (c - size / 2).min() <= 0 or (c[:, 0] + size[:, 0] / 2).max() >= W or (c[:, 1] + size[:, 1] / 2).max() >= H:
+            continue          # clipped at a border: the box is not the object's
+        dx, dy = np.ptp(c[:, 0]), np.ptp(c[:, 1])
+        ds = np.ptp(size[:, 0])
+        if cls == "horizontal":
+            assert dx > 2.0 and dy < 1e-6 and ds < 1e-6
+        elif cls == "vertical":
+            assert dy > 2.0 and dx < 1e-6 and ds < 1e-6
+        elif cls == "circular":
+            assert dx > 1.0 and dy > 1.0 and ds < 1e-6
+        elif cls == "zoom":
+            assert ds > 2.0 and np.abs(c - c[0]).max() < 0.01
+        else:
+            vel = np.diff(c, axis=0)
+            assert np.allclose(vel, shot["pan"], atol=0.01) and np.hypot(*shot["pan"]) > 0.3
+
+
+def _shift(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    (sx, sy), _ = cv2.phaseCorrelate(a, b, cv2.createHanningWindow(a.shape[::-1], cv2.CV_32F))
+    return np.array([sx, sy])
+
+
+def test_pixels_move_only_while_the_shot_moves(videos):
+    """Decoded frames: consecutive differences in still stretches are at the noise/codec level,
+    several times smaller than in the moving stretches of the same shot."""
+    _, paths = videos
+    for p in paths:
+        gt = _gt(p)
+        fr = _frames(p)
+        for s in gt["shots"]:
+            m0, m1 = s["moving"]
+            still = [f for f in range(s["start"] + 1, s["end"]) if not (m0 < f <= m1)]
+            moving = list(range(m0 + 1, m1))
+            if len(still) < 2 or len(moving) < 2:
+                continue
+            d = lambda fs: np.mean([np.abs(fr[f] - fr[f - 1]).mean() for f in fs])  # noqa: E731
+            assert d(moving) > 2.0 * d(still), (p.name, s)
+
+
+def test_camera_pan_is_measured_in_the_pixels(videos):
+    """Phase correlation of consecutive decoded frames recovers the ground-truth pan."""
+    _, paths = videos
+    p = paths[MOTION_CLASSES.index("camera")]
+    gt, fr = _gt(p), _frames(p)
+    for s in gt["shots"]:
+        m0, m1 = s["moving"]
+        if m1 - m0 < 4:
+            continue
+        est = np.median([_shift(fr[f - 1], fr[f]) for f in range(m0 + 1, m1)], axis=0)
+        assert np.allclose(est, s["pan"], atol=0.35), (est, s["pan"])
+
+
+def test_a_later_range_is_the_same_videos(tmp_path, videos):
+    """first=3 makes exactly videos 3 and 4 of the seed: a disjoint test split with distinct names."""
+    out, paths = videos
+    part = synthesize(tmp_path, videos=2, seed=SEED, fps=FPS, size=SIZE, duration=DURATION, task="motion", first=3)
+    assert [q.name for q in part] == [paths[3].name, paths[4].name]
+    for q in part:
+        assert q.read_bytes() == (out / q.name).read_bytes()
+    assert json.loads((tmp_path / "labels.json").read_text()) == {paths[3].name: "zoom", paths[4].name: "camera"}
