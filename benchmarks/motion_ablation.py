@@ -197,9 +197,9 @@ def main() -> None:
     cfg = load_config(CONFIG, args.set)
     for shards in (train_shards, test_shards):         # decode the eval clips once, before the parallel jobs
         eval_clips(shards, cfg, args.clips)
-    first = ("random", "nce", "mcl")       # the comparison that matters finishes first
-    arms = [a for a in first if a in args.arms] + [a for a in args.arms if a not in first]
-    order = [(arm, seed) for seed in args.seeds for arm in arms]
+    first = ("random", "nce", "mcl")       # the comparison that matters finishes first, every seed
+    order = [(arm, seed) for arm in first if arm in args.arms for seed in args.seeds] + \
+        [(arm, seed) for seed in args.seeds for arm in args.arms if arm not in first]
     with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
         rows = list(pool.map(lambda a: job(*a, args, train_shards, test_shards), order))
     text = table(rows)
