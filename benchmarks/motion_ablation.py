@@ -123,6 +123,10 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     cpu = torch.device("cpu")
     tr = embed_views(backbone, eval_clips(train_shards, cfg, clips), cpu).labelled("train shards")
     te = embed_views(backbone, eval_clips(test_shards, cfg, clips), cpu).labelled("test shards")
+    import numpy as np
+
+    np.savez(run / "features.npz", train=tr.feats, test=te.feats, train_sources=np.array(tr.sources),
+             test_sources=np.array(te.sources), train_labels=np.array(tr.labels), test_labels=np.array(te.labels))
     res = {"knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te), "linear": ep.linear(tr, te, seed=seed)}
     for r in res.values():
         r.pop("per_video", None)
