@@ -59,7 +59,7 @@ def src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def written(src, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    man = S.write_shards(src, out, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
+    man = S.write_shards(src, out, short_side=112, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
     return out, man
 
 
@@ -213,7 +213,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(src, written, tmp_path, m
         return real(task)
 
     monkeypatch.setattr(S, "make_sample", crash_at_vfr)
-    opts = dict(max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
+    opts = dict(short_side=112, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
     with pytest.raises(KeyboardInterrupt):
         S.write_shards(src, out, **opts)
     monkeypatch.setattr(S, "make_sample", real)
@@ -233,7 +233,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(src, written, tmp_path, m
     # a complete output is left alone; other options are refused with a clear error
     assert S.write_shards(src, out, **opts) == ref
     with pytest.raises(MohicoError, match="other options.*fps"):
-        S.write_shards(src, out, max_shard_size=120_000, fps=10, labels=opts["labels"])
+        S.write_shards(src, out, short_side=112, max_shard_size=120_000, fps=10, labels=opts["labels"])
 
 
 def test_file_list_input_and_labels_file(src, tmp_path):
@@ -342,7 +342,7 @@ def test_h264_option(src, tmp_path):
 
     lst = tmp_path / "one.txt"
     lst.write_text(str(src / "pan.webm") + "\n")
-    man = S.write_shards(lst, tmp_path / "out", codec="h264", gop=8)
+    man = S.write_shards(lst, tmp_path / "out", codec="h264", gop=8, short_side=112)
     sample = next(iter(read_all(tmp_path / "out").values()))
     meta = json.loads(sample["json"])
     assert man["num_samples"] == 1 and meta["codec"] == "h264" and "mp4" in sample
@@ -374,7 +374,7 @@ def slow(task):
         time.sleep(120)
     return r
 S.make_sample = slow
-S.write_shards({str(src)!r}, {str(out)!r}, max_shard_size=120_000, labels={{"pan.webm": "panning", "obj.mp4": 3}})
+S.write_shards({str(src)!r}, {str(out)!r}, short_side=112, max_shard_size=120_000, labels={{"pan.webm": "panning", "obj.mp4": 3}})
 """
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -390,7 +390,7 @@ S.write_shards({str(src)!r}, {str(out)!r}, max_shard_size=120_000, labels={{"pan
     partial = json.loads((out / "manifest.json").read_text())
     assert not partial["complete"] and partial["shards"]
     assert list(out.glob("*.tar.tmp")), "the kill should leave a partial shard"
-    man = S.write_shards(src, out, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
+    man = S.write_shards(src, out, short_side=112, max_shard_size=120_000, labels={"pan.webm": "panning", "obj.mp4": 3})
     assert man == ref
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref_out.iterdir())
     for p in ref_out.iterdir():

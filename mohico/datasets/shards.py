@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mohico.datasets.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS, DEFAULT_GOP,  # noqa: F401
+                                           DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES, DEFAULT_SHORT_SIDE)
 from mohico.datasets.shards_inputs import file_sha256, label_for, list_inputs, load_labels, sample_key  # noqa: F401
 from mohico.errors import MohicoError, UsageError
 from mohico.utils import atomic_write_json, atomic_write_text
@@ -148,10 +150,12 @@ def _finish_stats(man: dict) -> dict:
     return man
 
 
-def write_shards(src, out, codec: str = "vp9", short_side: int = 112, fps: int = 15, gop: int = 16,
-                 max_shard_size: int | str = 600_000, workers: int = 1, flow: str = "dis",
-                 progress: bool = False, labels=None, min_frames: int = 16) -> dict:
+def write_shards(src, out, codec: str = DEFAULT_CODEC, short_side: int = DEFAULT_SHORT_SIDE, fps: int = DEFAULT_FPS,
+                 gop: int = DEFAULT_GOP, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, workers: int = 1,
+                 flow: str = DEFAULT_FLOW, progress: bool = False, labels=None,
+                 min_frames: int = DEFAULT_MIN_FRAMES) -> dict:
     """Write (or resume writing) shards of the videos in ``src`` to folder ``out``; returns the manifest.
+    The defaults are `mohico shards`'s (``workers``: 1 here, the CPU count on the command line).
 
     ``labels``: a dict ``{source: label}`` or a labels file path (see :func:`load_labels`).
     Raises :class:`MohicoError` if ``out`` holds shards written with other inputs or options.

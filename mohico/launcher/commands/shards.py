@@ -6,26 +6,32 @@ DESCRIPTION = (
     "Turn a folder (recursively) or a text file list of videos, in any container/codec FFmpeg reads, into "
     "WebDataset tar shards: per video a canonical constant-frame-rate re-encode ({key}.webm or .mp4), its "
     "metadata ({key}.json) and per-frame motion-boundary maps ({key}.motion.npy). Writes shard-NNNNNN.tar, "
-    "a DALI index shard-NNNNNN.idx for each, and manifest.json (counts, hours, skipped inputs with reasons). "
+    "a DALI index shard-NNNNNN.idx for each (for DALI's fn.readers.webdataset index_paths; mohico's own loader "
+    "streams the tars and does not need them), and manifest.json (counts, hours, skipped inputs with reasons). "
     "Re-running the same command after an interruption resumes where it stopped.")
 
 
 def add_arguments(p):
     p.add_argument("src", help="folder of videos (searched recursively; .json files are ignored) or a text file with one path per line")
     p.add_argument("out", help="output folder for shards, index files and manifest.json")
-    p.add_argument("--codec", choices=["vp9", "h264"], default="vp9",
+    from mohico.datasets import shard_defaults as S
+
+    p.add_argument("--codec", choices=["vp9", "h264"], default=S.DEFAULT_CODEC,
                    help="vp9 (.webm; decodes on DALI's CPU and GPU decoders, default) or h264 (.mp4; DALI GPU only)")
-    p.add_argument("--short-side", type=int, default=128, help="short side of the stored frames in pixels (even; default 128)")
-    p.add_argument("--fps", type=int, default=15, help="constant output frame rate (default 15)")
-    p.add_argument("--gop", type=int, default=16, help="a keyframe at least every N frames (default 16)")
-    p.add_argument("--max-shard-size", default="1GB", help="close a shard before it grows past this (e.g. 1GB, 500MB; default 1GB)")
+    p.add_argument("--short-side", type=int, default=S.DEFAULT_SHORT_SIDE,
+                   help=f"short side of the stored frames in pixels (even; default {S.DEFAULT_SHORT_SIDE})")
+    p.add_argument("--fps", type=int, default=S.DEFAULT_FPS, help=f"constant output frame rate (default {S.DEFAULT_FPS})")
+    p.add_argument("--gop", type=int, default=S.DEFAULT_GOP, help=f"a keyframe at least every N frames (default {S.DEFAULT_GOP})")
+    p.add_argument("--max-shard-size", default=S.DEFAULT_MAX_SHARD_SIZE,
+                   help=f"close a shard before it grows past this (e.g. 1GB, 500MB; default {S.DEFAULT_MAX_SHARD_SIZE})")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: number of CPU cores)")
-    p.add_argument("--flow", choices=["dis", "dis-fast", "farneback", "tvl1"], default="dis",
+    p.add_argument("--flow", choices=["dis", "dis-fast", "farneback", "tvl1"], default=S.DEFAULT_FLOW,
                    help="optical flow for the motion maps: dis (DIS medium preset, default), dis-fast (DIS fast "
                         "preset, ~4x faster, less accurate on fast motion), farneback, tvl1 (the paper's; very slow; "
                         "needs opencv-contrib-python instead of opencv-python)")
     p.add_argument("--labels", default=None, help="labels file: JSON {source: label} or lines 'source<TAB>label'")
-    p.add_argument("--min-frames", type=int, default=16, help="skip videos with fewer output frames than this (default 16)")
+    p.add_argument("--min-frames", type=int, default=S.DEFAULT_MIN_FRAMES,
+                   help=f"skip videos with fewer output frames than this (default {S.DEFAULT_MIN_FRAMES})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("benchmark layouts (labelled train/test shards per official split)")
     g.add_argument("--layout", choices=["ucf101", "hmdb51"], default=None,

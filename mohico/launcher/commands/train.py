@@ -26,6 +26,9 @@ def add_arguments(p):
                         "checkpoint.keep=3 trainer.seed=0 checkpoint.resume=never")
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: trainer.nproc); ignored under torchrun/SLURM")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and overrides, print the resolved config and where the run would "
+                        "resume from; start nothing")
     p.set_defaults(_parser=p)   # REMAINDER swallows a --help given after CONFIG: run() prints it
 
 
@@ -54,6 +57,25 @@ def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
     return out, nproc
 
 
+def _dry_run(cfg) -> int:
+    """Print the resolved config (stdout) and what a real run would do (stderr)."""
+    import sys
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from mohico.config import to_dict
+
+    print(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))), end="")
+    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
+    resume = {"never": "start fresh (checkpoint.resume=never)"}.get(cfg.checkpoint.resume) or (
+        (f"resume from {latest.parent / latest.read_text().strip()}" if latest.is_file() else "start fresh (no checkpoint yet)")
+        if cfg.checkpoint.resume == "auto" else f"resume from {cfg.checkpoint.resume}")
+    print(f"mohico train: dry run: {cfg.trainer.nproc} local rank(s) (under torchrun/SLURM: one per process), "
+          f"run.dir={cfg.run.dir}, {resume}, {cfg.trainer.max_steps} steps", file=sys.stderr)
+    return 0
+
+
 def run(args) -> int:
     from mohico.config import load_config
     from mohico.errors import UsageError
@@ -61,7 +83,11 @@ def run(args) -> int:
     if any(a in ("-h", "--help") for a in args.overrides):
         args._parser.print_help()
         return 0
-    overrides, nproc = _split_nproc(list(args.overrides))
+    items = list(args.overrides)
+    if "--dry-run" in items:             # given after CONFIG (REMAINDER keeps it among the overrides)
+        items.remove("--dry-run")
+        args.dry_run = True
+    overrides, nproc = _split_nproc(items)
     if nproc is not None:
         args.nproc = nproc
     if args.nproc is not None:
@@ -69,6 +95,8 @@ def run(args) -> int:
             raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
         overrides.append(f"trainer.nproc={args.nproc}")
     cfg = load_config(args.config, overrides)   # validate before starting any process
+    if args.dry_run:
+        return _dry_run(cfg)
 
     from mohico.launcher.spawn import should_spawn, spawn_local
 

