@@ -25,15 +25,32 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
-def shell_commands() -> list[list[str]]:
-    """Each command of the bash blocks as argv (line continuations joined, comments dropped)."""
+def shell_commands(block: int | None = None) -> list[list[str]]:
+    """Each command of the bash blocks (or of block number ``block``) as argv (line continuations
+    joined, comments dropped)."""
     out = []
-    for block in blocks("bash"):
-        for line in block.replace("\\\n", " ").splitlines():
+    for i, text in enumerate(blocks("bash")):
+        for line in text.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
-            if argv:
+            if argv and block in (None, i):
                 out.append(argv)
     return out
+
+
+def self_contained_block() -> int:
+    """The bash block that makes its own data (starts with `mohico synth`): run end to end (slow test)."""
+    (i,) = [i for i, text in enumerate(blocks("bash")) if shell_commands(i) and shell_commands(i)[0][:2] == ["mohico", "synth"]]
+    return i
+
+
+def parses(argv: list[str]) -> None:
+    """``mohico ...`` parses as `mohico` parses it (SystemExit 2 on a usage error)."""
+    from mohico.launcher import cli
+
+    parser = cli.build_parser()
+    cli._check_long_options(parser, argv[1:])
+    args, extras = parser.parse_known_args(argv[1:])
+    cli._take_extras(args, extras)
 
 
 def test_readme_has_the_commands_this_test_runs():
@@ -84,9 +101,18 @@ def run_mohico(argv: list[str], synth_shards: Path, capsys) -> tuple[int, str, s
     return code, cap.out, cap.err
 
 
+def test_every_readme_command_parses():
+    for argv in shell_commands():
+        if argv[0] == "mohico":
+            parses(argv)
+
+
 def test_readme_shell_commands_run_as_written(workdir, synth_shards, capsys):
     ran = []
+    own = self_contained_block()
     for argv in shell_commands():
+        if argv in shell_commands(own):
+            continue            # makes its own data: test_readme_evaluate_block_runs_as_written (slow)
         if argv[0] == "make":
             res = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert res.returncode == 0, (argv, res.stderr)
@@ -137,3 +163,17 @@ def test_readme_shards_command_runs_as_written(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr[-3000:]
     man = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert man["complete"] and man["num_samples"] == 2 and man["options"]["fps"] == int(cmd[cmd.index("--fps") + 1])
+
+
+@pytest.mark.slow
+def test_readme_self_contained_block_runs_as_written(tmp_path):
+    """The block that fabricates its own benchmark trees (synth -> shards -> eval protocols -> train),
+    every command in order as written (train with --dry-run), from a fresh directory."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for argv in shell_commands(self_contained_block()):
+        assert argv[0] == "mohico", argv
+        if argv[1] == "train":
+            argv = [*argv, "--dry-run"]
+        res = subprocess.run([sys.executable, "-m", "mohico", *argv[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=1200)
+        assert res.returncode == 0, (argv, res.stderr[-3000:])
