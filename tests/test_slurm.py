@@ -137,9 +137,13 @@ def test_submit_two_nodes_all_reduce_preempt_requeue(slurm_cluster, tmp_path):
             assert rec["env_rank"] == str(r) and rec["env_master"] == "127.0.0.1"
         if restart == "0":
             assert all(rec["usr1"] >= 1 for rec in recs)
+        # every run (the requeued one too) trains from the snapshot of the resolved config in run.dir
         args = (out / f"args-0-{restart}").read_text().split()
-        assert args == ["-m", "mohico", "train", str(ROOT / "configs" / "tiny_cpu.yaml"), f"run.dir={run_dir}",
-                        "optim.lr=0.1"]
+        (snapshot,) = (run_dir / "submitted").glob("*/config.yaml")
+        assert args == ["-m", "mohico", "train", str(snapshot.resolve())]
+    from mohico.config import load_config
+    snap = load_config(snapshot)
+    assert snap.optim.lr == 0.1 and snap.run.dir == str(run_dir)
     text = log.read_text()
     assert f"job {job} run 1 (restart 0)" in text and f"job {job} run 2 (restart 1)" in text, text
     assert text.count("srun exited 3") == 1 and text.count("requeueing") == 1 and "srun exited 0" in text, text

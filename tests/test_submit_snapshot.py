@@ -130,6 +130,15 @@ def test_cpus_per_task_without_sinfo_is_left_to_slurm(tmp_path, capsys, monkeypa
     assert code == 0 and "#SBATCH --cpus-per-task=3" in out
 
 
+def test_sinfo_without_a_controller_only_warns(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _tool(tmp_path, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1')
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = _submit(str(ROOT / "configs" / "tiny_cpu.yaml"), "--dry-run", capsys=capsys)
+    assert code == 0 and "--cpus-per-task=" not in out
+    assert "Unable to contact slurm controller" in err and "not checked against the partition" in err
+
+
 def test_mapping_overrides_replace_or_are_refused():
     tiny = ROOT / "configs" / "tiny_cpu.yaml"
     assert load_config(tiny).model.backbone_options == {"width": 8}

@@ -3,28 +3,41 @@
 ``--cpus-per-task`` (``slurm.cpus_per_task``) 0, the default, means "what the partition offers":
 the smallest node's cores divided by the tasks per node. An explicit value that no node of the
 partition can hold fails at submit time (a job asking for more cores than a node has stays
-PENDING forever). Without ``sinfo`` (a dry run away from the cluster) nothing is checked and an
+PENDING forever). Without an answering ``sinfo`` (a dry run away from the cluster, or a
+controller that is down: a warning says so) nothing is checked and an
 automatic value leaves ``--cpus-per-task`` out of the script (SLURM's default, 1).
 """
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 from mohico.errors import MohicoError, UsageError
 
 
 def node_cpus(partition: str, sinfo_exe: str = "sinfo") -> list[int] | None:
     """CPU counts of the partition's nodes (the cluster's default partition when ``partition`` is
-    empty), or ``None`` without ``sinfo``. Raises :class:`UsageError` for an unknown partition."""
+    empty), or ``None`` without an answering ``sinfo`` (a warning says why: nothing is checked then).
+    Raises :class:`UsageError` for an unknown partition."""
     exe = shutil.which(sinfo_exe)
     if exe is None:
         return None
+    try:
+        return _query(exe, partition)
+    except MohicoError as e:
+        if isinstance(e, UsageError):
+            raise
+        print(f"mohico submit: warning: {e}; --cpus-per-task is not checked against the partition", file=sys.stderr)
+        return None
+
+
+def _query(exe: str, partition: str) -> list[int]:
     cmd = [exe, "--noheader", "--format=%P %c"] + ([f"--partition={partition}"] if partition else [])
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        raise MohicoError("sinfo did not answer within 60 s (is slurmctld up?)") from None
+        raise MohicoError("sinfo did not answer within 30 s (is slurmctld up?)") from None
     if res.returncode != 0:
         raise MohicoError(f"sinfo failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
     cpus = []

@@ -95,7 +95,7 @@ def run(args) -> int:
             raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
         overrides.append(f"trainer.nproc={args.nproc}")
     cfg = load_config(args.config, overrides)   # validate before starting any process
-    if args.dry_run:
+    if getattr(args, "dry_run", False):   # (eval finetune calls run() with its own namespace)
         return _dry_run(cfg)
 
     from mohico.launcher.spawn import should_spawn, spawn_local
