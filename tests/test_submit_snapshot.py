@@ -55,7 +55,8 @@ def test_overrides_after_flags_as_in_the_readme(tmp_path, capsys, monkeypatch):
                              "--time", "48:00:00", "--partition", "gpu", "run.dir=/scratch/runs/mcl",
                              "data.shards=/data/shards", "--dry-run", capsys=capsys)
     assert code == 0, err
-    assert "#SBATCH --output=/scratch/runs/mcl/slurm-%j.out" in out
+    assert any(line.startswith("#SBATCH --output=") and "/scratch/runs/mcl/slurm-%j.out" in line
+               for line in out.splitlines())
     assert "set -- /scratch/runs/mcl/submitted/" in out and "/config.yaml\n" in out
     assert not Path("/scratch/runs/mcl").exists() or not any(Path("/scratch/runs/mcl").glob("submitted/*"))
 
