@@ -19,7 +19,7 @@ WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a
 way resumes from its last checkpoint.
 
     .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion] [--seeds 0 1 2]
-        [--arms random nce ...] [--steps 300] [--jobs 2] [--set key=value ...]
+        [--arms random nce ...] [--steps 150] [--jobs 4] [--set key=value ...] [--table]
 """
 from __future__ import annotations
 
@@ -191,9 +191,22 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4, help="runs trained/evaluated at once")
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="config override for every arm (e.g. model.backbone_options.width=4)")
+    ap.add_argument("--table", action="store_true", help="only print the table of the runs already evaluated")
     args = ap.parse_args()
 
     work = Path(args.work)
+    if args.table:
+        rows = []
+        for arm in ARMS:
+            for seed in args.seeds:
+                run = work / "runs" / f"{arm}-s{seed}"
+                if (run / "eval.json").exists():
+                    res = json.loads((run / "eval.json").read_text())
+                    secs = json.loads((run / "train_done.json").read_text())["seconds"] if ARMS[arm] is not None else 0.0
+                    rows.append({"arm": arm, "seed": seed, "train_seconds": secs,
+                                 **{f"{p}/{m}": res[p][m] for p, m in METRICS}})
+        print(table(rows))
+        return
     work.mkdir(parents=True, exist_ok=True)
     train_shards, test_shards = make_data(work, args.train_videos, args.test_videos, args.size, max(args.jobs, 1))
     from mohico.config import load_config
