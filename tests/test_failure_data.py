@@ -140,6 +140,29 @@ def test_killed_worker_is_named_within_seconds(synth_shards):
     loader.close()
 
 
+def test_preemption_signals_to_every_process_leave_the_loader_alive(synth_shards):
+    """SLURM's `--signal=USR1@N` and `scancel --signal` reach every process of the step, the
+    loader's forkserver and workers included; preemption is the rank's job (save, exit 3), so
+    they must outlive USR1/TERM and keep serving batches (they died: the watchdog then exit 5)."""
+    loader = build_loader(small_cfg(num_workers=2), str(synth_shards))
+    it = iter(loader)
+    next(it)
+    workers = [w.pid for w in loader._it._workers]
+    forkserver = {int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) for pid in workers}
+    assert os.getpid() not in forkserver      # the forkserver, not the rank, is their parent
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for pid in (*workers, *forkserver):
+            os.kill(pid, sig)
+    time.sleep(1.5)
+    assert loader.dead_workers() == ""
+    for pid in forkserver:
+        os.kill(pid, 0)                        # still alive: ProcessLookupError otherwise
+    for _ in range(4):
+        next(it)                                 # more than the prefetched batches: workers still serve
+    assert loader.dead_workers() == ""
+    loader.close()
+
+
 def test_watchdog_ends_the_process_on_a_dead_worker_and_on_a_stall():
     code = ("import time, sys; from mohico.trainer.watchdog import Watchdog; "
             "t = time.monotonic(); "

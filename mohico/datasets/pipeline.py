@@ -196,7 +196,7 @@ class VideoLoader:
                 prefetch_factor=PREFETCH, persistent_workers=False,
                 # not fork: the main process runs DALI's threads, and a forked child can inherit
                 # their locks held (observed: workers hung at start)
-                multiprocessing_context="forkserver",
+                multiprocessing_context=_forkserver_context(),
                 worker_init_fn=functools.partial(_exit_with_rank, os.getpid()))
             self._it = iter(self._loader)
         else:
@@ -205,7 +205,12 @@ class VideoLoader:
     def _shutdown(self) -> None:
         it, self._it, self._loader = self._it, None, None
         if it is not None and hasattr(it, "_shutdown_workers"):
+            workers = list(getattr(it, "_workers", None) or [])
             it._shutdown_workers()
+            for w in workers:          # its w.terminate() is SIGTERM, which the workers ignore
+                if w.is_alive():
+                    w.kill()
+                    w.join(5)
 
     def __next__(self) -> dict:
         t0 = time.perf_counter()
@@ -359,6 +364,16 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
 
 
 
+def _forkserver_context():
+    """The forkserver context, preloading `forkserver_signals` (it ignores the preemption signals
+    SLURM sends to every process of the step; the forked workers inherit that)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "mohico.datasets.forkserver_signals"])
+    return ctx
+
+
 def _exit_with_rank(rank_pid: int, _worker_id: int) -> None:
     """Worker init: end this worker (and its forkserver) once the rank process is gone.
 
@@ -369,6 +384,9 @@ def _exit_with_rank(rank_pid: int, _worker_id: int) -> None:
     import signal
     import threading
     import time
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):   # also when the forkserver predates the preload
+        signal.signal(sig, signal.SIG_IGN)
 
     def watch():
         while True:
