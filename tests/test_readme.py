@@ -152,7 +152,7 @@ def test_readme_shards_command_runs_as_written(tmp_path, monkeypatch):
     """`mohico shards` exactly as written, on two small synthetic videos at /data/videos's place."""
     from mohico.datasets.synth import synthesize
 
-    (cmd,) = [a for a in shell_commands() if a[:2] == ["mohico", "shards"]]
+    (cmd,) = [a for a in shell_commands() if a[:2] == ["mohico", "shards"] and "/data/videos" in a]
     monkeypatch.chdir(tmp_path)
     synthesize(tmp_path / "videos", videos=2, seed=1, codec="vp9", fps=15, size=(96, 64), duration=2.0, topics=2)
     labels = json.loads((tmp_path / "videos" / "labels.json").read_text())
