@@ -292,6 +292,19 @@ def test_spawn_local_two_ranks_all_reduce_forward_signal_and_exit_3(tmp_path, ra
 
 
 # --------------------------------------------------------------------------- submit --dry-run
+@pytest.fixture(autouse=True)
+def _no_slurm_controller(request, tmp_path_factory, monkeypatch):
+    """The rendering tests must not depend on whether a SLURM controller answers on this machine
+    (test_slurm's local cluster may be up, with 2-CPU nodes): `sinfo` answers as with none."""
+    if not request.node.name.startswith("test_submit"):
+        return
+    bin_dir = tmp_path_factory.mktemp("no-controller")
+    sinfo = bin_dir / "sinfo"
+    sinfo.write_text('#!/bin/bash\necho "slurm_load_partitions: Unable to contact slurm controller" >&2\nexit 1\n')
+    sinfo.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 def _submit(*args, capsys):
     from mohico.launcher.cli import main
 

@@ -49,8 +49,7 @@ def fake_slurm(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_overrides_after_flags_as_in_the_readme(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_overrides_after_flags_as_in_the_readme(fake_slurm, capsys):
     code, out, err = _submit(str(ROOT / "configs" / "mcl_r2plus1d_k400.yaml"), "--nodes", "4", "--gpus-per-node", "8",
                              "--time", "48:00:00", "--partition", "gpu", "run.dir=/scratch/runs/mcl",
                              "data.shards=/data/shards", "--dry-run", capsys=capsys)
@@ -165,7 +164,9 @@ def test_the_wheel_carries_configs_and_the_sbatch_template(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    _tool(tmp_path, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1')
+    # sinfo as without a controller: the live local cluster of test_slurm (2-CPU nodes) may be up
+    env = {**os.environ, "PYTHONPATH": str(site), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     res = subprocess.run([sys.executable, "-m", "mohico", "submit", "configs/tiny_cpu.yaml", "--dry-run",
                           "run.dir=runs/w"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
