@@ -346,7 +346,7 @@ def test_resume_trains_longer_from_moved_shards(reference, synth_shards, tmp_pat
 def test_grad_accumulation_clipping_lars_one_rank(synth_shards, tmp_path):
     run_dir = tmp_path / "accum"
     ok(run_train(run_dir, synth_shards, "trainer.max_steps=2", "trainer.grad_accum=2", "optim.grad_clip=1.0",
-                 "optim.name=lars", "optim.lr=0.3", "optim.scale_lr_with_batch=true", nproc=1))
+                 "optim.name=lars", "optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=2", nproc=1))
     states = torch.load(run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
                         weights_only=False)
     assert states["global_steps"] == 2 and states["global_samples"] == 2 * 2 * 2   # steps x accum x batch
