@@ -51,6 +51,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from mohico.datasets.loader_checks import check_enough_samples, no_usable_data_message
+from mohico.datasets.loader_workers import exit_with_rank, forkserver_context
 from mohico.datasets.pipeline_stream import expand_shards
 from mohico.datasets.pipeline_worker import (ProgressSchedule, WorkerSpec, worker_items)
 from mohico.datasets.shard_geometry import check_crop_resolution
@@ -196,8 +197,8 @@ class VideoLoader:
                 prefetch_factor=PREFETCH, persistent_workers=False,
                 # not fork: the main process runs DALI's threads, and a forked child can inherit
                 # their locks held (observed: workers hung at start)
-                multiprocessing_context=_forkserver_context(),
-                worker_init_fn=functools.partial(_exit_with_rank, os.getpid()))
+                multiprocessing_context=forkserver_context(),
+                worker_init_fn=functools.partial(exit_with_rank, os.getpid()))
             self._it = iter(self._loader)
         else:
             self._it = iter(ds)
@@ -361,47 +362,3 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
             "may give two samples of one batch; raise data.shuffle_buffer to %d to rule it out",
             cfg.data.shuffle_buffer, bound, cfg.data.samples_per_read, bound)
     return VideoLoader(spec, cfg.data.num_workers)
-
-
-
-def _forkserver_context():
-    """The forkserver context, preloading `forkserver_signals` (it ignores the preemption signals
-    SLURM sends to every process of the step; the forked workers inherit that)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "mohico.datasets.forkserver_signals"])
-    return ctx
-
-
-def _exit_with_rank(rank_pid: int, _worker_id: int) -> None:
-    """Worker init: end this worker (and its forkserver) once the rank process is gone.
-
-    A rank killed with SIGKILL never shuts its DataLoader down; its worker would block forever
-    in the queue's feeder thread and, with the forkserver, keep the rank's stdout/stderr open
-    (a caller reading them would hang). A daemon thread polls the rank's pid once a second.
-    """
-    import signal
-    import threading
-    import time
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):   # also when the forkserver predates the preload
-        signal.signal(sig, signal.SIG_IGN)
-
-    def watch():
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(rank_pid, 0)
-            except ProcessLookupError:
-                parent = os.getppid()
-                if parent not in (1, rank_pid):      # the forkserver that served this rank
-                    try:
-                        os.kill(parent, signal.SIGKILL)
-                    except OSError:
-                        pass
-                os._exit(1)
-            except PermissionError:                  # pid reused by another user's process
-                os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-rank", daemon=True).start()

@@ -37,7 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mohico.datasets.synth_scene import PATTERNS, SHAPES, ObjectPlan, ShotPlan, background_canvas, make_sprite, make_topic
+from mohico.datasets.synth_scene import (PATTERNS, SHAPES, ObjectPlan, ShotPlan, background_canvas, make_sprite,
+                                         make_topic, shot_bounds)
 
 GENERATOR = "mohico-synth-motion"
 VERSION = 1
@@ -94,13 +95,7 @@ def plan_motion_video(rng: np.random.Generator, cls: str, num_frames: int, fps: 
                       height: int) -> list[MotionShot]:
     """Shots of one video of class ``cls``; appearance and motion magnitudes drawn from ``rng``."""
     min_len, max_len = max(6, int(round(1.5 * fps))), max(6, int(round(4.0 * fps)))
-    bounds, start = [], 0
-    while start < num_frames:
-        length = int(rng.integers(min_len, max_len + 1))
-        if num_frames - (start + length) < min_len:
-            length = num_frames - start
-        bounds.append((start, start + length))
-        start += length
+    bounds = shot_bounds(num_frames, min_len, max_len, rng)
     side = min(width, height)
     per_frame = side / 120.0 * 15.0 / fps
     shots = []

@@ -117,11 +117,9 @@ class ShotPlan:
         return max(speeds)
 
 
-def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int, height: int,
-               topic: Topic) -> list[ShotPlan]:
-    """Split ``num_frames`` into shots of 1-4 s and draw each shot's motion, pan and objects."""
-    min_len = max(4, int(round(1.0 * fps)))
-    max_len = max(min_len, int(round(4.0 * fps)))
+def shot_bounds(num_frames: int, min_len: int, max_len: int, rng) -> list[tuple[int, int]]:
+    """Split ``num_frames`` into consecutive shots ``[(start, end), ...]`` of ``min_len..max_len``
+    frames drawn from ``rng`` (a short tail joins the last shot)."""
     bounds, start = [], 0
     while start < num_frames:
         length = int(rng.integers(min_len, max_len + 1))
@@ -129,6 +127,15 @@ def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int
             length = num_frames - start
         bounds.append((start, start + length))
         start += length
+    return bounds
+
+
+def plan_shots(rng: np.random.Generator, num_frames: int, fps: float, width: int, height: int,
+               topic: Topic) -> list[ShotPlan]:
+    """Split ``num_frames`` into shots of 1-4 s and draw each shot's motion, pan and objects."""
+    min_len = max(4, int(round(1.0 * fps)))
+    max_len = max(min_len, int(round(4.0 * fps)))
+    bounds = shot_bounds(num_frames, min_len, max_len, rng)
     scale = min(width, height) / 120.0
     per_frame = scale * 15.0 / fps
     shots, next_id = [], 0
