@@ -371,17 +371,26 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int
         log.info("done: %d steps; checkpoint %s", step, ckpt.dir / ck.tag_for(step))
         exit_code = 0
         return 0
-    finally:
-        dog.stop()
-        pre.uninstall()
-        if bar is not None:
-            bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        wandb.finish(exit_code=0 if exit_code in (0, PREEMPTED_EXIT_CODE) else exit_code)
-        close = getattr(loader, "close", None)
-        if callable(close):
-            close()
+    finally:        # every step runs even if one before it raises: a skipped loader close leaves the rank hanging
+        run_all(dog.stop, pre.uninstall, getattr(bar, "close", None), getattr(metrics_file, "close", None),
+                lambda: wandb.finish(exit_code=0 if exit_code in (0, PREEMPTED_EXIT_CODE) else exit_code),
+                getattr(loader, "close", None))
+
+
+def run_all(*steps) -> None:
+    """Call each of ``steps`` (None entries skipped) in order, even after one raises; then raise
+    the first error, if any."""
+    first: BaseException | None = None
+    for fn in steps:
+        if not callable(fn):
+            continue
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            log.exception("cleanup step %s failed", getattr(fn, "__qualname__", fn))
+            first = first or e
+    if first is not None:
+        raise first
 
 
 def shutdown() -> None:

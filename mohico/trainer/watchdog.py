@@ -63,6 +63,7 @@ class Watchdog:
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._pipe: tuple[int, int] | None = None
+        self._grace_thread: threading.Thread | None = None
         self._old_wakeup = -1
 
     def beat(self, next_wait: str = "the next batch", collective: bool = False) -> None:
@@ -81,16 +82,30 @@ class Watchdog:
             os.set_blocking(w, False)
             self._pipe = (r, w)
             self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-            threading.Thread(target=self._watch_signals, name="mohico-signal-grace", daemon=True).start()
+            self._grace_thread = threading.Thread(target=self._watch_signals, name="mohico-signal-grace",
+                                                  daemon=True)
+            self._grace_thread.start()
         return self
 
     def stop(self) -> None:
+        """End both threads; never raises (it runs in the trainer's cleanup, which must go on to
+        close the loader and W&B). The pipe is closed here, after the grace thread has ended, so
+        the wake-up write can never meet a closed read end."""
         self._stop.set()
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            os.write(self._pipe[1], b"\0")       # wake the signal thread so it ends (it closes the read end)
-            os.close(self._pipe[1])
-            self._pipe = None
+        if self._pipe is None:
+            return
+        r, w = self._pipe
+        self._pipe = None
+        signal.set_wakeup_fd(self._old_wakeup)
+        try:
+            os.write(w, b"\0")                  # wake the grace thread if it is blocked in read()
+        except OSError:                          # pipe full (BlockingIOError): it has bytes to wake on anyway
+            pass
+        if self._grace_thread is not None:
+            self._grace_thread.join(5.0)
+        os.close(w)
+        if self._grace_thread is None or not self._grace_thread.is_alive():
+            os.close(r)                          # else a daemon thread still reads it: the OS closes it at exit
 
     def _watch_stall(self) -> None:
         while not self._stop.wait(1.0):
@@ -108,7 +123,7 @@ class Watchdog:
                      f"published checkpoint is intact.", self.on_die)
 
     def _watch_signals(self) -> None:
-        r = self._pipe[0]
+        r = self._pipe[0]       # closed by stop(), once this thread has ended
         while not self._stop.is_set():
             data = os.read(r, 64)
             if self._stop.is_set():
@@ -122,4 +137,3 @@ class Watchdog:
                          f"{self.grace_s:g} s (waiting for {self.waiting_for}; {self.describe()}), so no consistent "
                          f"state could be saved: exiting with code {SIGNAL_TIMEOUT_EXIT_CODE} without a checkpoint. "
                          f"The last published checkpoint is intact and a restart resumes from it.", self.on_die)
-        os.close(r)
