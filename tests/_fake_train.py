@@ -8,9 +8,11 @@ Each rank is a ``spawn`` process (tests/_dist.py); it returns ``("rc", code)`` o
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+import time
 
 import torch
 from torch import nn
@@ -55,7 +57,9 @@ class FakeModule(nn.Module):
 class FakeLoader:
     """Endless random (B, 2, 3, 1, 2, 2) clips; a counter as its state. ``FAKE_STALL_AT=N``: the
     N-th batch of rank ``FAKE_STALL_RANK`` (default 0) never comes (after sending this process
-    SIGTERM first if ``FAKE_SIGNAL_SELF=1``), like a loader whose workers hang."""
+    SIGTERM first if ``FAKE_SIGNAL_SELF=1``), like a loader whose workers hang. ``FAKE_KILL_AT=N``:
+    rank ``FAKE_KILL_RANK`` (default 1) writes ``{"pid", "time"}`` to ``$FAKE_KILL_FILE`` and
+    SIGKILLs itself before its N-th batch, like the OOM killer."""
 
     def __init__(self, cfg, rank, world):
         self.rank, self.n = rank, 0
@@ -66,6 +70,10 @@ class FakeLoader:
 
     def __next__(self):
         self.n += 1
+        if self.n == int(os.environ.get("FAKE_KILL_AT", "0")) and str(self.rank) == os.environ.get("FAKE_KILL_RANK", "1"):
+            with open(os.environ["FAKE_KILL_FILE"], "w") as f:
+                json.dump({"pid": os.getpid(), "time": time.time()}, f)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.n == int(os.environ.get("FAKE_STALL_AT", "0")) and str(self.rank) == os.environ.get("FAKE_STALL_RANK", "0"):
             if os.environ.get("FAKE_SIGNAL_SELF") == "1":
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -78,3 +78,23 @@ def test_second_training_on_a_locked_run_dir_fails_naming_the_holder(tmp_path):
         assert status == "error" and code == 1
         assert f"pid {os.getpid()}" in msg and socket.gethostname() in msg and "another run.dir" in msg
     assert not (run / "checkpoints").exists() and not (run / "logs").exists()   # it wrote nothing
+
+
+def test_sigkilled_rank_is_named_by_its_peer_with_host_pid_and_log(tmp_path):
+    """Issue 14 item 3: a rank killed from outside leaves no note; its peer still names it (rank,
+    host, pid, seconds since it was last alive, its log file), within a bound, not after a
+    collective timeout."""
+    run, kill_file = tmp_path / "run", tmp_path / "killed.json"
+    with pytest.raises(RuntimeError, match=r"rank 1 exited with code -9"):   # rank 0 returned on its own
+        run_fake_train(run, world=2, overrides=["trainer.max_steps=40", "trainer.stall_timeout_s=60",
+                                                "trainer.dist_timeout_s=60"],
+                       env={"FAKE_KILL_AT": "8", "FAKE_KILL_RANK": "1", "FAKE_KILL_FILE": str(kill_file)},
+                       timeout=150)
+    killed = json.loads(kill_file.read_text())
+    assert time.time() - killed["time"] < 45           # far below the 60 s stall / collective timeouts
+    log0 = (run / "logs" / "train_rank0.log").read_text()
+    line = next(x for x in log0.splitlines() if "rank 0: a peer rank" in x)
+    assert "rank 1" in line and f"pid {killed['pid']}" in line and socket.gethostname() in line, line
+    assert "last alive" in line and str(run / "logs" / "train_rank1.log") in line, line
+    assert not (run / "logs" / "failed_rank1.txt").exists()     # it was named without a note
+    assert "Traceback" not in log0
