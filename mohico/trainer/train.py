@@ -47,6 +47,7 @@ from mohico.trainer.optim import SchedulePlan, build_optimizer, set_lr
 from mohico.trainer.resume_check import data_fingerprint
 from mohico.trainer.step_metrics import StepHealth, mean_over_ranks
 from mohico.trainer.nonfinite import NonFiniteGuard
+from mohico.trainer.liveness import AliveRecord
 from mohico.trainer.peer_failure import failing_together, note_failure, peer_notes
 from mohico.trainer.preemption import PREEMPTED_EXIT_CODE, Preemption, requeue
 from mohico.trainer.run_lock import acquire_on_rank0
@@ -235,7 +236,8 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir) -> int
     dog = Watchdog(cfg.trainer.stall_timeout_s, cfg.trainer.signal_grace_s,
                    lambda: loader_report(loader) + peer_notes(run_dir, rank),
                    probe=getattr(loader, "dead_workers", None),
-                   on_die=lambda reason: note_failure(run_dir, rank, reason)).start()
+                   on_die=lambda reason: note_failure(run_dir, rank, reason),
+                   liveness=AliveRecord(run_dir, rank)).start()     # peers can name this rank if it is killed
     metrics_file = open(run_dir / "logs" / "metrics.jsonl", "a") if rank == 0 else None
     bar = None
     if rank == 0 and sys.stderr.isatty():

@@ -18,6 +18,10 @@
   saving: the last published checkpoint stays intact. The signal is seen through
   ``signal.set_wakeup_fd``, which CPython's C-level handler writes to at once, whatever the
   main thread is doing.
+- **Liveness**: the stall thread also refreshes this rank's ``liveness`` record
+  (:class:`mohico.trainer.liveness.AliveRecord`: host, pid, time, what the loop waits for) every
+  ``liveness.REFRESH_S`` seconds, off the training loop's thread, so that a peer can name this
+  rank if it is killed from outside.
 """
 from __future__ import annotations
 
@@ -55,15 +59,17 @@ class Watchdog:
     """Daemon threads that end the process when the training loop stops making progress."""
 
     def __init__(self, stall_s: float, grace_s: float, describe: Callable[[], str] = lambda: "",
-                 probe: Callable[[], str] | None = None, on_die: Callable[[str], None] | None = None):
+                 probe: Callable[[], str] | None = None, on_die: Callable[[str], None] | None = None,
+                 liveness=None):
         self.stall_s, self.grace_s, self.describe = float(stall_s), float(grace_s), describe
-        self.probe, self.on_die = probe, on_die
+        self.probe, self.on_die, self.liveness = probe, on_die, liveness
         self.waiting_for = "the first batch"
         self._slack = 0.0
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._pipe: tuple[int, int] | None = None
         self._grace_thread: threading.Thread | None = None
+        self._stall_thread: threading.Thread | None = None
         self._old_wakeup = -1
 
     def beat(self, next_wait: str = "the next batch", collective: bool = False) -> None:
@@ -75,8 +81,9 @@ class Watchdog:
         self._slack = min(0.25 * self.stall_s, 60.0) if collective else 0.0
 
     def start(self) -> "Watchdog":
-        if self.stall_s > 0 or self.probe is not None:
-            threading.Thread(target=self._watch_stall, name="mohico-stall-watchdog", daemon=True).start()
+        if self.stall_s > 0 or self.probe is not None or self.liveness is not None:
+            self._stall_thread = threading.Thread(target=self._watch_stall, name="mohico-stall-watchdog", daemon=True)
+            self._stall_thread.start()
         if self.grace_s > 0 and threading.current_thread() is threading.main_thread():
             r, w = os.pipe()
             os.set_blocking(w, False)
@@ -92,6 +99,8 @@ class Watchdog:
         close the loader and W&B). The pipe is closed here, after the grace thread has ended, so
         the wake-up write can never meet a closed read end."""
         self._stop.set()
+        if self._stall_thread is not None:     # no liveness refresh after stop(): the caller writes the last one
+            self._stall_thread.join(5.0)
         if self._pipe is None:
             return
         r, w = self._pipe
@@ -108,7 +117,13 @@ class Watchdog:
             os.close(r)                          # else a daemon thread still reads it: the OS closes it at exit
 
     def _watch_stall(self) -> None:
-        while not self._stop.wait(1.0):
+        refreshed = -float("inf")
+        while True:
+            if self.liveness is not None and time.monotonic() - refreshed >= self.liveness.REFRESH_S:
+                self.liveness.refresh(f"waiting for {self.waiting_for}")        # never raises
+                refreshed = time.monotonic()
+            if self._stop.wait(1.0):
+                return
             dead = self.probe() if self.probe is not None else ""
             if dead:
                 _die(STALLED_EXIT_CODE, f"{dead}; {self.describe()}. Exiting with code {STALLED_EXIT_CODE} (the rank "
