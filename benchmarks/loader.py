@@ -194,6 +194,34 @@ def breakdown(cfg, shards: Path, n: int = 12) -> dict:
     return {"remux_ms": remux_ms, "dali_ms": dali_ms, "video_mb": len(s["webm"]) / 1e6, "prep_ms": prep_ms}
 
 
+def length_check(cfg, work: Path, args) -> None:
+    """clips/s of build_loader at the default R (<= 8, 60 s per sample) for 1- and 10-min videos,
+    alternated args.length_check times; the 10/1 ratio per adjacent pair, mean and spread."""
+    R, sec = READ_MODES[-1]
+    shards = {m: make_data(work, m) for m in (1, 10)}
+    pairs = []
+    for i in range(args.length_check):
+        order = (1, 10) if i % 2 == 0 else (10, 1)          # neither length always runs first
+        got = {m: run_reads(cfg, shards[m], R, sec, args.read_batches, args.step_ms / 1000, args.batch * 3)
+               for m in order}
+        pairs.append(got)
+        print(f"pair {i + 1}: 1 min {got[1]['clips_s']:.1f} clips/s ({got[1]['bytes_clip'] / 1e3:.0f} KB/clip), "
+              f"10 min {got[10]['clips_s']:.1f} clips/s ({got[10]['bytes_clip'] / 1e3:.0f} KB/clip)", flush=True)
+    one = np.array([p[1]["clips_s"] for p in pairs])
+    ten = np.array([p[10]["clips_s"] for p in pairs])
+    ratio = ten / one
+    kb = np.array([p[10]["bytes_clip"] / p[1]["bytes_clip"] for p in pairs])
+    print(f"\nDefault R (<= {R}, {sec:.0f} s/sample), {args.length_check} alternated pairs, {args.read_batches} "
+          f"batches of {args.batch} videos x 3 clips each, {args.workers} worker(s), simulated step {args.step_ms:.0f} ms\n")
+    print("| video | clips/s mean | clips/s std | KB read/clip |")
+    print("|---|---|---|---|")
+    for m, v in ((1, one), (10, ten)):
+        print(f"| {m} min | {v.mean():.1f} | {v.std(ddof=1) if len(v) > 1 else 0:.1f} | "
+              f"{np.mean([p[m]['bytes_clip'] for p in pairs]) / 1e3:.0f} |")
+    print(f"\nclips/s 10 min / 1 min per pair: {' '.join(f'{r:.2f}' for r in ratio)} (mean {ratio.mean():.2f}); "
+          f"KB/clip 10 min / 1 min: {kb.mean():.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/mohico-bench-loader")
@@ -204,6 +232,9 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=200.0)
     ap.add_argument("--reads-only", action="store_true", help="only the samples-per-read table")
     ap.add_argument("--read-batches", type=int, default=16)
+    ap.add_argument("--length-check", type=int, default=0, metavar="N",
+                    help="only clips/s at the default R, 1- and 10-min videos alternated N times (pairs adjacent "
+                         "in time, so a drifting load hits both lengths alike): mean, spread and 10/1 ratio")
     ap.add_argument("--worker-cpu", action="store_true",
                     help="only the worker's CPU ms per clip (read + parse + sample + remux) per R, in this process")
     args = ap.parse_args()
@@ -222,6 +253,9 @@ def main() -> None:
             got = [worker_cpu(cfg, make_data(work, m), R, sec, args.read_batches) for m in (1, 10)]
             name = f"{R}" if not sec else f"<= {R}, {sec:.0f} s/sample"
             print(f"| {name} | {got[0]['cpu_ms_clip']:.1f} | {got[1]['cpu_ms_clip']:.1f} |")
+        return
+    if args.length_check:
+        length_check(cfg, work, args)
         return
     reads = {}
     for minutes in (1, 10):
