@@ -65,9 +65,9 @@ def synth_clip_maps(videos: int, workdir: Path) -> list[np.ndarray]:
     import io
     import json
 
-    from mohico.datasets.pipeline_stream import iter_shard
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.load.pipeline_stream import iter_shard
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     synthesize(workdir / "videos", videos=videos, seed=7, fps=15, size=(160, 120), duration=8.0, topics=2)
     write_shards(workdir / "videos", workdir / "shards", short_side=112, fps=15, workers=1, progress=False)
@@ -84,7 +84,7 @@ def synth_clip_maps(videos: int, workdir: Path) -> list[np.ndarray]:
 
 
 def measure(fn, maps, seeds: int, area, coverage: float) -> dict:
-    from mohico.datasets.crops import box_coverage, hot_mask
+    from mohico.datasets.load.crops import box_coverage, hot_mask
 
     areas, covs, kinds = [], [], []
     for i, m in enumerate(maps):
@@ -108,9 +108,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=5, help="crops per map")
     ap.add_argument("--videos", type=int, default=4, help="synthetic videos (0: skip)")
     args = ap.parse_args()
-    from mohico.datasets.crops import motion_crop_box
+    from mohico.datasets.load.crops import motion_crop_box
 
-    before = function_at(args.before, "mohico/datasets/sampling.py", "motion_crop_box")
+    before = function_at(args.before, "mohico/datasets/load/sampling.py", "motion_crop_box")
     area, coverage = (0.2, 1.0), 0.8
     sets = [("blob 28x28", blob_maps(args.maps, 0, 28, (3, 14), None)),
             ("blob 7x7", blob_maps(args.maps, 1, 7, (1, 4), 0.1))]

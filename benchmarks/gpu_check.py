@@ -159,8 +159,8 @@ def check_correlation(device: str, N: int = 128, C: int = 64, S: int = 28, radiu
 # ------------------------------------------------------------------------------------------ decode
 def make_shards(work: Path, codec: str, videos: int = 4, seconds: float = 8.0) -> Path:
     """Synthetic 160x120 videos -> shards (short side 128, GOP 16), cached in ``work``."""
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     out = work / f"shards-{codec}"
     manifest = out / "manifest.json"
@@ -189,7 +189,7 @@ def loader_cfg(device: str, decoder: str, workers: int = 2, crop_size: int = 112
 def _batches(cfg, shards: Path, n: int):
     import torch
 
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     loader = build_loader(cfg, str(shards))
     it = iter(loader)

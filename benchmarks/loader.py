@@ -4,7 +4,7 @@ and several samples per read (data.samples_per_read R) side by side: clips/s, by
     .venv/bin/python benchmarks/loader.py [--work /tmp/mohico-bench-loader] [--workers 1]
         [--batch 4] [--batches 6] [--step-ms 200] [--reads-only] [--read-batches 16]
 
-Makes two synthetic VP9 videos per length (mohico.datasets.synth, 160x120, 15 fps) and their
+Makes two synthetic VP9 videos per length (mohico.datasets.synthetic.synth, 160x120, 15 fps) and their
 shards (short side 128, GOP 16, DIS motion), cached in --work. Then, side by side in this
 process, with the same sampler (MCL + HiCo, V = 3 clips of 16 frames at stride 2, 112 x 112):
   (a) build_loader: DataLoader workers read + sample + remux the clip's GOPs, DALI (CPU) decodes;
@@ -34,8 +34,8 @@ import torch
 
 
 def make_data(work: Path, minutes: int) -> Path:
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     vids, shards = work / f"videos-{minutes}min", work / f"shards-{minutes}min"
     if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get("complete"):
@@ -70,10 +70,10 @@ class NaiveDataset(torch.utils.data.IterableDataset):
 
         import torch
 
-        from mohico.datasets.pipeline_cpu import transform_clip
-        from mohico.datasets.pipeline_stream import iter_shard
-        from mohico.datasets.remux import decode_frames
-        from mohico.datasets.sampling import ClipSampler, sample_rng
+        from mohico.datasets.load.pipeline_cpu import transform_clip
+        from mohico.datasets.load.pipeline_stream import iter_shard
+        from mohico.datasets.load.remux import decode_frames
+        from mohico.datasets.load.sampling import ClipSampler, sample_rng
 
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -125,7 +125,7 @@ def run_reads(cfg, shards: Path, R: int, seconds: float, batches: int, step_s: f
     """build_loader at samples_per_read=R (seconds_per_sample=seconds): clips/s, wait, bytes/clip."""
     import copy
 
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     c = copy.deepcopy(cfg)
     c.data.samples_per_read, c.data.seconds_per_sample = R, seconds
@@ -140,8 +140,8 @@ def worker_cpu(cfg, shards: Path, R: int, seconds: float, batches: int) -> dict:
     unchanged by R, excluded): CPU ms per clip by time.process_time, robust to other jobs' load."""
     import copy
 
-    from mohico.datasets.pipeline import build_loader
-    from mohico.datasets.pipeline_worker import ProgressSchedule, worker_items
+    from mohico.datasets.load.pipeline import build_loader
+    from mohico.datasets.load.pipeline_worker import ProgressSchedule, worker_items
 
     c = copy.deepcopy(cfg)
     c.data.samples_per_read, c.data.seconds_per_sample = R, seconds
@@ -158,9 +158,9 @@ def worker_cpu(cfg, shards: Path, R: int, seconds: float, batches: int) -> dict:
 
 def breakdown(cfg, shards: Path, n: int = 12) -> dict:
     """Single process: remux one clip's GOPs; DALI-decode those bytes (ms per clip)."""
-    from mohico.datasets.dali_decode import DaliClipDecoder
-    from mohico.datasets.pipeline_stream import iter_shard
-    from mohico.datasets.remux import ClipRemuxer
+    from mohico.datasets.load.dali_decode import DaliClipDecoder
+    from mohico.datasets.load.pipeline_stream import iter_shard
+    from mohico.datasets.load.remux import ClipRemuxer
 
     s = next(iter_shard(str(sorted(shards.glob("*.tar"))[0])))
     meta = json.loads(s["json"])
@@ -182,9 +182,9 @@ def breakdown(cfg, shards: Path, n: int = 12) -> dict:
     dec.decode(clips)
     dali_ms = 1000 * (time.perf_counter() - t) / n
     # the worker's whole job for one sample (json + motion parse, sampler, 3 remuxes)
-    from mohico.datasets.pipeline import build_loader
-    from mohico.datasets.pipeline_worker import prepare_sample
-    from mohico.datasets.sampling import ClipSampler
+    from mohico.datasets.load.pipeline import build_loader
+    from mohico.datasets.load.pipeline_worker import prepare_sample
+    from mohico.datasets.load.sampling import ClipSampler
     spec = build_loader(cfg, str(shards)).spec
     sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
     t = time.perf_counter()
@@ -239,7 +239,7 @@ def main() -> None:
                     help="only the worker's CPU ms per clip (read + parse + sample + remux) per R, in this process")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     work = Path(args.work)
     cfg = config(args)

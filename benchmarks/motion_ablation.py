@@ -50,8 +50,8 @@ METRICS = (("knn", "top1"), ("retrieval", "recall@1"), ("retrieval", "recall@5")
 
 def make_data(work: Path, train_videos: int, test_videos: int, size: int, workers: int) -> tuple[Path, Path]:
     """Labelled train / test shards of the motion benchmark: videos 0..N-1 and N..N+M-1 of seed 1."""
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     out = []
     for split, n, first in (("train", train_videos, 0), ("test", test_videos, train_videos)):
@@ -163,7 +163,7 @@ def motion_probe(run: Path, videos: tuple[Path, Path], cfg, clips: int) -> dict:
     import numpy as np
     import torch
 
-    from mohico.datasets.sampling import clip_frames
+    from mohico.datasets.load.sampling import clip_frames
     from mohico.trainer.knn_eval import eval_starts, knn_scores
 
     f = np.load(run / "features.npz")

@@ -2,7 +2,7 @@
 
 For each real clip (cockatoo.mp4, bikes.mp4; fetched and cached by tests/_videos.py) the frames are
 brought to the shard form (CFR 15 fps, short side N) once, then every flow method computes the
-motion maps of mohico.datasets.motion (flow -> motion boundaries -> 8x8 block means) on one
+motion maps of mohico.datasets.write.motion (flow -> motion boundaries -> 8x8 block means) on one
 thread. Reported per method:
 
 - throughput: frames/s on one core (cv2.setNumThreads(1)), and the speed-up over TV-L1;
@@ -12,7 +12,7 @@ thread. Reported per method:
   with +-10% multiplicative noise; motion_crop_box's IoU is low even there, since it takes the first
   of random draws that reaches the coverage, so a small change of the hot cells picks another box): clips of 16 frames at stride 2 (every 8th start); each clip's
   S-motion (mean map) gives a box (a) by the simple rule "bounding box of the cells at or above
-  the 90th percentile" and (b) by mohico.datasets.sampling.motion_crop_box (MCL's crop, the same
+  the 90th percentile" and (b) by mohico.datasets.load.sampling.motion_crop_box (MCL's crop, the same
   random draws for both methods); IoU of the two methods' boxes, averaged over clips.
 
 TV-L1 lives in opencv-contrib-python, which must not share a venv with opencv-python (same cv2
@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def shard_frames(path: Path, short_side: int, fps: int, max_frames: int) -> list[np.ndarray]:
-    from mohico.datasets.transcode import transcode
+    from mohico.datasets.write.transcode import transcode
 
     frames: list[np.ndarray] = []
     transcode(path, "vp9", short_side, fps, 16, on_frame=lambda g: frames.append(g) if len(frames) < max_frames else None)
@@ -48,7 +48,7 @@ def shard_frames(path: Path, short_side: int, fps: int, max_frames: int) -> list
 
 
 def run_method(method: str, frames) -> tuple[np.ndarray, float]:
-    from mohico.datasets.motion import MotionMapper
+    from mohico.datasets.write.motion import MotionMapper
 
     mm = MotionMapper(method)
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def iou(a, b) -> float:
 
 
 def box_ious(maps_a, maps_b, clip_len=16, stride=2, step=8, seeds=5):
-    from mohico.datasets.sampling import motion_crop_box
+    from mohico.datasets.load.sampling import motion_crop_box
 
     span = (clip_len - 1) * stride + 1
     simple, mcl = [], []

@@ -54,8 +54,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mohico.config import load_config
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
     from mohico.trainer.knn_eval import iter_labelled, load_eval_backbone
 
     work = Path(args.work)

@@ -32,7 +32,7 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 @pytest.fixture(scope="session")
 def synth_videos(tmp_path_factory) -> Path:
     """Six 8-second VP9 synthetic videos (160x120, 15 fps) with ground-truth JSON."""
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.synthetic.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, videos=6, seed=1234, codec="vp9", fps=15, size=(160, 120), duration=8.0, topics=3)
@@ -42,7 +42,7 @@ def synth_videos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_videos, tmp_path_factory) -> Path:
     """The synthetic videos written as WebDataset shards (2 shards, DALI index files, manifest)."""
-    from mohico.datasets.shards import write_shards
+    from mohico.datasets.write.shards import write_shards
 
     out = tmp_path_factory.mktemp("shards")
     write_shards(synth_videos, out, codec="vp9", short_side=112, fps=15, gop=16,

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mohico.config import load_config
-from mohico.datasets.benchmark_layouts import split_inputs
-from mohico.datasets.benchmark_synth import synth_benchmark
+from mohico.datasets.write.benchmark_layouts import split_inputs
+from mohico.datasets.synthetic.benchmark_synth import synth_benchmark
 from mohico.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_hmdb51_split_markers(tmp_path):
 
 @pytest.mark.slow
 def test_layout_shards_carry_class_labels_and_eval_reads_a_torchvision_state_dict(ucf_shards, tmp_path):
-    from mohico.datasets.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
     from mohico.models.backbones import build_backbone
     from mohico.models.export import save_backbone, to_torchvision
     from mohico.trainer.knn_eval import load_eval_backbone

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mohico.config import Config, load_config
-from mohico.datasets import sampling as S
-from mohico.datasets.shard_geometry import check_crop_resolution, required_short_side, shards_short_side
+from mohico.datasets.load import sampling as S
+from mohico.datasets.load.shard_geometry import check_crop_resolution, required_short_side, shards_short_side
 from mohico.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_loader_fails_at_start_when_crops_would_upsample(synth_shards, tmp_path)
     urls = sorted(str(p) for p in synth_shards.glob("*.tar"))
     assert shards_short_side(urls)[0] == 112
     with pytest.raises(ConfigError, match=r"--short-side 252") as e:
-        from mohico.datasets.pipeline import build_loader
+        from mohico.datasets.load.pipeline import build_loader
         build_loader(cfg, str(synth_shards))
     assert "data.crop_size" in str(e.value) and "manifest.json" in str(e.value)
     cfg.data.crop_size = 50                           # 112 * sqrt(0.2) = 50.09: fits
@@ -114,8 +114,8 @@ def test_loader_fails_at_start_when_crops_would_upsample(synth_shards, tmp_path)
 @pytest.fixture(scope="module")
 def shards_at_fps(tmp_path_factory):
     """Two 4-second 30 fps synthetic videos written as shards at 15, 25 and 30 fps."""
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     root = tmp_path_factory.mktemp("fps")
     synthesize(root / "v", videos=2, seed=3, fps=30, size=(96, 72), duration=4.0, topics=2)
@@ -130,7 +130,7 @@ def shards_at_fps(tmp_path_factory):
 def test_loader_spans_the_same_seconds_on_shards_at_15_25_30_fps(shards_at_fps, reference_fps):
     """8 frames at stride 2 of 15 fps = 1.07 s whatever fps the shards were written at; with
     reference_fps 0 (strides in stored frames) the span shrinks with the shards' fps."""
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     spans = {}
     for fps, shards in shards_at_fps.items():
@@ -157,7 +157,7 @@ def test_loader_spans_the_same_seconds_on_shards_at_15_25_30_fps(shards_at_fps, 
 
 def test_low_fps_shards_are_resampled_by_frame_index_not_stretched(shards_at_fps):
     """8 frames at 30 fps (0.27 s) from 15 fps shards: stride 0.5, frames repeat, the span holds."""
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     cfg = Config()
     cfg.objectives.mcl.weight = 1.0

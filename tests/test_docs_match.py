@@ -13,7 +13,7 @@ ARCH = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
 
 
 def test_write_shards_defaults_are_the_clis():
-    from mohico.datasets.shards import write_shards
+    from mohico.datasets.write.shards import write_shards
     from mohico.launcher.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
@@ -25,7 +25,7 @@ def test_write_shards_defaults_are_the_clis():
 
 
 def test_architecture_shows_write_shards_real_signature():
-    from mohico.datasets.shards import write_shards
+    from mohico.datasets.write.shards import write_shards
 
     m = re.search(r"`write_shards\((.*?)\) -> manifest dict`", ARCH, flags=re.S)
     assert m, "docs/ARCHITECTURE.md lost the write_shards signature"
@@ -47,8 +47,8 @@ def test_readme_says_what_the_tests_download():
 
 
 def test_docs_say_what_the_idx_files_are_for():
-    import mohico.datasets.pipeline as pipeline
-    import mohico.datasets.pipeline_stream as stream
+    import mohico.datasets.load.pipeline as pipeline
+    import mohico.datasets.load.pipeline_stream as stream
 
     loader_src = inspect.getsource(pipeline) + inspect.getsource(stream)
     assert ".idx" not in loader_src and "index_paths" not in loader_src      # the loader does not read them ...

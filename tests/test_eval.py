@@ -68,7 +68,7 @@ def test_eval_starts_and_center_box():
 @pytest.fixture(scope="module")
 def labelled_shards(synth_videos, tmp_path_factory) -> Path:
     """The conftest videos (3 topics) as shards with topic labels (the session shards carry none)."""
-    from mohico.datasets.shards import write_shards
+    from mohico.datasets.write.shards import write_shards
 
     out = tmp_path_factory.mktemp("labelled")
     write_shards(synth_videos, out, codec="vp9", short_side=64, fps=15, gop=16, max_shard_size=10_000_000,

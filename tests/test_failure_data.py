@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from mohico.datasets.pipeline import build_loader
-from mohico.datasets.pipeline_stream import iter_shard
+from mohico.datasets.load.pipeline import build_loader
+from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.errors import ConfigError, MohicoError
 from mohico.trainer.batches import next_batch
 from tests.test_pipeline import _member, small_cfg
@@ -211,7 +211,7 @@ def test_motion_npy_not_matching_the_json_is_skipped_and_counted(synth_shards, t
     (b'{"a.webm": true}', "the label of 'a.webm' is True"),
 ])
 def test_malformed_labels_file_is_a_clear_error(tmp_path, content, pattern):
-    from mohico.datasets.shards_inputs import load_labels
+    from mohico.datasets.write.shards_inputs import load_labels
     from mohico.errors import UsageError
 
     path = tmp_path / ("labels.json" if content.startswith(b"{") else "labels.txt")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mohico.config import load_config
-from mohico.datasets.benchmark_synth import synth_benchmark
-from mohico.datasets.sampling import stable_hash
+from mohico.datasets.synthetic.benchmark_synth import synth_benchmark
+from mohico.datasets.load.sampling import stable_hash
 from mohico.errors import ConfigError
 from mohico.trainer.finetune import IGNORE, FinetuneModule, scan_labels
 

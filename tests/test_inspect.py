@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mohico.config import load_config
-from mohico.datasets.inspect_overlays import COLORS, draw_sample, overlays_for
-from mohico.datasets.inspect_sample import HEADER, TILE_H, read_sample
+from mohico.datasets.inspect.inspect_overlays import COLORS, draw_sample, overlays_for
+from mohico.datasets.inspect.inspect_sample import HEADER, TILE_H, read_sample
 from mohico.launcher.cli import main
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -26,7 +26,7 @@ def shard_of(shards: Path) -> dict:
 def test_overlays_equal_the_loaders_draw(synth_shards):
     """The strongest independent check: the loader's batches (frames, pixel boxes, flip, crop
     method) for each key equal the overlays inspect builds for the same seed/epoch/rank/progress."""
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     cfg = load_config(TINY, SETS)
     where = shard_of(synth_shards)
@@ -108,7 +108,7 @@ def test_cli_errors(synth_shards, tmp_path, capsys):
 def test_config_picture_frames_in_time_order_and_labelled_curve(synth_shards, tmp_path):
     """The frame tiles' captions (f<index> <seconds>) run in time order across views, and the
     T-motion curve's axes carry labels."""
-    from mohico.datasets.inspect_sample import CURVE_H, render_sample
+    from mohico.datasets.inspect.inspect_sample import CURVE_H, render_sample
 
     where = shard_of(synth_shards)
     key = min(where)
@@ -116,7 +116,7 @@ def test_config_picture_frames_in_time_order_and_labelled_curve(synth_shards, tm
     s = read_sample(where[key], key)
     ovs = overlays_for(draw_sample(cfg, where[key], s, progress=0.9))
     calls = []
-    import mohico.datasets.inspect_sample as ins
+    import mohico.datasets.inspect.inspect_sample as ins
     real = ins._text
 
     def spy(img, text, org, *a, **k):

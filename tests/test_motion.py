@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _videos import object_box, object_frames, pan_frames
-from mohico.datasets import motion as M
+from mohico.datasets.write import motion as M
 from mohico.errors import MohicoError
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from mohico.config import Config
-from mohico.datasets import sampling as S
-from mohico.datasets.pipeline import build_loader
-from mohico.datasets.pipeline_cpu import transform_clip
-from mohico.datasets.pipeline_stream import iter_shard
-from mohico.datasets.remux import ClipRemuxer, decode_frames
+from mohico.datasets.load import sampling as S
+from mohico.datasets.load.pipeline import build_loader
+from mohico.datasets.load.pipeline_cpu import transform_clip
+from mohico.datasets.load.pipeline_stream import iter_shard
+from mohico.datasets.load.remux import ClipRemuxer, decode_frames
 
 NO_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
           "blur_sigma": 0.0, "flip": False}
@@ -66,7 +66,7 @@ def test_remux_gives_the_same_frames_as_a_full_decode(synth_shards):
                                           "grayscale": False, "blur_sigma": 1.1, "flip": True},
                                  {**NO_AUG, "grayscale": True, "flip": True}])
 def test_dali_cpu_equals_pyav_path(synth_shards, aug):
-    from mohico.datasets.dali_decode import DaliClipDecoder
+    from mohico.datasets.load.dali_decode import DaliClipDecoder
 
     s = samples(synth_shards)[1]
     meta = json.loads(s["json"])
@@ -351,8 +351,8 @@ def test_sampled_clips_avoid_the_synthetic_videos_shot_cuts(synth_shards, synth_
 
 def test_h264_shards_decode_with_pyav_on_cpu(tmp_path):
     """DALI's CPU decoder cannot read H.264: the loader decodes it with PyAV, same sampling."""
-    from mohico.datasets.shards import write_shards
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.write.shards import write_shards
+    from mohico.datasets.synthetic.synth import synthesize
 
     synthesize(tmp_path / "v", videos=2, seed=5, codec="h264", fps=15, size=(96, 72), duration=3.0, topics=2)
     write_shards(tmp_path / "v", tmp_path / "s", codec="h264", short_side=64, fps=15, gop=16,
@@ -370,7 +370,7 @@ def test_h264_shards_decode_with_pyav_on_cpu(tmp_path):
 _RANK_SCRIPT = """
 import os, sys, time
 from mohico.config import load_config
-from mohico.datasets.pipeline import build_loader
+from mohico.datasets.load.pipeline import build_loader
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1], [f"data.shards={sys.argv[2]}", "data.num_workers=1"])
     it = iter(build_loader(cfg, sys.argv[2]))

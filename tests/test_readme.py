@@ -150,7 +150,7 @@ def test_readme_python_snippets_run_as_written(workdir):
 @pytest.mark.slow
 def test_readme_shards_command_runs_as_written(tmp_path, monkeypatch):
     """`mohico shards` exactly as written, on two small synthetic videos at /data/videos's place."""
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.synthetic.synth import synthesize
 
     (cmd,) = [a for a in shell_commands() if a[:2] == ["mohico", "shards"] and "/data/videos" in a]
     monkeypatch.chdir(tmp_path)

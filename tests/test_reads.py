@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mohico.datasets import sampling as S
-from mohico.datasets.pipeline import build_loader
-from mohico.datasets.pipeline_stream import SampleStream, iter_shard
-from mohico.datasets.pipeline_worker import draws_per_read
+from mohico.datasets.load import sampling as S
+from mohico.datasets.load.pipeline import build_loader
+from mohico.datasets.load.pipeline_stream import SampleStream, iter_shard
+from mohico.datasets.load.pipeline_worker import draws_per_read
 from mohico.trainer.io_meter import IOMeter
 from test_pipeline import _same, _take, small_cfg
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mohico.config import Config
-from mohico.datasets import sampling as S
+from mohico.datasets.load import sampling as S
 
 
 def rng(i=0):

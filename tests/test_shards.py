@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from _videos import object_frames, pan_frames, real_clip, write_video
-from mohico.datasets import shards as S
+from mohico.datasets.write import shards as S
 from mohico.errors import MohicoError
 
 GOOD = {"pan.webm", "obj.mp4", "sub/obj2.avi", "vfr.mkv"}
@@ -106,7 +106,7 @@ def test_metadata_matches_decoded_frames(written, src):
     import av
     import webdataset as wds
 
-    from mohico.datasets.motion import MotionMapper, dequantise
+    from mohico.datasets.write.motion import MotionMapper, dequantise
 
     out, man = written
     tars = [str(out / s["name"]) for s in man["shards"]]
@@ -289,7 +289,7 @@ def test_cli_shards_and_inspect(src, tmp_path, capsys):
 
 
 def test_inspect_overlays_hook(written):
-    from mohico.datasets.inspect_sample import render_sample
+    from mohico.datasets.inspect.inspect_sample import render_sample
 
     out, man = written
     shard = out / man["shards"][0]["name"]
@@ -365,7 +365,7 @@ def test_hard_kill_then_resume_equals_uninterrupted(src, written, tmp_path):
     ref_out, ref = written
     out, marker = tmp_path / "out", tmp_path / "marker"
     script = f"""
-import time, mohico.datasets.shards as S
+import time, mohico.datasets.write.shards as S
 real = S.make_sample
 def slow(task):
     r = real(task)

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from mohico.datasets import synth
-from mohico.datasets.synth import synthesize, synthesize_one
-from mohico.datasets.synth_scene import LEVEL_SPEED, make_topic, plan_shots
+from mohico.datasets.synthetic import synth
+from mohico.datasets.synthetic.synth import synthesize, synthesize_one
+from mohico.datasets.synthetic.synth_scene import LEVEL_SPEED, make_topic, plan_shots
 from mohico.errors import MohicoError, UsageError
 
 SEED, VIDEOS, TOPICS, DURATION = 7, 4, 2, 6.0

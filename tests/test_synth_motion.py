@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from mohico.datasets.synth import synthesize
-from mohico.datasets.synth_motion import MOTION_CLASSES
+from mohico.datasets.synthetic.synth import synthesize
+from mohico.datasets.synthetic.synth_motion import MOTION_CLASSES
 
 SEED, FPS, SIZE, DURATION = 3, 15, (64, 64), 5.0
 

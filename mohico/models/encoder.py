@@ -82,7 +82,7 @@ def shards_fps(shards) -> Optional[float]:
     if not shards:
         return None
     try:
-        from mohico.datasets.pipeline_stream import expand_shards
+        from mohico.datasets.load.pipeline_stream import expand_shards
 
         first = Path(expand_shards(shards)[0])
         return float(json.loads((first.parent / "manifest.json").read_text())["options"]["fps"])

@@ -55,7 +55,7 @@ class FeatureSet:
         """Labels from ``labels`` (source name, file name, stem or key) where given, else the shards'."""
         if not labels:
             return self
-        from mohico.datasets.shards_inputs import label_for
+        from mohico.datasets.write.shards_inputs import label_for
 
         new = []
         for key, src, old in zip(self.keys, self.sources, self.labels):
@@ -150,7 +150,7 @@ def backbone_digest(backbone: nn.Module) -> str:
 
 
 def cache_key(backbone: nn.Module, shards, data_cfg, clips_per_video: int, spatial_crops: int) -> str:
-    from mohico.datasets.pipeline_stream import expand_shards
+    from mohico.datasets.load.pipeline_stream import expand_shards
 
     files = []
     for u in expand_shards(shards):

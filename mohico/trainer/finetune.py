@@ -39,8 +39,8 @@ IGNORE = -100
 def scan_labels(shards, labels: Optional[dict] = None) -> dict[str, object]:
     """``{key: label}`` of every sample of ``shards`` (its json ``label``, or ``labels`` by source
     name / file name / stem / key), reading only the json members; unlabelled samples are absent."""
-    from mohico.datasets.pipeline_stream import expand_shards
-    from mohico.datasets.shards_inputs import label_for
+    from mohico.datasets.load.pipeline_stream import expand_shards
+    from mohico.datasets.write.shards_inputs import label_for
 
     out: dict[str, object] = {}
     for url in expand_shards(shards):
@@ -77,8 +77,8 @@ class FinetuneModule(nn.Module):
 
     def __init__(self, cfg, load_pretrained: bool = True):
         super().__init__()
-        from mohico.datasets.sampling import stable_hash
-        from mohico.datasets.shards_inputs import load_labels
+        from mohico.datasets.load.sampling import stable_hash
+        from mohico.datasets.write.shards_inputs import load_labels
         from mohico.models.backbones import build_backbone
         from mohico.trainer.knn_eval import load_eval_backbone
 
@@ -174,7 +174,7 @@ def finetune_test(cfg, progress: bool = False) -> dict:
                           f"unexpected {unexpected[:3]})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.eval().to(device)
-    from mohico.datasets.shards_inputs import load_labels
+    from mohico.datasets.write.shards_inputs import load_labels
 
     labels = load_labels(ft.labels) if ft.labels else None
     index = {c: i for i, c in enumerate(module.classes)}
@@ -184,7 +184,7 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     for v in tqdm(videos, desc="finetune test", unit="video", disable=not progress, dynamic_ncols=True):
         lab = v.label
         if labels:
-            from mohico.datasets.shards_inputs import label_for
+            from mohico.datasets.write.shards_inputs import label_for
 
             lab = label_for(labels, v.source) if v.source else None
             lab = lab if lab is not None else labels.get(v.key, v.label)

@@ -12,9 +12,9 @@ A video's embedding is the mean of the L2-normalised pooled backbone embeddings 
 ``clips_per_video`` clips (``data.clip_len`` frames at ``data.frame_stride``, centred in equal
 segments of the video; one clip = the centre clip), each a centre square crop of the short side
 resized to ``data.crop_size`` and normalised with ``data.mean`` / ``data.std`` -- deterministic,
-no augmentation. Clips are cut with :class:`mohico.datasets.remux.ClipRemuxer`, decoded by
-:func:`mohico.datasets.remux.decode_frames` and transformed by
-:func:`mohico.datasets.pipeline_cpu.transform_clip` (the training pipeline's PyAV path).
+no augmentation. Clips are cut with :class:`mohico.datasets.load.remux.ClipRemuxer`, decoded by
+:func:`mohico.datasets.load.remux.decode_frames` and transformed by
+:func:`mohico.datasets.load.pipeline_cpu.transform_clip` (the training pipeline's PyAV path).
 
 Labels are the shard json's ``label`` field (``mohico shards --labels``); integer or string
 labels are mapped to class indices in sorted order of the union of train and val labels. A val
@@ -83,7 +83,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 # --------------------------------------------------------------------------- deterministic clips
 def eval_starts(num_frames: int, clip_len: int, stride: float, clips: int) -> list[int]:
     """Start frames of ``clips`` clips centred in equal segments of the video (1: the centre clip)."""
-    from mohico.datasets.sampling import clip_span, max_start
+    from mohico.datasets.load.sampling import clip_span, max_start
 
     span, hi = clip_span(clip_len, stride), max_start(num_frames, clip_len, stride)
     return [int(min(max(round((i + 0.5) * num_frames / clips - span / 2), 0), hi)) for i in range(clips)]
@@ -121,10 +121,10 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
     ``clips_per_video`` temporal clips x ``spatial_crops`` crops (:func:`crop_boxes`) each.
     Raises MohicoError for a sample that cannot be read, and (``require_label``) for one without
     a ``label``."""
-    from mohico.datasets.pipeline_cpu import transform_clip
-    from mohico.datasets.pipeline_stream import expand_shards, iter_shard
-    from mohico.datasets.remux import ClipRemuxer, decode_frames
-    from mohico.datasets.sampling import clip_frames, video_stride
+    from mohico.datasets.load.pipeline_cpu import transform_clip
+    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.load.remux import ClipRemuxer, decode_frames
+    from mohico.datasets.load.sampling import clip_frames, video_stride
 
     for url in expand_shards(shards):
         errors: list[str] = []

@@ -26,8 +26,8 @@ class OnlineKnn:
     """``due(step)`` -> bool; ``run(backbone) -> {"knn/top1", "knn/top5", "knn/time_s"}``."""
 
     def __init__(self, cfg, device: torch.device):
-        from mohico.datasets.pipeline_stream import expand_shards
-        from mohico.datasets.shards_inputs import load_labels
+        from mohico.datasets.load.pipeline_stream import expand_shards
+        from mohico.datasets.write.shards_inputs import load_labels
 
         self.cfg, self.ev, self.device = cfg, cfg.eval, torch.device(device)
         self.val = self.ev.val_shards

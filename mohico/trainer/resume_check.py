@@ -41,7 +41,7 @@ def data_fingerprint(shards) -> str | None:
     a manifest entry count by their URL. ``None`` if ``shards`` is empty or cannot be expanded."""
     if not shards:
         return None
-    from mohico.datasets.pipeline_stream import expand_shards
+    from mohico.datasets.load.pipeline_stream import expand_shards
 
     try:
         urls = expand_shards(shards)

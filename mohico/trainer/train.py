@@ -108,7 +108,7 @@ def _default_module(cfg):
 
 
 def _default_loader(cfg, rank, world):
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     return build_loader(cfg, cfg.data.shards, rank=rank, world_size=world)
 
@@ -151,7 +151,7 @@ def reshard_bank_states(module, states: list, world: int, rank: int):
 def train(cfg, build_module=None, build_loader=None) -> int:
     """Run (or resume) training for ``cfg``; returns 0, or PREEMPTED_EXIT_CODE after a
     preemption checkpoint. ``build_module(cfg)`` / ``build_loader(cfg, rank, world)`` default
-    to PretrainModule and datasets.pipeline.build_loader."""
+    to PretrainModule and datasets.load.pipeline.build_loader."""
     build_module = build_module or _default_module
     build_loader = build_loader or _default_loader
     setup_determinism(cfg)

@@ -106,7 +106,7 @@ def run(args) -> int:
     import torch
 
     from mohico.config import load_config
-    from mohico.datasets.shards_inputs import load_labels
+    from mohico.datasets.write.shards_inputs import load_labels
     from mohico.errors import UsageError
     from mohico.trainer.eval_protocols import run_protocol
     from mohico.trainer.eval_report import log_wandb, results_table, write_results

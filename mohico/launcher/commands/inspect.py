@@ -28,7 +28,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from mohico.datasets.inspect_sample import read_sample, render_sample
+    from mohico.datasets.inspect.inspect_sample import read_sample, render_sample
     from mohico.errors import UsageError
 
     if args.frames < 1:
@@ -50,7 +50,7 @@ def run(args) -> int:
             raise UsageError(f"--{name} must be >= 0")
 
     from mohico.config import load_config
-    from mohico.datasets.inspect_overlays import draw_sample, notes_for, overlays_for
+    from mohico.datasets.inspect.inspect_overlays import draw_sample, notes_for, overlays_for
 
     overrides = list(args.overrides)
     if args.seed is not None:

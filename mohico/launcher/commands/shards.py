@@ -14,7 +14,7 @@ DESCRIPTION = (
 def add_arguments(p):
     p.add_argument("src", help="folder of videos (searched recursively; .json files are ignored) or a text file with one path per line")
     p.add_argument("out", help="output folder for shards, index files and manifest.json")
-    from mohico.datasets import shard_defaults as S
+    from mohico.datasets.write import shard_defaults as S
 
     p.add_argument("--codec", choices=["vp9", "h264"], default=S.DEFAULT_CODEC,
                    help="vp9 (.webm; decodes on DALI's CPU and GPU decoders, default) or h264 (.mp4; DALI GPU only)")
@@ -46,7 +46,7 @@ def add_arguments(p):
 def run(args) -> int:
     import os
 
-    from mohico.datasets.shards import parse_size, write_shards
+    from mohico.datasets.write.shards import parse_size, write_shards
     from mohico.errors import UsageError
 
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
@@ -77,8 +77,8 @@ def _run_layout(args, workers: int) -> int:
     import json
     from pathlib import Path
 
-    from mohico.datasets.benchmark_layouts import split_inputs
-    from mohico.datasets.shards import parse_size, write_shards
+    from mohico.datasets.write.benchmark_layouts import split_inputs
+    from mohico.datasets.write.shards import parse_size, write_shards
     from mohico.errors import UsageError
     from mohico.utils import atomic_write_text
 

@@ -59,11 +59,11 @@ def add_arguments(p):
 def run(args) -> int:
     import time
 
-    from mohico.datasets.synth import synthesize
+    from mohico.datasets.synthetic.synth import synthesize
 
     t0 = time.perf_counter()
     if args.layout is not None:
-        from mohico.datasets.benchmark_synth import synth_benchmark
+        from mohico.datasets.synthetic.benchmark_synth import synth_benchmark
 
         res = synth_benchmark(args.out, args.layout, classes=args.topics, per_class=args.videos, seed=args.seed,
                               fps=args.fps, size=args.size, duration=args.duration)

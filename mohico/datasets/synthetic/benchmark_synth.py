@@ -1,7 +1,7 @@
 """Small synthetic UCF101 / HMDB51 trees: the real folder layout, file names and split files,
 filled with synthetic videos (``mohico synth OUT --layout ucf101|hmdb51``).
 
-A class is a synthetic topic (:func:`mohico.datasets.synth.synthesize_one`; palettes, textures
+A class is a synthetic topic (:func:`mohico.datasets.synthetic.synth.synthesize_one`; palettes, textures
 and object kinds), so the classes are learnable. Videos are VP9 remuxed into ``.avi``.
 
 UCF101: ``OUT/UCF-101/<Class>/v_<Class>_gGG_cCC.avi`` and ``OUT/ucfTrainTestlist/`` with
@@ -48,7 +48,7 @@ def _remux_avi(src: Path, dst: Path) -> None:
 def synth_benchmark(out: str | os.PathLike, layout: str, classes: int = 3, per_class: int = 6, seed: int = 0,
                     fps: int = 15, size: tuple[int, int] = (160, 120), duration: float = 4.0) -> dict:
     """Write the tree (module docstring); returns ``{"videos": root, "splits": split folder, "num_videos"}``."""
-    from mohico.datasets.synth import synthesize_one
+    from mohico.datasets.synthetic.synth import synthesize_one
 
     if layout not in ("ucf101", "hmdb51"):
         raise UsageError(f"--layout must be ucf101 or hmdb51, got {layout!r}")

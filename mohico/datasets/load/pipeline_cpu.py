@@ -2,7 +2,7 @@
 
 Used for codecs the local DALI backend cannot decode (H.264 without a GPU) and as an independent
 reference in tests. Per clip, with one augmentation draw shared by its frames
-(:func:`mohico.datasets.sampling.draw_augment`):
+(:func:`mohico.datasets.load.sampling.draw_augment`):
 
     crop box -> resize to (S, S) -> colour twist (brightness, contrast, saturation, hue;
     greyscale = saturation 0) -> Gaussian blur -> horizontal flip -> normalise -> (C, T, S, S)

@@ -37,8 +37,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mohico.datasets.synth_scene import (PATTERNS, SHAPES, ObjectPlan, ShotPlan, background_canvas, make_sprite,
-                                         make_topic, shot_bounds)
+from mohico.datasets.synthetic.synth_scene import (PATTERNS, SHAPES, ObjectPlan, ShotPlan, background_canvas,
+                                                   make_sprite, make_topic, shot_bounds)
+from mohico.datasets.synthetic.synth_video import clip_box, encode_video, paste_sprite, rgb_to_yuv420p, video_name
+from mohico.utils import atomic_write_json
 
 GENERATOR = "mohico-synth-motion"
 VERSION = 1
@@ -185,15 +187,13 @@ class MotionShotRenderer:
 
     def frame(self, k: int) -> np.ndarray:
         """Local frame ``k``: ``(H, W, 3)`` float32 RGB in [0, 255]."""
-        from mohico.datasets.synth import _paste
-
         W, H = self.width, self.height
         tx, ty = self.camera(k)
         centre = (self.origin[0] - tx + (W - 1) / 2.0, self.origin[1] - ty + (H - 1) / 2.0)
         img = cv2.getRectSubPix(self.canvas, (W, H), centre)
         for sprite, (_, scales), box in zip(self.sprites, self.states, self.boxes(k)):
             s = _resize_sprite(sprite, float(scales[k]))
-            _paste(img, s, box[1], box[2])
+            paste_sprite(img, s, box[1], box[2])
         img += self.noise.normal(0.0, self.shot.look.noise_sigma, img.shape).astype(np.float32)
         return np.clip(img, 0.0, 255.0, out=img)
 
@@ -201,9 +201,6 @@ class MotionShotRenderer:
 def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fps=15,
                           size: tuple[int, int] = (64, 64), duration: float = 8.0) -> Path:
     """Write motion video ``index`` of dataset ``seed`` and its ground truth; returns the video path."""
-    from mohico.datasets.synth import _clip_box, _encode, rgb_to_yuv420p, video_name
-    from mohico.utils import atomic_write_json
-
     width, height = size
     num_frames = int(round(duration * fps))
     label_index = index % len(MOTION_CLASSES)
@@ -219,11 +216,11 @@ def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fp
     def frames():
         for shot, r in zip(shots, renderers):
             for k in range(shot.end - shot.start):
-                clipped = [_clip_box(int(b[0]), *b[1:], width, height) for b in r.boxes(k)]
+                clipped = [clip_box(int(b[0]), *b[1:], width, height) for b in r.boxes(k)]
                 boxes.append([[round(v, 3) for v in b] for b in clipped if b is not None])
                 yield rgb_to_yuv420p(r.frame(k))
 
-    _encode(path, codec, fps, width, height, frames())
+    encode_video(path, codec, fps, width, height, frames())
     gt = {
         "generator": {"name": GENERATOR, "version": VERSION}, "task": "motion",
         "seed": seed, "index": index, "file": path.name, "codec": codec,

@@ -12,7 +12,7 @@ def forkserver_context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", "mohico.datasets.forkserver_signals"])
+    ctx.set_forkserver_preload(["__main__", "mohico.datasets.load.forkserver_signals"])
     return ctx
 
 

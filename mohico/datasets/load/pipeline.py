@@ -7,12 +7,12 @@
     loader.stats()                               # skipped samples, read errors, data wait
 
 Work split: torch DataLoader workers (``data.num_workers``) read the tars with webdataset, run
-the sampler (:mod:`mohico.datasets.sampling`) and remux each clip's GOPs with PyAV
-(:mod:`mohico.datasets.remux`); the main process decodes, crops, resizes, augments and normalises
-them with DALI (:mod:`mohico.datasets.dali_decode`, device ``"mixed"`` on a GPU, ``"cpu"``
+the sampler (:mod:`mohico.datasets.load.sampling`) and remux each clip's GOPs with PyAV
+(:mod:`mohico.datasets.load.remux`); the main process decodes, crops, resizes, augments and normalises
+them with DALI (:mod:`mohico.datasets.load.dali_decode`, device ``"mixed"`` on a GPU, ``"cpu"``
 otherwise). Codecs the local DALI backend cannot decode (H.264 without a GPU) are decoded with
 PyAV in the workers and transformed by the numpy twin of the DALI graph
-(:mod:`mohico.datasets.pipeline_cpu`), with the same sampling. Workers start through the
+(:mod:`mohico.datasets.load.pipeline_cpu`), with the same sampling. Workers start through the
 ``forkserver`` context: forking the main process after DALI has started its threads hung the
 children in tests.
 
@@ -50,11 +50,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from mohico.datasets.loader_checks import check_enough_samples, no_usable_data_message
-from mohico.datasets.loader_workers import exit_with_rank, forkserver_context
-from mohico.datasets.pipeline_stream import expand_shards
-from mohico.datasets.pipeline_worker import (ProgressSchedule, WorkerSpec, worker_items)
-from mohico.datasets.shard_geometry import check_crop_resolution
+from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
+from mohico.datasets.load.loader_workers import exit_with_rank, forkserver_context
+from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.load.pipeline_worker import ProgressSchedule, WorkerSpec, worker_items
+from mohico.datasets.load.shard_geometry import check_crop_resolution
 from mohico.errors import MohicoError
 
 STATE_VERSION = 1
@@ -268,7 +268,7 @@ class VideoLoader:
     # ------------------------------------------------------------------ decode + collate
     def _decoder(self):
         if self._dali is None:
-            from mohico.datasets.dali_decode import DaliClipDecoder
+            from mohico.datasets.load.dali_decode import DaliClipDecoder
             d = self.spec.data
             V = 3 if self.spec.hico else 2
             self._dali = DaliClipDecoder(self.spec.batch_size * V, d.crop_size, d.mean, d.std,
@@ -315,8 +315,8 @@ class VideoLoader:
 
     def _fallback(self, todo) -> dict:
         """Decode clips one by one with PyAV after a DALI failure (None: undecodable)."""
-        from mohico.datasets.pipeline_cpu import transform_clip
-        from mohico.datasets.remux import decode_frames
+        from mohico.datasets.load.pipeline_cpu import transform_clip
+        from mohico.datasets.load.remux import decode_frames
 
         d, out = self.spec.data, {}
         for b, v, c in todo:
@@ -342,7 +342,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
     """The loader for ``rank`` of ``world_size``; ``shards`` defaults to ``cfg.data.shards``.
 
     Raises ConfigError when the shards' short side is too small for ``data.crop_size``
-    (:mod:`mohico.datasets.shard_geometry`)."""
+    (:mod:`mohico.datasets.load.shard_geometry`)."""
     urls = expand_shards(shards if shards else cfg.data.shards)
     check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
     check_enough_samples(urls, int(world_size), max(1, cfg.data.num_workers))

@@ -1,7 +1,7 @@
 """Which frames and which box: HiCo gradual and MCL motion-focused sampling (pure numpy).
 
 The boxes themselves (random resized crop, MCL's motion crop, motion targets cut to a box) live in
-:mod:`mohico.datasets.crops` and are re-exported here.
+:mod:`mohico.datasets.load.crops` and are re-exported here.
 
 Everything here is deterministic given a ``numpy.random.Generator``; the loader derives one
 per sample occurrence with :func:`sample_rng` from ``(seed, epoch, rank, key)``, so the same
@@ -39,9 +39,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mohico.datasets.crops import (box_coverage, crop_resize_maps, hot_mask, min_crop_side,  # noqa: F401
-                                   motion_crop_box, motion_crop_candidates, pixel_box,
-                                   random_resized_crop)
+from mohico.datasets.load.crops import (box_coverage, crop_resize_maps, hot_mask, min_crop_side,  # noqa: F401
+                                        motion_crop_box, motion_crop_candidates, pixel_box, random_resized_crop)
 
 
 # --------------------------------------------------------------------------- determinism

@@ -3,7 +3,7 @@
 One sample per video (contract: docs/ARCHITECTURE.md "Shards"):
 
 - ``{key}.webm`` (vp9) or ``{key}.mp4`` (h264): canonical CFR re-encode, short side N, keyframe at
-  least every ``gop`` frames, no B-frames (:mod:`mohico.datasets.transcode`);
+  least every ``gop`` frames, no B-frames (:mod:`mohico.datasets.write.transcode`);
 - ``{key}.json``: ``source`` (path relative to SRC, or as written in the list file), ``sha256`` of
   the source file, ``fps``, ``num_frames``, ``width``, ``height``, ``duration`` (num_frames / fps),
   ``codec``, ``gop``, ``label``, ``motion`` (``scale``, ``grid [gh, gw]``, ``stride``, ``pool``,
@@ -11,7 +11,7 @@ One sample per video (contract: docs/ARCHITECTURE.md "Shards"):
   T-motion floats), ``cuts`` (first frame of each detected shot cut),
   ``source_info`` (source fps, vfr, size, codec, duration);
 - ``{key}.motion.npy``: uint8 ``(num_frames, gh, gw)``; magnitude = value / 255 * scale
-  (:mod:`mohico.datasets.motion`).
+  (:mod:`mohico.datasets.write.motion`).
 
 Keys are the first 16 hex digits of sha1(source). Inputs are processed in sorted order and packed
 sequentially: a shard is closed when the next sample would push it past ``max_shard_size``, so
@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mohico.datasets.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS, DEFAULT_GOP,  # noqa: F401
-                                           DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES, DEFAULT_SHORT_SIDE)
-from mohico.datasets.shards_inputs import file_sha256, label_for, list_inputs, load_labels, sample_key  # noqa: F401
+from mohico.datasets.write.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS,  # noqa: F401
+                                                  DEFAULT_GOP, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES,
+                                                  DEFAULT_SHORT_SIDE)
+from mohico.datasets.write.shards_inputs import (file_sha256, label_for, list_inputs, load_labels,  # noqa: F401
+                                                 sample_key)
 from mohico.errors import MohicoError, UsageError
 from mohico.utils import atomic_write_json, atomic_write_text
 
@@ -52,8 +54,8 @@ SHARD_NAME = "shard-{:06d}"
 def make_sample(task: dict) -> dict:
     """Transcode one video and compute its motion maps. Never raises for bad input: returns
     ``{"input", "source", "key", "skip": reason | None, "files": [(name, bytes)], "frames"}``."""
-    from mohico.datasets.motion import CUT_FRACTION, SCALE_PERCENTILE, MotionMapper, quantise
-    from mohico.datasets.transcode import SkipVideo, transcode
+    from mohico.datasets.write.motion import CUT_FRACTION, SCALE_PERCENTILE, MotionMapper, quantise
+    from mohico.datasets.write.transcode import SkipVideo, transcode
 
     o = task["options"]
     res = {"input": task["input"], "source": task["source"], "key": task["key"], "skip": None, "files": [], "frames": 0}
@@ -160,9 +162,9 @@ def write_shards(src, out, codec: str = DEFAULT_CODEC, short_side: int = DEFAULT
     ``labels``: a dict ``{source: label}`` or a labels file path (see :func:`load_labels`).
     Raises :class:`MohicoError` if ``out`` holds shards written with other inputs or options.
     """
-    from mohico.datasets.motion import FLOW_METHODS, make_flow
-    from mohico.datasets.shards_tar import ShardTar, index_text
-    from mohico.datasets.transcode import CODECS
+    from mohico.datasets.write.motion import FLOW_METHODS, make_flow
+    from mohico.datasets.write.shards_tar import ShardTar, index_text
+    from mohico.datasets.write.transcode import CODECS
 
     if codec not in CODECS:
         raise UsageError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")

@@ -1,7 +1,7 @@
 """DALI graph: decode remuxed clips, crop, resize, augment, normalise.
 
 One DALI sample is one clip: the bytes of a small container holding the GOPs the clip needs
-(:mod:`mohico.datasets.remux`), its int32 frame indices relative to that container's first
+(:mod:`mohico.datasets.load.remux`), its int32 frame indices relative to that container's first
 frame, its crop box and its augmentation draw. All randomness is drawn by the sampler (numpy,
 deterministic per sample) and fed as per-sample arguments, so the graph is stateless and a
 resumed run decodes exactly what an uninterrupted one would.

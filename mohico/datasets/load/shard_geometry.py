@@ -2,7 +2,7 @@
 
 A crop of ``data.crop_size`` pixels cut from a box smaller than that is an upsampling, not a crop.
 The smallest box the sampler draws has ``sampling.crop_area[0]`` of the frame's area at the worst
-aspect of ``sampling.crop_aspect`` (:func:`mohico.datasets.crops.min_crop_side`), so the shards'
+aspect of ``sampling.crop_aspect`` (:func:`mohico.datasets.load.crops.min_crop_side`), so the shards'
 short side must be at least :func:`required_short_side`. The loader calls
 :func:`check_crop_resolution` before it starts its workers and fails with the ``mohico shards``
 command that fixes it.
@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mohico.datasets.crops import min_crop_side
+from mohico.datasets.load.crops import min_crop_side
 from mohico.errors import ConfigError
 
 
@@ -42,7 +42,7 @@ def shards_short_side(urls: Sequence[str]) -> Optional[tuple[int, str]]:
             return side, str(manifest)
         except (KeyError, ValueError, TypeError, OSError):
             pass                                    # fall back to the first sample's json
-    from mohico.datasets.pipeline_stream import iter_shard
+    from mohico.datasets.load.pipeline_stream import iter_shard
 
     for sample in iter_shard(first):
         if "json" not in sample:

@@ -1,8 +1,8 @@
 """The training sampler's draw for one shard sample, as overlays for :func:`render_sample`.
 
 ``mohico inspect --config C`` runs exactly what a loader worker runs for that sample
-(:func:`mohico.datasets.pipeline_worker.prepare_sample`): the worker spec comes from
-:func:`mohico.datasets.pipeline.build_loader` for the same config, rank and world size, the
+(:func:`mohico.datasets.load.pipeline_worker.prepare_sample`): the worker spec comes from
+:func:`mohico.datasets.load.pipeline.build_loader` for the same config, rank and world size, the
 generator from :func:`sample_rng` with ``(trainer.seed, epoch, rank, key)`` and the views from
 :class:`ClipSampler` at the given training progress. So the clips, boxes (stored-frame pixels,
 what the batch's ``boxes`` holds), crop method and flip drawn here are the ones a batch
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mohico.datasets.sampling import ClipSampler, SampleDraw, sample_rng
+from mohico.datasets.load.sampling import ClipSampler, SampleDraw, sample_rng
 
 COLORS = [(255, 80, 80), (80, 200, 255), (120, 255, 120)]
 
@@ -43,7 +43,7 @@ def view_names(mcl: bool, hico: bool) -> list[str]:
 
 def worker_spec(cfg, shard, rank: int = 0, world_size: int = 1):
     """The :class:`WorkerSpec` the training loader builds for ``cfg`` (no worker is started)."""
-    from mohico.datasets.pipeline import build_loader
+    from mohico.datasets.load.pipeline import build_loader
 
     loader = build_loader(cfg, [str(shard)], rank=rank, world_size=world_size)
     spec = loader.spec
