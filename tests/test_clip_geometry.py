@@ -19,7 +19,7 @@ from mohico.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Papers (methods.md): clip duration = frames x stride / fps of the source video, and crop scale.
+# Papers (docs/METHODS.md): clip duration = frames x stride / fps of the source video, and crop scale.
 PAPER = {
     # MCL: 16 frames at stride 2 of Kinetics (25-30 fps): ~1.1 s; area U(0.2, 1), aspect 3/4-4/3
     "mcl_r2plus1d_k400": {"seconds": 16 * 2 / 30, "area": (0.2, 1.0), "aspect": (0.75, 4 / 3), "crop": 224},

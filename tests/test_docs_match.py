@@ -54,3 +54,25 @@ def test_docs_say_what_the_idx_files_are_for():
     assert ".idx" not in loader_src and "index_paths" not in loader_src      # the loader does not read them ...
     for doc in (README, ARCH):                                                  # ... and the docs say so, and what for
         assert "index_paths" in doc and re.search(r"loader does not (read|use) them", doc)
+
+
+def _code_refs(doc: str) -> list[tuple[str, str]]:
+    """Every ``path/to/module.py:name`` a doc cites, as (module path, dotted name)."""
+    return re.findall(r"`(mohico/[\w/]+\.py):([\w.]+)`", doc)
+
+
+def test_methods_and_dependencies_cite_code_that_exists():
+    import importlib
+
+    for name in ("METHODS.md", "DEPENDENCIES.md"):
+        doc = (ROOT / "docs" / name).read_text()
+        refs = _code_refs(doc)
+        assert refs or name != "METHODS.md", f"docs/{name} cites no code"
+        for path, dotted in refs:
+            assert (ROOT / path).is_file(), f"docs/{name} cites {path}, which does not exist"
+            obj = importlib.import_module(path[:-3].replace("/", "."))
+            for part in dotted.split("."):
+                assert hasattr(obj, part), f"docs/{name} cites {path}:{dotted}, which does not exist"
+                obj = getattr(obj, part)
+        for path in re.findall(r"`((?:configs|benchmarks|docs)/[\w./-]+\.(?:yaml|py|md))`", doc):
+            assert (ROOT / path).is_file(), f"docs/{name} cites {path}, which does not exist"

@@ -21,7 +21,7 @@ def _np_cos(a, b):
 
 
 def _np_similarities(p, m, time_weighting="normalized"):
-    """methods.md 1.3, official code form: s_st, s_s, s_t for (B, T, H, W) maps; the s_st softmax
+    """docs/METHODS.md 1.3, official code form: s_st, s_s, s_t for (B, T, H, W) maps; the s_st softmax
     runs over each time step's total motion divided by the clip's mean total ("normalized") or
     over the raw totals (the official code)."""
     b, t = p.shape[:2]

@@ -1,4 +1,4 @@
-"""Motion maps (methods.md §1.1): motion boundaries against analytic flows and a float64 reference,
+"""Motion maps (docs/METHODS.md §1.1): motion boundaries against analytic flows and a float64 reference,
 pooling, quantisation, and the two geometric facts on clips with known motion — a pure camera pan
 gives near-zero interior motion boundaries, an object moving over a static background gives a peak
 around the object's box."""

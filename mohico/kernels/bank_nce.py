@@ -1,4 +1,4 @@
-"""Memory-bank NCE (MoCo/MCL, methods.md §1.4) without materialising the B x K logits.
+"""Memory-bank NCE (MoCo/MCL, docs/METHODS.md §1.4) without materialising the B x K logits.
 
 Per sample ``i`` (q, keys L2-normalised by the caller)::
 

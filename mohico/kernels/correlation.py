@@ -1,4 +1,4 @@
-"""MotionSqueeze local correlation + Gaussian-masked soft-argmax + max confidence (methods.md §3).
+"""MotionSqueeze local correlation + Gaussian-masked soft-argmax + max confidence (docs/METHODS.md §3).
 
 For features ``f1, f2: (B, C, H, W)`` that the caller has already L2-normalised over C
 (``F.normalize(f, dim=1)``), and displacements ``p = (px, py)`` with ``|px|, |py| <= r``::

@@ -6,7 +6,7 @@ has ``out_dim == D`` and, with ``forward(x, return_features=True)``, also return
 feature map MCL's motion alignment loss differentiates, ``fmap: (B, C', T', H', W')``.
 
 Which map: the output of the *last convolution of the last block, before its batch norm,
-residual add and ReLU* (methods.md section 1.3: the official MAL hook). Each backbone names it
+residual add and ReLU* (docs/METHODS.md section 1.3: the official MAL hook). Each backbone names it
 in ``feature_layer`` (a ``named_modules()`` path). It must sit before a non-linearity: the
 embedding is a plain mean of the last block's output, so the gradient of the embedding with
 respect to that output is the same at every position and a Grad-CAM map of it is flat.

@@ -1,4 +1,4 @@
-"""MotionSqueeze (Kwon et al., ECCV 2020) and MSNet, the TSM ResNet that carries it (methods.md section 3).
+"""MotionSqueeze (Kwon et al., ECCV 2020) and MSNet, the TSM ResNet that carries it (docs/METHODS.md section 3).
 
 The MS module turns the appearance features of consecutive frames into motion features:
 

@@ -97,7 +97,7 @@ def motion_crop_box(s_motion: np.ndarray, percentile: float = 90.0, coverage: fl
                     area: Sequence[float] = (0.2, 1.0), aspect: Sequence[float] = (3 / 4, 4 / 3),
                     max_sizes: int = 20, max_positions: int = 40, allow_full: bool = False
                     ) -> tuple[tuple[float, float, float, float], str]:
-    """MCL's motion-focused crop (methods.md section 1.2) on an S-motion map, the official rule.
+    """MCL's motion-focused crop (docs/METHODS.md section 1.2) on an S-motion map, the official rule.
 
     s_motion: ``(H, W)`` map (cells assumed square in pixels). The candidates of
     :func:`motion_crop_candidates` (``max_sizes`` random sizes in the order drawn, ``max_positions``

@@ -19,7 +19,7 @@ import numpy as np
 
 from mohico.errors import MohicoError
 
-#: codecs DALI's CPU video decoder reads (recipes.md); everything decodes with device="mixed"
+#: codecs DALI's CPU video decoder reads (docs/DEPENDENCIES.md, DALI); everything decodes with device="mixed"
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg"}
 
 

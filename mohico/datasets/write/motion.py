@@ -1,4 +1,4 @@
-"""Motion maps (MCL, methods.md §1.1): optical flow -> motion boundaries -> pooled uint8 maps.
+"""Motion maps (MCL, docs/METHODS.md §1.1): optical flow -> motion boundaries -> pooled uint8 maps.
 
 Per pair of consecutive grey frames ``(g_t, g_{t+1})``:
 
