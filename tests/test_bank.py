@@ -235,6 +235,6 @@ def test_two_gloo_ranks_match_one_process_with_the_whole_bank(tmp_path):
 def test_size_not_divisible_names_bank_size(monkeypatch):
     import mohico.models.bank as bank_mod
 
-    monkeypatch.setattr(bank_mod, "dist_info", lambda group=None: (0, 3))
+    monkeypatch.setattr(bank_mod, "rank_world", lambda group=None: (0, 3))
     with pytest.raises(MohicoError, match="bank.size = 16 is not divisible"):
         MemoryBank(16, 4)

@@ -1,5 +1,5 @@
 """Launcher: environment detection (plain, torchrun, deepspeed, srun), real multi-process runs
-through torchrun (init_distributed + all_reduce, signal forwarding, exit code 3), and
+through torchrun (mohico.dist.init + all_reduce, signal forwarding, exit code 3), and
 `mohico submit --dry-run` rendering."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mohico.errors import MohicoError, UsageError
-from mohico.launcher.distributed import detect_env, parse_tasks_per_node, slurm_port
+from mohico.dist_env import detect_env, parse_tasks_per_node, slurm_port
 from mohico.launcher.spawn import combine_exit_codes, should_spawn, strip_nproc, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,14 +204,14 @@ def test_should_spawn():
 RANK_SCRIPT = textwrap.dedent("""\
     import json, os, signal, sys, time
     from pathlib import Path
-    from mohico.launcher.distributed import init_distributed, shutdown
+    from mohico.dist import init, shutdown
     import torch, torch.distributed as dist
 
     out = Path(sys.argv[1])
     got = []
     signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
-    env = init_distributed()
+    env = init()
     t = torch.tensor([float(env.rank + 1)], dtype=torch.float64)
     dist.all_reduce(t)
     tag = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -260,7 +260,7 @@ def test_plain_process_init_distributed(tmp_path, rank_script):
 @pytest.mark.dist
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_spawn_local_two_ranks_all_reduce_forward_signal_and_exit_3(tmp_path, rank_script, sig):
-    """`spawn_local(2, ...)` through torchrun: both ranks init_distributed and all_reduce; a SIGUSR1
+    """`spawn_local(2, ...)` through torchrun: both ranks mohico.dist.init and all_reduce; a SIGUSR1
     or SIGTERM to the parent reaches both workers (not torchrun, which would die of USR1 and
     kill the workers on TERM); both exit 3 and the parent returns 3 although torchrun exits 1."""
     env = _child_env()

@@ -1,5 +1,5 @@
 """On a real SLURM cluster (slurm/local-cluster.sh: two nodes n1, n2 on this machine):
-`mohico submit` -> sbatch -> srun tasks -> detect_env -> init_distributed -> all_reduce across
+`mohico submit` -> sbatch -> srun tasks -> detect_env -> mohico.dist.init -> all_reduce across
 the two nodes; `scancel --signal=USR1` -> exit 3 -> the job script requeues once -> the second
 run (SLURM_RESTART_COUNT=1) finishes; and the whole pre-emption story with the real trainer."""
 from __future__ import annotations
@@ -103,7 +103,7 @@ def preempt_and_release(job: str, log: Path, full: bool = False) -> None:
 @pytest.mark.dist
 def test_submit_two_nodes_all_reduce_preempt_requeue(slurm_cluster, tmp_path):
     """2 nodes x 1 task through the rendered pretrain.sbatch; the 'trainer' is a stand-in python
-    that runs the rank script (init_distributed + all_reduce, exit 3 on USR1)."""
+    that runs the rank script (mohico.dist.init + all_reduce, exit 3 on USR1)."""
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)

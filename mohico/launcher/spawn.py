@@ -6,7 +6,7 @@ starts ``python -m torch.distributed.run --standalone --nproc_per_node 2`` whose
 ``python -m mohico.launcher.spawn train configs/tiny_cpu.yaml optim.lr=0.1`` — i.e. the
 ``mohico`` CLI (``python -m mohico ...``) behind a thin wrapper that records each rank's exit
 code. torchrun was picked over the deepspeed launcher because it starts ~4 s faster here;
-each worker then maps torchrun's variables with :func:`mohico.launcher.distributed.detect_env`.
+each worker then maps torchrun's variables with :func:`mohico.dist_env.detect_env`.
 
 Exit code: 0 when every rank succeeded. torchrun itself exits 1 whenever a worker fails, so
 the wrapper writes each rank's code to a status folder and the parent returns it: a real

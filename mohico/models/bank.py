@@ -43,32 +43,15 @@ import logging
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mohico.dist import all_gather_cat, all_reduce_, rank_world
 from mohico.errors import MohicoError
 
 STATE_VERSION = 2          # 2: per-slot video ids; version 1 (keys only) still loads, ids unknown
 UNKNOWN_ID = -1            # a slot whose video is unknown: never masked
 log = logging.getLogger("mohico.bank")
-
-
-def dist_info(group=None) -> tuple[int, int]:
-    """(rank, world size) in ``group`` (the default group), or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def all_gather_nograd(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate ``x: (n, ...)`` from every rank along dim 0 -> ``(n * W, ...)`` (no autograd)."""
-    _, world = dist_info(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, 0)
 
 
 def _partial_lse(q: torch.Tensor, keys: torch.Tensor, tau: float, impl: Optional[str],
@@ -93,20 +76,19 @@ class ShardedBankLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, keys, tau, group=None, impl=None, q_ids=None, key_ids=None):
-        rank, world = dist_info(group)
+        rank, world = rank_world(group)
         b = q.shape[0]
-        gathered = all_gather_nograd(q.detach(), group)                 # (B*W, d)
-        gathered_ids = None if q_ids is None else all_gather_nograd(q_ids, group)
+        gathered = all_gather_cat(q.detach(), group)                 # (B*W, d)
+        gathered_ids = None if q_ids is None else all_gather_cat(q_ids, group)
         with torch.enable_grad():
             qg = gathered.detach().requires_grad_(True)
             lse_r = _partial_lse(qg, keys.detach(), tau, impl, gathered_ids, key_ids)  # (B*W,), graph kept
         part = lse_r.detach()
         if world > 1:
-            m = part.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            m = all_reduce_(part.clone(), "max", group)
             m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             s = torch.exp(part - m_safe)
-            dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
+            all_reduce_(s, "sum", group)
             lse = m_safe + torch.log(s)                                 # -inf where every shard is empty
         else:
             lse = part.clone()
@@ -121,7 +103,7 @@ class ShardedBankLSE(torch.autograd.Function):
         part, lse = ctx.saved_tensors
         qg, lse_r = ctx.graph
         rank, world, b = ctx.rank, ctx.world, ctx.b
-        g_all = all_gather_nograd(grad.contiguous(), ctx.group)         # (B*W,)
+        g_all = all_gather_cat(grad.contiguous(), ctx.group)         # (B*W,)
         weight = torch.exp(part - lse)                                  # share of this shard in each row's LSE
         weight = torch.where(torch.isfinite(part) & torch.isfinite(lse), weight, torch.zeros_like(weight))
         contrib, = torch.autograd.grad(lse_r, qg, grad_outputs=g_all * weight, retain_graph=True,
@@ -129,8 +111,7 @@ class ShardedBankLSE(torch.autograd.Function):
         if contrib is None:
             contrib = torch.zeros_like(qg)
         if world > 1:
-            contrib = contrib.contiguous()
-            dist.all_reduce(contrib, op=dist.ReduceOp.SUM, group=ctx.group)
+            contrib = all_reduce_(contrib.contiguous(), "sum", ctx.group)
         return contrib[rank * b:(rank + 1) * b].clone(), None, None, None, None, None, None
 
 
@@ -147,7 +128,7 @@ class MemoryBank:
     def __init__(self, size: int, dim: int, group=None, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, impl: Optional[str] = None):
         self.group = group
-        self.rank, self.world_size = dist_info(group)
+        self.rank, self.world_size = rank_world(group)
         if size <= 0 or dim <= 0:
             raise MohicoError(f"bank.size ({size}) and bank.dim ({dim}) must be > 0")
         if size % self.world_size:

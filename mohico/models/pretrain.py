@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mohico import dist
 from mohico.config import Config
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.backbones import build_backbone
@@ -50,9 +51,7 @@ class PretrainModule(nn.Module):
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
         sync = [name for name in enabled if getattr(cfg.objectives, name).bn == "sync"]
         if sync:                                                    # either objective asks: the whole model
-            multi_rank = torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1
-            if multi_rank and not torch.cuda.is_available():
+            if dist.is_distributed() and not torch.cuda.is_available():
                 raise ConfigError(f"'objectives.{sync[0]}.bn': SyncBatchNorm needs GPUs to synchronise across "
                                   f"ranks; on CPU use objectives.{sync[0]}.bn=shuffle")
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)

@@ -20,8 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch.distributed as dist
-
+from mohico import dist
 from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.ckpt_files import verify_checkpoint
@@ -97,16 +96,14 @@ def _decide(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, str]
 def pick_resume(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
     """``(checkpoints_dir, tag)`` to resume from, or None to start fresh (collective: rank 0
     decides, the others follow; every rank raises the same MohicoError)."""
-    decision: list = [None]
+    decision = None
     if ckpt.rank == 0:
         try:
             found = _decide(ckpt, resume, force)
-            decision[0] = ("ok", None if found is None else (str(found[0]), found[1]))
+            decision = ("ok", None if found is None else (str(found[0]), found[1]))
         except MohicoError as e:
-            decision[0] = ("error", str(e))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(decision, src=0)
-    status, value = decision[0]
+            decision = ("error", str(e))
+    status, value = dist.broadcast_object(decision, src=0)
     if status == "error":
         raise MohicoError(value)
     return None if value is None else (Path(value[0]), value[1])

@@ -11,11 +11,11 @@
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 
 import torch
+
+from mohico import dist
 
 log = logging.getLogger("mohico.trainer")
 
@@ -32,21 +32,11 @@ def resolve_precision(cfg) -> str:
     return p
 
 
-def _disable_shm_op() -> None:
-    if device_type() == "cpu":
-        # `import deepspeed.comm.torch as m` binds torch, not the module: use importlib (recipes.md).
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """Start the process group once (plain, torchrun and SLURM environments: see
-    :mod:`mohico.launcher.distributed`; one process without any is rank 0 of 1) and return
+    :mod:`mohico.dist_env`; one process without any is rank 0 of 1) and return
     ``(rank, world_size, local_rank)``; ``timeout_s`` bounds every collective (trainer.dist_timeout_s)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    _disable_shm_op()
-    from mohico.launcher.distributed import init_distributed as launcher_init
-
-    env = launcher_init(timeout_s=timeout_s)
+    env = dist.init(timeout_s=timeout_s)
     return env.rank, env.world_size, env.local_rank
 
 
@@ -78,7 +68,8 @@ def build_engine(cfg, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     the loss) with our torch optimizer. Returns the engine."""
     import deepspeed
 
-    _disable_shm_op()
+    if device_type() == "cpu":
+        dist.disable_deepspeed_shm_op()
     if device_type() == "cuda":
         module = module.cuda()
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,

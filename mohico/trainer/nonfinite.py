@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 
+from mohico import dist
 from mohico.errors import MohicoError
 
 log = logging.getLogger("mohico.trainer")
@@ -34,13 +34,6 @@ class NonFiniteError(MohicoError):
     exit_code = NONFINITE_EXIT_CODE
 
 
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class NonFiniteGuard:
     """Counts skipped non-finite micro-steps: ``total`` and ``in_a_row``."""
 
@@ -52,7 +45,7 @@ class NonFiniteGuard:
 
     def finite(self, loss: torch.Tensor, device) -> bool:
         """True when ``loss`` is finite on every rank (collective: one int all-reduce)."""
-        bad = _any_rank(not bool(torch.isfinite(loss.detach()).all()), device)
+        bad = dist.any_rank(not bool(torch.isfinite(loss.detach()).all()), device)
         self.last_bad = bad
         if not bad:
             self.in_a_row = 0
@@ -77,7 +70,7 @@ class NonFiniteGuard:
         flags = [torch.isfinite(t.detach()).all() for t in (*module.parameters(), *module.buffers())
                  if t.is_floating_point()]
         local_bad = bool(flags) and not bool(torch.stack(flags).all())
-        if _any_rank(local_bad or self.last_bad, device):
+        if dist.any_rank(local_bad or self.last_bad, device):
             raise NonFiniteError(
                 f"step {step}: the model's weights or this step's loss are NaN/inf, so this state is not "
                 f"checkpointed (the previous checkpoints are kept). Lower optim.lr (or set optim.grad_clip) and "

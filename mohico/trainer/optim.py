@@ -21,8 +21,8 @@ import dataclasses
 import math
 
 import torch
-import torch.distributed as dist
 
+from mohico import dist
 from mohico.errors import ConfigError
 
 
@@ -146,8 +146,8 @@ class LARS(torch.optim.Optimizer):
                     continue
                 sq[i, 0] += p.detach().double().pow(2).sum()
                 sq[i, 1] += p.grad.detach().double().pow(2).sum()
-        if self.partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sq)
+        if self.partitioned:
+            dist.all_reduce_(sq)
         norms = sq.sqrt().tolist()
         for (w_norm, g_norm), group in zip(norms, groups):
             wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]

@@ -17,7 +17,8 @@ import signal
 import subprocess
 
 import torch
-import torch.distributed as dist
+
+from mohico import dist
 
 log = logging.getLogger("mohico.trainer")
 
@@ -49,10 +50,7 @@ class Preemption:
 
     def agreed(self, device: str | torch.device = "cpu") -> bool:
         """True on every rank if any rank got a signal (a MAX all-reduce of the flag)."""
-        t = torch.tensor([1 if self.flag else 0], dtype=torch.int32, device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return dist.any_rank(bool(self.flag), device)
 
     @property
     def signal_name(self) -> str:

@@ -20,6 +20,7 @@ import socket
 import time
 from pathlib import Path
 
+from mohico import dist
 from mohico.errors import MohicoError
 
 LOCK_NAME = ".lock"
@@ -76,16 +77,13 @@ def _describe(raw: bytes) -> str:
 def acquire_on_rank0(run_dir: str | os.PathLike, rank: int) -> RunLock | None:
     """Rank 0 takes the lock (collective): returns it on rank 0, None elsewhere; every rank
     raises the MohicoError if rank 0 could not take it."""
-    import torch.distributed as dist
-
-    lock, result = None, [""]
+    lock, error = None, ""
     if rank == 0:
         try:
             lock = RunLock(run_dir).acquire()
         except MohicoError as e:
-            result[0] = str(e)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
-    if result[0]:
-        raise MohicoError(result[0])
+            error = str(e)
+    error = dist.broadcast_object(error, src=0)
+    if error:
+        raise MohicoError(error)
     return lock

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mohico import dist
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.ckpt_resume import pick_resume
 from mohico.trainer.batches import loader_report, next_batch, skip_counts
@@ -118,12 +119,7 @@ def reduce_metrics(terms: dict[str, float], counters: dict[str, float]) -> dict[
     such as ``data_wait_fraction`` are averaged: ``step_metrics.mean_over_ranks``). Key sets
     may differ between ranks (a counter appears once something happened), so the dicts are
     gathered as objects rather than reduced as aligned tensors."""
-    import torch.distributed as dist
-
-    parts = [(terms, counters)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (terms, counters))
+    parts = dist.all_gather_object((terms, counters))
     out: dict[str, float] = {}
     for key in sorted({k for t, _ in parts for k in t}):
         values = [t[key] for t, _ in parts if key in t]
@@ -393,14 +389,3 @@ def run_all(*steps) -> None:
             first = first or e
     if first is not None:
         raise first
-
-
-def shutdown() -> None:
-    """Destroy the process group (avoids a rare abort at exit: recipes.md)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass

@@ -103,7 +103,8 @@ def run(args) -> int:
     if should_spawn(cfg.trainer.nproc):
         return spawn_local(cfg.trainer.nproc, ["train", args.config, *overrides])
 
-    from mohico.trainer.train import shutdown, train
+    from mohico.dist import shutdown
+    from mohico.trainer.train import train
 
     try:
         code = train(cfg)

@@ -44,13 +44,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mohico.config import Config
+from mohico.dist import all_gather_cat, all_reduce_, rank_world
 from mohico.errors import MohicoError
-from mohico.models.bank import MemoryBank, all_gather_nograd, dist_info
+from mohico.models.bank import MemoryBank
 from mohico.models.heads import HiCoVisualHead, PairClassifier, TopicalHead
 from mohico.models.objectives.mcl import shuffled_forward
 
@@ -63,16 +63,13 @@ class AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group=None):
-        ctx.rank, world = dist_info(group)
+        ctx.rank, world = rank_world(group)
         ctx.group, ctx.n = group, x.shape[0]
-        return all_gather_nograd(x.contiguous(), group).clone() if world > 1 else x.clone()
+        return all_gather_cat(x.contiguous(), group).clone() if world > 1 else x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        _, world = dist_info(ctx.group)
-        grad = grad.contiguous().clone()
-        if world > 1:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad = all_reduce_(grad.contiguous().clone(), "sum", ctx.group)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
 
@@ -89,7 +86,7 @@ def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = No
     b, v, d = z.shape
     if v != 3:
         raise ValueError(f"HiCo's visual consistency takes z: (B, 3, d) (views i, j, k); got {tuple(z.shape)}")
-    rank, _ = dist_info(group)
+    rank, _ = rank_world(group)
     everything = AllGatherWithGrad.apply(z.reshape(b * 3, d), group)          # (W*B*3, d), video-major
     anchors = torch.cat([z[:, 0], z[:, 1]], 0)                                # (2B, d)
     positives = torch.cat([z[:, 1], z[:, 0]], 0)
@@ -103,7 +100,7 @@ def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = No
             raise MohicoError(f"HiCo: video_id must be int64 ({b},) (batch['video_id']); got "
                               f"{video_id.dtype} {tuple(video_id.shape)}")
         video_id = video_id.to(z.device)
-        id_of_col = all_gather_nograd(video_id, group).repeat_interleave(3)      # (W*B*3,)
+        id_of_col = all_gather_cat(video_id, group).repeat_interleave(3)      # (W*B*3,)
         anchor_ids = video_id.repeat(2)                                         # (2B,)
         own_video = own_video | (id_of_col[None, :] == anchor_ids[:, None])     # duplicates of the video
     logits = logits.masked_fill(own_video, float("-inf"))                     # own clips out (incl. self, v_k)
@@ -201,9 +198,9 @@ class HiCo(nn.Module):
                 raise MohicoError("HiCo's bank keys need v_j's clips (x_j) for its EMA backbone, or the shared "
                                   "EMA backbone's embedding (key_emb) when MCL is on")
             key_emb = shuffled_forward(self.key_backbone, x_j) if self.shuffle else self.key_backbone(x_j)
-        rank, _ = dist_info()
+        rank, _ = rank_world()
         b = key_emb.shape[0]
-        everything = all_gather_nograd(key_emb.contiguous())           # BN statistics over the global key batch
+        everything = all_gather_cat(key_emb.contiguous())           # BN statistics over the global key batch
         head, training = self.key_visual, self.key_visual.training
         if everything.shape[0] == 1:
             head.eval()                                                 # BN cannot normalise one sample

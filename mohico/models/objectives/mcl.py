@@ -35,8 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mohico.config import Config
+from mohico.dist import rank_world
 from mohico.errors import ConfigError, MohicoError
-from mohico.models.bank import MemoryBank, dist_info
+from mohico.models.bank import MemoryBank
 from mohico.models.heads import MCLProjection
 from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
 
@@ -53,7 +54,7 @@ def shuffled_forward(encoder, x: torch.Tensor, group=None) -> torch.Tensor:
     and are returned in the original order. With one rank this is ``encoder(x)``. A
     collective: every rank must call it with the same ``B``.
     """
-    rank, world = dist_info(group)
+    rank, world = rank_world(group)
     if world == 1:
         return encoder(x)
     b = x.shape[0]

@@ -1,8 +1,9 @@
-"""One entry point for the distributed setup, whatever started this process.
+"""Where this process sits in a distributed job, read from its environment (bottom floor).
 
-    env = init_distributed()          # detect, export RANK/... , deepspeed.init_distributed
-    ...
-    shutdown()                        # destroy the process group
+    env = detect_env()                # DistEnv(launcher, rank, world_size, local_rank, ...)
+    export_env(env)                   # RANK, WORLD_SIZE, ... into os.environ (torch, DeepSpeed read them)
+
+:func:`mohico.dist.init` starts the process group from it.
 
 :func:`detect_env` maps the environment to a :class:`DistEnv`, in this order:
 
@@ -249,73 +250,6 @@ def slurm_master_addr(nodelist: str, path: Optional[str] = None) -> str:
     return m.group(1)
 
 
-# --------------------------------------------------------------------------- setup
 def export_env(env: DistEnv) -> None:
     """Write the ``env://`` variables into ``os.environ`` (DeepSpeed and torch read them)."""
     os.environ.update(env.as_environ())
-
-
-def init_distributed(backend: Optional[str] = None, env: Optional[DistEnv] = None,
-                     timeout_s: Optional[float] = None) -> DistEnv:
-    """Detect the environment, export it, pick the backend and start the process group.
-
-    ``backend=None`` picks ``nccl`` with a GPU and ``gloo`` without. With a GPU the CUDA
-    device is set from the local rank first. DeepSpeed's CPU shared-memory all-reduce op
-    (``deepspeed_shm_comm``, a ~45 s JIT build used only for inference) is disabled.
-    A second call in the same process returns the environment without re-initialising.
-    """
-    import importlib
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    env = env or detect_env()
-    export_env(env)
-    gpu = torch.cuda.is_available()
-    if backend is None:
-        backend = "nccl" if gpu else "gloo"
-    if gpu:
-        n = torch.cuda.device_count()
-        if n == 1:
-            device = 0
-        elif env.local_rank < n:
-            device = env.local_rank
-        else:
-            raise MohicoError(f"LOCAL_RANK={env.local_rank} but this node shows {n} GPUs "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
-                              f"run at most {n} tasks per node (one per GPU)")
-        torch.cuda.set_device(device)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
-            raise MohicoError(f"a process group already exists with rank {dist.get_rank()}/{dist.get_world_size()}, "
-                              f"but the environment says {env.rank}/{env.world_size}")
-        return env
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
-    kwargs = {}
-    if timeout_s is not None:
-        kwargs["timeout"] = timedelta(seconds=timeout_s)
-    try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   rank=env.rank, world_size=env.world_size, **kwargs)
-    except Exception as e:  # noqa: BLE001 - rendezvous failures come in many types
-        raise MohicoError(f"could not start the {backend} process group as rank {env.rank}/{env.world_size} "
-                          f"({env.launcher}) with master {env.master_addr}:{env.master_port}: {e}") from e
-    return env
-
-
-def shutdown() -> None:
-    """Destroy the default process group if one exists (avoids aborts at interpreter exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def spawn_local(nproc: int, argv, **kwargs) -> int:
-    """Re-export of :func:`mohico.launcher.spawn.spawn_local` (N local ranks through torchrun)."""
-    from mohico.launcher.spawn import spawn_local as _spawn_local
-
-    return _spawn_local(nproc, argv, **kwargs)
