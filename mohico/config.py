@@ -13,7 +13,6 @@ Cross-field rules (per-method defaults, the MAL/ZeRO-3 restriction, ...) are che
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from mohico.config_backbones import check_backbone
 from mohico.config_load import build, check_keys, collect, mapping_fields_set, packaged_fallback
 from mohico.config_secrets import env_expressions, keep_env_expressions, redact_env
 from mohico.errors import ConfigError
@@ -349,24 +349,7 @@ def validate(cfg: Config) -> None:
          f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
-    try:  # the backbone registry is optional until the models package exists
-        from mohico.models.backbones import BACKBONES
-    except ImportError:
-        BACKBONES = None
-    if BACKBONES is not None and cfg.model.backbone not in BACKBONES:
-        close = difflib.get_close_matches(cfg.model.backbone, list(BACKBONES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"'model.backbone': unknown backbone {cfg.model.backbone!r}{hint} "
-                          f"(registered: {', '.join(sorted(BACKBONES))})")
-    if BACKBONES is not None:
-        from mohico.models.backbones import _builder_options
-
-        valid = _builder_options(cfg.model.backbone)
-        for key in cfg.model.backbone_options:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            need(key in valid, f"model.backbone_options.{key}",
-                 f"backbone {cfg.model.backbone!r} has no option {key!r}{hint} (its options: {', '.join(valid) or 'none'})")
+    check_backbone(cfg.model.backbone, cfg.model.backbone_options)
 
 
 # --------------------------------------------------------------------------- saving

@@ -91,7 +91,8 @@ def test_hmdb51_split_markers(tmp_path):
 def test_layout_shards_carry_class_labels_and_eval_reads_a_torchvision_state_dict(ucf_shards, tmp_path):
     from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
     from mohico.models.backbones import build_backbone
-    from mohico.models.export import save_backbone, to_torchvision
+    from mohico.models.backbone_file import save_backbone
+    from mohico.models.export import to_torchvision
     from mohico.trainer.knn_eval import load_eval_backbone
 
     labels = json.loads((ucf_shards / "labels.json").read_text())

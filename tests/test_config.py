@@ -1,6 +1,9 @@
 """Config loading: inheritance, overrides, validation messages, saving."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -83,6 +86,33 @@ def test_unknown_section(tmp_path):
     f = write(tmp_path / "bad.yaml", "objectives: {mcl: {weight: 1}}\noptimizer: {lr: 0.1}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim'"):
         load_config(f)
+
+
+def test_unknown_backbone_and_option_named_without_importing_the_models():
+    """config validates model.backbone / model.backbone_options from the bottom floor: in a fresh
+    interpreter, load_config refuses a misspelt name and option and mohico.models stays unloaded."""
+    code = textwrap.dedent("""\
+        import sys
+        from mohico.config import load_config
+        from mohico.errors import ConfigError
+        out = []
+        for over in (["model.backbone=r2plus1d18"], ["model.backbone=msnet_resnet18", "model.backbone_options={radus: 3}"]):
+            try:
+                load_config(None, ["objectives.mcl.weight=1", *over])
+                out.append("accepted")
+            except ConfigError as e:
+                out.append(str(e))
+        out.append(str(any(m.startswith("mohico.models") for m in sys.modules)))
+        print("\\n".join(out))
+        """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    name_err, option_err, models_loaded = res.stdout.strip().splitlines()
+    assert name_err.startswith("'model.backbone': unknown backbone 'r2plus1d18'; did you mean 'r2plus1d_18'?")
+    assert "msnet_resnet50" in name_err
+    assert option_err.startswith("'model.backbone_options.radus': backbone 'msnet_resnet18' has no option 'radus'; "
+                                 "did you mean 'radius'?")
+    assert models_loaded == "False"
 
 
 def test_unknown_override_names_command_line(tmp_path):

@@ -13,7 +13,8 @@ from mohico.config import load_config, to_dict
 from mohico.errors import MohicoError
 from mohico.models.backbones import build_backbone
 from mohico.models.encoder import Preprocessing
-from mohico.models.export import export_checkpoint, save_backbone
+from mohico.models.backbone_file import save_backbone
+from mohico.models.export import export_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

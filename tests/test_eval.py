@@ -14,6 +14,7 @@ from torch import nn
 
 from mohico.config import load_config
 from mohico.errors import MohicoError
+from mohico.trainer import eval_protocols as P
 from mohico.trainer import knn_eval as K
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_clips_are_deterministic_and_labelled(labelled_shards, synth_videos):
 def test_unlabelled_shards_are_refused(synth_shards):
     cfg = load_config(CONFIG)
     with pytest.raises(MohicoError, match="--labels"):
-        K.knn_eval(K.load_eval_backbone("random", cfg), cfg, synth_shards, synth_shards)
+        P.knn_eval(K.load_eval_backbone("random", cfg), cfg, synth_shards, synth_shards)
 
 
 class ColourBackbone(nn.Module):
@@ -103,17 +104,17 @@ class ColourBackbone(nn.Module):
 
 def test_informative_embeddings_beat_chance(labelled_shards):
     cfg = load_config(CONFIG)
-    res = K.knn_eval(ColourBackbone(), cfg, labelled_shards, labelled_shards, k=1, clips_per_video=2)
+    res = P.knn_eval(ColourBackbone(), cfg, labelled_shards, labelled_shards, k=1, clips_per_video=2)
     assert res["num_train"] == res["num_val"] == 6 and res["num_classes"] == 3 and res["leave_one_out"] == 6
     assert res["top5"] == 1.0
     assert res["top1"] > res["chance_top1"] + 0.3, res
     noise = nn.Sequential(nn.Flatten(), nn.LazyLinear(1))              # 1-d embedding: cos is +-1, no signal
-    assert K.knn_eval(noise, cfg, labelled_shards, labelled_shards, k=1)["num_val"] == 6
+    assert P.knn_eval(noise, cfg, labelled_shards, labelled_shards, k=1)["num_val"] == 6
 
 
 def test_cli_end_to_end_and_checkpoint_mismatch(labelled_shards, tmp_path):
     from mohico.models.backbones import build_backbone
-    from mohico.models.export import save_backbone
+    from mohico.models.backbone_file import save_backbone
 
     ckpt = tmp_path / "b.pt"
     save_backbone(ckpt, "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))

@@ -205,7 +205,7 @@ def test_features_multi_view_cache_and_eval_time_labels(synth_shards, synth_vide
 @pytest.mark.slow
 def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_path):
     from mohico.models.backbones import build_backbone
-    from mohico.models.export import save_backbone
+    from mohico.models.backbone_file import save_backbone
 
     ckpt = tmp_path / "b.pt"
     save_backbone(ckpt, "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))

@@ -9,8 +9,8 @@ from torch import nn
 from mohico.errors import MohicoError, UsageError
 from mohico.launcher.cli import main
 from mohico.models.backbones import build_backbone
-from mohico.models.export import (export_checkpoint, load_backbone, load_checkpoint_state, save_backbone,
-                                  to_torchvision)
+from mohico.models.backbone_file import load_backbone, load_checkpoint_state, save_backbone
+from mohico.models.export import export_checkpoint, to_torchvision
 
 
 def _perturb(net: nn.Module, seed: int = 0) -> nn.Module:

@@ -12,7 +12,8 @@ import torch
 
 from mohico.config import load_config, save_config
 from mohico.errors import UsageError
-from mohico.models.export import export_checkpoint, load_backbone, load_checkpoint_state
+from mohico.models.backbone_file import load_backbone, load_checkpoint_state
+from mohico.models.export import export_checkpoint
 from mohico.models.pretrain import PretrainModule
 
 ROOT = Path(__file__).resolve().parents[1]

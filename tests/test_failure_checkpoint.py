@@ -174,7 +174,7 @@ def test_poisoned_model_file_runs_no_code_on_export(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"module": {"backbone.w": torch.zeros(1)}, "x": Hostile(marker)},
                cp.dir / "step_00000002" / "mp_rank_00_model_states.pt")
-    from mohico.models.export import load_backbone
+    from mohico.models.backbone_file import load_backbone
 
     with pytest.raises(MohicoError, match="mp_rank_00_model_states.pt: cannot load"):
         load_backbone(cp.dir.parent)

@@ -93,6 +93,20 @@ def test_tiny_cpu_config_backbone_runs():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_config_names_and_options_match_the_builders():
+    """The bottom-floor table the config validates against lists exactly the registered
+    backbones, each with exactly the keyword options its builder takes."""
+    import inspect
+
+    from mohico.config_backbones import BACKBONE_OPTIONS
+
+    assert set(BACKBONE_OPTIONS) == set(BACKBONES)
+    for name, builder in BACKBONES.items():
+        params = inspect.signature(builder).parameters.values()
+        takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        assert list(BACKBONE_OPTIONS[name]) == takes, name
+
+
 def test_registry_errors():
     with pytest.raises(ConfigError) as e:
         build_backbone("r2plus1d18")

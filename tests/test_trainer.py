@@ -290,7 +290,8 @@ def test_sigusr1_checkpoints_and_exits_3(synth_shards, tmp_path):
 
 
 def test_export_reads_the_run_directory(reference, tmp_path):
-    from mohico.models.export import export_checkpoint, load_checkpoint_state
+    from mohico.models.backbone_file import load_checkpoint_state
+    from mohico.models.export import export_checkpoint
 
     module = torch.load(reference / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
                         weights_only=False)["module"]

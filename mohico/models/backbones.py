@@ -19,8 +19,6 @@ weights are ever downloaded.
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 from functools import partial
 from typing import Callable
 
@@ -30,7 +28,7 @@ from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DSimpl
 from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableConv
 from torchvision.ops.misc import Conv3dNormActivation
 
-from mohico.errors import ConfigError
+from mohico.config_backbones import check_backbone
 from mohico.models.motionsqueeze import msnet_resnet18, msnet_resnet50
 from mohico.models.tsm import check_width, tsm_resnet18, tsm_resnet50
 
@@ -241,24 +239,11 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _builder_options(name: str) -> list[str]:
-    """The keyword options the builder of ``name`` accepts."""
-    params = inspect.signature(BACKBONES[name]).parameters.values()
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
 def build_backbone(name: str, **options) -> nn.Module:
     """Build the backbone registered as ``name`` with ``options`` (e.g. ``width=8``).
 
-    Unknown names and options raise ``ConfigError`` listing the valid ones.
+    Unknown names and options raise ``ConfigError`` listing the valid ones
+    (:func:`mohico.config_backbones.check_backbone`, the check the config runs too).
     """
-    if name not in BACKBONES:
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown backbone {name!r}{hint} (registered: {', '.join(sorted(BACKBONES))})")
-    valid = _builder_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"backbone {name!r} has no option(s) {', '.join(map(repr, unknown))} "
-                          f"(model.backbone_options; valid: {', '.join(valid) or 'none'})")
+    check_backbone(name, options)
     return BACKBONES[name](**options)

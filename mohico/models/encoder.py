@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mohico.checkpoint_read import META, read_meta, resolve_checkpoint
 from mohico.errors import MohicoError
+from mohico.models.backbone_file import BACKBONE_FORMAT, find_run_config, load_backbone, torch_load_cpu
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,11 @@ def find_preprocessing(path: str | os.PathLike, config: str | os.PathLike | None
     """The preprocessing recorded with a checkpoint in any form ``mohico export`` reads:
     a backbone file's ``preprocessing`` entry, else ``config`` (a config.yaml or mohico_meta.json),
     else the checkpoint's saved config, else a ``config.yaml``/``mohico_meta.json`` beside it."""
-    from mohico.models.export import BACKBONE_FORMAT, _find_run_config, _torch_load
-
     path = Path(path)
     if config is not None:
         return preprocessing_from_config(_config_dict(Path(config)))
     if path.is_file() and path.suffix not in (".safetensors", ".bin"):
-        obj = _torch_load(path)
+        obj = torch_load_cpu(path)
         if isinstance(obj, dict) and obj.get("format") == BACKBONE_FORMAT:
             if isinstance(obj.get("preprocessing"), dict):
                 return Preprocessing.from_dict(obj["preprocessing"])
@@ -130,15 +130,13 @@ def find_preprocessing(path: str | os.PathLike, config: str | os.PathLike | None
                               "mohico); pass config=RUN_DIR/config.yaml, or re-export it with "
                               "`mohico export RUN_DIR OUT.pt --format mohico`")
     if path.is_dir():
-        from mohico.trainer.checkpoint import read_meta, resolve_checkpoint
-
         try:
             ckdir, tag = resolve_checkpoint(path)
-            if (ckdir / tag / "mohico_meta.json").is_file():
+            if (ckdir / tag / META).is_file():
                 return preprocessing_from_config(read_meta(ckdir, tag).get("config") or {})
         except MohicoError:
             pass                                   # e.g. a zero_to_fp32 output folder
-    found = _find_run_config(path)
+    found = find_run_config(path)
     if found is None:
         raise MohicoError(f"{path}: no preprocessing recorded with it and no config.yaml or mohico_meta.json "
                           "beside it; pass config=RUN_DIR/config.yaml")
@@ -152,8 +150,6 @@ def load_encoder(path: str | os.PathLike, config: str | os.PathLike | None = Non
     The backbone is in eval mode on ``device``; ``backbone(x)`` maps ``x: (B, 3, T, H, W)`` to
     ``(B, D)`` embeddings, and ``backbone.preprocessing`` is the returned :class:`Preprocessing`.
     """
-    from mohico.models.export import load_backbone
-
     _, _, backbone = load_backbone(path, config)
     prep = find_preprocessing(path, config)
     backbone.preprocessing = prep

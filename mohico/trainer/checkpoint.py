@@ -19,30 +19,29 @@ checkpoints are kept.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from mohico import dist
+# the readers live on the bottom floor (models read checkpoints too); ck.read_meta etc. stay reachable
+from mohico.checkpoint_read import (LATEST, META, MODEL_STATES, TAG_RE, checkpoint_dir,  # noqa: F401
+                                    complete_tags, load_backbone_state, load_module_state, read_latest,
+                                    read_meta, resolve_checkpoint, safe_load)
 from mohico.errors import MohicoError
 from mohico.trainer.resume_check import check_config, config_difference  # noqa: F401 - re-exported
-from mohico.trainer.ckpt_files import (META, file_digests, folder_bytes, gather_digests, safe_load,
-                                      write_failure_message)
+from mohico.trainer.ckpt_files import file_digests, folder_bytes, gather_digests, write_failure_message
 from mohico.trainer.ckpt_universal import write_universal  # noqa: F401 - part of this module's API
 from mohico.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mohico.trainer")
 
-LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
 def tag_for(step: int) -> str:
@@ -51,15 +50,6 @@ def tag_for(step: int) -> str:
 
 def client_file(rank: int) -> str:
     return f"client_rank_{rank:05d}.pt"
-
-
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _fsync_file(path: Path) -> None:
@@ -99,50 +89,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --------------------------------------------------------------------------- finding checkpoints
-def read_latest(ckdir: Path) -> str | None:
-    p = Path(ckdir) / LATEST
-    if not p.is_file():
-        return None
-    tag = p.read_text().strip()
-    return tag or None
-
-
-def complete_tags(ckdir: Path) -> list[str]:
-    """Complete checkpoint tags in step order (folders with their meta file)."""
-    ckdir = Path(ckdir)
-    if not ckdir.is_dir():
-        return []
-    tags = [p.name for p in ckdir.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / META).is_file()]
-    return sorted(tags)
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
-    """``(checkpoints_dir, tag)`` for a run directory, a checkpoints directory (its ``latest``)
-    or one checkpoint folder. Raises MohicoError naming the path if none is there."""
-    p = Path(path)
-    if (p / META).is_file() or (p / "mp_rank_00_model_states.pt").is_file():
-        return p.parent, p.name
-    for ckdir in (checkpoint_dir(p), p):
-        tag = read_latest(ckdir)
-        if tag is not None:
-            if not (ckdir / tag).is_dir():
-                raise MohicoError(f"{ckdir / LATEST} points to '{tag}', which does not exist in {ckdir} "
-                                  f"(complete checkpoints there: {complete_tags(ckdir) or 'none'})")
-            return ckdir, tag
-    raise MohicoError(f"no checkpoint at {p}: expected a run directory (with checkpoints/latest), a "
-                      f"checkpoints directory (with 'latest') or a checkpoint folder (with {META})")
-
-
-def read_meta(ckdir: Path, tag: str) -> dict:
-    path = Path(ckdir) / tag / META
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MohicoError(f"{path}: cannot read checkpoint metadata ({e}); the checkpoint is incomplete "
-                          f"or not a mohico checkpoint") from None
-
-
 # --------------------------------------------------------------------------- saving
 class Checkpointer:
     """Saves and finds the checkpoints of one run. Every rank makes one; calls are collective."""
@@ -158,7 +104,7 @@ class Checkpointer:
                 if p.name.startswith(TMP_PREFIX) and p.is_dir():
                     log.warning("removing incomplete checkpoint %s (a save was interrupted)", p)
                     shutil.rmtree(p, ignore_errors=True)
-        _barrier()
+        dist.barrier()
 
     def save(self, engine, step: int, meta: dict, rank_state: dict) -> Path:
         """Write checkpoint ``step`` (collective): DeepSpeed's sharded files, this rank's
@@ -170,7 +116,7 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-        _barrier()
+        dist.barrier()
         own = tmp / client_file(self.rank)
         digests, error = {}, ""
         try:
@@ -195,7 +141,7 @@ class Checkpointer:
             _fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep_tag=tag)
-        _barrier()
+        dist.barrier()
         return final
 
     def _prune(self, keep_tag: str) -> None:
@@ -225,10 +171,7 @@ class Checkpointer:
                 atomic_write_text(out_root / "latest_universal", tag)
             except Exception as e:  # noqa: BLE001 - reported on every rank below
                 error = f"converting {Path(ckdir) / tag} to a universal checkpoint failed: {type(e).__name__}: {e}"
-        failed = torch.tensor([1 if error else 0], device="cuda" if torch.cuda.is_available() else "cpu")
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(failed)
-        if failed.item():
+        if dist.any_rank(bool(error), "cuda" if torch.cuda.is_available() else "cpu"):
             raise MohicoError(error or "rank 0 failed to convert the checkpoint to universal form (see its log)")
         return out_root, tag
 
@@ -260,40 +203,6 @@ def reshard_bank(states: list, world_size: int, rank: int):
     if isinstance(first, dict):
         return {k: reshard_bank([s[k] for s in states], world_size, rank) for k in first}
     raise MohicoError(f"cannot reshard a bank state of type {type(first).__name__} to {world_size} ranks")
-
-
-# --------------------------------------------------------------------------- export
-def load_module_state(path: str | os.PathLike) -> tuple[dict, dict]:
-    """``(module_state_dict, meta)`` of a checkpoint given as a run directory, checkpoints
-    directory or checkpoint folder: the full (unsharded) module weights DeepSpeed keeps in
-    ``mp_rank_00_model_states.pt`` at ZeRO 0-2 (fp32: bf16 runs through autocast), buffers and
-    the key encoder included. (DeepSpeed's zero_to_fp32 gives the same trainable weights from the
-    ZeRO partitions.)"""
-    ckdir, tag = resolve_checkpoint(path)
-    model_file = ckdir / tag / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise MohicoError(f"{model_file} is missing: {ckdir / tag} is not a DeepSpeed ZeRO 0-2 checkpoint")
-    sd = safe_load(model_file)
-    state = dict(sd["module"])
-    meta = (sd.get("mohico") or {}) if isinstance(sd, dict) else {}
-    if (ckdir / tag / META).is_file():
-        meta = read_meta(ckdir, tag)
-    return state, meta
-
-
-def load_backbone_state(path: str | os.PathLike) -> tuple[str, dict, dict]:
-    """``(backbone_name, options, backbone_state_dict)`` of a training checkpoint (run directory,
-    checkpoints directory or checkpoint folder): the online backbone (``backbone.*`` of the
-    PretrainModule), named by the config saved with the checkpoint."""
-    state, meta = load_module_state(path)
-    model = (meta.get("config") or {}).get("model") or {}
-    if "backbone" not in model:
-        raise MohicoError(f"{path}: the checkpoint has no saved config naming its backbone (model.backbone)")
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone:
-        raise MohicoError(f"{path}: the checkpoint's module has no 'backbone.*' weights "
-                          f"(keys start with {sorted({k.split('.')[0] for k in state})[:5]})")
-    return model["backbone"], dict(model.get("backbone_options") or {}), backbone
 
 
 # --------------------------------------------------------------------------- fault injection (tests)

@@ -1,16 +1,13 @@
-"""Checkpoint files: size + sha256 digests, verification, safe loading, write-failure reports.
+"""Checkpoint files: size + sha256 digests, verification, write-failure reports.
 
     digests = file_digests([tmp / "client_rank_00000.pt", ...])   # {name: {"size", "sha256"}}
     problems = verify_checkpoint(ckdir, tag)                       # [] when every recorded file matches
-    state = safe_load(path)                                        # torch.load(weights_only=True)
 
 The meta file of a checkpoint (``mohico_meta.json``) records, under ``"files"``, the size and
 sha256 of every file of the checkpoint folder (the meta file itself excluded). A checkpoint
 written before digests existed (no ``"files"``) is checked for the files it must hold.
 
-Loading never unpickles code: :func:`safe_load` is ``torch.load(weights_only=True)`` with only
-DeepSpeed's plain optimizer-state classes allow-listed (its loss scaler, ZeRO stage enum and
-fragment addresses), so a hostile ``.pt`` file fails with an error instead of running.
+Loading (``safe_load``, never unpickling code) lives with the other readers in :mod:`mohico.checkpoint_read`.
 """
 from __future__ import annotations
 
@@ -21,9 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
+from mohico import dist
+from mohico.checkpoint_read import META
 from mohico.errors import MohicoError
 
-META = "mohico_meta.json"
 CHUNK = 1 << 22
 
 
@@ -123,12 +121,7 @@ def write_failure_message(e: BaseException, tmp: Path, ckdir: Path, step: int, l
 def gather_digests(mine: dict, error: str, tmp: Path | None) -> dict:
     """Every rank's file digests merged (collective; a barrier). If any rank failed to write,
     rank 0 (``tmp`` given) removes the partial folder and every rank raises that rank's error."""
-    parts = [(mine, error)]
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (mine, error))
+    parts = dist.all_gather_object((mine, error))
     failed = [(r, e) for r, (_, e) in enumerate(parts) if e]
     if failed:
         if tmp is not None:
@@ -141,35 +134,3 @@ def gather_digests(mine: dict, error: str, tmp: Path | None) -> dict:
     if tmp is not None:       # files no rank claimed (rank 0 hashes them)
         merged.update(file_digests([f for f in tmp.iterdir() if f.is_file() and f.name not in merged and f.name != META]))
     return merged
-
-
-# --------------------------------------------------------------------------- safe loading
-def _deepspeed_safe_globals() -> list:
-    """DeepSpeed classes found in its ZeRO optimizer state files: plain data, no code on load."""
-    out = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-        out = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-    except ImportError:
-        pass
-    return out
-
-
-def safe_load(path: str | os.PathLike):
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors, containers and plain Python
-    values (plus DeepSpeed's optimizer-state classes) only. Raises MohicoError naming the file
-    when it is unreadable or holds anything else (e.g. pickled code)."""
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, or refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        unsafe = ""
-        if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
-            unsafe = " It holds objects other than tensors and plain values, which mohico never loads (only " \
-                     "tensors are safe to load from an untrusted file); it was not written by mohico."
-        raise MohicoError(f"{path}: cannot load ({type(e).__name__}: {first[:300]}).{unsafe}") from None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from mohico.checkpoint_read import safe_load
 from mohico.errors import MohicoError
-from mohico.trainer.ckpt_files import safe_load
 
 
 def write_universal(src: Path, out: Path) -> None:

@@ -10,7 +10,8 @@ and returns a JSON-able dict):
 - ``linear(train, test, lrs=..., weight_decays=..., epochs=100, ...)`` -> ``{"top1", "top5", "lr",
   "weight_decay", "search": [...], ...}``;
 - ``retrieval_recall(gallery, gallery_labels, query, query_labels, ks, exclude)`` on raw arrays;
-- ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, ...)`` does both steps.
+- ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, ...)`` does both steps;
+  ``knn_eval(backbone, cfg, train_shards, val_shards, k=20, ...)`` is its kNN case.
 
 **Retrieval** (MCL / CoCLR): each test video (the mean of its L2-normalised view embeddings)
 queries the train videos by cosine similarity; recall@k is the fraction of queries with a video of
@@ -29,6 +30,8 @@ import torch
 
 from mohico.errors import MohicoError
 from mohico.trainer.eval_features import FeatureSet, class_index, extract_features
+from mohico.trainer.knn_eval import knn_scores, topk_accuracy
+from mohico.trainer.linear_probe import fit_linear, stratified_holdout, video_probabilities
 
 PROTOCOLS = ("knn", "retrieval", "linear")
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -69,8 +72,6 @@ def _common(train: FeatureSet, test: FeatureSet, classes) -> dict:
 # --------------------------------------------------------------------------- kNN
 def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
     """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (see knn_eval)."""
-    from mohico.trainer.knn_eval import knn_scores, topk_accuracy
-
     classes, (ty, qy) = class_index(train.labels, test.labels)
     exclude = _self_pairs(test, train)
     if bool(exclude.all(dim=1).any()):
@@ -135,9 +136,6 @@ def linear(train: FeatureSet, test: FeatureSet, lrs: Sequence[float] = LINEAR_LR
     with the softmax averaged over each video's views."""
     from tqdm import tqdm
 
-    from mohico.trainer.knn_eval import topk_accuracy
-    from mohico.trainer.linear_probe import fit_linear, stratified_holdout, video_probabilities
-
     classes, (ty, qy) = class_index(train.labels, test.labels)
     k = len(classes)
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
@@ -200,3 +198,16 @@ def run_protocol(name: str, backbone, cfg, train_shards, test_shards, options: O
         options.setdefault("progress", progress)
     res = fn(train, test, **options)
     return {"protocol": name, "clips_per_video": clips_per_video, "spatial_crops": spatial_crops, **res}
+
+
+def knn_eval(backbone: torch.nn.Module, cfg, train_shards, val_shards, k: int = 20, temperature: float = 0.07,
+             clips_per_video: int = 1, batch_size: int = 16, device: str | torch.device = "cpu",
+             labels: Optional[dict] = None) -> dict:
+    """Embed both sets and return ``{"top1", "top5", "k", "temperature", "num_train", "num_val",
+    "num_classes", "chance_top1", "clips_per_video", "per_video": [...]}``
+    (:func:`knn` on :func:`features`)."""
+    if clips_per_video < 1:
+        raise MohicoError(f"clips_per_video must be >= 1, got {clips_per_video}")
+    res = run_protocol("knn", backbone, cfg, train_shards, val_shards, {"k": k, "temperature": temperature},
+                       labels=labels, clips_per_video=clips_per_video, batch_size=batch_size, device=device)
+    return {**res, "num_val": res["num_test"]}

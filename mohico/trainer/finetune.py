@@ -160,7 +160,7 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run."""
     from tqdm import tqdm
 
-    from mohico.trainer.checkpoint import load_module_state
+    from mohico.checkpoint_read import load_module_state
     from mohico.trainer.eval_report import log_wandb, results_table, write_results
     from mohico.trainer.knn_eval import iter_labelled, topk_accuracy
 

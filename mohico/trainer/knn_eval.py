@@ -20,6 +20,10 @@ Labels are the shard json's ``label`` field (``mohico shards --labels``); intege
 labels are mapped to class indices in sorted order of the union of train and val labels. A val
 video whose key is also in the train set is not its own neighbour (leave-one-out), so the same
 shards can be given as both sets.
+
+This module holds the pieces the protocols build on (the vote, the labelled-video reader, the
+backbone of a checkpoint); :func:`mohico.trainer.eval_protocols.knn_eval` runs the whole kNN
+evaluation (features of both sets, then the vote).
 """
 from __future__ import annotations
 
@@ -163,7 +167,7 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
 def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
     """The backbone of ``cfg.model`` with the weights of ``ckpt`` (a run dir, a checkpoint folder,
     an exported mohico backbone file or a zero_to_fp32 output, whose backbone ``config_path``
-    names: :func:`mohico.models.export.load_checkpoint_state`; or a torchvision state_dict of the
+    names: :func:`mohico.models.backbone_file.load_checkpoint_state`; or a torchvision state_dict of the
     config's backbone, e.g. ``mohico export --format torchvision``'s output:
     :mod:`mohico.models.torchvision_import`). ``ckpt="random"``: the config's backbone at its random init
     (seeded with ``trainer.seed``), the baseline to compare a pretrained one with."""
@@ -172,7 +176,7 @@ def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
     if str(ckpt) == "random":
         torch.manual_seed(cfg.trainer.seed)
         return build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
-    from mohico.models.export import load_checkpoint_state
+    from mohico.models.backbone_file import load_checkpoint_state
     from mohico.models.torchvision_import import torchvision_backbone_state, torchvision_name
 
     name = torchvision_name(ckpt, cfg.model.backbone)
@@ -193,21 +197,6 @@ def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
         raise MohicoError(f"{ckpt}: weights do not fit backbone {name!r} with options {options}: "
                           f"{str(e).splitlines()[0]}") from e
     return backbone
-
-
-def knn_eval(backbone: nn.Module, cfg, train_shards, val_shards, k: int = 20, temperature: float = 0.07,
-             clips_per_video: int = 1, batch_size: int = 16, device: str | torch.device = "cpu",
-             labels: Optional[dict] = None) -> dict:
-    """Embed both sets and return ``{"top1", "top5", "k", "temperature", "num_train", "num_val",
-    "num_classes", "chance_top1", "clips_per_video", "per_video": [...]}``
-    (:func:`mohico.trainer.eval_protocols.knn` on :func:`~mohico.trainer.eval_protocols.features`)."""
-    from mohico.trainer.eval_protocols import run_protocol
-
-    if clips_per_video < 1:
-        raise MohicoError(f"clips_per_video must be >= 1, got {clips_per_video}")
-    res = run_protocol("knn", backbone, cfg, train_shards, val_shards, {"k": k, "temperature": temperature},
-                       labels=labels, clips_per_video=clips_per_video, batch_size=batch_size, device=device)
-    return {**res, "num_val": res["num_test"]}
 
 
 def embedding_stats(emb: torch.Tensor, labels: Sequence) -> dict[str, float]:
