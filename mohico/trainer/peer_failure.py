@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from mohico import dist
 from mohico.errors import MohicoError
 from mohico.trainer.liveness import FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, silent_peers
 from mohico.utils import atomic_write_text
@@ -82,10 +83,8 @@ def peer_notes(run_dir, rank: int, world: int | None = None) -> str:
 
 def _world() -> int | None:
     try:
-        import torch.distributed as dist
-
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
-    except Exception:  # noqa: BLE001
+        return dist.world() if dist.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a broken group: the world is unknown
         return None
 
 
