@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = """
 import os, signal, sys, time
 from multiprocessing import resource_tracker
-from mohico.datasets.pipeline import build_loader
+from mohico.datasets.load.pipeline import build_loader
 from tests.test_pipeline import small_cfg
 
 got = []

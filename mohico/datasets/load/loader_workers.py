@@ -1,19 +1,45 @@
 """The rank side of the loader's worker processes: the forkserver context they are forked from
-(it preloads `forkserver_signals`, so they ignore SLURM's preemption signals) and their init
-function (they end once the rank is gone)."""
+(it preloads `forkserver_signals`, so they ignore SLURM's preemption signals), the resource
+tracker that outlives those signals too, and the workers' init function (they end once the rank
+is gone)."""
 from __future__ import annotations
 
 import os
+import signal
+
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)   # SLURM sends them to every process of the step
 
 
 def forkserver_context():
     """The forkserver context, preloading `forkserver_signals` (it ignores the preemption signals
-    SLURM sends to every process of the step; the forked workers inherit that)."""
+    SLURM sends to every process of the step; the forked workers inherit that), with this
+    process's resource tracker started by :func:`start_resource_tracker`."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "mohico.datasets.load.forkserver_signals"])
+    start_resource_tracker()
     return ctx
+
+
+def start_resource_tracker() -> None:
+    """Start this process's multiprocessing resource tracker (if it is not running yet) with the
+    preemption signals blocked, so that they stay blocked in it.
+
+    The tracker holds the names of the loader queues' semaphores (the forkserver and its workers
+    share it). Python makes it ignore SIGINT and SIGTERM only, so SLURM's USR1 killed it: the rank
+    then relaunched an empty tracker at exit, and every semaphore's unregister printed a
+    ``KeyError: '/mp-...'`` traceback (and a rank killed later would leak them). A signal mask,
+    unlike a handler, survives the tracker's fork and exec; here it is blocked only in this thread
+    and only while the tracker starts, so a USR1 arriving meanwhile is delivered to the rank
+    afterwards, not lost."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def exit_with_rank(rank_pid: int, _worker_id: int) -> None:
@@ -23,11 +49,10 @@ def exit_with_rank(rank_pid: int, _worker_id: int) -> None:
     in the queue's feeder thread and, with the forkserver, keep the rank's stdout/stderr open
     (a caller reading them would hang). A daemon thread polls the rank's pid once a second.
     """
-    import signal
     import threading
     import time
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):   # also when the forkserver predates the preload
+    for sig in PREEMPTION_SIGNALS:                 # also when the forkserver predates the preload
         signal.signal(sig, signal.SIG_IGN)
 
     def watch():
