@@ -101,6 +101,8 @@ def test_a_note_still_explains_and_without_any_verdict_the_wait_is_bounded(tmp_p
     msg = peer_failure_message(tmp_path, 0, BROKEN, wait_s=1.0, world=2)
     assert 1.0 <= time.monotonic() - t0 < 3
     assert "died without a message" in msg and "went stale within 1 s" in msg
+    assert f"not confirmed alive: rank 1 (host {HOST}, pid {os.getpid()}: alive;" in msg   # where to look
+    assert "rank(s) 2 left no record" in peer_failure_message(tmp_path, 0, BROKEN, wait_s=0.2, world=3)
     note_failure(tmp_path, 1, "stalled: no progress for 600 s")
     msg = peer_failure_message(tmp_path, 0, BROKEN, wait_s=1.0, world=2)
     assert "a peer rank stopped, so this one stops too (rank 1 stopped: stalled: no progress for 600 s)" in msg

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mohico import dist
 from mohico.errors import MohicoError
-from mohico.trainer.liveness import FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, silent_peers
+from mohico.trainer.liveness import (FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, read_peers,
+                                      silent_peers)
 from mohico.utils import atomic_write_text
 
 NOTE = "failed_rank{rank}.txt"
@@ -114,9 +115,14 @@ def peer_failure_message(run_dir, rank: int, e: BaseException, wait_s: float = P
     if dead:
         return (f"rank {rank}: a peer rank was killed from outside (no note: SIGKILL, the OOM killer or a lost node?), "
                 f"so this one stops too: {killed} {cause}")
+    peers = read_peers(run_dir, rank, world)
+    unsure = "; ".join(p.describe() for p in peers if p.record.get("state") not in (STOPPING, FINISHED))
+    unsure = f" (not confirmed alive: {unsure})" if unsure else ""
+    missing = sorted(set(range(world or 0)) - {rank} - {p.record.get("rank") for p in peers})
+    missing = f"; rank(s) {', '.join(map(str, missing))} left no record (died at start-up?)" if missing else ""
     return (f"rank {rank}: a peer rank died without a message (killed from outside: SIGKILL, the OOM killer or a "
-            f"lost node?) and no rank's liveness record in {logs} went stale within {wait_s:g} s; see the other "
-            f"ranks' logs there {cause}")
+            f"lost node?) and no rank's liveness record in {logs} went stale within {wait_s:g} s{unsure}{missing}; "
+            f"see the other ranks' logs there {cause}")
 
 
 def failing_together(run_dir, rank: int, run):
