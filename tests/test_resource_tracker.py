@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RANK = """
@@ -42,6 +44,7 @@ loader.close()
 """
 
 
+@pytest.mark.slow          # ~45 s on 2 loaded cores: a fresh interpreter, its forkserver and two workers
 def test_usr1_to_every_process_leaves_the_resource_tracker_alive_and_stderr_clean(synth_shards):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     res = subprocess.run([sys.executable, "-c", RANK, str(synth_shards)], capture_output=True, text=True,
