@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 import mohico
+from mohico.config import config_hash, save_config
+from mohico.utils import atomic_write_json
 
 PACKAGE_ROOT = Path(mohico.__file__).resolve().parent
 
@@ -48,9 +50,6 @@ def snapshot_path(run_dir: str | os.PathLike) -> Path:
 
 def write_snapshot(cfg, path: str | os.PathLike, source: str, overrides: Sequence[str]) -> Path:
     """Write the resolved ``cfg`` to ``path`` and ``submit.json`` beside it (both atomic)."""
-    from mohico.config import config_hash, save_config
-    from mohico.utils import atomic_write_json
-
     path = Path(path)
     save_config(cfg, path)
     atomic_write_json(path.parent / "submit.json", {

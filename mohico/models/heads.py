@@ -1,4 +1,4 @@
-"""Projection heads for MCL and HiCo (methods.md sections 1.4 and 2.2).
+"""Projection heads for MCL and HiCo (docs/METHODS.md sections 1.4, 2.2 and 2.3).
 
 - ``MCLProjection``: ``d -> hidden -> ReLU -> 128``, L2-normalised (MoCo-v2 style MLP).
 - ``HiCoVisualHead``: ``d -> h (BN, ReLU) -> h (BN, ReLU) -> 128``, L2-normalised (the visual

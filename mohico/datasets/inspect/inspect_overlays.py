@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mohico.datasets.load.pipeline import build_loader
 from mohico.datasets.load.sampling import ClipSampler, SampleDraw, sample_rng
 
 COLORS = [(255, 80, 80), (80, 200, 255), (120, 255, 120)]
@@ -43,8 +44,6 @@ def view_names(mcl: bool, hico: bool) -> list[str]:
 
 def worker_spec(cfg, shard, rank: int = 0, world_size: int = 1):
     """The :class:`WorkerSpec` the training loader builds for ``cfg`` (no worker is started)."""
-    from mohico.datasets.load.pipeline import build_loader
-
     loader = build_loader(cfg, [str(shard)], rank=rank, world_size=world_size)
     spec = loader.spec
     loader.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mohico.errors import MohicoError
+from mohico.utils import atomic_write_bytes
 
 TILE_H = 144
 HEADER = 18
@@ -209,8 +210,6 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
     for j, line in enumerate(lines):
         _text(canvas, line, (3, y0 + CURVE_H + HEADER * (j + 1) - 5))
     if out is not None:
-        from mohico.utils import atomic_write_bytes
-
         ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
         if not ok:
             raise MohicoError(f"could not encode {out} as PNG")

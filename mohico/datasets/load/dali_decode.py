@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 #: sigma used for "no blur": its 3-tap window is the identity to float precision
 _NO_BLUR = 1e-3
@@ -67,13 +68,10 @@ class DaliClipDecoder:
         (x, y, w, h) whole pixels, ``aug`` (see sampling.draw_augment). Returns a torch tensor
         ``(N, 3, T, S, S)`` float32, on the GPU when decoding there (copied out of DALI's
         buffers with ``feed_ndarray``)."""
-        import torch
-
         out = [self._run(clips[i:i + self.max_clips]) for i in range(0, len(clips), self.max_clips)]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def _run(self, clips: list[dict]):
-        import torch
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         p = self._pipe

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mohico.datasets.load.loader_checks import BadRun
+from mohico.datasets.load.pipeline_cpu import transform_clip
 from mohico.datasets.load.pipeline_stream import SampleStream
 from mohico.datasets.load.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
 from mohico.datasets.load.sampling import ClipSampler, sample_rng, stable_hash
@@ -155,7 +156,6 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
                 clip = {"data": cut.data, "frames": rel, "box": tuple(int(b) for b in draw.boxes[v]),
                         "aug": draw.augment[v]}
                 if not dali:
-                    from mohico.datasets.load.pipeline_cpu import transform_clip
                     frames = decode_frames(cut.data, rel, name)
                     clip = {"tensor": transform_clip(frames, clip["box"], clip["aug"], spec.data.crop_size,
                                                      spec.data.mean, spec.data.std), **clip}

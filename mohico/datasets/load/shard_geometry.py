@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mohico.datasets.load.crops import min_crop_side
+from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.errors import ConfigError
 
 
@@ -42,8 +43,6 @@ def shards_short_side(urls: Sequence[str]) -> Optional[tuple[int, str]]:
             return side, str(manifest)
         except (KeyError, ValueError, TypeError, OSError):
             pass                                    # fall back to the first sample's json
-    from mohico.datasets.load.pipeline_stream import iter_shard
-
     for sample in iter_shard(first):
         if "json" not in sample:
             continue

@@ -20,6 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from mohico.datasets.synthetic.synth import synthesize_one
 from mohico.errors import UsageError
 from mohico.utils import atomic_write_text
 
@@ -48,8 +49,6 @@ def _remux_avi(src: Path, dst: Path) -> None:
 def synth_benchmark(out: str | os.PathLike, layout: str, classes: int = 3, per_class: int = 6, seed: int = 0,
                     fps: int = 15, size: tuple[int, int] = (160, 120), duration: float = 4.0) -> dict:
     """Write the tree (module docstring); returns ``{"videos": root, "splits": split folder, "num_videos"}``."""
-    from mohico.datasets.synthetic.synth import synthesize_one
-
     if layout not in ("ucf101", "hmdb51"):
         raise UsageError(f"--layout must be ucf101 or hmdb51, got {layout!r}")
     names = UCF_CLASSES if layout == "ucf101" else HMDB_CLASSES

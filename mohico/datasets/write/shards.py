@@ -27,18 +27,24 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
+from mohico.datasets.write.motion import (CUT_FRACTION, FLOW_METHODS, SCALE_PERCENTILE, MotionMapper, make_flow,
+                                          quantise)
 from mohico.datasets.write.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS,  # noqa: F401
                                                   DEFAULT_GOP, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES,
                                                   DEFAULT_SHORT_SIDE)
 from mohico.datasets.write.shards_inputs import (file_sha256, label_for, list_inputs, load_labels,  # noqa: F401
                                                  sample_key)
+from mohico.datasets.write.shards_tar import ShardTar, index_text
+from mohico.datasets.write.transcode import CODECS, SkipVideo, transcode
 from mohico.errors import MohicoError, UsageError
 from mohico.utils import atomic_write_json, atomic_write_text
 
@@ -54,9 +60,6 @@ SHARD_NAME = "shard-{:06d}"
 def make_sample(task: dict) -> dict:
     """Transcode one video and compute its motion maps. Never raises for bad input: returns
     ``{"input", "source", "key", "skip": reason | None, "files": [(name, bytes)], "frames"}``."""
-    from mohico.datasets.write.motion import CUT_FRACTION, SCALE_PERCENTILE, MotionMapper, quantise
-    from mohico.datasets.write.transcode import SkipVideo, transcode
-
     o = task["options"]
     res = {"input": task["input"], "source": task["source"], "key": task["key"], "skip": None, "files": [], "frames": 0}
     try:
@@ -112,9 +115,6 @@ def _results(tasks: list[dict], workers: int):
         for t in tasks:
             yield make_sample(t)
         return
-    import multiprocessing as mp
-    from collections import deque
-
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, maxtasksperchild=50) as pool:
         pending: deque = deque()
@@ -162,10 +162,6 @@ def write_shards(src, out, codec: str = DEFAULT_CODEC, short_side: int = DEFAULT
     ``labels``: a dict ``{source: label}`` or a labels file path (see :func:`load_labels`).
     Raises :class:`MohicoError` if ``out`` holds shards written with other inputs or options.
     """
-    from mohico.datasets.write.motion import FLOW_METHODS, make_flow
-    from mohico.datasets.write.shards_tar import ShardTar, index_text
-    from mohico.datasets.write.transcode import CODECS
-
     if codec not in CODECS:
         raise UsageError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
     if flow not in FLOW_METHODS:

@@ -20,14 +20,18 @@ Results: a table on stdout, JSON (--out), and W&B (the pretraining run's when CK
 """
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
+from mohico.errors import UsageError
+
 HELP = "evaluate a backbone on labelled shards: knn (default), retrieval or linear"
 DESCRIPTION = __doc__
 PROTOCOLS = ("knn", "retrieval", "linear", "finetune")
 
 
 def add_arguments(p):
-    import argparse
-
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.usage = "mohico eval [-h] [PROTOCOL] CKPT --train SHARDS --val SHARDS [options]"
     p.add_argument("target", nargs="+", metavar="[PROTOCOL] CKPT",
@@ -69,8 +73,6 @@ def add_arguments(p):
 
 
 def _floats(text: str, flag: str) -> list[float]:
-    from mohico.errors import UsageError
-
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -79,8 +81,6 @@ def _floats(text: str, flag: str) -> list[float]:
 
 def parse_target(target: list[str]) -> tuple[str, str]:
     """``[PROTOCOL] CKPT`` -> ``(protocol, ckpt)``."""
-    from mohico.errors import UsageError
-
     if len(target) == 1:
         return "knn", target[0]
     if len(target) == 2 and target[0] in PROTOCOLS:
@@ -101,13 +101,10 @@ def headline(res: dict) -> str:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from mohico.config import load_config
     from mohico.datasets.write.shards_inputs import load_labels
-    from mohico.errors import UsageError
     from mohico.trainer.eval_protocols import run_protocol
     from mohico.trainer.eval_report import log_wandb, results_table, write_results
     from mohico.trainer.knn_eval import load_eval_backbone
@@ -167,12 +164,7 @@ def run(args) -> int:
 def run_finetune(args, ckpt: str) -> int:
     """`mohico eval finetune`: `mohico train CONFIG finetune.backbone=CKPT data.shards=TRAIN
     finetune.test_shards=VAL [finetune.labels=FILE] [--set ...]` (which tests at the end)."""
-    import argparse
-    import json
-    from pathlib import Path
-
     from mohico.config import load_config
-    from mohico.errors import UsageError
     from mohico.launcher.commands import train as train_cmd
 
     if args.config is None:

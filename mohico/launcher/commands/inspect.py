@@ -2,6 +2,8 @@
 and, with ``--config``, the clips, crop boxes and flips the training sampler draws for it."""
 from __future__ import annotations
 
+from mohico.errors import UsageError
+
 HELP = ("draw one shard sample: a row of frames, a row of their motion maps and the T-motion curve; "
         "with --config also the training sampler's clips, crop boxes and flips for it")
 
@@ -29,7 +31,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     from mohico.datasets.inspect.inspect_sample import read_sample, render_sample
-    from mohico.errors import UsageError
 
     if args.frames < 1:
         raise UsageError("--frames must be >= 1")

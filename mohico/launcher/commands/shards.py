@@ -1,6 +1,14 @@
 """`mohico shards`: untrimmed videos -> WebDataset tar shards with motion maps, DALI index files and a manifest."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+from mohico.datasets.write import shard_defaults as S
+from mohico.errors import UsageError
+from mohico.utils import atomic_write_text
+
 HELP = "write videos as WebDataset shards (canonical re-encode + motion maps + DALI index + manifest)"
 DESCRIPTION = (
     "Turn a folder (recursively) or a text file list of videos, in any container/codec FFmpeg reads, into "
@@ -14,8 +22,6 @@ DESCRIPTION = (
 def add_arguments(p):
     p.add_argument("src", help="folder of videos (searched recursively; .json files are ignored) or a text file with one path per line")
     p.add_argument("out", help="output folder for shards, index files and manifest.json")
-    from mohico.datasets.write import shard_defaults as S
-
     p.add_argument("--codec", choices=["vp9", "h264"], default=S.DEFAULT_CODEC,
                    help="vp9 (.webm; decodes on DALI's CPU and GPU decoders, default) or h264 (.mp4; DALI GPU only)")
     p.add_argument("--short-side", type=int, default=S.DEFAULT_SHORT_SIDE,
@@ -44,10 +50,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import os
-
     from mohico.datasets.write.shards import parse_size, write_shards
-    from mohico.errors import UsageError
 
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
@@ -74,13 +77,8 @@ def _summary(man: dict, out) -> None:
 
 
 def _run_layout(args, workers: int) -> int:
-    import json
-    from pathlib import Path
-
     from mohico.datasets.write.benchmark_layouts import split_inputs
     from mohico.datasets.write.shards import parse_size, write_shards
-    from mohico.errors import UsageError
-    from mohico.utils import atomic_write_text
 
     if args.splits is None:
         raise UsageError(f"--layout {args.layout} needs --splits DIR (the official split files)")

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+
+from mohico.utils import atomic_write_text
 
 HELP = "submit a training run to SLURM (requeues itself after pre-emption)"
 DESCRIPTION = """\
@@ -38,13 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from mohico.config import load_config
     from mohico.launcher.partition import resolve_cpus_per_task
     from mohico.launcher.snapshot import snapshot_path, write_snapshot
     from mohico.launcher.submit import SubmitOptions, render_sbatch, run_dir_of, sbatch, validate
-    from mohico.utils import atomic_write_text
 
     cfg = load_config(args.config, args.overrides)
     opts = SubmitOptions.from_config(
@@ -66,8 +67,6 @@ def run(args) -> int:
     try:
         job = sbatch(script)
     except BaseException:
-        import shutil
-
         shutil.rmtree(snapshot.parent, ignore_errors=True)   # no job: no snapshot
         raise
     atomic_write_text(run_dir / f"slurm-{job}.sbatch", script)

@@ -1,6 +1,9 @@
 """`mohico synth`: synthetic untrimmed videos with ground truth (the project's demo and test data)."""
 from __future__ import annotations
 
+import argparse
+import time
+
 HELP = "synthesise untrimmed videos (shots, cuts, moving objects, camera pans) with ground truth"
 DESCRIPTION = """\
 Synthesise untrimmed videos with known ground truth (the demo and test data).
@@ -24,8 +27,6 @@ still stretches around its motion. labels.json maps each video to its class name
 
 
 def _size(text: str) -> tuple[int, int]:
-    import argparse
-
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -57,8 +58,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import time
-
     from mohico.datasets.synthetic.synth import synthesize
 
     t0 = time.perf_counter()

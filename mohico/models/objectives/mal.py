@@ -1,4 +1,4 @@
-"""MCL's motion alignment loss (MAL, methods.md section 1.3).
+"""MCL's motion alignment loss (MAL, docs/METHODS.md section 1.3).
 
 The network's response map on a late convolution ``A: (B, C, T', H', W')`` should sit where
 the motion is. With ``g = d(q . k+) / dA`` (double backprop, ``create_graph=True``, taken by
