@@ -20,6 +20,12 @@ way resumes from its last checkpoint.
 
     .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion] [--seeds 0 1 2]
         [--arms random nce ...] [--steps 150] [--jobs 4] [--set key=value ...] [--table]
+
+Before reading the table, check the geometry with ``benchmarks/motion_diagnostics.py`` on the
+same work dir: ``upper`` (the backbone trained *supervised* on the labels at this clip geometry and
+budget) bounds what any arm can reach; ``flow`` shows whether the clips carry the motion at all;
+``features`` whether pretraining moved the backbone and towards what. At the defaults here the
+supervised upper bound is itself at chance (benchmarks/RESULTS.md), so the arms cannot differ.
 """
 from __future__ import annotations
 
