@@ -171,7 +171,7 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
 def shot_attributes(sources: np.ndarray, folder: Path, cfg, clips: int) -> dict[str, np.ndarray]:
     """Per eval clip ``(V * clips,)``: the pattern and shape of the first object of the shot
     holding the clip's middle frame, and the video index (appearance changes at every cut)."""
-    from mohico.datasets.sampling import clip_frames
+    from mohico.datasets.load.sampling import clip_frames
     from mohico.trainer.knn_eval import eval_starts
 
     out: dict[str, list] = {"pattern": [], "shape": [], "video": []}
