@@ -13,6 +13,10 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from mohico.checkpoint_read import read_meta, resolve_checkpoint
+from mohico.trainer.wandb_log import WandbLogger, new_run_id
+from mohico.utils import atomic_write_bytes
+
 SCALARS_HIDDEN = ("per_video", "search", "ks")
 
 
@@ -58,18 +62,14 @@ def results_table(results: dict) -> str:
 
 
 def write_results(results: dict, path) -> Path:
-    from mohico.utils import atomic_write_bytes
-
     return atomic_write_bytes(path, (json.dumps(results, indent=2, default=str) + "\n").encode())
 
 
 def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
     """``(run_dir, wandb_run_id, step)`` when ``ckpt`` is a mohico run (or one of its checkpoints)."""
-    from mohico.trainer import checkpoint as ck
-
     try:
-        ckdir, tag = ck.resolve_checkpoint(ckpt)
-        meta = ck.read_meta(ckdir, tag)
+        ckdir, tag = resolve_checkpoint(ckpt)
+        meta = read_meta(ckdir, tag)
     except Exception:  # noqa: BLE001 - any other checkpoint form has no run
         return None
     run_id = meta.get("wandb_run_id")
@@ -80,8 +80,6 @@ def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
 
 def log_wandb(cfg, results: dict, ckpt, out: Optional[str]) -> Optional[str]:
     """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used."""
-    from mohico.trainer.wandb_log import WandbLogger, new_run_id
-
     protocol = results.get("protocol", "eval")
     found = pretraining_run(ckpt)
     if found is not None:

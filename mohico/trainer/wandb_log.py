@@ -13,8 +13,12 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
+import string
+import threading
 from pathlib import Path
 
+from mohico.config import to_saved_dict
 from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
 
 log = logging.getLogger("mohico.trainer")
@@ -22,9 +26,6 @@ log = logging.getLogger("mohico.trainer")
 
 def new_run_id() -> str:
     """An 8-character run id (W&B's own alphabet)."""
-    import secrets
-    import string
-
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
@@ -59,7 +60,6 @@ class WandbLogger:
             return
         try:
             import wandb
-            from mohico.config import to_saved_dict
 
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
@@ -118,8 +118,6 @@ class WandbLogger:
         cannot keep a finished job alive."""
         if self.run is None:
             return
-        import threading
-
         run, self.run = self.run, None
         errors: list[Exception] = []
 
