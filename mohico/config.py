@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from mohico.config_backbones import check_backbone
 from mohico.config_load import build, check_keys, collect, mapping_fields_set, packaged_fallback
@@ -111,6 +111,7 @@ class MALConfig:
 
 @dataclass
 class MCLConfig:
+    views: ClassVar[int] = 2           # clips per video MCL reads: query, key (not a config key)
     weight: float = 0.0                # 0 disables the objective
     tau: float = 0.1
     momentum: float = 0.999            # EMA of the key encoder
@@ -121,6 +122,7 @@ class MCLConfig:
 
 @dataclass
 class HiCoConfig:
+    views: ClassVar[int] = 3           # clips per video HiCo reads: v_i, v_j, v_k (not a config key)
     weight: float = 0.0                # 0 disables the objective
     tau: float = 0.1
     visual_weight: float = 1.0
@@ -136,6 +138,12 @@ class HiCoConfig:
 class ObjectivesConfig:
     mcl: MCLConfig = field(default_factory=MCLConfig)
     hico: HiCoConfig = field(default_factory=HiCoConfig)
+
+    @property
+    def num_views(self) -> int:
+        """Clips the loader draws per video: the most any enabled objective reads (3 with HiCo,
+        else 2; v_i / v_j double as MCL's query / key). The one place this number is said."""
+        return max([c.views for c in (self.mcl, self.hico) if c.weight > 0] or [MCLConfig.views])
 
 
 @dataclass

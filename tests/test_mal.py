@@ -13,6 +13,7 @@ from mohico.config import Config
 from mohico.models.backbones import build_backbone
 from mohico.models.objectives.mal import (alignment_similarities, mal_loss, mal_weight, pool_motion,
                                           response_map)
+from mohico.models.key_encoder import KeyEncoder
 from mohico.models.objectives.mcl import MCL
 
 
@@ -137,10 +138,11 @@ def test_mal_gradient_reaches_backbone_parameters(variant):
     cfg = _mcl_cfg(variant=variant)
     backbone = build_backbone("r3d_18", width=8)
     mcl = MCL(cfg, backbone)
+    key = KeyEncoder(backbone, {"mcl": mcl.proj}, 0.999, {"mcl": 0.999}, shuffle=False)
     x = torch.randn(2, 3, 8, 32, 32)
     emb, fmap = backbone(x, return_features=True)
     q = mcl.proj(emb)
-    k = mcl.keys(torch.randn(2, 3, 8, 32, 32))
+    k = mcl.project_keys(key.heads["mcl"], key.embed(torch.randn(2, 3, 8, 32, 32)))
     motion = torch.rand(2, 8, 8, 8)
     mal, terms, lam = mcl._mal(q, k, fmap, motion, progress=0.2)          # epoch 2 < 5: warm-up weight
     assert lam == 2.0 and set(terms) == {"st", "s", "t"}
@@ -148,7 +150,7 @@ def test_mal_gradient_reaches_backbone_parameters(variant):
     mal.backward()
     stem = backbone.stem[0].weight.grad
     assert stem is not None and stem.abs().sum() > 0                    # reaches the first layer
-    assert all(p.grad is None for p in mcl.key_backbone.parameters())
+    assert all(p.grad is None for p in key.parameters())
     if variant == "weighted_gradient_map":                                # g depends on the projection
         assert mcl.proj.net[0].weight.grad.abs().sum() > 0
 

@@ -17,7 +17,7 @@ from mohico.models.backbones import build_backbone
 from mohico.models.heads import PairClassifier
 from mohico.models.objectives import OBJECTIVES, HiCo, MCL
 from mohico.models.objectives.hico import AllGatherWithGrad, focal_loss, topical_consistency, visual_consistency
-from mohico.models.objectives.mcl import shuffled_forward
+from mohico.models.key_encoder import KeyEncoder, shuffled_forward
 from _dist import run_gloo
 
 
@@ -131,52 +131,65 @@ def _cfg(**over) -> Config:
     return cfg
 
 
+def _key_encoder(backbone, objective, name, momentum, shuffle=False):
+    return KeyEncoder(backbone, {name: objective.key_head}, momentum, {name: momentum}, shuffle=shuffle)
+
+
 def test_mcl_momentum_update_and_enqueue_after_loss():
     torch.manual_seed(0)
     cfg = _cfg(mcl__weight=1.0, mcl__bn="none", mcl__mal_enabled=False, mcl__momentum=0.9)
     backbone = build_backbone("r3d_18", width=8)
     mcl = MCL(cfg, backbone)
-    assert not any(p.requires_grad for p in mcl.key_backbone.parameters())
-    before = [p.clone() for p in mcl.key_backbone.parameters()]
+    assert not any("key" in k for k in mcl.state_dict())                  # the EMA parts are not MCL's
+    key = _key_encoder(backbone, mcl, "mcl", 0.9)
+    assert not any(p.requires_grad for p in key.parameters())
+    pairs = [(key.backbone, backbone), (key.heads["mcl"], mcl.proj)]
+    before = [[p.clone() for p in ema.parameters()] for ema, _ in pairs]
     with torch.no_grad():
-        for p in backbone.parameters():
+        for p in list(backbone.parameters()) + list(mcl.proj.parameters()):
             p.add_(0.1)
-    mcl.momentum_update(backbone)
-    for old, new, online in zip(before, mcl.key_backbone.parameters(), backbone.parameters()):
-        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
-    half = MCL(cfg, build_backbone("r3d_18", width=8))
-    half.key_backbone.bfloat16()
+    key.momentum_update(backbone, {"mcl": mcl.proj})
+    for (ema, online), old in zip(pairs, before):
+        for o, new, q in zip(old, ema.parameters(), online.parameters()):
+            torch.testing.assert_close(new, 0.9 * o + 0.1 * q)
+    half = _key_encoder(build_backbone("r3d_18", width=8), mcl, "mcl", 0.9)
+    half.backbone.bfloat16()
     with pytest.raises(MohicoError, match="round away"):                 # a bf16 EMA would silently freeze
-        half.momentum_update(backbone)
+        half.momentum_update(backbone, {"mcl": mcl.proj})
+    with pytest.raises(MohicoError, match="do not match"):
+        key.momentum_update(backbone, {})
     x_q, x_k = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32)
-    loss, terms = mcl(backbone(x_q), None, x_k, None, 0.0)
+    keys = mcl.project_keys(key.heads["mcl"], key.embed(x_k))
+    loss, terms = mcl(backbone(x_q)[:, None], keys)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)                   # empty bank: nothing to contrast
     assert mcl.bank.filled == 2 and terms["mcl/bank_fill"].item() == pytest.approx(2 / 32)
-    mcl.key_backbone.eval()                                               # BN in eval: keys are deterministic
+    torch.testing.assert_close(mcl.bank.ordered_keys(), keys)
+    key.backbone.eval()                                                   # BN in eval: keys are deterministic
     with torch.no_grad():
-        keys = mcl.key_proj(mcl.key_backbone(x_k))
-    mcl.bank.enqueue(mcl.keys(x_k))
+        keys = F.normalize(key.heads["mcl"].net(key.backbone(x_k)), dim=1)
+    mcl.bank.enqueue(mcl.project_keys(key.heads["mcl"], key.embed(x_k)))
     torch.testing.assert_close(mcl.bank.ordered_keys()[-2:], keys)
-    loss, terms = mcl(backbone(x_q), None, x_k, None, 0.0)
+    loss, terms = mcl(backbone(x_q)[:, None], keys)
     assert loss.item() > 0 and "mcl/mal" not in terms
 
 
-def test_hico_bank_keys_come_from_its_ema_encoder():
+def test_hico_bank_keys_come_from_the_ema_encoder():
     torch.manual_seed(0)
-    cfg = _cfg(hico__weight=1.0, hico__momentum=0.75)                      # MCL off: HiCo owns its EMA backbone
+    cfg = _cfg(hico__weight=1.0, hico__momentum=0.75)
     backbone = build_backbone("r3d_18", width=8)
     hico = HiCo(cfg, backbone)
-    assert hico.key_backbone is not None and hico.key_visual is not None
-    assert not any(p.requires_grad for p in hico.ema_parameters())
-    assert any(k.startswith("key_visual.") for k in hico.state_dict())
-    assert any(k.startswith("key_backbone.") for k in hico.state_dict())
+    assert hico.key_head is hico.visual and not any("key" in k for k in hico.state_dict())
+    key = _key_encoder(backbone, hico, "hico", 0.75)
+    assert not any(p.requires_grad for p in key.parameters())
+    assert any(k.startswith("heads.hico.") for k in key.state_dict())
+    assert any(k.startswith("backbone.") for k in key.state_dict())
     # momentum update: ema = m * ema + (1 - m) * online, for the head and the backbone copy
     with torch.no_grad():
         for p in list(backbone.parameters()) + list(hico.visual.parameters()):
             p.add_(0.1 * torch.randn_like(p))
-    pairs = [(hico.key_visual, hico.visual), (hico.key_backbone, backbone)]
+    pairs = [(key.heads["hico"], hico.visual), (key.backbone, backbone)]
     before = [[p.clone() for p in ema.parameters()] for ema, _ in pairs]
-    hico.momentum_update(backbone)
+    key.momentum_update(backbone, {"hico": hico.visual})
     for (ema, online), old in zip(pairs, before):
         for o, new, q in zip(old, ema.parameters(), online.parameters()):
             torch.testing.assert_close(new, 0.75 * o + 0.25 * q)
@@ -184,34 +197,31 @@ def test_hico_bank_keys_come_from_its_ema_encoder():
     clips = torch.randn(3, 3, 3, 4, 32, 32)                               # 3 videos x views i, j, k
     emb = backbone(clips.transpose(0, 1).reshape(9, 3, 4, 32, 32)).reshape(3, 3, -1).transpose(0, 1)
     emb = emb.detach().requires_grad_(True)
-    loss, terms = hico(emb, clips[:, 1])
+    assert hico.needs_keys()
+    loss, terms = hico(emb, hico.project_keys(key.heads["hico"], key.embed(clips[:, 1])))
     loss.backward()
     assert set(terms) == {"hico/visual", "hico/topical", "hico/topical_acc", "hico/bank_fill"}
     assert hico.bank.filled == 3 and emb.grad.abs().sum() > 0
-    assert all(p.grad is None for p in hico.ema_parameters())
+    assert all(p.grad is None for p in key.parameters())
     with torch.no_grad():                                                 # train-mode BN: same batch, same keys
-        expected = F.normalize(hico.key_visual(hico.key_backbone(clips[:, 1])), dim=1)
+        expected = F.normalize(key.heads["hico"](key.backbone(clips[:, 1])), dim=1)
         online = hico.visual(emb.reshape(9, -1)).reshape(3, 3, -1)[:, 1]
     torch.testing.assert_close(hico.bank.ordered_keys(), expected)
     assert not torch.allclose(hico.bank.ordered_keys(), online, atol=1e-3)  # not the online head's outputs
+    with pytest.raises(MohicoError, match="keys of v_j"):                 # training with the bank needs keys
+        hico(emb)
     hico.eval()
-    hico(emb, clips[:, 1])
+    assert not hico.needs_keys()
+    hico(emb)
     assert hico.bank.filled == 3                                          # evaluation leaves the bank alone
     # bf16 EMA parts would freeze: refused
-    half = HiCo(cfg, backbone)
-    half.key_visual.bfloat16()
+    half = _key_encoder(backbone, hico, "hico", 0.75)
+    half.heads["hico"].bfloat16()
     with pytest.raises(MohicoError, match="round away"):
-        half.momentum_update(backbone)
-    # shared EMA backbone (MCL on): HiCo keeps only the EMA head and needs the embedding
-    cfg.objectives.mcl.weight = 1.0
-    shared = HiCo(cfg, backbone)
-    assert shared.key_backbone is None and shared.key_visual is not None
-    with pytest.raises(MohicoError, match="key_emb"):
-        shared(emb, clips[:, 1])
+        half.momentum_update(backbone, {"hico": hico.visual})
     cfg.objectives.hico.use_bank = False
     plain = HiCo(cfg, backbone)
-    assert plain.bank is None and plain.key_visual is None and plain.key_backbone is None
-    plain.momentum_update(backbone)                                       # nothing to update
+    assert plain.bank is None and plain.key_head is None and not plain.needs_keys()
 
 
 class _TinyBackbone(torch.nn.Module):
@@ -235,18 +245,19 @@ def _hico_train(hico_cls=HiCo, steps=200, seed=0, b=2, videos=8, dim=48):
     base = torch.randn(videos, 3, dim, generator=g)
     backbone = _TinyBackbone(dim)
     hico = hico_cls(cfg, backbone)
+    key = _key_encoder(backbone, hico, "hico", 0.99)
     params = [p for p in list(backbone.parameters()) + list(hico.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     visual = []
     for _ in range(steps):
         x = base[torch.randperm(videos, generator=g)[:b]] + 0.5 * torch.randn(b, 3, dim, generator=g)
         emb = backbone(x.reshape(b * 3, dim)).reshape(b, 3, -1)
-        loss, terms = hico(emb, x[:, 1])
+        loss, terms = hico(emb, hico.project_keys(key.heads["hico"], key.embed(x[:, 1])))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        hico.momentum_update(backbone)
+        key.momentum_update(backbone, {"hico": hico.visual})
         visual.append(terms["hico/visual"].item())
     return visual
 

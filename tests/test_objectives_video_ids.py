@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mohico.models.backbones import build_backbone
 from mohico.models.bank import MemoryBank
+from mohico.models.key_encoder import KeyEncoder
 from mohico.models.objectives import HiCo, MCL
 from mohico.models.objectives.hico import focal_loss, visual_consistency
 from mohico.models.pretrain import PretrainModule
@@ -79,15 +80,17 @@ def test_mcl_masks_own_video_keys_and_stores_ids():
     cfg = _cfg(mcl__weight=1.0, mcl__bn="none", mcl__mal_enabled=False)
     backbone = build_backbone("r3d_18", width=8)
     mcl = MCL(cfg, backbone)
+    key = KeyEncoder(backbone, {"mcl": mcl.proj}, 0.999, {"mcl": 0.999}, shuffle=False)
     x_q, x_k = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 3, 4, 32, 32)
     ids = torch.tensor([40, 41])
-    mcl(backbone(x_q), None, x_k, None, 0.0, video_id=ids)
+    mcl(backbone(x_q)[:, None], mcl.project_keys(key.heads["mcl"], key.embed(x_k)), video_id=ids)
     assert mcl.bank.filled_ids().tolist() == [40, 41]
     mcl.eval()                                                # bank untouched from here on
+    key.eval()
     with torch.no_grad():
         q = mcl.proj(backbone(x_q))
-        k = mcl.keys(x_k)
-        loss, _ = mcl(backbone(x_q), None, x_k, None, 0.0, video_id=ids)
+        k = mcl.project_keys(key.heads["mcl"], key.embed(x_k))
+        loss, _ = mcl(backbone(x_q)[:, None], k, video_id=ids)
         # each query's only other bank key is the other video's: a 2-way softmax
         bank = mcl.bank.filled_keys()
         want = [torch.logsumexp(torch.stack([q[i] @ k[i], q[i] @ bank[1 - i]]) / 0.1, 0) - q[i] @ k[i] / 0.1

@@ -43,7 +43,7 @@ def test_mcl_only_forward_backward():
     loss.backward()
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0
     assert model.objectives["mcl"].proj.net[2].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.objectives["mcl"].key_backbone.parameters())
+    assert all(p.grad is None for p in model.key_encoder.parameters())
     _, terms = model(*_batch(2, seed=1), 0.5)                      # epoch 5 > warm-up: weight 1, bank non-empty
     assert terms["mcl/mal_weight"].item() == 1.0 and terms["mcl/nce"].item() > 0
     assert terms["mcl/bank_fill"].item() == pytest.approx(4 / 64)
@@ -62,7 +62,8 @@ def test_mcl_and_hico_forward_backward_and_banks():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
     # banks: outside the state_dict, per rank via bank_state_dict
     assert not any("bank" in k for k in model.state_dict())
-    assert any(k.startswith("objectives.mcl.key_backbone.") for k in model.state_dict())
+    assert any(k.startswith("key_encoder.backbone.") for k in model.state_dict())
+    assert not any(".key_" in k for k in model.state_dict())           # no EMA part inside an objective
     states = model.bank_state_dict()
     assert set(states) == {"mcl", "hico"} and states["mcl"]["filled"] == 2 and states["hico"]["filled"] == 2
     other = PretrainModule(_cfg(mcl=1.0, hico=0.5))
@@ -80,7 +81,7 @@ def test_mcl_and_hico_forward_backward_and_banks():
 def test_momentum_update_and_no_grad_forward():
     torch.manual_seed(0)
     model = PretrainModule(_cfg(mcl__momentum=0.5))
-    key = model.objectives["mcl"].key_backbone
+    key = model.key_encoder.backbone
     with torch.no_grad():
         for p in model.backbone.parameters():
             p.add_(1.0)
@@ -107,42 +108,63 @@ def _ema_update_ok(ema, online_before, ema_before, m):
 def test_hico_bank_keys_from_the_ema_encoder_one_ema_backbone(mcl):
     torch.manual_seed(0)
     model = PretrainModule(_cfg(mcl=mcl, hico=1.0, mcl__momentum=0.5, hico__momentum=0.25, mcl__mal_enabled=False))
-    hico = model.objectives["hico"]
+    hico, key = model.objectives["hico"], model.key_encoder
     backbone_type = type(model.backbone)
     ema_backbones = [n for n, m in model.named_modules() if isinstance(m, backbone_type) and n != "backbone"]
-    key_backbone = model.objectives["mcl"].key_backbone if mcl else hico.key_backbone
-    assert ema_backbones == (["objectives.mcl.key_backbone"] if mcl else ["objectives.hico.key_backbone"])
-    assert (hico.key_backbone is None) == bool(mcl)
+    assert ema_backbones == ["key_encoder.backbone"]
+    assert sorted(key.heads) == (["hico", "mcl"] if mcl else ["hico"])
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    n_heads = sum(p.numel() for p in hico.key_visual.parameters()) + \
-        (sum(p.numel() for p in model.objectives["mcl"].key_proj.parameters()) if mcl else 0)
+    n_heads = sum(p.numel() for p in hico.visual.parameters()) + \
+        (sum(p.numel() for p in model.objectives["mcl"].proj.parameters()) if mcl else 0)
     assert n_frozen == n_backbone + n_heads                              # exactly one EMA backbone
-    assert any(k.startswith("objectives.hico.key_visual.") for k in model.state_dict())
-    # momentum_update: the (shared) backbone copy with MCL's momentum when MCL owns it, the head with HiCo's
+    assert any(k.startswith("key_encoder.heads.hico.") for k in model.state_dict())
+    # momentum_update: the (shared) backbone copy with MCL's momentum when MCL is on, HiCo's head with HiCo's
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    snap = [[p.clone() for p in m.parameters()] for m in (model.backbone, key_backbone, hico.visual, hico.key_visual)]
+    snap = [[p.clone() for p in m.parameters()] for m in (model.backbone, key.backbone, hico.visual, key.heads["hico"])]
     model.momentum_update()
-    _ema_update_ok(key_backbone, snap[0], snap[1], 0.5 if mcl else 0.25)
-    _ema_update_ok(hico.key_visual, snap[2], snap[3], 0.25)
+    _ema_update_ok(key.backbone, snap[0], snap[1], 0.5 if mcl else 0.25)
+    _ema_update_ok(key.heads["hico"], snap[2], snap[3], 0.25)
     # the keys enqueued into HiCo's bank = EMA head over the EMA backbone's embedding of v_j
     clips, motion = _batch(3, b=3)
     loss, terms = model(clips, motion, 0.0)
     loss.backward()
-    assert all(p.grad is None for p in hico.ema_parameters()) and terms["hico/bank_fill"].item() == 3 / 64
+    assert all(p.grad is None for p in key.parameters()) and terms["hico/bank_fill"].item() == 3 / 64
     with torch.no_grad():                                          # shuffle BN is the identity at world 1
-        expected = torch.nn.functional.normalize(hico.key_visual(key_backbone(clips[:, 1])), dim=1)
+        expected = torch.nn.functional.normalize(key.heads["hico"](key.backbone(clips[:, 1])), dim=1)
     torch.testing.assert_close(model.banks()["hico"].ordered_keys(), expected)
+
+
+def test_key_encoder_loads_checkpoints_from_before_it_was_shared():
+    """Module state written when the EMA parts lived in the objectives (objectives.mcl.key_backbone,
+    .key_proj, objectives.hico.key_visual / .key_backbone) loads into the shared key encoder."""
+    for mcl, old_backbone in ((1.0, "objectives.mcl.key_backbone."), (0.0, "objectives.hico.key_backbone.")):
+        torch.manual_seed(0)
+        model = PretrainModule(_cfg(mcl=mcl, hico=1.0))
+        with torch.no_grad():
+            for p in model.key_encoder.parameters():
+                p.add_(torch.randn_like(p))
+        new = model.state_dict()
+        old = {}
+        for k, v in new.items():
+            k = k.replace("key_encoder.backbone.", old_backbone).replace("key_encoder.heads.mcl.", "objectives.mcl.key_proj.")
+            old[k.replace("key_encoder.heads.hico.", "objectives.hico.key_visual.")] = v.clone()
+        assert not any(k.startswith("key_encoder.") for k in old)
+        torch.manual_seed(1)
+        fresh = PretrainModule(_cfg(mcl=mcl, hico=1.0))
+        fresh.load_state_dict(old)                                        # strict: nothing missing or unexpected
+        for k, v in fresh.state_dict().items():
+            torch.testing.assert_close(v, new[k])
 
 
 def test_feature_map_variant_and_sync_bn_at_world_one():
     torch.manual_seed(0)
     model = PretrainModule(_cfg(mcl__bn="sync"))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.backbone.modules())
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.objectives["mcl"].key_backbone.modules())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.key_encoder.backbone.modules())
     model.objectives["mcl"].cfg.mal.variant = "feature_map"
     loss, terms = model(*_batch(2), 0.0)
     loss.backward()
@@ -160,12 +182,11 @@ def test_sync_bn_when_either_objective_asks(mcl, mcl_bn, hico_bn, synced):
     model = PretrainModule(_cfg(mcl=mcl, hico=1.0, mcl__bn=mcl_bn, hico__bn=hico_bn, mcl__mal_enabled=False))
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     hico = model.objectives["hico"]
-    head_bns = [m for part in (hico.visual, hico.topical, hico.key_visual) for m in part.modules()
+    head_bns = [m for part in (hico.visual, hico.topical, model.key_encoder.heads["hico"]) for m in part.modules()
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(head_bns) == 6 and len(bns) > len(head_bns)
     assert all(isinstance(m, torch.nn.SyncBatchNorm) == synced for m in bns)   # backbone, EMA copies, heads
-    if mcl == 0.0:
-        assert hico.shuffle == (hico_bn == "shuffle")
+    assert model.key_encoder.shuffle == ((mcl_bn if mcl else hico_bn) == "shuffle")
     loss, _ = model(*_batch(3), 0.0)                     # world size 1: SyncBatchNorm runs as plain BN
     loss.backward()
     assert torch.isfinite(loss)
@@ -176,7 +197,9 @@ def test_errors():
         PretrainModule(_cfg(trainer__zero_stage=3))
     with pytest.raises(ConfigError, match="zero_stage"):                 # HiCo's bank keys: an EMA encoder too
         PretrainModule(_cfg(mcl=0.0, hico=1.0, trainer__zero_stage=3))
-    PretrainModule(_cfg(mcl=0.0, hico=1.0, hico__use_bank=False, trainer__zero_stage=3))
+    plain = PretrainModule(_cfg(mcl=0.0, hico=1.0, hico__use_bank=False, trainer__zero_stage=3))
+    assert plain.key_encoder is None and all(p.requires_grad for p in plain.parameters())
+    plain.momentum_update()                                               # no key encoder: nothing to update
     with pytest.raises(ConfigError, match="objectives.hico.momentum"):
         validate(_cfg(hico=1.0, hico__momentum=1.0))
     with pytest.raises(ConfigError, match="bank.size"):

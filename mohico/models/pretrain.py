@@ -7,13 +7,16 @@ module (recipes.md: it fails on tensors that leave the engine).
     loss, terms = model(batch["clips"], batch["motion"], progress)   # engine(...) in training
     engine.backward(loss); engine.step(); model.momentum_update()
 
-Views: ``clips: (B, V, C, T, H, W)``. With MCL alone V = 2 (query, key); with HiCo V = 3
-(v_i, v_j, v_k) and v_i / v_j double as MCL's query / key. The online backbone runs once on
-the views it needs, concatenated view-major (``V' * B`` clips, one set of BN statistics), with
-the late feature map when MAL is on. The momentum (EMA) backbone runs separately on view 1
-(MCL's key view, HiCo's ``v_j``): MCL owns it when MCL is on and its embedding is computed once
-(:meth:`MCL.key_embed`) and shared with HiCo's bank keys; with HiCo alone HiCo owns its copy.
-:meth:`momentum_update` updates every EMA part once per optimizer step.
+Views: ``clips: (B, V, C, T, H, W)`` with ``V = cfg.objectives.num_views`` (said once, in the
+config: 2 with MCL alone (query, key), 3 with HiCo (v_i, v_j, v_k; v_i / v_j double as MCL's
+query / key)). Each objective declares what it reads: ``online_views`` (views the online
+backbone encodes for it), ``key_view`` and ``key_head`` (the view and the online head whose EMA
+copy makes its keys), ``needs_features`` (the late feature map and motion, for MAL). The online
+backbone runs once on the union of the online views, concatenated view-major (``V' * B`` clips,
+one set of BN statistics), with the late feature map when an objective needs it. The model's
+one :class:`KeyEncoder` (EMA backbone + the objectives' EMA heads) runs its backbone once on
+the key view when any objective needs keys this step; each objective's keys are its EMA head
+over that one embedding. :meth:`momentum_update` is the one EMA update per optimizer step.
 
 Memory banks are per-rank state kept *out* of ``state_dict()`` (DeepSpeed must neither
 broadcast nor partition them); the trainer saves them per rank with :meth:`bank_state_dict`
@@ -30,11 +33,13 @@ from mohico.config import Config
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.backbones import build_backbone
 from mohico.models.bank import MemoryBank
+from mohico.models.key_encoder import KeyEncoder
 from mohico.models.objectives import OBJECTIVES
 
 
 class PretrainModule(nn.Module):
-    """``backbone`` + ``objectives`` (an ``nn.ModuleDict`` of the enabled ones, in registry order)."""
+    """``backbone`` + ``objectives`` (an ``nn.ModuleDict`` of the enabled ones, in registry order)
+    + ``key_encoder`` (the shared :class:`KeyEncoder`; None when no objective makes keys)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -43,11 +48,8 @@ class PretrainModule(nn.Module):
         if not enabled:
             raise ConfigError("'objectives': no objective is enabled: set objectives.mcl.weight or "
                               "objectives.hico.weight > 0")
-        hico_ema = "hico" in enabled and cfg.objectives.hico.use_bank and cfg.bank.size > 0
-        if ("mcl" in enabled or hico_ema) and cfg.trainer.zero_stage >= 3:
-            raise ConfigError("'trainer.zero_stage': the momentum key encoder (MCL's, HiCo's bank keys) is updated "
-                              "outside the forward and ZeRO-3 partitions its parameters; use zero_stage 0, 1 or 2")
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
+        self.num_views = cfg.objectives.num_views
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
         sync = [name for name in enabled if getattr(cfg.objectives, name).bn == "sync"]
         if sync:                                                    # either objective asks: the whole model
@@ -58,13 +60,40 @@ class PretrainModule(nn.Module):
         self.backbone = backbone
         objectives = nn.ModuleDict({name: OBJECTIVES[name](cfg, backbone) for name in enabled})
         self.objectives = nn.SyncBatchNorm.convert_sync_batchnorm(objectives) if sync else objectives
-        self.num_views = 3 if "hico" in enabled else 2
+        for name, obj in self.objectives.items():
+            if max(obj.online_views + (obj.key_view,)) >= self.num_views:
+                raise ConfigError(f"'objectives.{name}': reads views {obj.online_views} and key view {obj.key_view} "
+                                  f"but the loader draws {self.num_views} per video (objectives.num_views)")
+        self.online_views = sorted(set().union(*(obj.online_views for obj in self.objectives.values())))
+        self.key_encoder, self.key_view = self._build_key_encoder(cfg)
+        self._register_load_state_dict_pre_hook(_rename_pre_key_encoder_keys)
+
+    def _build_key_encoder(self, cfg: Config) -> tuple[KeyEncoder | None, int | None]:
+        """The one EMA key encoder: copies of the backbone and of every objective's ``key_head``.
+        The first objective with keys (registry order: MCL before HiCo) sets the backbone copy's
+        momentum and BN mode (``objectives.<name>.momentum`` / ``bn``)."""
+        keyed = {name: obj for name, obj in self.objectives.items() if obj.key_head is not None}
+        if not keyed:
+            return None, None
+        if cfg.trainer.zero_stage >= 3:
+            raise ConfigError("'trainer.zero_stage': the momentum key encoder (MCL's keys, HiCo's bank keys) is "
+                              "updated outside the forward and ZeRO-3 partitions its parameters; use zero_stage "
+                              "0, 1 or 2")
+        views = {obj.key_view for obj in keyed.values()}
+        if len(views) != 1:
+            raise ConfigError(f"'objectives': the objectives {sorted(keyed)} want keys of different views {views}; "
+                              f"the shared key encoder encodes one")
+        owner = getattr(cfg.objectives, next(iter(keyed)))
+        encoder = KeyEncoder(self.backbone, {name: obj.key_head for name, obj in keyed.items()}, owner.momentum,
+                             {name: getattr(cfg.objectives, name).momentum for name in keyed},
+                             shuffle=owner.bn == "shuffle")
+        return encoder, views.pop()
 
     # ------------------------------------------------------------------ training step
     def forward(self, clips: torch.Tensor, motion: torch.Tensor | None, progress: float | torch.Tensor = 0.0,
                 video_id: torch.Tensor | None = None):
         """``clips: (B, V, C, T, H, W)``, ``motion: (B, V, T, Hm, Wm)`` (None without MAL),
-        ``progress`` in [0, 1], ``video_id: (B,)`` int64 (``batch["video_id"]``; None: every
+        ``progress`` in [0, 1], ``video_id: (B,)`` int64 (the batch's ``video_id``; None: every
         sample its own video) -> ``(loss, terms)``: a scalar tensor and a dict of detached
         scalar tensors (every objective term, the bank fills, ``loss``). With ids, no objective
         takes a clip or bank key of the query's own video as a negative, and the banks store
@@ -76,45 +105,38 @@ class PretrainModule(nn.Module):
                               f"{list(self.objectives)}; got {tuple(clips.shape)} (HiCo needs 3 views per video)")
         progress = float(progress)
         b = clips.shape[0]
-        mcl, hico = self.objectives["mcl"] if "mcl" in self.objectives else None, \
-            self.objectives["hico"] if "hico" in self.objectives else None
-        online = 3 if hico is not None else 1
-        x = clips[:, :online].transpose(0, 1).reshape(online * b, *clips.shape[2:])
-        with_features = mcl is not None and mcl.needs_features
+        with_features = any(obj.needs_features for obj in self.objectives.values())
+        if with_features and (motion is None or motion.ndim != 5 or motion.shape[:2] != clips.shape[:2]):
+            got = None if motion is None else tuple(motion.shape)
+            raise MohicoError(f"MCL's motion alignment loss needs motion (B, V, T, Hm, Wm) matching clips "
+                              f"{tuple(clips.shape[:2])}; got {got} (or set objectives.mcl.mal_enabled=false)")
+        views = self.online_views
+        x = clips[:, views].transpose(0, 1).reshape(len(views) * b, *clips.shape[2:])
         out = self.backbone(x, return_features=True) if with_features else self.backbone(x)
-        emb, fmap = out if with_features else (out, None)
-        emb = emb.reshape(online, b, -1)
+        emb, fmap = out if with_features else (out, None)            # fmap rows: view-major, views[0] first
+        emb = emb.reshape(len(views), b, -1)
+        wants_keys = [name for name, obj in self.objectives.items() if obj.key_head is not None and obj.needs_keys()]
+        key_emb = self.key_encoder.embed(clips[:, self.key_view]) if wants_keys else None
 
         loss = emb.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
-        key_emb = None                                              # the EMA backbone's embedding of view 1
-        if mcl is not None:
-            motion_q = None
-            if mcl.needs_features:
-                if motion is None or motion.ndim != 5 or motion.shape[:2] != clips.shape[:2]:
-                    got = None if motion is None else tuple(motion.shape)
-                    raise MohicoError(f"MCL's motion alignment loss needs motion (B, V, T, Hm, Wm) matching clips "
-                                      f"{tuple(clips.shape[:2])}; got {got} (or set objectives.mcl.mal_enabled=false)")
-                motion_q = motion[:, 0]
-            key_emb = mcl.key_embed(clips[:, 1])
-            part, t = mcl(emb[0], fmap, clips[:, 1], motion_q, progress, key_emb=key_emb, video_id=video_id)
-            loss = loss + self.weights["mcl"] * part
+        for name, obj in self.objectives.items():
+            keys = obj.project_keys(self.key_encoder.heads[name], key_emb) if name in wants_keys else None
+            mine = emb[[views.index(v) for v in obj.online_views]].transpose(0, 1)     # (B, v, D)
+            part, t = obj(mine, keys, fmap=fmap, motion=motion, progress=progress, video_id=video_id)
+            loss = loss + self.weights[name] * part
             terms.update(t)
-            terms["mcl/loss"] = part.detach()
-        if hico is not None:
-            part, t = hico(emb.transpose(0, 1), clips[:, 1], key_emb, video_id=video_id)
-            loss = loss + self.weights["hico"] * part
-            terms.update(t)
-            terms["hico/loss"] = part.detach()
+            terms[f"{name}/loss"] = part.detach()
         terms["loss"] = loss.detach()
         return loss, {k: v.detach().float() for k, v in terms.items()}
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """EMA update of the key encoders (MCL's; HiCo's bank-key head and, without MCL, its
-        backbone copy); call after every optimizer step."""
-        for objective in self.objectives.values():
-            objective.momentum_update(self.backbone)
+        """The one EMA update of the key encoder (backbone copy and every objective's head copy);
+        call after every optimizer step. Nothing to do without a key encoder."""
+        if self.key_encoder is not None:
+            self.key_encoder.momentum_update(self.backbone, {name: self.objectives[name].key_head
+                                                            for name in self.key_encoder.heads})
 
     # ------------------------------------------------------------------ memory banks
     def banks(self) -> dict[str, MemoryBank]:
@@ -147,3 +169,19 @@ class PretrainModule(nn.Module):
             for r, state in enumerate(MemoryBank.reshard([s[name] for s in per_rank], new_world_size)):
                 out[r][name] = state
         return out
+
+
+_PRE_KEY_ENCODER_NAMES = (("objectives.mcl.key_backbone.", "key_encoder.backbone."),
+                          ("objectives.hico.key_backbone.", "key_encoder.backbone."),
+                          ("objectives.mcl.key_proj.", "key_encoder.heads.mcl."),
+                          ("objectives.hico.key_visual.", "key_encoder.heads.hico."))
+
+
+def _rename_pre_key_encoder_keys(state_dict, prefix, *_args) -> None:
+    """Load-time rename of checkpoints written before the shared :class:`KeyEncoder` (the EMA
+    parts then lived in the objectives: ``objectives.mcl.key_backbone.*``, ...)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for old, new in _PRE_KEY_ENCODER_NAMES:
+            if key.startswith(prefix + old):
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+                break

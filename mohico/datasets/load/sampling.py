@@ -259,10 +259,6 @@ class ClipSampler:
         self.s, self.d, self.mcl, self.hico = sampling, data, bool(mcl), bool(hico)
         self.progress = 0.0
 
-    @property
-    def num_views(self) -> int:
-        return 3 if self.hico else 2
-
     def set_progress(self, progress: float) -> None:
         self.progress = min(max(float(progress), 0.0), 1.0)
 

@@ -15,18 +15,18 @@ batch's ``video_id`` (every training step), "own video" means the same id: clips
 sampled twice in the global batch, and bank keys of the anchor's video, are not negatives.
 
 The bank's keys come from a momentum (EMA) key encoder, as in MoCo: the EMA visual head
-``key_visual`` (momentum ``objectives.hico.momentum``) over an EMA backbone's embedding of
-``v_j``, computed without gradient and enqueued after the loss. (A queue of the online head's
-own past outputs collapsed the visual head: pushing every clip away from the fast-moving queue
-together beat the NT-Xent, and the loss rose to ln(#candidates).) The EMA backbone is MCL's
-``key_backbone`` when MCL is on (one EMA backbone; ``PretrainModule`` passes its embedding of
-``v_j``, MCL's key view, as ``key_emb``; its momentum is MCL's), else HiCo's own
-``key_backbone`` (shuffle BN across ranks when ``objectives.hico.bn`` is ``shuffle``; ``sync``
-makes every BN of the model a SyncBatchNorm, as MCL's ``bn: sync`` does). The EMA
-head's BN runs over the key embeddings of the whole global batch (all-gathered; a single key
-uses its running statistics). It is a separate :class:`MemoryBank` from MCL's (the two live
-in different embedding spaces), sharded the same way. ``objectives.hico.use_bank=false`` (or
-``bank.size=0``) turns it off, and with it the EMA parts.
+(the copy of :attr:`HiCo.key_head`, ``visual``; momentum ``objectives.hico.momentum``) over the
+EMA backbone's embedding of ``v_j``, computed without gradient and enqueued after the loss. (A
+queue of the online head's own past outputs collapsed the visual head: pushing every clip away
+from the fast-moving queue together beat the NT-Xent, and the loss rose to ln(#candidates).)
+Both EMA copies live in the model's one :class:`mohico.models.key_encoder.KeyEncoder`, owned
+by ``PretrainModule`` and shared with MCL (``v_j`` is MCL's key view, so with MCL on the EMA
+backbone runs once for both, with MCL's momentum and ``bn``; with HiCo alone, HiCo's
+``objectives.hico.momentum`` and ``bn``). The EMA head's BN runs over the key embeddings of the
+whole global batch (all-gathered; a single key uses its running statistics:
+:meth:`HiCo.project_keys`). It is a separate :class:`MemoryBank` from MCL's (the two live in
+different embedding spaces), sharded the same way. ``objectives.hico.use_bank=false`` (or
+``bank.size=0``) turns it off, and with it HiCo's keys.
 
 **Topical consistency** ``L_TP`` (:func:`topical_consistency`): a separate projection
 (:class:`TopicalHead`, the official 3-layer MLP with BN to 128, L2-normalised), the pair classifier ``phi`` over every ordered pair ``(a, b), a != b``
@@ -41,8 +41,6 @@ losses equals the loss over all their pairs.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +50,6 @@ from mohico.dist import all_gather_cat, all_reduce_, rank_world
 from mohico.errors import MohicoError
 from mohico.models.bank import MemoryBank
 from mohico.models.heads import HiCoVisualHead, PairClassifier, TopicalHead
-from mohico.models.objectives.mcl import shuffled_forward
 
 
 class AllGatherWithGrad(torch.autograd.Function):
@@ -144,9 +141,16 @@ def topical_consistency(t: torch.Tensor, classifier: PairClassifier, video: torc
 class HiCo(nn.Module):
     """The HiCo objective on backbone embeddings of the three views (the backbone is shared,
     not owned). Submodules: ``visual`` (HiCoVisualHead), ``topical`` (TopicalHead),
-    ``classifier`` (PairClassifier); with the bank also ``key_visual`` (EMA copy of ``visual``)
-    and, when MCL is off, ``key_backbone`` (EMA copy of the backbone), both
-    ``requires_grad=False`` and in ``state_dict()``. ``bank`` is a plain attribute (per-rank state)."""
+    ``classifier`` (PairClassifier). ``bank`` is a plain attribute (per-rank state), None
+    without the bank.
+
+    What ``PretrainModule`` computes for it: the online backbone's embeddings of views 0, 1, 2
+    (``online_views``: v_i, v_j, v_k) and, with the bank in training mode, keys of ``v_j``
+    (``key_view``) made by the key encoder's EMA copy of ``key_head`` (``visual``)."""
+
+    online_views = (0, 1, 2)
+    key_view = 1
+    needs_features = False
 
     def __init__(self, cfg: Config, backbone: nn.Module):
         super().__init__()
@@ -157,66 +161,42 @@ class HiCo(nn.Module):
         self.classifier = PairClassifier(d, 256)
         use_bank = self.cfg.use_bank and cfg.bank.size > 0
         self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if use_bank else None
-        self.key_visual = self.key_backbone = None
-        self.shuffle = self.cfg.bn == "shuffle"                    # HiCo's own EMA backbone (MCL off)
-        if use_bank:
-            self.key_visual = copy.deepcopy(self.visual)
-            if cfg.objectives.mcl.weight <= 0:                      # with MCL: MCL's key_backbone is shared
-                self.key_backbone = copy.deepcopy(backbone)
-            for p in self.ema_parameters():
-                p.requires_grad_(False)
 
-    def ema_parameters(self):
-        """The parameters of the EMA parts (empty without the bank)."""
-        return [p for m in (self.key_visual, self.key_backbone) if m is not None for p in m.parameters()]
+    @property
+    def key_head(self) -> nn.Module | None:
+        """The online module whose EMA copy projects the bank keys: ``visual`` (None without the bank)."""
+        return self.visual if self.bank is not None else None
+
+    def needs_keys(self) -> bool:
+        """Keys only to enqueue: with the bank, in training mode."""
+        return self.bank is not None and self.training
 
     @torch.no_grad()
-    def momentum_update(self, backbone: nn.Module) -> None:
-        """``ema = m * ema + (1 - m) * online`` (``m = objectives.hico.momentum``) for ``key_visual``
-        and HiCo's own ``key_backbone``; a shared (MCL's) key backbone is MCL's to update. Refuses
-        half-precision EMA parameters (the update would round away; see ``MCL.momentum_update``)."""
-        m = self.cfg.momentum
-        half = {p.dtype for p in self.ema_parameters()} & {torch.float16, torch.bfloat16}
-        if half and m > 0:
-            raise MohicoError(f"HiCo's EMA key encoder has {sorted(map(str, half))} parameters: momentum {m} updates "
-                              f"would round away. Keep the model in fp32 and use autocast for bf16 "
-                              f"(DeepSpeed 'torch_autocast'), not parameters cast to bf16")
-        pairs = [(self.visual, self.key_visual), (backbone, self.key_backbone)]
-        for online, ema in pairs:
-            if ema is None:
-                continue
-            for p_q, p_k in zip(online.parameters(), ema.parameters()):
-                p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
-
-    @torch.no_grad()
-    def keys(self, x_j: torch.Tensor | None = None, key_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """Bank keys ``(B, proj_dim)`` of this rank's ``v_j``: ``key_visual`` over the EMA backbone's
-        embedding -- ``key_emb: (B, D)`` if given (MCL's), else HiCo's ``key_backbone`` on
-        ``x_j: (B, C, T, H, W)``. A collective when distributed."""
-        if key_emb is None:
-            if self.key_backbone is None or x_j is None:
-                raise MohicoError("HiCo's bank keys need v_j's clips (x_j) for its EMA backbone, or the shared "
-                                  "EMA backbone's embedding (key_emb) when MCL is on")
-            key_emb = shuffled_forward(self.key_backbone, x_j) if self.shuffle else self.key_backbone(x_j)
+    def project_keys(self, ema_head: nn.Module, key_emb: torch.Tensor) -> torch.Tensor:
+        """Bank keys ``(B, proj_dim)`` of this rank's ``v_j``: ``ema_head`` (the EMA ``visual``)
+        over the EMA backbone's embedding ``key_emb: (B, D)``, its BN statistics over the global
+        key batch (all-gathered; one key alone uses the running statistics). A collective when
+        distributed."""
         rank, _ = rank_world()
         b = key_emb.shape[0]
         everything = all_gather_cat(key_emb.contiguous())           # BN statistics over the global key batch
-        head, training = self.key_visual, self.key_visual.training
+        training = ema_head.training
         if everything.shape[0] == 1:
-            head.eval()                                                 # BN cannot normalise one sample
+            ema_head.eval()                                             # BN cannot normalise one sample
         try:
-            return head(everything)[rank * b:(rank + 1) * b]
+            return ema_head(everything)[rank * b:(rank + 1) * b]
         finally:
-            head.train(training)
+            ema_head.train(training)
 
-    def forward(self, emb: torch.Tensor, x_j: torch.Tensor | None = None, key_emb: torch.Tensor | None = None,
+    def forward(self, emb: torch.Tensor, keys: torch.Tensor | None = None, fmap: torch.Tensor | None = None,
+                motion: torch.Tensor | None = None, progress: float = 0.0,
                 video_id: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``emb: (B, 3, D)`` backbone embeddings of views i, j, k -> (loss, detached terms).
-        With the bank, in training mode, also needs ``x_j: (B, C, T, H, W)`` (the ``v_j`` clips,
-        for HiCo's own EMA backbone) or ``key_emb: (B, D)`` (the shared EMA backbone's embedding
-        of them) to compute the keys it enqueues. ``video_id: (B,)`` int64 (``batch["video_id"]``):
-        same-video clips are not negatives, topical pairs are labelled by video id, and the
-        enqueued keys carry the ids."""
+        ``keys: (B, d)``: the key encoder's bank keys of ``v_j`` (:meth:`project_keys`), needed
+        with the bank in training mode (:meth:`needs_keys`) to enqueue. ``fmap``, ``motion``,
+        ``progress``: unused (the objectives' common signature). ``video_id: (B,)`` int64 (the
+        batch's ``video_id``): same-video clips are not negatives, topical pairs are labelled
+        by video id, and the enqueued keys carry the ids."""
         b, v, d_in = emb.shape
         if v != 3:
             raise ValueError(f"HiCo needs 3 views per video (v_i, v_j, v_k); got {v}")
@@ -229,7 +209,10 @@ class HiCo(nn.Module):
         loss = self.cfg.visual_weight * visual + self.cfg.topical_weight * topical
         terms = {"hico/visual": visual.detach(), "hico/topical": topical.detach(), "hico/topical_acc": acc}
         if self.bank is not None:
-            if self.training:                                       # evaluation passes leave the bank alone
-                self.bank.enqueue(self.keys(x_j, key_emb), ids=video_id)
+            if self.needs_keys():                                   # evaluation passes leave the bank alone
+                if keys is None:
+                    raise MohicoError("HiCo's bank needs the key encoder's keys of v_j in training mode "
+                                      "(PretrainModule computes them: HiCo.needs_keys)")
+                self.bank.enqueue(keys, ids=video_id)
             terms["hico/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
