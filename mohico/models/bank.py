@@ -4,7 +4,7 @@ The bank holds ``size`` keys in total (K). With W data-parallel ranks, rank r st
 them and only ever enqueues its own keys; keys never leave their rank. Memory per GPU is
 therefore constant as W grows (1M negatives at 64 GPUs is 16 384 keys per GPU).
 
-The NCE denominator over the whole bank (methods.md section 1.4, Eq. 10) is assembled as:
+The NCE denominator over the whole bank (docs/METHODS.md section 1.4, Eq. 10) is assembled as:
 
 1. all-gather the queries, ``Q: (B*W, d)`` (cheap: queries are small, keys are not);
 2. each rank computes the partial log-sum-exp of ``Q @ shard.T / tau`` with

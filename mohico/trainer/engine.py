@@ -5,7 +5,7 @@
 - Precision: ``trainer.precision=auto`` is bf16 on GPU and fp32 on CPU. bf16 runs through
   DeepSpeed's ``torch_autocast`` (fp32 weights, optimizer and memory bank; bf16 matmuls and
   convolutions), because DeepSpeed's ``bf16`` mode casts the whole module, BatchNorm running
-  statistics and the bank buffers included (and fails on CPU with BatchNorm: recipes.md).
+  statistics and the bank buffers included (and fails on CPU with BatchNorm: docs/DEPENDENCIES.md).
 - Backend: NCCL with CUDA, gloo otherwise. The ``deepspeed_shm_comm`` op (used only by
   inference all-reduce) is not JIT-compiled on CPU (38-49 s the first time).
 """

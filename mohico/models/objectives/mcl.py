@@ -1,4 +1,4 @@
-"""MCL: motion-focused contrastive learning (Li et al., ICCV 2021; methods.md sections 1.3-1.4).
+"""MCL: motion-focused contrastive learning (Li et al., ICCV 2021; docs/METHODS.md sections 1.3-1.5).
 
 Query encoder = the shared backbone + :class:`MCLProjection` (``d -> hidden -> ReLU -> 128``,
 L2-normalised). Key encoder = an EMA copy of both (momentum ``objectives.mcl.momentum``, no
@@ -13,7 +13,7 @@ are enqueued *after* the loss (the bank writes out of place, so the loss keeps i
 ``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
 map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
 the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
-happen inside the module the DeepSpeed engine wraps; recipes.md).
+happen inside the module the DeepSpeed engine wraps: docs/DEPENDENCIES.md, DeepSpeed).
 
 Batch norm (``objectives.mcl.bn``: ``shuffle``, ``sync`` or ``none``): how the EMA backbone
 is kept from seeing the query's BN batch; see :mod:`mohico.models.key_encoder`. With MCL on,
