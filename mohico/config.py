@@ -8,7 +8,7 @@ OmegaConf's safe loader, ``${...}`` interpolations are resolved, and the result 
 against the dataclasses below: an unknown key or a wrong type fails with a
 :class:`ConfigError` naming the key, the file that set it and the closest valid key.
 Cross-field rules (per-method defaults, the MAL/ZeRO-3 restriction, ...) are checked in
-:func:`validate`.
+:func:`mohico.config_validate.validate`.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
-from mohico.config_backbones import check_backbone
 from mohico.config_load import build, check_keys, collect, mapping_fields_set, packaged_fallback
 from mohico.config_secrets import env_expressions, keep_env_expressions, redact_env
+from mohico.config_validate import validate
 from mohico.errors import ConfigError
 
 
@@ -293,71 +293,6 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     validate(cfg)
     keep_env_expressions(cfg, env_expressions(OmegaConf.to_container(merged, resolve=False)))
     return cfg
-
-
-# --------------------------------------------------------------------------- cross-field rules
-def validate(cfg: Config) -> None:
-    """Rules that span fields; each message names the key to change."""
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"'{key}': {msg}")
-
-    o = cfg.objectives
-    need(o.mcl.weight >= 0 and o.hico.weight >= 0, "objectives.*.weight", "weights must be >= 0 (0 disables)")
-    need(o.mcl.weight > 0 or o.hico.weight > 0, "objectives",
-         "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
-    for name, tau in (("mcl", o.mcl.tau), ("hico", o.hico.tau)):
-        need(tau > 0, f"objectives.{name}.tau", "must be > 0")
-    need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
-    need(0.0 <= o.hico.momentum < 1.0, "objectives.hico.momentum", "must lie in [0, 1)")
-    if o.mcl.weight > 0 and o.mcl.mal_enabled:
-        need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
-             "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")
-    need(cfg.trainer.zero_stage in (0, 1, 2), "trainer.zero_stage",
-         "must be 0, 1 or 2: MCL's motion alignment loss needs double backprop and its key encoder is an "
-         "EMA of the parameters, neither of which works with ZeRO-3's parameter partitioning")
-    need(cfg.trainer.max_steps > 0, "trainer.max_steps", "must be > 0")
-    need(cfg.trainer.steps_per_epoch > 0, "trainer.steps_per_epoch", "must be > 0")
-    need(cfg.trainer.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
-    need(cfg.trainer.nproc >= 1, "trainer.nproc", "must be >= 1")
-    need(cfg.trainer.nonfinite_limit >= 1, "trainer.nonfinite_limit", "must be >= 1")
-    for key in ("stall_timeout_s", "signal_grace_s"):
-        need(getattr(cfg.trainer, key) >= 0, f"trainer.{key}", "must be >= 0 seconds (0 turns it off)")
-    need(cfg.trainer.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0 seconds")
-    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
-    need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN)")
-    ft = cfg.finetune
-    need(0 <= ft.dropout < 1 and 0 <= ft.label_smoothing < 1, "finetune.dropout",
-         "finetune.dropout and finetune.label_smoothing must lie in [0, 1)")
-    need(ft.num_classes >= 0 and ft.test_clips >= 1 and ft.test_crops >= 1 and ft.test_batch_size >= 1,
-         "finetune.test_clips", "finetune.num_classes >= 0; test_clips, test_crops, test_batch_size >= 1")
-    need(cfg.eval.every_steps == 0 or bool(cfg.eval.val_shards), "eval.val_shards",
-         "the online kNN (eval.every_steps > 0) needs a small labelled shard set: eval.val_shards=PATH")
-    need(cfg.eval.k >= 1 and cfg.eval.temperature > 0 and cfg.eval.clips_per_video >= 1 and cfg.eval.batch_size >= 1,
-         "eval.k", "eval.k, eval.clips_per_video and eval.batch_size must be >= 1 and eval.temperature > 0")
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1 (the latest checkpoint is always kept)")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(cfg.data.samples_per_read >= 1, "data.samples_per_read", "must be >= 1 (1: one sample per video read)")
-    need(cfg.data.seconds_per_sample >= 0, "data.seconds_per_sample",
-         "must be >= 0 seconds (0: every read yields data.samples_per_read samples)")
-    need(cfg.data.clip_len >= 1 and cfg.data.frame_stride >= 1, "data.clip_len", "clip_len and frame_stride must be >= 1")
-    need(cfg.data.reference_fps >= 0, "data.reference_fps",
-         "must be >= 0 (the frame rate frame_stride counts at; 0: the shards' stored frames)")
-    need(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3, "data.mean", "mean and std need 3 values (RGB)")
-    need(len(cfg.data.augment.color_jitter) == 4, "data.augment.color_jitter", "needs 4 values: brightness, contrast, saturation, hue")
-    need(len(cfg.sampling.crop_area) == 2 and 0 < cfg.sampling.crop_area[0] <= cfg.sampling.crop_area[1] <= 1,
-         "sampling.crop_area", "must be [min, max] with 0 < min <= max <= 1")
-    need(len(cfg.sampling.crop_aspect) == 2 and 0 < cfg.sampling.crop_aspect[0] <= cfg.sampling.crop_aspect[1],
-         "sampling.crop_aspect", "must be [min, max] with 0 < min <= max")
-    need(0 < cfg.sampling.crop_coverage <= 1, "sampling.crop_coverage", "must lie in (0, 1]")
-    need(0 <= cfg.sampling.crop_percentile < 100, "sampling.crop_percentile", "must lie in [0, 100)")
-    need(0 <= cfg.sampling.motion_prob <= 1, "sampling.motion_prob", "must lie in [0, 1]")
-    need(cfg.sampling.delta > 0, "sampling.delta", "must be > 0 seconds")
-    need(cfg.bank.size >= 0 and cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
-         f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
-    check_backbone(cfg.model.backbone, cfg.model.backbone_options)
 
 
 # --------------------------------------------------------------------------- saving

@@ -1,7 +1,7 @@
 """The backbone names ``model.backbone`` accepts and the keyword options each takes
 (``model.backbone_options``), with the check both the config and the model builder run.
 
-Bottom floor (only ``mohico.errors``): :func:`mohico.config.validate` checks a config against it
+Bottom floor (only ``mohico.errors``): :func:`mohico.config_validate.validate` checks a config against it
 without importing the models, and :func:`mohico.models.backbones.build_backbone` runs the same
 check before building. ``mohico.models.backbones.BACKBONES`` maps each name to its builder;
 tests/test_models.py checks that the two list the same names and that each builder takes

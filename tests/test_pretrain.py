@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mohico.config import Config, validate
+from mohico.config import Config
+from mohico.config_validate import validate
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.pretrain import PretrainModule
 

@@ -1,7 +1,7 @@
 """DeepSpeed: process group, config dict and engine for the PretrainModule.
 
 - ZeRO stage 0, 1 or 2 from ``trainer.zero_stage`` (3 is refused while MCL's motion alignment
-  loss is on: config.validate).
+  loss is on: config_validate.validate).
 - Precision: ``trainer.precision=auto`` is bf16 on GPU and fp32 on CPU. bf16 runs through
   DeepSpeed's ``torch_autocast`` (fp32 weights, optimizer and memory bank; bf16 matmuls and
   convolutions), because DeepSpeed's ``bf16`` mode casts the whole module, BatchNorm running
