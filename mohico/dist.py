@@ -13,8 +13,10 @@ in the same order.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -59,7 +61,6 @@ def disable_deepspeed_shm_op() -> None:
     """Stop DeepSpeed from JIT-building its CPU shared-memory all-reduce op."""
     # DeepSpeed's CPU shared-memory all-reduce op (deepspeed_shm_comm, used only for inference)
     # is a ~45 s JIT build; `import deepspeed.comm.torch as m` binds torch, not the module.
-    import importlib
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
@@ -74,8 +75,6 @@ def init(backend: Optional[str] = None, env: Optional[DistEnv] = None,
     the same process returns the environment without re-initialising (and raises if the
     existing group disagrees with it).
     """
-    from datetime import timedelta
-
     env = env or detect_env()
     export_env(env)
     gpu = torch.cuda.is_available()

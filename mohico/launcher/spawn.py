@@ -22,7 +22,9 @@ terminal's Ctrl-C is delivered once, through this process.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -91,8 +93,6 @@ def _make_preexec():
     for SIGINT if this parent dies (PR_SET_PDEATHSIG), so an orphaned agent stops its workers.
     libc is loaded here, in the parent, so the child makes no dlopen call after the fork."""
     try:
-        import ctypes
-
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
         prctl = None
@@ -230,7 +230,6 @@ def _worker_main(argv: list[str]) -> int:
     code: object = 1
     try:
         if argv and argv[0] == "--script":    # tests: run a plain script as each rank
-            import runpy
 
             sys.argv = argv[1:]
             try:

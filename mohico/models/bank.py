@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from mohico.dist import all_gather_cat, all_reduce_, rank_world
 from mohico.errors import MohicoError
+from mohico.kernels import bank_lse, bank_nce
 
 STATE_VERSION = 2          # 2: per-slot video ids; version 1 (keys only) still loads, ids unknown
 UNKNOWN_ID = -1            # a slot whose video is unknown: never masked
@@ -58,8 +59,6 @@ def _partial_lse(q: torch.Tensor, keys: torch.Tensor, tau: float, impl: Optional
                  q_ids: Optional[torch.Tensor] = None, key_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log-sum-exp of ``q @ keys.T / tau`` per row (the kernel), own-video keys left out when
     ``q_ids``/``key_ids`` are given; ``-inf`` for an empty shard."""
-    from mohico.kernels import bank_lse
-
     return bank_lse(q, keys, tau, impl=impl, q_ids=q_ids, bank_ids=key_ids)
 
 
@@ -226,7 +225,6 @@ class MemoryBank:
         keys, key_ids, q_ids = self._bank_for(q, ids)
         k_pos = k_pos.detach()
         if self.world_size == 1:              # single shard: the fused kernel (an empty bank gives 0)
-            from mohico.kernels import bank_nce
 
             return bank_nce(q, k_pos, keys, tau, impl=self.impl, q_ids=q_ids, bank_ids=key_ids)
         lse = self.logits_lse(q, tau, ids)

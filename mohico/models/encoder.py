@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from mohico.checkpoint_read import META, read_meta, resolve_checkpoint
+from mohico.config import load_config, to_dict
+from mohico.datasets.load.pipeline_stream import expand_shards
 from mohico.errors import MohicoError
 from mohico.models.backbone_file import BACKBONE_FORMAT, find_run_config, load_backbone, torch_load_cpu
 
@@ -84,8 +86,6 @@ def shards_fps(shards) -> Optional[float]:
     if not shards:
         return None
     try:
-        from mohico.datasets.load.pipeline_stream import expand_shards
-
         first = Path(expand_shards(shards)[0])
         return float(json.loads((first.parent / "manifest.json").read_text())["options"]["fps"])
     except Exception:  # noqa: BLE001 - the shards are not here (or not ours): fps unknown
@@ -109,7 +109,6 @@ def preprocessing_from_config(config: dict) -> Preprocessing:
 def _config_dict(path: Path) -> dict:
     if path.name == "mohico_meta.json":
         return json.loads(path.read_text()).get("config") or {}
-    from mohico.config import load_config, to_dict
 
     return to_dict(load_config(path))
 

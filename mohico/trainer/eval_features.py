@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.write.shards_inputs import label_for
 from mohico.errors import MohicoError
+from mohico.trainer.knn_eval import iter_labelled
+from mohico.utils import atomic_write_bytes
 
 CACHE_VERSION = 1
 
@@ -55,7 +60,6 @@ class FeatureSet:
         """Labels from ``labels`` (source name, file name, stem or key) where given, else the shards'."""
         if not labels:
             return self
-        from mohico.datasets.write.shards_inputs import label_for
 
         new = []
         for key, src, old in zip(self.keys, self.sources, self.labels):
@@ -150,8 +154,6 @@ def backbone_digest(backbone: nn.Module) -> str:
 
 
 def cache_key(backbone: nn.Module, shards, data_cfg, clips_per_video: int, spatial_crops: int) -> str:
-    from mohico.datasets.load.pipeline_stream import expand_shards
-
     files = []
     for u in expand_shards(shards):
         st = os.stat(u) if os.path.exists(u) else None
@@ -165,8 +167,6 @@ def cache_key(backbone: nn.Module, shards, data_cfg, clips_per_video: int, spati
 
 
 def _save_cache(path: Path, fs: FeatureSet) -> None:
-    from mohico.utils import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, feats=fs.feats, meta=np.frombuffer(json.dumps(
         {"keys": fs.keys, "sources": fs.sources, "labels": fs.labels}).encode(), dtype=np.uint8))
@@ -179,8 +179,6 @@ def _load_cache(path: Path) -> Optional[FeatureSet]:
             meta = json.loads(z["meta"].tobytes().decode())
             return FeatureSet(meta["keys"], meta["sources"], meta["labels"], z["feats"].astype(np.float32))
     except (OSError, ValueError, KeyError) as e:
-        import logging
-
         logging.getLogger("mohico.eval").warning("feature cache %s unreadable (%s); extracting again", path, e)
         return None
 
@@ -190,8 +188,6 @@ def extract_features(backbone: nn.Module, cfg, shards, clips_per_video: int = 1,
                      progress: bool = False, desc: str = "features") -> FeatureSet:
     """The :class:`FeatureSet` of ``shards`` (raw shard labels; see :meth:`FeatureSet.relabel`),
     read from / written to ``cache_dir`` when given."""
-    from mohico.trainer.knn_eval import iter_labelled
-
     if clips_per_video < 1 or spatial_crops < 1:
         raise MohicoError(f"clips per video and spatial crops must be >= 1, got {clips_per_video}, {spatial_crops}")
     path = None

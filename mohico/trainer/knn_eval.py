@@ -36,7 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from mohico.datasets.load.pipeline_cpu import transform_clip
+from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+from mohico.datasets.load.remux import ClipRemuxer, decode_frames
+from mohico.datasets.load.sampling import clip_frames, clip_span, max_start, video_stride
 from mohico.errors import MohicoError
+from mohico.models.backbone_file import load_checkpoint_state
+from mohico.models.backbones import build_backbone
+from mohico.models.torchvision_import import torchvision_backbone_state, torchvision_name
 
 IDENTITY_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
                 "blur_sigma": 0.0, "flip": False}
@@ -87,8 +94,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 # --------------------------------------------------------------------------- deterministic clips
 def eval_starts(num_frames: int, clip_len: int, stride: float, clips: int) -> list[int]:
     """Start frames of ``clips`` clips centred in equal segments of the video (1: the centre clip)."""
-    from mohico.datasets.load.sampling import clip_span, max_start
-
     span, hi = clip_span(clip_len, stride), max_start(num_frames, clip_len, stride)
     return [int(min(max(round((i + 0.5) * num_frames / clips - span / 2), 0), hi)) for i in range(clips)]
 
@@ -125,11 +130,6 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
     ``clips_per_video`` temporal clips x ``spatial_crops`` crops (:func:`crop_boxes`) each.
     Raises MohicoError for a sample that cannot be read, and (``require_label``) for one without
     a ``label``."""
-    from mohico.datasets.load.pipeline_cpu import transform_clip
-    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
-    from mohico.datasets.load.remux import ClipRemuxer, decode_frames
-    from mohico.datasets.load.sampling import clip_frames, video_stride
-
     for url in expand_shards(shards):
         errors: list[str] = []
         for sample in iter_shard(url, errors):
@@ -171,13 +171,9 @@ def load_eval_backbone(ckpt, cfg, config_path=None) -> nn.Module:
     config's backbone, e.g. ``mohico export --format torchvision``'s output:
     :mod:`mohico.models.torchvision_import`). ``ckpt="random"``: the config's backbone at its random init
     (seeded with ``trainer.seed``), the baseline to compare a pretrained one with."""
-    from mohico.models.backbones import build_backbone
-
     if str(ckpt) == "random":
         torch.manual_seed(cfg.trainer.seed)
         return build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
-    from mohico.models.backbone_file import load_checkpoint_state
-    from mohico.models.torchvision_import import torchvision_backbone_state, torchvision_name
 
     name = torchvision_name(ckpt, cfg.model.backbone)
     state = torchvision_backbone_state(ckpt, name)

@@ -14,6 +14,7 @@ its log file), once its process is gone from this host or its record went stale.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from mohico import dist
 from mohico.errors import MohicoError
 from mohico.trainer.liveness import (FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, read_peers,
-                                      silent_peers)
+                                     silent_peers)
 from mohico.utils import atomic_write_text
 
 NOTE = "failed_rank{rank}.txt"
@@ -130,8 +131,6 @@ def failing_together(run_dir, rank: int, run):
     collective) turned into one MohicoError line naming that peer; both are logged. This rank's
     liveness record says it is starting, then (the stall watchdog refreshes it) running, and at
     the end that it finished or is stopping, so that its peers never blame it."""
-    import logging
-
     log = logging.getLogger("mohico.trainer")
     clear_note(run_dir, rank)
     alive = AliveRecord(run_dir, rank)

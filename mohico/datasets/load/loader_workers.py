@@ -4,8 +4,12 @@ tracker that outlives those signals too, and the workers' init function (they en
 is gone)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import threading
+import time
+from multiprocessing import resource_tracker
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)   # SLURM sends them to every process of the step
 
@@ -14,8 +18,6 @@ def forkserver_context():
     """The forkserver context, preloading `forkserver_signals` (it ignores the preemption signals
     SLURM sends to every process of the step; the forked workers inherit that), with this
     process's resource tracker started by :func:`start_resource_tracker`."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", "mohico.datasets.load.forkserver_signals"])
     start_resource_tracker()
@@ -33,8 +35,6 @@ def start_resource_tracker() -> None:
     unlike a handler, survives the tracker's fork and exec; here it is blocked only in this thread
     and only while the tracker starts, so a USR1 arriving meanwhile is delivered to the rank
     afterwards, not lost."""
-    from multiprocessing import resource_tracker
-
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
         resource_tracker.ensure_running()
@@ -49,9 +49,6 @@ def exit_with_rank(rank_pid: int, _worker_id: int) -> None:
     in the queue's feeder thread and, with the forkserver, keep the rank's stdout/stderr open
     (a caller reading them would hang). A daemon thread polls the rank's pid once a second.
     """
-    import threading
-    import time
-
     for sig in PREEMPTION_SIGNALS:                 # also when the forkserver predates the preload
         signal.signal(sig, signal.SIG_IGN)
 

@@ -14,6 +14,11 @@ own files and `mohico export` load tensors only).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
+
+from mohico.errors import UsageError
 
 HELP = "pretrain a video encoder (DeepSpeed; resumes from the run's latest checkpoint)"
 DESCRIPTION = __doc__
@@ -34,8 +39,6 @@ def add_arguments(p):
 
 def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
     """``--nproc N`` / ``--nproc=N`` given after the config (argparse leaves them in the overrides)."""
-    from mohico.errors import UsageError
-
     out, nproc, i = [], None, 0
     while i < len(items):
         a = items[i]
@@ -59,9 +62,6 @@ def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
 
 def _dry_run(cfg) -> int:
     """Print the resolved config (stdout) and what a real run would do (stderr)."""
-    import sys
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
     from mohico.config import to_dict
@@ -78,7 +78,6 @@ def _dry_run(cfg) -> int:
 
 def run(args) -> int:
     from mohico.config import load_config
-    from mohico.errors import UsageError
 
     if any(a in ("-h", "--help") for a in args.overrides):
         args._parser.print_help()
@@ -115,9 +114,6 @@ def run(args) -> int:
 
 def finetune_test_after(cfg, code: int) -> int:
     """After a completed fine-tuning run, rank 0 measures multi-clip test accuracy (finetune.test_shards)."""
-    import os
-    import sys
-
     if code != 0 or not cfg.finetune.backbone or not cfg.finetune.test_shards or os.environ.get("RANK", "0") != "0":
         return code
     from mohico.trainer.finetune import finetune_test
