@@ -303,7 +303,7 @@ def to_dict(cfg: Config) -> dict:
 # Keys a resumed run may change (allowed and logged at resume): they do not alter the training
 # trajectory so far. ``trainer.max_steps`` re-plans the lr schedule and the progress from the
 # current step (mohico.trainer.optim.SchedulePlan); ``data.shards`` may move when the shards'
-# manifest checksum is unchanged (mohico.trainer.resume_check); ``data.num_workers`` re-splits
+# manifest checksum is unchanged (mohico.trainer.checkpoint.config_check); ``data.num_workers`` re-splits
 # the loader streams. Everything else changes the trajectory and is hashed.
 RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.test_shards", "finetune.test_clips",
                     "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",

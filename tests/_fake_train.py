@@ -47,12 +47,6 @@ class FakeModule(nn.Module):
     def banks(self):
         return {}
 
-    def bank_state_dict(self):
-        return {}
-
-    def load_bank_state_dict(self, state):
-        pass
-
 
 class FakeLoader:
     """Endless random (B, 2, 3, 1, 2, 2) clips; a counter as its state. ``FAKE_STALL_AT=N``: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import torch
 from mohico.config import config_hash, load_config, to_dict
 from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
-from mohico.trainer.ckpt_resume import pick_resume
+from mohico.trainer.checkpoint.resume import pick_resume
+from mohico.trainer.rng import rng_state, set_rng_state
+from tests._states import states_for
 
 
 class FakeEngine:
@@ -24,9 +27,9 @@ class FakeEngine:
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False and tag.startswith(ck.TMP_PREFIX)
-        (ck.Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         torch.save({"module": {"w": torch.full((3,), float(self.step))}, **client_state},
-                   ck.Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+                   Path(save_dir) / tag / "mp_rank_00_model_states.pt")
         if self.fail_at == self.step:
             raise RuntimeError("disk full")
 
@@ -38,7 +41,7 @@ def cfg(*overrides):
 def save(cp, engine, step, c):
     engine.step = step
     meta = {"step": step, "world_size": 1, "config": to_dict(c), "config_hash": config_hash(c)}
-    return cp.save(engine, step, meta, {"rank": 0, "loader": {"pos": step}})
+    return cp.save(states_for(engine, meta, loader={"pos": step}))
 
 
 def test_save_publishes_atomically_and_keeps_last_k(tmp_path):
@@ -107,33 +110,11 @@ def test_config_mismatch_is_refused_unless_forced(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = ck.rng_state()
+    state = rng_state()
     a = (random.random(), np.random.rand(), torch.rand(3))
-    ck.set_rng_state(state)
+    set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
-
-
-def test_reshard_bank_two_ranks_to_one_and_back():
-    from mohico.models.bank import MemoryBank
-
-    torch.manual_seed(0)
-    states = []
-    for r in range(2):
-        bank = MemoryBank(16, 4)
-        bank.rank, bank.world_size, bank.shard_size = r, 2, 8
-        bank.keys = torch.zeros(8, 4)
-        bank.enqueue(torch.randn(11, 4))                                # wraps around: ptr 3, full
-        states.append({"mcl": bank.state_dict()})
-    one = ck.reshard_bank(states, world_size=1, rank=0)
-    assert one["mcl"]["keys"].shape == (16, 4) and one["mcl"]["filled"] == 16 and one["mcl"]["world_size"] == 1
-    assert {tuple(k.tolist()) for k in one["mcl"]["keys"]} == \
-        {tuple(k.tolist()) for s in states for k in s["mcl"]["keys"]}    # nothing lost or duplicated
-    back = [ck.reshard_bank([one], world_size=2, rank=r) for r in range(2)]
-    for r in range(2):   # W -> 1 -> W gives each rank its keys back, stored oldest -> newest
-        keys = states[r]["mcl"]["keys"]
-        assert torch.equal(back[r]["mcl"]["keys"], torch.cat([keys[3:], keys[:3]]))
-        assert back[r]["mcl"]["ptr"] == 0 and back[r]["mcl"]["filled"] == 8
 
 
 def test_meta_is_json_and_names_the_config(tmp_path):

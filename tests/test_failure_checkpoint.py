@@ -14,8 +14,10 @@ import torch
 from mohico.config import config_hash, load_config, to_dict
 from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
-from mohico.trainer.ckpt_files import file_digests, verify_checkpoint
-from mohico.trainer.ckpt_resume import pick_resume
+from mohico.trainer.checkpoint.verify import file_digests, verify_checkpoint
+from mohico.trainer.checkpoint.resume import pick_resume
+from mohico.trainer.rng import rng_state
+from tests._states import states_for
 
 
 class FakeEngine:
@@ -32,7 +34,7 @@ def make_run(tmp_path, steps=(2, 4, 6), keep=3):
     cp = ck.Checkpointer(tmp_path / "run", rank=0, world_size=1, keep=keep)
     for s in steps:
         meta = {"step": s, "world_size": 1, "zero_stage": 0, "config": to_dict(c), "config_hash": config_hash(c)}
-        cp.save(FakeEngine(), s, meta, {"rank": 0, "loader": {"n": s}, "rng": ck.rng_state()})
+        cp.save(states_for(FakeEngine(), meta, loader={"n": s}, rng=rng_state()))
     return cp
 
 
@@ -144,10 +146,10 @@ def test_disk_full_is_reported_as_disk_full(tmp_path, monkeypatch, error):
         pathlib.Path(path).write_bytes(b"x" * 10)
         raise error
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     c = load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18"])
     with pytest.raises(MohicoError) as e:
-        cp.save(FakeEngine(), 4, {"step": 4, "world_size": 1, "config": to_dict(c)}, {"rank": 0})
+        cp.save(states_for(FakeEngine(), {"step": 4, "world_size": 1, "config": to_dict(c)}))
     msg = str(e.value)
     assert msg.startswith("rank 0: disk full while writing checkpoint step 4")
     assert "MiB are free" in msg and str(cp.dir / "step_00000002") in msg and "checkpoint.keep" in msg
@@ -182,7 +184,7 @@ def test_poisoned_model_file_runs_no_code_on_export(tmp_path):
 
 
 def test_poisoned_optimizer_partition_runs_no_code_in_universal_conversion(tmp_path):
-    from mohico.trainer.ckpt_universal import write_universal
+    from mohico.trainer.checkpoint.universal import write_universal
 
     cp = make_run(tmp_path, steps=(2,))
     marker = tmp_path / "pwned"

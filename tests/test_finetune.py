@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mohico.config import load_config
+from mohico.errors import MohicoError
 from mohico.datasets.synthetic.benchmark_synth import synth_benchmark
 from mohico.datasets.load.sampling import stable_hash
 from mohico.errors import ConfigError
@@ -53,7 +54,14 @@ def test_module_labels_loss_and_hooks(synth_shards, synth_videos):
     assert float(terms["finetune/top1"]) == pytest.approx(float(np.mean(logits[ok].argmax(1) == y[ok])))
     loss.backward()
     assert m.head.weight.grad is not None and m.backbone.stem[0].weight.grad is not None
-    assert m.bank_state_dict() == {} and FinetuneModule.reshard_bank_states([{}, {}], 3) == [{}, {}, {}]
+    from mohico.trainer.states import BanksState
+
+    banks = BanksState(m)                   # no bank: nothing saved, nothing to reshard
+    assert banks.state_dict() == {}
+    banks.reshard([{}, {}], step=3)
+    banks.load_state_dict({})
+    with pytest.raises(MohicoError, match="other objectives"):
+        banks.load_state_dict({"mcl": {}})
     with pytest.raises(ConfigError, match="num_classes"):
         FinetuneModule(load_config(CONFIG, [f"data.shards={synth_shards}", f"finetune.labels={lab_file}",
                                             "finetune.num_classes=7"]))

@@ -14,7 +14,7 @@ from mohico.config import config_hash, load_config, to_dict
 from mohico.errors import MohicoError
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.optim import SchedulePlan, lr_at
-from mohico.trainer.resume_check import data_fingerprint
+from mohico.trainer.checkpoint.config_check import data_fingerprint
 
 
 def cfg(*overrides):

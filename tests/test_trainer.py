@@ -159,10 +159,10 @@ def test_two_ranks_zero1_reference_run(reference, synth_shards):
     # per-rank client state: each rank's own bank shard (half of bank.size) and loader state
     c0 = torch.load(ck / "step_00000004" / "client_rank_00000.pt", weights_only=False)
     c1 = torch.load(ck / "step_00000004" / "client_rank_00001.pt", weights_only=False)
-    assert set(c0["bank"]) == {"mcl", "hico"}
-    for name, bank in c0["bank"].items():
+    assert set(c0["banks"]) == {"mcl", "hico"}
+    for name, bank in c0["banks"].items():
         assert bank["keys"].shape[0] == 128 and bank["world_size"] == 2 and bank["filled"] > 0
-        assert not torch.equal(bank["keys"], c1["bank"][name]["keys"])
+        assert not torch.equal(bank["keys"], c1["banks"][name]["keys"])
         # batch["video_id"] reached the module: every filled slot carries its video's id (none unknown)
         assert bank["ids"].shape == (128,) and (bank["ids"][:bank["filled"]] >= 0).all()
     assert c0["loader"]["rank"] == 0 and c1["loader"]["rank"] == 1
@@ -241,13 +241,13 @@ def test_resume_at_other_world_size(reference, synth_shards, tmp_path):
             moving += bool(m.abs().sum() > 0)
     assert moving > len(trainable) // 2
     c = torch.load(one / "checkpoints" / "step_00000004" / "client_rank_00000.pt", weights_only=False)
-    assert all(b["keys"].shape[0] == 256 and b["world_size"] == 1 for b in c["bank"].values())
+    assert all(b["keys"].shape[0] == 256 and b["world_size"] == 1 for b in c["banks"].values())
     assert sorted(losses(one)) == [3, 4]
     # 1 rank -> 2
     two = tmp_path / "two"
     ok(run_train(two, synth_shards, f"checkpoint.resume={one}/checkpoints/step_00000003"))
     c = torch.load(two / "checkpoints" / "step_00000004" / "client_rank_00001.pt", weights_only=False)
-    assert all(b["keys"].shape[0] == 128 and b["world_size"] == 2 for b in c["bank"].values())
+    assert all(b["keys"].shape[0] == 128 and b["world_size"] == 2 for b in c["banks"].values())
     assert sorted(losses(two)) == [4]
 
 

@@ -146,7 +146,7 @@ def test_requeue_under_slurm(monkeypatch, tmp_path):
 
 
 def _metrics_worker(rank, world):
-    from mohico.trainer.train import reduce_metrics
+    from mohico.trainer.step_metrics import reduce_metrics
 
     counters = {"skipped": 2.0} if rank == 0 else {"skipped": 1.0, "lost_on_restore": 3.0}   # ranks differ
     return reduce_metrics({"loss": 1.0 + rank, "mcl/nce": 4.0 * rank}, counters)
@@ -159,7 +159,7 @@ def test_reduce_metrics_over_ranks_with_different_counters():
 
 
 def _fraction_worker(rank, world):
-    from mohico.trainer.train import reduce_metrics
+    from mohico.trainer.step_metrics import reduce_metrics
 
     return reduce_metrics({"perf/data_wait_frac": 0.5 + 0.1 * rank}, {"data_wait_fraction": 0.6 + 0.2 * rank,
                                                                       "skipped": 1.0})

@@ -141,18 +141,6 @@ class FinetuneModule(nn.Module):
     def banks(self) -> dict:
         return {}
 
-    def bank_state_dict(self) -> dict:
-        return {}
-
-    def load_bank_state_dict(self, states: dict) -> None:
-        if states:
-            raise MohicoError("a fine-tuning run cannot resume a pretraining checkpoint's memory banks; "
-                              "give the pretrained weights as finetune.backbone and a new run.dir")
-
-    @staticmethod
-    def reshard_bank_states(per_rank: list, new_world_size: int) -> list:
-        return [{} for _ in range(new_world_size)]
-
 
 @torch.no_grad()
 def finetune_test(cfg, progress: bool = False) -> dict:

@@ -19,6 +19,8 @@ import time
 import torch
 from torch import nn
 
+from mohico.trainer.rng import preserved_rng
+
 log = logging.getLogger("mohico.trainer")
 
 
@@ -41,25 +43,26 @@ class OnlineKnn:
 
     @torch.no_grad()
     def run(self, backbone: nn.Module) -> dict[str, float]:
-        from mohico.trainer import checkpoint as ck
-        from mohico.trainer.eval_protocols import features, knn
-
         t0 = time.perf_counter()
         was_training = backbone.training
-        rng = ck.rng_state(cuda=False)
         try:
-            common = dict(labels=self.labels, clips_per_video=self.ev.clips_per_video, batch_size=self.ev.batch_size,
-                          device=self.device)
-            val = features(backbone, self.cfg, self.val, where="eval.val_shards", **common)
-            train = val if self.train == self.val else features(backbone, self.cfg, self.train,
-                                                                  where="eval.train_shards", **common)
-            res = knn(train, val, k=self.ev.k, temperature=self.ev.temperature)
-            row = {"knn/top1": res["top1"], "knn/top5": res["top5"]}
+            with preserved_rng():
+                row = self._evaluate(backbone)
         except Exception as e:  # noqa: BLE001 - a monitor must not stop training
             log.warning("online kNN failed (%s: %s); training continues", type(e).__name__, e)
             row = {"knn/failed": 1.0}
         finally:
             backbone.train(was_training)
-            ck.set_rng_state(rng)
         row["knn/time_s"] = time.perf_counter() - t0
         return row
+
+    def _evaluate(self, backbone: nn.Module) -> dict[str, float]:
+        from mohico.trainer.eval_protocols import features, knn
+
+        common = dict(labels=self.labels, clips_per_video=self.ev.clips_per_video, batch_size=self.ev.batch_size,
+                      device=self.device)
+        val = features(backbone, self.cfg, self.val, where="eval.val_shards", **common)
+        train = val if self.train == self.val else features(backbone, self.cfg, self.train,
+                                                              where="eval.train_shards", **common)
+        res = knn(train, val, k=self.ev.k, temperature=self.ev.temperature)
+        return {"knn/top1": res["top1"], "knn/top5": res["top5"]}

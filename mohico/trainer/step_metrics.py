@@ -11,13 +11,19 @@ steps, seconds since the last step.
 all-reduced ``.grad`` before the step). ``optim/nonfinite_steps``: how many steps of this process
 had a non-finite loss or gradient norm. ``perf/seconds_since_last_step``: wall time between the
 ends of two consecutive steps (logging and checkpoints included: a stall shows here).
+
+Per log window: :func:`reduce_metrics` (terms averaged and loader counters summed over the
+ranks), :func:`bank_fills`, :func:`memory_mb`.
 """
 from __future__ import annotations
 
 import math
+import resource
 import time
 
 import torch
+
+from mohico import dist
 
 
 class StepHealth:
@@ -58,3 +64,31 @@ class StepHealth:
 def mean_over_ranks(key: str) -> bool:
     """Loader counters that are fractions (``data_wait_fraction``): averaged over the ranks, not summed."""
     return key.endswith(("_fraction", "_frac"))
+
+
+def reduce_metrics(terms: dict[str, float], counters: dict[str, float]) -> dict[str, float]:
+    """Objective terms averaged and loader counters summed over the ranks (collective; fractions
+    such as ``data_wait_fraction`` are averaged: :func:`mean_over_ranks`). Key sets may differ
+    between ranks (a counter appears once something happened), so the dicts are gathered as
+    objects rather than reduced as aligned tensors."""
+    parts = dist.all_gather_object((terms, counters))
+    out: dict[str, float] = {}
+    for key in sorted({k for t, _ in parts for k in t}):
+        values = [t[key] for t, _ in parts if key in t]
+        out[key] = sum(values) / len(values)
+    for key in sorted({k for _, c in parts for k in c}):
+        values = [c[key] for _, c in parts if key in c]
+        out[f"data/{key}"] = sum(values) / len(values) if mean_over_ranks(key) else sum(values)
+    return out
+
+
+def bank_fills(module) -> dict[str, float]:
+    """``{"bank/<objective>_fill": fraction}`` for each memory bank of the module."""
+    banks = module.banks() if hasattr(module, "banks") else {}
+    return {f"bank/{name}_fill": float(bank.fill) for name, bank in banks.items()}
+
+
+def memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux

@@ -41,6 +41,7 @@ that fails too, the sample is replaced by another sample of the same batch (``du
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -181,6 +182,15 @@ class VideoLoader:
             self._counters = {0: merged}
             self._next_item = int(state["next_item"])
 
+    def reshard(self, states: list[dict], step: int) -> None:
+        """Resume at another world size (``states``: every old rank's :meth:`state_dict`): the
+        old ranks' streams do not map to the new ranks, so this rank starts a fresh stream
+        seeded from ``(seed, step)`` (not bitwise-continuous; samples of the epoch may repeat)."""
+        self._shutdown()
+        self.spec = dataclasses.replace(self.spec, seed=(self.spec.seed * 1_000_003 + int(step)) % 2 ** 31)
+        self._states, self._counters, self._done = {}, {}, set()
+        self._start_epoch = self._next_item = 0
+
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
         return self
@@ -195,6 +205,9 @@ class VideoLoader:
             self._loader = torch.utils.data.DataLoader(
                 ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                 prefetch_factor=PREFETCH, persistent_workers=False,
+                # the workers' base seed from the loader's own generator: starting them never
+                # moves the trainer's global RNG streams (they draw nothing from it either)
+                generator=torch.Generator().manual_seed(self.spec.seed),
                 # not fork: the main process runs DALI's threads, and a forked child can inherit
                 # their locks held (observed: workers hung at start)
                 multiprocessing_context=forkserver_context(),

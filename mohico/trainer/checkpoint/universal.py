@@ -1,14 +1,51 @@
-"""DeepSpeed's universal checkpoint form for ZeRO 1/2 checkpoints of any optimizer (used when a run
-resumes at another world size; :meth:`mohico.trainer.checkpoint.Checkpointer.universal` calls it)."""
+"""The world-size conversion: DeepSpeed's universal checkpoint form for ZeRO 1/2 checkpoints of any
+optimizer, which DeepSpeed re-partitions for the new world size.
+
+    engine_dir, tag = universal_form(ckdir, tag, rank)    # collective; rank 0 converts once
+    write_universal(src_folder, out_folder)               # the conversion itself
+
+(The per-rank states convert themselves: each one's ``reshard``, :mod:`mohico.trainer.states`.)"""
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
+from mohico import dist
 from mohico.checkpoint_read import safe_load
 from mohico.errors import MohicoError
+from mohico.trainer.checkpoint.layout import TMP_PREFIX
+from mohico.utils import atomic_write_text
+
+log = logging.getLogger("mohico.trainer")
+
+
+def universal_form(ckdir: Path, tag: str, rank: int) -> tuple[Path, str]:
+    """``(dir, tag)`` of the universal form of ZeRO 1/2 checkpoint ``ckdir/tag``, for loading at
+    another world size (collective; rank 0 converts once into ``<ckdir>/universal/<tag>``)."""
+    out_root = Path(ckdir) / "universal"
+    out = out_root / tag
+    error = ""
+    if rank == 0 and not (out / "zero").is_dir():
+        tmp = out_root / (TMP_PREFIX + tag)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to DeepSpeed's universal checkpoint form (the world size changed)",
+                 Path(ckdir) / tag)
+        try:
+            write_universal(Path(ckdir) / tag, tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+            atomic_write_text(out_root / "latest_universal", tag)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            error = f"converting {Path(ckdir) / tag} to a universal checkpoint failed: {type(e).__name__}: {e}"
+    if dist.any_rank(bool(error), "cuda" if torch.cuda.is_available() else "cpu"):
+        raise MohicoError(error or "rank 0 failed to convert the checkpoint to universal form (see its log)")
+    return out_root, tag
 
 
 def write_universal(src: Path, out: Path) -> None:

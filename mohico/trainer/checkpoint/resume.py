@@ -1,8 +1,10 @@
-"""Which checkpoint a run resumes from, verified, with a fallback past damaged ones.
+"""Which checkpoint a run resumes from: found, verified (with a fallback past damaged ones) and
+checked against the config, before the engine is built.
 
-    source = pick_resume(checkpointer, cfg.checkpoint.resume, cfg.checkpoint.force)   # collective
+    resume = find_resume(checkpointer, cfg, data_fp)   # collective: a Resume (found or not), config checked
+    source = pick_resume(checkpointer, cfg.checkpoint.resume, cfg.checkpoint.force)   # (dir, tag) or None
 
-- ``auto``: this run's ``latest``, if it verifies (:func:`~mohico.trainer.ckpt_files.verify_checkpoint`:
+- ``auto``: this run's ``latest``, if it verifies (:func:`~mohico.trainer.checkpoint.verify.verify_checkpoint`:
   every file present with the size and sha256 recorded at save time). A damaged one is moved
   aside to ``checkpoints/damaged-<tag>`` (kept for inspection, never loaded or pruned) with a
   warning, and the newest intact checkpoint is used instead (``latest`` is rewritten to it). If
@@ -18,12 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from mohico import dist
 from mohico.errors import MohicoError
-from mohico.trainer import checkpoint as ck
-from mohico.trainer.ckpt_files import verify_checkpoint
+from mohico.trainer.checkpoint.checkpointer import Checkpointer
+from mohico.trainer.checkpoint.config_check import check_config
+from mohico.trainer.checkpoint.layout import (FORMAT, LATEST, META, TAG_RE, complete_tags, read_latest, read_meta,
+                                              resolve_checkpoint)
+from mohico.trainer.checkpoint.universal import universal_form
+from mohico.trainer.checkpoint.verify import verify_checkpoint
 from mohico.utils import atomic_write_text
 
 log = logging.getLogger("mohico.trainer")
@@ -44,12 +51,12 @@ def quarantine(ckdir: Path, tag: str) -> Path | None:
     return dst
 
 
-def _auto(ckpt: ck.Checkpointer) -> tuple[Path, str] | None:
-    latest = ck.read_latest(ckpt.dir)
-    if latest is not None and not ck.TAG_RE.match(latest):
-        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored", ckpt.dir / ck.LATEST, latest)
+def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
+    latest = read_latest(ckpt.dir)
+    if latest is not None and not TAG_RE.match(latest):
+        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored", ckpt.dir / LATEST, latest)
         latest = None
-    tags = sorted(set(ck.complete_tags(ckpt.dir)) | ({latest} if latest else set()), reverse=True)
+    tags = sorted(set(complete_tags(ckpt.dir)) | ({latest} if latest else set()), reverse=True)
     if latest is None and not tags:
         return None
     if latest in tags:   # latest first, then the others newest first
@@ -61,7 +68,7 @@ def _auto(ckpt: ck.Checkpointer) -> tuple[Path, str] | None:
         if not problems:
             if report:
                 log.warning("resuming from the newest intact checkpoint %s instead", ckpt.dir / tag)
-                atomic_write_text(ckpt.dir / ck.LATEST, tag)
+                atomic_write_text(ckpt.dir / LATEST, tag)
             return ckpt.dir, tag
         moved = quarantine(ckpt.dir, tag)
         where = f"; moved to {moved} (kept, never loaded)" if moved else ""
@@ -72,9 +79,9 @@ def _auto(ckpt: ck.Checkpointer) -> tuple[Path, str] | None:
                       f"checkpoint.resume=never checkpoint.force=true to start fresh in this one.")
 
 
-def _decide(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
+def _decide(ckpt: Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
     if resume == "never":
-        tags = ck.complete_tags(ckpt.dir)
+        tags = complete_tags(ckpt.dir)
         if tags and not force:
             raise MohicoError(
                 f"checkpoint.resume=never, but run.dir {ckpt.dir.parent} already holds checkpoints ({', '.join(tags)}): "
@@ -84,16 +91,16 @@ def _decide(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, str]
         return None
     if resume == "auto":
         return _auto(ckpt)
-    ckdir, tag = ck.resolve_checkpoint(resume)
+    ckdir, tag = resolve_checkpoint(resume)
     problems = verify_checkpoint(ckdir, tag)
     if problems:
-        intact = [t for t in ck.complete_tags(ckdir) if t != tag and not verify_checkpoint(ckdir, t, hashes=False)]
+        intact = [t for t in complete_tags(ckdir) if t != tag and not verify_checkpoint(ckdir, t, hashes=False)]
         raise MohicoError(f"checkpoint.resume={resume}: checkpoint {ckdir / tag} is damaged ({'; '.join(problems)}); "
                           f"other checkpoints there: {intact or 'none'}")
     return ckdir, tag
 
 
-def pick_resume(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
+def pick_resume(ckpt: Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
     """``(checkpoints_dir, tag)`` to resume from, or None to start fresh (collective: rank 0
     decides, the others follow; every rank raises the same MohicoError)."""
     decision = None
@@ -107,3 +114,43 @@ def pick_resume(ckpt: ck.Checkpointer, resume: str, force: bool) -> tuple[Path, 
     if status == "error":
         raise MohicoError(value)
     return None if value is None else (Path(value[0]), value[1])
+
+
+@dataclass
+class Resume:
+    """What a run resumes from: nothing (``found`` False: a fresh run), or checkpoint
+    ``dir/tag`` with its ``meta``; DeepSpeed loads from ``engine_dir/tag`` (the universal form
+    when the world size changed at ZeRO 1/2: ``universal``)."""
+    dir: Path | None = None
+    tag: str | None = None
+    meta: dict | None = None
+    engine_dir: Path | None = None
+    universal: bool = False
+
+    @property
+    def found(self) -> bool:
+        return self.tag is not None
+
+
+def find_resume(ckpt: Checkpointer, cfg, data_fp: str | None) -> Resume:
+    """The checkpoint this run resumes from (collective), decided before the engine is built:
+    partial saves removed, ``checkpoint.resume`` resolved and verified (:func:`pick_resume`),
+    the layout and config checked (:func:`~mohico.trainer.checkpoint.config_check.check_config`, ``data_fp``:
+    the shards' fingerprint) and, at another world size with ZeRO 1/2, the universal form made."""
+    ckpt.remove_partial()
+    source = pick_resume(ckpt, cfg.checkpoint.resume, cfg.checkpoint.force)
+    if source is None:
+        return Resume()
+    ckdir, tag = source
+    meta = read_meta(ckdir, tag)
+    if meta.get("format") != FORMAT:
+        raise MohicoError(f"{ckdir / tag / META} is a checkpoint of layout {meta.get('format', 1)}, this mohico "
+                          f"reads layout {FORMAT} (the per-rank states are stored differently): resume it with "
+                          f"the mohico release that wrote it, or start over in a new run.dir (`mohico export` still "
+                          f"reads its weights)")
+    check_config(meta, cfg, ckdir / tag, cfg.checkpoint.force, data_fp=data_fp)
+    if ckdir.resolve() != ckpt.dir.resolve():   # another run's checkpoint: this run logs to a new W&B run
+        meta = {**meta, "wandb_run_id": None}
+    universal = meta["world_size"] != ckpt.world_size and meta.get("zero_stage", 0) >= 1
+    engine_dir, _ = universal_form(ckdir, tag, ckpt.rank) if universal else (ckdir, tag)
+    return Resume(ckdir, tag, meta, engine_dir, universal)

@@ -1,0 +1,36 @@
+"""Checkpoint layout: where each file of a checkpoint lives. Finding checkpoints (``latest``, the
+complete tags, a run directory / checkpoints directory / checkpoint folder given by the user) and
+reading their metadata are in :mod:`mohico.checkpoint_read` (the bottom floor: export reads them
+too), re-exported here.
+
+Under ``run.dir/checkpoints/``::
+
+    latest                         the tag of the newest complete checkpoint (written last, atomically)
+    step_00000500/                 one folder per checkpoint (DeepSpeed's tag)
+        mp_rank_00_model_states.pt                   "engine": module (+ EMA key encoder), optimizer at ZeRO 0
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt  "engine": ZeRO 1/2 optimizer partitions, one per rank
+        client_rank_{r:05d}.pt                       every per-rank state (loader, banks, rng, ...) by name
+        mohico_meta.json                             "train": step, schedule, world size, W&B id, config + hash;
+                                                     format, sha256 of every file
+    .tmp-step_00000500/            a checkpoint being written (never loaded; removed at start-up)
+    damaged-step_00000500/         a checkpoint that failed verification (kept, never loaded)
+    universal/step_00000500/       DeepSpeed universal form, made when resuming at another world size
+    zero_to_fp32.py                DeepSpeed's consolidation script (works with this layout)
+"""
+from __future__ import annotations
+
+# the readers live on the bottom floor (models read checkpoints too): re-exported here with the names
+from mohico.checkpoint_read import (LATEST, META, MODEL_STATES, TAG_RE, checkpoint_dir,  # noqa: F401
+                                    complete_tags, read_latest, read_meta, resolve_checkpoint)
+
+TMP_PREFIX = ".tmp-"
+FORMAT = 2                          # meta["format"]: this layout of states (resume refuses others)
+GLOBAL_STATES = ("engine", "train")  # written once (DeepSpeed's files, the meta); the other states per rank
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def client_file(rank: int) -> str:
+    return f"client_rank_{rank:05d}.pt"
