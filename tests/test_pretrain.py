@@ -9,7 +9,9 @@ import torch
 from mohico.config import Config
 from mohico.config_validate import validate
 from mohico.errors import ConfigError, MohicoError
+from mohico.models.bank import MemoryBank
 from mohico.models.pretrain import PretrainModule
+from mohico.trainer.states import BanksState
 
 
 def _cfg(mcl=1.0, hico=0.0, **extra) -> Config:
@@ -61,22 +63,23 @@ def test_mcl_and_hico_forward_backward_and_banks():
     hico = model.objectives["hico"]
     for head in (hico.visual, hico.topical, hico.classifier):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
-    # banks: outside the state_dict, per rank via bank_state_dict
+    # banks: outside the state_dict, saved per rank by the trainer (trainer.states.BanksState over banks())
     assert not any("bank" in k for k in model.state_dict())
     assert any(k.startswith("key_encoder.backbone.") for k in model.state_dict())
     assert not any(".key_" in k for k in model.state_dict())           # no EMA part inside an objective
-    states = model.bank_state_dict()
+    states = BanksState(model).state_dict()
     assert set(states) == {"mcl", "hico"} and states["mcl"]["filled"] == 2 and states["hico"]["filled"] == 2
     other = PretrainModule(_cfg(mcl=1.0, hico=0.5))
-    other.load_bank_state_dict(states)
+    BanksState(other).load_state_dict(states)
     for name, bank in other.banks().items():
         torch.testing.assert_close(bank.ordered_keys(), model.banks()[name].ordered_keys())
     with pytest.raises(MohicoError, match="other objectives"):
-        PretrainModule(_cfg()).load_bank_state_dict(states)
-    two = PretrainModule.reshard_bank_states([states], 2)
-    assert [s["mcl"]["world_size"] for s in two] == [2, 2] and sum(s["hico"]["filled"] for s in two) == 2
-    back = PretrainModule.reshard_bank_states(two, 1)[0]
-    torch.testing.assert_close(back["mcl"]["keys"][:2], model.banks()["mcl"].ordered_keys())
+        BanksState(PretrainModule(_cfg())).load_state_dict(states)
+    for name, state in states.items():                                # 1 -> 2 -> 1 ranks (BanksState.reshard's step)
+        two = MemoryBank.reshard([state], 2)
+        assert [s["world_size"] for s in two] == [2, 2] and sum(s["filled"] for s in two) == 2
+        back = MemoryBank.reshard(two, 1)[0]
+        torch.testing.assert_close(back["keys"][:2], model.banks()[name].ordered_keys())
 
 
 def test_momentum_update_and_no_grad_forward():

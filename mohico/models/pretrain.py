@@ -19,9 +19,8 @@ the key view when any objective needs keys this step; each objective's keys are 
 over that one embedding. :meth:`momentum_update` is the one EMA update per optimizer step.
 
 Memory banks are per-rank state kept *out* of ``state_dict()`` (DeepSpeed must neither
-broadcast nor partition them); the trainer saves them per rank with :meth:`bank_state_dict`
-and restores them with :meth:`load_bank_state_dict`, after :meth:`reshard_bank_states` when
-the world size changed.
+broadcast nor partition them); :meth:`banks` is what the trainer saves per rank and reshards
+when the world size changed (``mohico.trainer.states.BanksState``).
 """
 from __future__ import annotations
 
@@ -142,33 +141,6 @@ class PretrainModule(nn.Module):
     def banks(self) -> dict[str, MemoryBank]:
         """The memory banks by objective name (``mcl``, ``hico``)."""
         return {name: obj.bank for name, obj in self.objectives.items() if getattr(obj, "bank", None) is not None}
-
-    def bank_state_dict(self) -> dict[str, dict]:
-        """This rank's bank shards: ``{objective name: MemoryBank.state_dict()}``."""
-        return {name: bank.state_dict() for name, bank in self.banks().items()}
-
-    def load_bank_state_dict(self, states: dict[str, dict]) -> None:
-        """Restore this rank's shards from :meth:`bank_state_dict` output (same world size)."""
-        banks = self.banks()
-        if set(states) != set(banks):
-            raise MohicoError(f"bank checkpoint holds banks {sorted(states)} but this model has {sorted(banks)}: "
-                              f"the checkpoint is from a run with other objectives (objectives.*.weight, "
-                              f"objectives.hico.use_bank); resume with the same objectives")
-        for name, bank in banks.items():
-            bank.load_state_dict(states[name])
-
-    @staticmethod
-    def reshard_bank_states(per_rank: list[dict[str, dict]], new_world_size: int) -> list[dict[str, dict]]:
-        """All ranks' :meth:`bank_state_dict` outputs -> the same for ``new_world_size`` ranks."""
-        names = sorted(per_rank[0]) if per_rank else []
-        if any(sorted(s) != names for s in per_rank):
-            raise MohicoError("reshard_bank_states: the ranks' bank files hold different banks; "
-                              "they are not from one checkpoint")
-        out = [{} for _ in range(new_world_size)]
-        for name in names:
-            for r, state in enumerate(MemoryBank.reshard([s[name] for s in per_rank], new_world_size)):
-                out[r][name] = state
-        return out
 
 
 _PRE_KEY_ENCODER_NAMES = (("objectives.mcl.key_backbone.", "key_encoder.backbone."),
