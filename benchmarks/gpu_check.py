@@ -197,12 +197,12 @@ def _batches(cfg, shards: Path, n: int):
     t = time.perf_counter()
     for _ in range(n):
         b = next(it)
-        if b["clips"].is_cuda:
+        if b.clips.is_cuda:
             torch.cuda.synchronize()
         out.append(b)
     secs = time.perf_counter() - t
     loader.close()
-    clips = sum(b["clips"].shape[0] * b["clips"].shape[1] for b in out[1:])
+    clips = sum(b.clips.shape[0] * b.clips.shape[1] for b in out[1:])
     return out, clips / secs
 
 
@@ -217,9 +217,9 @@ def check_decode(work: Path, codec: str, device: str, baseline: str, batches: in
     got, rate = _batches(cand_cfg, shards, batches)
     peak = _peak_mb("cuda" if device == "gpu" else "cpu")
     ref, base_rate = _batches(base_cfg, shards, batches)
-    same_draws = all(a["key"] == b["key"] and bool((a["frames"] == b["frames"]).all())
-                     and bool((a["boxes"] == b["boxes"]).all()) for a, b in zip(got, ref))
-    diff = max(float((a["clips"].cpu() - b["clips"]).abs().mean()) * 0.225 * 255 for a, b in zip(got, ref))
+    same_draws = all(a.key == b.key and bool((a.frames == b.frames).all())
+                     and bool((a.boxes == b.boxes).all()) for a, b in zip(got, ref))
+    diff = max(float((a.clips.cpu() - b.clips).abs().mean()) * 0.225 * 255 for a, b in zip(got, ref))
     ok = same_draws and diff < 3.0
     name = f"decode {codec}: DALI {'mixed' if device == 'gpu' else 'cpu'} vs {baseline}"
     return row(name, f"{rate:.1f} clips/s", f"{base_rate:.1f} clips/s ({rate / base_rate:.1f}x)", ok,

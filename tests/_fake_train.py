@@ -17,6 +17,8 @@ import time
 import torch
 from torch import nn
 
+from tests._batches import make_batch
+
 BASE = ["objectives.mcl.weight=1", "model.backbone=r3d_18", "trainer.max_steps=4", "checkpoint.every_steps=2",
         "checkpoint.keep=2", "trainer.log_every=2", "wandb.mode=disabled", "trainer.zero_stage=1",
         "optim.warmup_epochs=0", "data.batch_size=2"]
@@ -73,7 +75,7 @@ class FakeLoader:
                 os.kill(os.getpid(), signal.SIGTERM)
             threading.Event().wait()          # forever
         g = torch.Generator().manual_seed(self.n * 10 + self.rank)
-        return {"clips": torch.randn(self.B, 2, 3, 1, 2, 2, generator=g), "motion": torch.zeros(self.B, 2, 1, 2, 2)}
+        return make_batch(torch.randn(self.B, 2, 3, 1, 2, 2, generator=g))
 
     def set_progress(self, p):
         pass

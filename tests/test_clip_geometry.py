@@ -143,8 +143,8 @@ def test_loader_spans_the_same_seconds_on_shards_at_15_25_30_fps(shards_at_fps, 
         got = []
         for _ in range(2):
             b = next(loader)
-            assert b["clips"].shape[-3:] == (8, 24, 24)
-            got += [clip_seconds(fr, fps) for fr in b["frames"].reshape(-1, 8).numpy()]
+            assert b.clips.shape[-3:] == (8, 24, 24)
+            got += [clip_seconds(fr, fps) for fr in b.frames.reshape(-1, 8).numpy()]
         loader.close()
         spans[fps] = got
     if reference_fps:
@@ -165,9 +165,9 @@ def test_low_fps_shards_are_resampled_by_frame_index_not_stretched(shards_at_fps
     d.batch_size, d.num_workers, d.clip_len, d.frame_stride, d.reference_fps = 2, 0, 8, 1, 30.0
     d.crop_size, d.motion_size, d.shuffle_buffer = 24, 7, 2
     b = next(build_loader(cfg, str(shards_at_fps[15])))
-    fr = b["frames"].reshape(-1, 8).numpy()
+    fr = b.frames.reshape(-1, 8).numpy()
     np.testing.assert_array_equal(fr - fr[:, :1], np.tile([0, 1, 1, 2, 2, 3, 3, 4], (len(fr), 1)))
     want = fr[:, :1] / 15.0 + np.arange(8) / 30.0        # the wanted times: every frame is the nearest
     assert np.abs(fr / 15.0 - want).max() <= 0.5 / 15 + 1e-9
-    clips = b["clips"]                                   # (B, V, 3, T, S, S): repeated frames decode alike
+    clips = b.clips                                   # (B, V, 3, T, S, S): repeated frames decode alike
     assert torch.equal(clips[:, :, :, 1], clips[:, :, :, 2]) and torch.equal(clips[:, :, :, 5], clips[:, :, :, 6])

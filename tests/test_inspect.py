@@ -34,21 +34,21 @@ def test_overlays_equal_the_loaders_draw(synth_shards):
     loader.set_progress(0.6)
     checked = 0
     for _, batch in zip(range(2), loader):
-        for i, key in enumerate(batch["key"]):
+        for i, key in enumerate(batch.key):
             d = draw_sample(cfg, where[key], read_sample(where[key], key), progress=0.6, epoch=0, rank=0)
             ovs = overlays_for(d)
-            assert len(ovs) == batch["frames"].shape[1] == 3
+            assert len(ovs) == batch.frames.shape[1] == 3
             for v, ov in enumerate(ovs):
-                np.testing.assert_array_equal(ov["frames"], batch["frames"][i, v].numpy())
-                np.testing.assert_array_equal(ov["box"], batch["boxes"][i, v].numpy())
-                assert ov["flip"] == bool(batch["flip"][i, v])
-                assert (ov["crop"] == "motion") == bool(batch["crop_motion"][i, v])
-            assert float(batch["progress"][i]) == pytest.approx(d.progress)
+                np.testing.assert_array_equal(ov["frames"], batch.frames[i, v].numpy())
+                np.testing.assert_array_equal(ov["box"], batch.boxes[i, v].numpy())
+                assert ov["flip"] == bool(batch.flip[i, v])
+                assert (ov["crop"] == "motion") == bool(batch.crop_motion[i, v])
+            assert float(batch.progress[i]) == pytest.approx(d.progress)
             checked += 1
     loader.close()
     assert checked == 4
     # another rank, epoch or progress is another draw (the rng really depends on them)
-    key = batch["key"][0]
+    key = batch.key[0]
     s = read_sample(where[key], key)
     base = draw_sample(cfg, where[key], s, progress=0.6)
     for other in (draw_sample(cfg, where[key], s, progress=0.6, rank=1),

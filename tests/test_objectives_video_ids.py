@@ -1,4 +1,4 @@
-"""Own-video negatives with ``batch["video_id"]``: HiCo's NT-Xent leaves out every clip of the
+"""Own-video negatives with ``batch.video_id``: HiCo's NT-Xent leaves out every clip of the
 anchor's video (duplicates in the global batch included) and the bank keys of that video
 (float64 numpy reference, gradcheck, 2 gloo ranks equal 1); the topical pairs are labelled by
 video id; MCL's bank NCE masks and stores the ids; PretrainModule passes them through."""

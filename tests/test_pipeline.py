@@ -14,6 +14,7 @@ import torch
 
 from mohico.config import Config
 from mohico.datasets.load import sampling as S
+from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.pipeline import build_loader
 from mohico.datasets.load.pipeline_cpu import transform_clip
 from mohico.datasets.load.pipeline_stream import iter_shard
@@ -91,23 +92,24 @@ def test_batch_contract_and_motion_targets(synth_shards):
     by_key = {x["__key__"]: x for x in samples(synth_shards)}
     for _, b in zip(range(3), loader):
         B, V, T = 2, 3, 8
-        assert b["clips"].shape == (B, V, 3, T, 48, 48) and b["clips"].dtype == torch.float32
-        assert b["motion"].shape == (B, V, T, 7, 7) and b["frames"].shape == (B, V, T)
-        assert b["video_id"].dtype == torch.int64 and len(b["key"]) == B
-        for i, key in enumerate(b["key"]):
+        assert isinstance(b, ClipBatch) and b.size == B
+        assert b.clips.shape == (B, V, 3, T, 48, 48) and b.clips.dtype == torch.float32
+        assert b.motion.shape == (B, V, T, 7, 7) and b.frames.shape == (B, V, T)
+        assert b.video_id.dtype == torch.int64 and len(b.key) == B
+        for i, key in enumerate(b.key):
             meta = json.loads(by_key[key]["json"])
             motion = np.load(io.BytesIO(by_key[key]["motion.npy"])).astype(np.float32) * meta["motion"]["scale"] / 255
-            fr = b["frames"][i].numpy()
+            fr = b.frames[i].numpy()
             assert fr.min() >= 0 and fr.max() < meta["num_frames"]
             st = fr[:, 0] / 15.0
             assert abs(st[0] - st[1]) < S.gradual_delta(0.0, 1.0) or st[0] == st[1]   # progress 0
             for v in range(V):
-                x, y, w, h = b["boxes"][i, v].tolist()
+                x, y, w, h = b.boxes[i, v].tolist()
                 assert 0 <= x and 0 <= y and x + w <= meta["width"] and y + h <= meta["height"]
                 stride = meta["motion"]["stride"]
                 ref = S.crop_resize_maps(motion[fr[v]], (x / stride, y / stride, w / stride, h / stride),
-                                         (7, 7), bool(b["flip"][i, v]))
-                np.testing.assert_allclose(b["motion"][i, v].numpy(), ref, atol=1e-5)
+                                         (7, 7), bool(b.flip[i, v]))
+                np.testing.assert_allclose(b.motion[i, v].numpy(), ref, atol=1e-5)
     assert loader.stats()["skipped"] == 0
 
 
@@ -119,17 +121,17 @@ def test_flip_mirrors_frames_and_motion_together(synth_shards):
         a.color_jitter_prob, a.grayscale_prob, a.blur_prob, a.flip_prob = 0.0, 0.0, 0.0, p
         outs.append(next(iter(build_loader(cfg, str(synth_shards)))))
     plain, flipped = outs
-    assert plain["key"] == flipped["key"] and torch.equal(plain["frames"], flipped["frames"])
-    assert bool(flipped["flip"].all()) and not bool(plain["flip"].any())
-    torch.testing.assert_close(flipped["clips"], plain["clips"].flip(-1), atol=2e-5, rtol=0)
-    torch.testing.assert_close(flipped["motion"], plain["motion"].flip(-1))
+    assert plain.key == flipped.key and torch.equal(plain.frames, flipped.frames)
+    assert bool(flipped.flip.all()) and not bool(plain.flip.any())
+    torch.testing.assert_close(flipped.clips, plain.clips.flip(-1), atol=2e-5, rtol=0)
+    torch.testing.assert_close(flipped.motion, plain.motion.flip(-1))
 
 
 def test_pyav_decoder_matches_dali_in_the_loader(synth_shards):
     a = next(iter(build_loader(small_cfg(decoder="dali"), str(synth_shards))))
     b = next(iter(build_loader(small_cfg(decoder="pyav"), str(synth_shards))))
-    assert a["key"] == b["key"] and torch.equal(a["frames"], b["frames"]) and torch.equal(a["boxes"], b["boxes"])
-    diff = (a["clips"] - b["clips"]).abs() * 0.225 * 255
+    assert a.key == b.key and torch.equal(a.frames, b.frames) and torch.equal(a.boxes, b.boxes)
+    diff = (a.clips - b.clips).abs() * 0.225 * 255
     assert diff.mean() < 3.0
 
 
@@ -143,9 +145,9 @@ def _take(loader, n, progress=None):
 
 
 def _same(a, b):
-    assert a["key"] == b["key"]
-    for k in ("clips", "motion", "frames", "boxes", "progress", "video_id"):
-        assert torch.equal(a[k], b[k]), k
+    assert a.key == b.key
+    for k in ("clips", "motion", "frames", "boxes", "progress", "video_id", "flip", "crop_motion"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -169,7 +171,7 @@ def test_state_dict_round_trip_gives_identical_batches(synth_shards, workers):
     for x, y in zip(rest, again):
         _same(x, y)
     assert state["streams"] and any(s["buffer"] for s in state["streams"].values())  # buffer restored
-    assert float(rest[-1]["progress"][0]) > 0                 # the progress schedule was exercised
+    assert float(rest[-1].progress[0]) > 0                 # the progress schedule was exercised
 
 
 def test_resume_at_another_world_size(synth_shards):
@@ -183,7 +185,7 @@ def test_resume_at_another_world_size(synth_shards):
         two = build_loader(cfg, str(synth_shards), rank=rank, world_size=2)
         two.load_state_dict(state)
         for b in _take(two, 2):
-            keys.update(b["key"])
+            keys.update(b.key)
         assert all(s["epoch"] >= epoch for s in two.state_dict()["streams"].values())
     assert len(keys) >= 2
 
@@ -228,8 +230,8 @@ def test_corrupt_samples_are_skipped_and_counted(synth_shards, tmp_path):
     assert st["bad_video"] >= 1 and st["bad_json"] >= 1 and st["missing_motion"] >= 1
     assert st["read_error"] >= 1 and st["bad_other"] == 1
     assert st["skipped"] == st["bad_video"] + st["bad_json"] + st["missing_motion"] + st["bad_other"]
-    assert all(b["clips"].shape[0] == 1 for b in batches)
-    keys = {k for b in batches for k in b["key"]}
+    assert all(b.clips.shape[0] == 1 for b in batches)
+    keys = {k for b in batches for k in b.key}
     assert keys.isdisjoint({good[1]["__key__"], good[2]["__key__"], good[3]["__key__"], "odd"})
     assert good[0]["__key__"] in keys and len(batches) >= 3
 
@@ -360,11 +362,11 @@ def test_h264_shards_decode_with_pyav_on_cpu(tmp_path):
     cfg = small_cfg(crop_size=28)           # 64-pixel shards: 28 px is the largest crop without upsampling
     loader = build_loader(cfg, str(tmp_path / "s"))
     b = next(loader)
-    assert b["clips"].shape == (2, 3, 3, 8, 28, 28) and torch.isfinite(b["clips"]).all()
+    assert b.clips.shape == (2, 3, 3, 8, 28, 28) and torch.isfinite(b.clips).all()
     assert loader.stats()["skipped"] == 0 and loader.stats()["dali_fallback"] == 0
     # the same batch through PyAV explicitly is identical (the auto path chose PyAV)
     again = next(build_loader(small_cfg(decoder="pyav", crop_size=28), str(tmp_path / "s")))
-    assert torch.equal(b["clips"], again["clips"])
+    assert torch.equal(b.clips, again.clips)
 
 
 _RANK_SCRIPT = """

@@ -141,7 +141,7 @@ def test_loader_draws_are_independent_and_from_seed_epoch_rank_key_r(synth_shard
     R = 3
     cfg = small_cfg(samples_per_read=R, seconds_per_sample=0.0, shuffle_buffer=4, resampled=False)
     loader = build_loader(cfg, str(synth_shards))
-    got = [(k, f, bx) for b in loader for k, f, bx in zip(b["key"], b["frames"], b["boxes"])]
+    got = [(k, f, bx) for b in loader for k, f, bx in zip(b.key, b.frames, b.boxes)]
     raw = {s["__key__"]: s for t in sorted(synth_shards.glob("*.tar")) for s in iter_shard(str(t))}
     sampler = S.ClipSampler(cfg.sampling, cfg.data, True, True)
     want = {}

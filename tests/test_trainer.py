@@ -163,7 +163,7 @@ def test_two_ranks_zero1_reference_run(reference, synth_shards):
     for name, bank in c0["banks"].items():
         assert bank["keys"].shape[0] == 128 and bank["world_size"] == 2 and bank["filled"] > 0
         assert not torch.equal(bank["keys"], c1["banks"][name]["keys"])
-        # batch["video_id"] reached the module: every filled slot carries its video's id (none unknown)
+        # batch.video_id reached the module: every filled slot carries its video's id (none unknown)
         assert bank["ids"].shape == (128,) and (bank["ids"][:bank["filled"]] >= 0).all()
     assert c0["loader"]["rank"] == 0 and c1["loader"]["rank"] == 1
     # DeepSpeed's zero_to_fp32 consolidates our layout (it reads `latest`)

@@ -13,6 +13,7 @@ import torch
 from mohico.config import load_config
 from mohico.trainer import preemption, wandb_log
 from mohico.trainer.wandb_log import WandbLogger, batch_picture, resolve_mode
+from _batches import make_batch
 from _dist import run_gloo
 
 
@@ -30,7 +31,7 @@ def test_batch_picture_frames_in_time_order_with_boxes_and_motion():
     boxes = torch.tensor([[[0.0, 0.0, 48.0, 48.0], [48.0, 48.0, 48.0, 48.0]]])   # extent 96 x 96
     frames = torch.tensor([[[10, 12, 14, 16], [9, 7, 5, 3]]])   # view 1's clip runs backwards in time
     flip = torch.tensor([[False, True]])
-    batch = {"clips": clips, "motion": motion, "boxes": boxes, "frames": frames, "flip": flip}
+    batch = make_batch(clips, motion=motion, boxes=boxes, frames=frames, flip=flip)
     tile = 96
     img = batch_picture(batch, [0.5] * 3, [0.25] * 3, tile=tile)
     # rows: view 0 frames, view 0 motion, view 1 frames, view 1 motion, the T-motion plot
@@ -78,7 +79,7 @@ def test_wandb_failures_never_stop_training(monkeypatch, tmp_path, caplog):
     logger = WandbLogger(cfg("wandb.mode=offline"), tmp_path, "abcd1234", rank=0, resumed=False)
     assert logger.run is None
     logger.log({"loss": 1.0}, step=1)
-    logger.log_batch_images({"clips": torch.zeros(1, 2, 3, 1, 4, 4)}, 1, [0] * 3, [1] * 3)
+    logger.log_batch_images(make_batch(torch.zeros(1, 2, 3, 1, 4, 4)), 1, [0] * 3, [1] * 3)
     logger.finish()
     assert sum("network down" in r.message for r in caplog.records) == 1
 

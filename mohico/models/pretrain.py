@@ -4,7 +4,7 @@ Its forward returns the loss, so MCL's double backprop (MAL) happens inside the 
 module (recipes.md: it fails on tensors that leave the engine).
 
     model = PretrainModule(cfg)
-    loss, terms = model(batch["clips"], batch["motion"], progress)   # engine(...) in training
+    loss, terms = model(batch.clips, batch.motion, progress, batch.video_id)   # engine(...) in training
     engine.backward(loss); engine.step(); model.momentum_update()
 
 Views: ``clips: (B, V, C, T, H, W)`` with ``V = cfg.objectives.num_views`` (said once, in the

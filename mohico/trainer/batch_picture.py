@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mohico.datasets.load.batch import ClipBatch
+
 COLOURS = np.array([[0, 255, 0], [255, 64, 64], [64, 128, 255], [255, 255, 0]], dtype=np.uint8)
 BACKGROUND = 64
 TEXT = (235, 235, 235)
@@ -82,25 +84,23 @@ def tmotion_plot(frames: np.ndarray, tmotion: np.ndarray, width: int, height: in
     return img
 
 
-def batch_picture(batch: dict, mean, std, max_samples: int = 2, tile: int = 96, max_frames: int = 8) -> np.ndarray:
-    """uint8 ``(H, W, 3)`` picture of ``batch`` (module docstring). Uses ``clips (B, V, C, T, H, W)``
-    and, when present, ``boxes (B, V, 4)`` (x, y, w, h in stored-frame pixels), ``frames (B, V, T)``,
-    ``flip (B, V)`` and ``motion (B, V, T, M, M)``."""
-    def arr(name):
-        x = batch.get(name)
-        return None if x is None else x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+def batch_picture(batch: ClipBatch, mean, std, max_samples: int = 2, tile: int = 96, max_frames: int = 8) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` picture of ``batch`` (module docstring). Uses its ``clips (B, V, C, T, H, W)``,
+    ``boxes (B, V, 4)`` (x, y, w, h in stored-frame pixels), ``frames (B, V, T)``, ``flip (B, V)``
+    and ``motion (B, V, T, M, M)``."""
+    def arr(x):
+        return x.detach().float().cpu().numpy()
 
-    clips = arr("clips")
+    clips = arr(batch.clips)
     B, V, C, T, H, W = clips.shape
-    motion, boxes, frames, flip = arr("motion"), arr("boxes"), arr("frames"), arr("flip")
+    motion, boxes, frames, flip = arr(batch.motion), arr(batch.boxes), arr(batch.frames), arr(batch.flip)
     m = np.asarray(mean, dtype=np.float32).reshape(C, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(C, 1, 1)
     rows = []
     for b in range(min(B, max_samples)):
-        idx = frames[b] if frames is not None else np.tile(np.arange(T, dtype=np.float32), (V, 1))
-        bx = boxes[b] if boxes is not None else np.tile([0.0, 0.0, W, H], (V, 1))
+        idx, bx = frames[b], boxes[b]
         extent = (max(float((bx[:, 0] + bx[:, 2]).max()), 1.0), max(float((bx[:, 1] + bx[:, 3]).max()), 1.0))
-        top = float(motion[b].max()) if motion is not None else 1.0
+        top = float(motion[b].max())
         for v in range(V):
             colour = COLOURS[v % len(COLOURS)]
             order = np.argsort(idx[v], kind="stable")                      # time order
@@ -109,17 +109,16 @@ def batch_picture(batch: dict, mean, std, max_samples: int = 2, tile: int = 96, 
             for t in shown:
                 f = np.clip((clips[b, v, :, t] * s + m).transpose(1, 2, 0), 0, 1)
                 f = (f * 255).astype(np.uint8)
-                mm = motion[b, v, min(t, motion.shape[2] - 1)] if motion is not None else np.zeros((2, 2))
-                if flip is not None and flip[b, v]:                        # back to stored-frame orientation
+                mm = motion[b, v, min(t, motion.shape[2] - 1)]
+                if flip[b, v]:                        # back to stored-frame orientation
                     f, mm = f[:, ::-1], mm[:, ::-1]
                 pic = _placed(np.ascontiguousarray(f), bx[v], extent, tile, colour)
                 _text(pic, f"v{v} f{int(idx[v][t])}", (3, 11))
                 pics.append(pic)
                 heats.append(_placed(_heat(np.ascontiguousarray(mm), top), bx[v], extent, tile, colour))
             rows += [np.concatenate(pics, axis=1), np.concatenate(heats, axis=1)]
-        if motion is not None:
-            tm = motion[b].reshape(V, motion.shape[2], -1).mean(-1)[:, :T]
-            rows.append(tmotion_plot(idx[:, :tm.shape[1]], tm, max(r.shape[1] for r in rows), tile))
+        tm = motion[b].reshape(V, motion.shape[2], -1).mean(-1)[:, :T]
+        rows.append(tmotion_plot(idx[:, :tm.shape[1]], tm, max(r.shape[1] for r in rows), tile))
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=24) for r in rows]
     return np.concatenate(rows, axis=0)

@@ -7,7 +7,7 @@ torchvision state_dict, or ``random`` for training from scratch) makes ``mohico 
 :class:`FinetuneModule` instead of the pretraining module. The loader is the pretraining loader
 on ``data.shards`` (its random crops, flips and colour augmentation; each of a video's ``V``
 views is one training clip); labels come from the shards' json ``label`` or
-``finetune.labels`` (a labels file), looked up by ``batch["video_id"]`` (the key's stable hash,
+``finetune.labels`` (a labels file), looked up by ``batch.video_id`` (the key's stable hash,
 which the trainer already passes to the module). Videos without a label are ignored by the loss
 (``finetune/unlabelled_frac`` logged). Classes: sorted labels of the train shards (``finetune.num_classes``,
 when set, must match).

@@ -3,8 +3,8 @@ key encoders' EMA update.
 
     result = train_step(engine, batches, progress, ctx)     # ctx: StepContext (device, guard, ...)
 
-Per micro-batch: the next batch (a finite epoch rolls over), ``engine(clips, motion, progress,
-video_id)`` -> ``(loss, terms)``; a NaN/inf loss on any rank skips the micro-step on every rank
+Per micro-batch: the next :class:`~mohico.datasets.load.batch.ClipBatch` (a finite epoch rolls
+over), moved to the device, ``engine(clips, motion, progress, video_id)`` -> ``(loss, terms)``; a NaN/inf loss on any rank skips the micro-step on every rank
 (:class:`~mohico.trainer.nonfinite.NonFiniteGuard`); else ``engine.backward(loss)`` and
 ``engine.step()`` (DeepSpeed steps the optimizer at the accumulation boundary). The loss and
 every term come back to the host in one transfer per micro-step.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mohico.datasets.load.batch import ClipBatch
 from mohico.trainer.batches import next_batch
 
 
@@ -25,7 +26,7 @@ class Batches:
     def __init__(self, loader):
         self.loader, self.data = loader, None
 
-    def next(self) -> dict:
+    def next(self) -> ClipBatch:
         if self.data is None:
             self.data = iter(self.loader)
         self.data, batch = next_batch(self.data, self.loader)
@@ -50,25 +51,22 @@ class StepResult:
     clips: int                     # clips trained on, all ranks (B * V * world per finite micro-step)
     wait_s: float                  # seconds spent waiting for batches
     norm_before_step: float | None  # ZeRO 0: the gradients' norm before the step (StepHealth)
-    batch: dict = field(repr=False, default_factory=dict)   # the last micro-batch (W&B images)
+    batch: ClipBatch | None = field(repr=False, default=None)   # the last micro-batch (W&B images)
 
 
 def train_step(engine, batches: Batches, progress: float, ctx: StepContext, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based) at training ``progress``; returns what to log."""
     wait, loss_sum, n_ok, norm0, clips_seen = 0.0, 0.0, 0, None, 0
     terms_sum: dict[str, float] = {}
-    batch: dict = {}
+    batch = None
     for micro in range(ctx.grad_accum):
         t_wait = time.perf_counter()
         batch = batches.next()          # the loader's randomness is its own: no training RNG stream moves
         ctx.dog.beat("the forward/backward pass and its collectives", collective=True)
         wait += time.perf_counter() - t_wait
-        clips = batch["clips"].to(ctx.device, non_blocking=True)
-        motion = batch["motion"].to(ctx.device, non_blocking=True)
-        video_id = batch.get("video_id")   # own-video clips and bank keys are not negatives
-        if video_id is not None:
-            video_id = video_id.to(ctx.device, non_blocking=True)
-        loss, terms = engine(clips, motion, progress, video_id=video_id)
+        batch = batch.to(ctx.device, non_blocking=True)
+        clips = batch.clips              # video_id: own-video clips and bank keys are not negatives
+        loss, terms = engine(clips, batch.motion, progress, video_id=batch.video_id)
         if not ctx.guard.finite(loss, ctx.device):   # NaN/inf on any rank: every rank skips it
             ctx.guard.skipped(step)
             continue

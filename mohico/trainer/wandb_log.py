@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from mohico.config import to_saved_dict
+from mohico.datasets.load.batch import ClipBatch
 from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
 
 log = logging.getLogger("mohico.trainer")
@@ -93,7 +94,7 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
-    def log_batch_images(self, batch: dict, step: int, mean, std, max_samples: int = 2) -> None:
+    def log_batch_images(self, batch: ClipBatch, step: int, mean, std, max_samples: int = 2) -> None:
         """A picture of the batch (:mod:`mohico.trainer.batch_picture`): per sample and view its
         frames in time order with the crop box drawn where it lies in the frame, the motion maps,
         and a T-motion plot; captioned with the boxes and frame indices."""
@@ -104,11 +105,10 @@ class WandbLogger:
 
             img = batch_picture(batch, mean, std, max_samples)
             caption = "; ".join(
-                f"{batch['key'][b] if 'key' in batch else b} view {v}: box "
-                f"{[round(float(x), 1) for x in batch['boxes'][b, v]]} frames "
-                f"{batch['frames'][b, v].tolist()[:1]}..{batch['frames'][b, v].tolist()[-1:]}"
-                for b in range(min(max_samples, batch["clips"].shape[0]))
-                for v in range(batch["clips"].shape[1]) if "boxes" in batch and "frames" in batch)
+                f"{batch.key[b]} view {v}: box "
+                f"{[round(float(x), 1) for x in batch.boxes[b, v]]} frames "
+                f"{batch.frames[b, v].tolist()[:1]}..{batch.frames[b, v].tolist()[-1:]}"
+                for b in range(min(max_samples, batch.clips.shape[0])) for v in range(batch.clips.shape[1]))
             self.run.log({"batch": wandb.Image(img, caption=caption[:1000])}, step=step)
         except Exception as e:  # noqa: BLE001
             self._fail(e)

@@ -1,4 +1,4 @@
-"""The training data loader: shards -> sampler -> remuxed GOPs -> DALI -> batch dicts.
+"""The training data loader: shards -> sampler -> remuxed GOPs -> DALI -> ClipBatch.
 
     loader = build_loader(cfg, "shards/shard-{000000..000099}.tar", rank, world_size)
     loader.set_progress(step / max_steps)        # HiCo's gradual delta_max (trainer -> sampler)
@@ -16,15 +16,9 @@ PyAV in the workers and transformed by the numpy twin of the DALI graph
 ``forkserver`` context: forking the main process after DALI has started its threads hung the
 children in tests.
 
-Batch (B = data.batch_size, V = 2 with only MCL, 3 when HiCo is on, T = data.clip_len,
-S = data.crop_size, M = data.motion_size):
-- ``clips``: float32 ``(B, V, 3, T, S, S)`` normalised (on the GPU when DALI decodes there);
-- ``motion``: float32 ``(B, V, T, M, M)`` motion magnitudes cut to each view's box and flipped
-  with it;
-- ``video_id``: int64 ``(B,)`` (a stable hash of the key, identical on every rank);
-- ``key``: list of B str; ``boxes``: float32 ``(B, V, 4)`` (x, y, w, h) in stored-frame pixels;
-- ``frames``: int64 ``(B, V, T)`` frame indices; ``flip`` / ``crop_motion``: bool ``(B, V)``
-  (mirrored / motion-focused crop); ``progress``: float32 ``(B,)`` as used for delta_max.
+Each batch is a :class:`mohico.datasets.load.batch.ClipBatch` (its docstring gives every field's
+shape and dtype) with B = data.batch_size, V = ``cfg.objectives.num_views`` (2 with only MCL, 3
+when HiCo is on), T = data.clip_len, S = data.crop_size, M = data.motion_size.
 
 Exact resume: the state holds, per logical worker, its stream state after the last batch the
 trainer received, plus the item counter and the progress schedule; after ``load_state_dict`` at
@@ -51,6 +45,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
 from mohico.datasets.load.loader_workers import exit_with_rank, forkserver_context
 from mohico.datasets.load.pipeline_stream import expand_shards
@@ -94,7 +89,7 @@ class _WorkerDataset(IterableDataset):
 
 
 class VideoLoader:
-    """Iterable of batch dicts with ``state_dict``, ``load_state_dict``, ``set_progress``, ``stats``."""
+    """Iterable of :class:`ClipBatch` with ``state_dict``, ``load_state_dict``, ``set_progress``, ``stats``."""
 
     def __init__(self, spec: WorkerSpec, num_workers: int):
         import torch
@@ -226,7 +221,7 @@ class VideoLoader:
                     w.kill()
                     w.join(5)
 
-    def __next__(self) -> dict:
+    def __next__(self) -> ClipBatch:
         t0 = time.perf_counter()
         if self._t_last is not None:
             self._busy += t0 - self._t_last
@@ -288,7 +283,7 @@ class VideoLoader:
                                          device=self.spec.device, num_threads=max(1, d.num_workers))
         return self._dali
 
-    def _assemble(self, samples: list[dict]) -> dict:
+    def _assemble(self, samples: list[dict]) -> ClipBatch:
         torch = self._torch
         B = len(samples)
         todo = [(b, v, c) for b, s in enumerate(samples) for v, c in enumerate(s["clips"]) if "data" in c]
@@ -314,17 +309,17 @@ class VideoLoader:
                 row.append(decoded[(b, v)] if (b, v) in decoded else torch.from_numpy(c["tensor"]))
             clips.append(torch.stack([r.to(dev) for r in row]))
         pick = [samples[b] for b in order]
-        return {
-            "clips": torch.stack(clips),
-            "motion": torch.from_numpy(np.stack([s["motion"] for s in pick])),
-            "video_id": torch.tensor([s["video_id"] for s in pick], dtype=torch.int64),
-            "key": [s["key"] for s in pick],
-            "boxes": torch.from_numpy(np.stack([s["boxes"] for s in pick])),
-            "frames": torch.from_numpy(np.stack([s["frames"] for s in pick]).astype(np.int64)),
-            "flip": torch.from_numpy(np.stack([s["flip"] for s in pick])),
-            "crop_motion": torch.from_numpy(np.stack([s["crop_motion"] for s in pick])),
-            "progress": torch.tensor([s["progress"] for s in pick], dtype=torch.float32),
-        }
+        return ClipBatch(
+            clips=torch.stack(clips),
+            motion=torch.from_numpy(np.stack([s["motion"] for s in pick])),
+            video_id=torch.tensor([s["video_id"] for s in pick], dtype=torch.int64),
+            key=[s["key"] for s in pick],
+            boxes=torch.from_numpy(np.stack([s["boxes"] for s in pick])),
+            frames=torch.from_numpy(np.stack([s["frames"] for s in pick]).astype(np.int64)),
+            flip=torch.from_numpy(np.stack([s["flip"] for s in pick])),
+            crop_motion=torch.from_numpy(np.stack([s["crop_motion"] for s in pick])),
+            progress=torch.tensor([s["progress"] for s in pick], dtype=torch.float32),
+        )
 
     def _fallback(self, todo) -> dict:
         """Decode clips one by one with PyAV after a DALI failure (None: undecodable)."""

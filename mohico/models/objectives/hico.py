@@ -94,7 +94,7 @@ def visual_consistency(z: torch.Tensor, tau: float, bank: MemoryBank | None = No
     anchor_ids = None
     if video_id is not None:
         if video_id.shape != (b,) or video_id.dtype != torch.int64:
-            raise MohicoError(f"HiCo: video_id must be int64 ({b},) (batch['video_id']); got "
+            raise MohicoError(f"HiCo: video_id must be int64 ({b},) (batch.video_id); got "
                               f"{video_id.dtype} {tuple(video_id.shape)}")
         video_id = video_id.to(z.device)
         id_of_col = all_gather_cat(video_id, group).repeat_interleave(3)      # (W*B*3,)
