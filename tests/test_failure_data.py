@@ -121,7 +121,7 @@ def test_finite_loader_stops_cleanly_after_one_epoch(synth_shards):
     keys = []
     for rank in (0, 1):      # each rank's epoch ends (StopIteration, no traceback); together: every sample once
         loader = build_loader(small_cfg(resampled=False, batch_size=1), str(synth_shards), rank=rank, world_size=2)
-        keys += [k for b in loader for k in b["key"]]
+        keys += [k for b in loader for k in b.key]
         assert loader.stats()["skipped"] == 0
     assert len(keys) == len(set(keys)) == 6
 
@@ -197,7 +197,7 @@ def test_motion_npy_not_matching_the_json_is_skipped_and_counted(synth_shards, t
                 for ext, data in (("webm", s["webm"]), ("json", s["json"]), ("motion.npy", buf.getvalue())):
                     _member(tar, f"{s['__key__']}.{ext}", data)
     loader = build_loader(small_cfg(resampled=False, batch_size=1), str(folder), rank=rank, world_size=2)
-    keys = [k for b in loader for k in b["key"]]
+    keys = [k for b in loader for k in b.key]
     st = loader.stats()
     assert not set(keys) & bad_keys          # (a rank whose shard holds only a bad sample gets no batch)
     assert st["bad_motion"] == st["skipped"] >= 1 and "but the json says" in loader.last_error()

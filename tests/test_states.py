@@ -242,7 +242,7 @@ def test_loader_reshard_starts_a_step_seeded_stream(synth_shards):
     reference = build_loader(dataclasses.replace(c, trainer=dataclasses.replace(c.trainer, seed=seed)),
                              str(synth_shards), rank=1, world_size=2)
     a, b = next(resharded), next(reference)
-    assert a["key"] == b["key"] and torch.equal(a["clips"], b["clips"])
-    assert resharded.state_dict()["seed"] == seed and first["key"] != a["key"]
+    assert a.key == b.key and torch.equal(a.clips, b.clips)
+    assert resharded.state_dict()["seed"] == seed and first.key != a.key
     for x in (old, resharded, reference):
         x.close()
