@@ -107,3 +107,52 @@ def test_eval_finetune_end_to_end_with_resume(tmp_path):
     # the fine-tuned backbone exports like a pretrained one
     res = cli("export", run_dir, tmp_path / "ft_backbone.pt", "--format", "mohico")
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_module_learns_constant_colour_classes(synth_shards, synth_videos):
+    """The fine-tune path's pieces that `mohico train` wires (FinetuneModule with its labels by video
+    id, dropout, the config's optimizer over ``param_groups`` and the ``lr_at`` schedule) learn a
+    task whose label is a clip's colour: the train loss falls far below ln(C) and held-out clips
+    are all classified right. Guards against a flat loss from plumbing (a part missing from the
+    optimizer, lr 0, labels not aligned with the clips), benchmarks/RESULTS.md motion findings."""
+    from mohico.trainer.optim import build_optimizer, lr_at, set_lr
+
+    steps = 40
+    lab_file = synth_videos / "labels.json"
+    cfg = load_config(CONFIG, ["data.shards=" + str(synth_shards), f"finetune.labels={lab_file}", "optim.name=adamw", "optim.lr=0.002",
+                               "optim.weight_decay=0.0001", f"trainer.max_steps={steps}", "trainer.steps_per_epoch=20"])
+    torch.manual_seed(0)
+    m = FinetuneModule(cfg)
+    opt = build_optimizer(cfg, m)
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_opt) == sorted(id(p) for p in m.parameters() if p.requires_grad)    # each once, head too
+    by_key = scan_labels(synth_shards, json.loads(lab_file.read_text()))
+    keys = sorted(by_key)
+    ids = torch.tensor([stable_hash(k) >> 1 for k in keys])
+    y = torch.tensor([m.classes.index(by_key[k]) for k in keys])
+    c = len(m.classes)
+    assert c >= 2
+    colours = torch.linspace(-1.5, 1.5, c)[:, None] * torch.tensor([1.0, -1.0, 0.5])   # (C, 3), distinct per class
+    gen = torch.Generator().manual_seed(1)
+    shape = (cfg.data.clip_len, cfg.data.crop_size, cfg.data.crop_size)
+
+    def clips_of(classes: torch.Tensor, views: int) -> torch.Tensor:    # (B, V, 3, T, H, W)
+        base = colours[classes][:, None, :, None, None, None]
+        return base + 0.5 * torch.randn(len(classes), views, 3, *shape, generator=gen)
+
+    m.train()
+    losses = []
+    for step in range(steps):
+        set_lr(opt, lr_at(step, cfg, 1))
+        loss, _ = m(clips_of(y, 2), None, step / steps, video_id=ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[:3]) > 0.8 * np.log(c)                     # starts at chance ...
+    assert np.mean(losses[-5:]) < 0.3, losses                        # ... and learns
+    m.eval()
+    test_y = torch.arange(c).repeat(4)
+    with torch.no_grad():
+        pred = m.logits(clips_of(test_y, 1)[:, 0]).argmax(1)
+    assert pred.tolist() == test_y.tolist()
