@@ -76,3 +76,22 @@ def test_methods_and_dependencies_cite_code_that_exists():
                 obj = getattr(obj, part)
         for path in re.findall(r"`((?:configs|benchmarks|docs)/[\w./-]+\.(?:yaml|py|md))`", doc):
             assert (ROOT / path).is_file(), f"docs/{name} cites {path}, which does not exist"
+
+
+def test_repo_cites_no_file_outside_itself():
+    """Code comments, configs, tests and docs cite docs/METHODS.md and docs/DEPENDENCIES.md, never
+    the development machine's own notes (they are not in a clone)."""
+    outside = ["methods" + ".md", "recipes" + ".md", "/work/" + "shared", "shared/" + "docs", "shared/" + "seeds",
+               "../" + "seeds"]
+    suffixes = {".py", ".yaml", ".yml", ".md", ".sh", ".toml", ".cfg", ".txt", ".sbatch", ".j2"}
+    found = []
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in {".git", ".venv", "demo", "runs"} or "__pycache__" in rel.parts or not path.is_file():
+            continue
+        if path.suffix not in suffixes and path.name != "Makefile":
+            continue
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            found += [f"{rel}:{i}: {word}" for word in outside if word in line]
+    assert not found, "files outside the repository cited (cite docs/METHODS.md or docs/DEPENDENCIES.md):\n" + \
+        "\n".join(found)

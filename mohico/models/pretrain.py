@@ -1,7 +1,7 @@
 """PretrainModule: backbone + heads + objectives; the ``nn.Module`` the DeepSpeed engine wraps.
 
 Its forward returns the loss, so MCL's double backprop (MAL) happens inside the engine's
-module (recipes.md: it fails on tensors that leave the engine).
+module (docs/DEPENDENCIES.md, DeepSpeed: it fails on tensors that leave the engine).
 
     model = PretrainModule(cfg)
     loss, terms = model(batch.clips, batch.motion, progress, batch.video_id)   # engine(...) in training

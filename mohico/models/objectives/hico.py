@@ -1,4 +1,4 @@
-"""HiCo: hierarchical consistency on untrimmed videos (Qing et al., CVPR 2022; methods.md 2.2).
+"""HiCo: hierarchical consistency on untrimmed videos (Qing et al., CVPR 2022; docs/METHODS.md 2.2-2.3).
 
 Each video contributes three clips: ``v_i``, ``v_j`` (close in time) and ``v_k`` (anywhere in
 the video). Loss = ``visual_weight * L_CL + topical_weight * L_TP``.
