@@ -24,6 +24,7 @@ from mohico.config_load import build, check_keys, collect, mapping_fields_set, p
 from mohico.config_secrets import env_expressions, keep_env_expressions, redact_env
 from mohico.config_validate import validate
 from mohico.errors import ConfigError
+from mohico.utils import atomic_write_text
 
 
 # --------------------------------------------------------------------------- components
@@ -344,7 +345,6 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically (temp file + rename)."""
     from omegaconf import OmegaConf
 
-    from mohico.utils import atomic_write_text
 
     return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_saved_dict(cfg))))
 

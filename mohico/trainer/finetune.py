@@ -31,6 +31,14 @@ import torch
 from torch import nn
 
 from mohico.errors import ConfigError, MohicoError
+from mohico.checkpoint_read import load_module_state
+from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.load.sampling import stable_hash
+from mohico.datasets.write.shards_inputs import label_for, load_labels
+from mohico.models.backbones import build_backbone
+from mohico.trainer.eval_features import class_index
+from mohico.trainer.eval_report import log_wandb, results_table, write_results
+from mohico.trainer.knn_eval import iter_labelled, load_eval_backbone, topk_accuracy
 
 log = logging.getLogger("mohico.trainer")
 IGNORE = -100
@@ -39,8 +47,6 @@ IGNORE = -100
 def scan_labels(shards, labels: Optional[dict] = None) -> dict[str, object]:
     """``{key: label}`` of every sample of ``shards`` (its json ``label``, or ``labels`` by source
     name / file name / stem / key), reading only the json members; unlabelled samples are absent."""
-    from mohico.datasets.load.pipeline_stream import expand_shards
-    from mohico.datasets.write.shards_inputs import label_for
 
     out: dict[str, object] = {}
     for url in expand_shards(shards):
@@ -66,8 +72,6 @@ def scan_labels(shards, labels: Optional[dict] = None) -> dict[str, object]:
 
 
 def sorted_classes(values) -> list:
-    from mohico.trainer.eval_features import class_index
-
     return class_index(list(values))[0]
 
 
@@ -77,10 +81,6 @@ class FinetuneModule(nn.Module):
 
     def __init__(self, cfg, load_pretrained: bool = True):
         super().__init__()
-        from mohico.datasets.load.sampling import stable_hash
-        from mohico.datasets.write.shards_inputs import load_labels
-        from mohico.models.backbones import build_backbone
-        from mohico.trainer.knn_eval import load_eval_backbone
 
         ft = cfg.finetune
         labels = load_labels(ft.labels) if ft.labels else None
@@ -148,9 +148,6 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run."""
     from tqdm import tqdm
 
-    from mohico.checkpoint_read import load_module_state
-    from mohico.trainer.eval_report import log_wandb, results_table, write_results
-    from mohico.trainer.knn_eval import iter_labelled, topk_accuracy
 
     ft = cfg.finetune
     run_dir = Path(cfg.run.dir)
@@ -162,7 +159,6 @@ def finetune_test(cfg, progress: bool = False) -> dict:
                           f"unexpected {unexpected[:3]})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module.eval().to(device)
-    from mohico.datasets.write.shards_inputs import load_labels
 
     labels = load_labels(ft.labels) if ft.labels else None
     index = {c: i for i, c in enumerate(module.classes)}
@@ -172,8 +168,6 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     for v in tqdm(videos, desc="finetune test", unit="video", disable=not progress, dynamic_ncols=True):
         lab = v.label
         if labels:
-            from mohico.datasets.write.shards_inputs import label_for
-
             lab = label_for(labels, v.source) if v.source else None
             lab = lab if lab is not None else labels.get(v.key, v.label)
         if lab is None:

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from mohico.trainer.rng import preserved_rng
+from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.write.shards_inputs import load_labels
+from mohico.trainer.eval_protocols import features, knn
 
 log = logging.getLogger("mohico.trainer")
 
@@ -28,9 +31,6 @@ class OnlineKnn:
     """``due(step)`` -> bool; ``run(backbone) -> {"knn/top1", "knn/top5", "knn/time_s"}``."""
 
     def __init__(self, cfg, device: torch.device):
-        from mohico.datasets.load.pipeline_stream import expand_shards
-        from mohico.datasets.write.shards_inputs import load_labels
-
         self.cfg, self.ev, self.device = cfg, cfg.eval, torch.device(device)
         self.val = self.ev.val_shards
         self.train = self.ev.train_shards or self.ev.val_shards
@@ -57,8 +57,6 @@ class OnlineKnn:
         return row
 
     def _evaluate(self, backbone: nn.Module) -> dict[str, float]:
-        from mohico.trainer.eval_protocols import features, knn
-
         common = dict(labels=self.labels, clips_per_video=self.ev.clips_per_video, batch_size=self.ev.batch_size,
                       device=self.device)
         val = features(backbone, self.cfg, self.val, where="eval.val_shards", **common)

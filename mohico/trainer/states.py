@@ -24,6 +24,8 @@ from mohico.trainer.optim import SchedulePlan
 from mohico.trainer.checkpoint.config_check import data_fingerprint
 from mohico.trainer.rng import RngState  # noqa: F401 - one of the states listed above
 from mohico.trainer.wandb_log import new_run_id
+from mohico.config import config_hash, to_saved_dict
+from mohico.models.bank import MemoryBank
 
 log = logging.getLogger("mohico.trainer")
 
@@ -41,8 +43,6 @@ class TrainState:
         self.data_fingerprint = data_fingerprint(cfg.data.shards)
 
     def state_dict(self) -> dict:
-        from mohico.config import config_hash, to_saved_dict
-
         cfg = self.cfg
         return {"step": self.step, "epoch": self.step // cfg.trainer.steps_per_epoch,
                 "progress": self.plan.progress(self.step), "schedule": self.plan.state_dict(),
@@ -87,7 +87,6 @@ class BanksState:
     def reshard(self, states: list[dict], step: int) -> None:
         """Load this rank's shards from every old rank's :meth:`state_dict` (rank order) at
         this run's world size (:meth:`MemoryBank.reshard`: the keys' age order is kept)."""
-        from mohico.models.bank import MemoryBank
 
         names = sorted(states[0]) if states else []
         if any(sorted(s) != names for s in states):

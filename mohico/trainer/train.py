@@ -51,6 +51,10 @@ from mohico.trainer.step_metrics import StepHealth
 from mohico.trainer.train_step import Batches, StepContext, train_step
 from mohico.trainer.wandb_log import WandbLogger
 from mohico.trainer.watchdog import Watchdog
+from mohico.config import save_config
+from mohico.datasets.load.pipeline import build_loader
+from mohico.models.pretrain import PretrainModule
+from mohico.trainer.finetune import FinetuneModule
 
 log = logging.getLogger("mohico.trainer")
 
@@ -80,17 +84,13 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def _default_module(cfg):
     if cfg.finetune.backbone:            # fine-tuning: backbone + new head on labelled clips
-        from mohico.trainer.finetune import FinetuneModule
 
         return FinetuneModule(cfg)
-    from mohico.models.pretrain import PretrainModule
 
     return PretrainModule(cfg)
 
 
 def _default_loader(cfg, rank, world):
-    from mohico.datasets.load.pipeline import build_loader
-
     return build_loader(cfg, cfg.data.shards, rank=rank, world_size=world)
 
 
@@ -116,8 +116,6 @@ def train(cfg, build_module=None, build_loader=None, faults: Faults | None = Non
 
 
 def _train(cfg, build_module, build_loader, rank, world, device, run_dir, faults) -> int:
-    from mohico.config import save_config
-
     setup_logging(run_dir, rank)
     log.info("run %s: %d rank(s), %s, ZeRO %d, %s, %s", run_dir, world, device_type(), cfg.trainer.zero_stage,
              resolve_precision(cfg), cfg.optim.name)

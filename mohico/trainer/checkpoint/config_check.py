@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 
 from mohico.errors import MohicoError
+from mohico.config import config_from_dict, config_hash, is_resume_safe, to_dict, trajectory_dict
+from mohico.datasets.load.pipeline_stream import expand_shards
 
 log = logging.getLogger("mohico.trainer")
 
@@ -41,7 +43,6 @@ def data_fingerprint(shards) -> str | None:
     a manifest entry count by their URL. ``None`` if ``shards`` is empty or cannot be expanded."""
     if not shards:
         return None
-    from mohico.datasets.load.pipeline_stream import expand_shards
 
     try:
         urls = expand_shards(shards)
@@ -67,7 +68,6 @@ def data_fingerprint(shards) -> str | None:
 
 def _normalised(saved: dict) -> dict:
     """The saved config with keys added since (at their defaults), when it still loads."""
-    from mohico.config import config_from_dict, to_dict
 
     try:
         return to_dict(config_from_dict(saved, "checkpoint config"))
@@ -79,7 +79,6 @@ def check_config(meta: dict, cfg, where: Path, force: bool, data_fp: str | None 
     """Refuse to resume a checkpoint written under a config that changes the trajectory (unless
     ``force``); log the allowed changes and return them (``'key: saved -> current'``).
     ``data_fp``: :func:`data_fingerprint` of ``cfg.data.shards``, compared with the checkpoint's."""
-    from mohico.config import config_hash, is_resume_safe, to_dict, trajectory_dict
 
     current = to_dict(cfg)
     if "config" not in meta:   # no saved config to compare: the hash decides
