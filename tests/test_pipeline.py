@@ -422,3 +422,16 @@ def test_workers_exit_when_the_rank_is_killed(synth_shards, tmp_path):
     finally:
         if rank.poll() is None:
             rank.kill()
+
+
+@pytest.mark.parametrize("mcl,hico,views", [(1.0, 0.0, 2), (0.0, 1.0, 3), (1.0, 1.0, 3)])
+def test_views_per_video_follow_the_objectives(synth_shards, mcl, hico, views):
+    """V is said once (cfg.objectives.num_views): the batch, the decoder and the clip counter use it."""
+    cfg = small_cfg()
+    cfg.objectives.mcl.weight, cfg.objectives.hico.weight = mcl, hico
+    assert cfg.objectives.num_views == views
+    loader = build_loader(cfg, str(synth_shards))
+    b = next(iter(loader))
+    assert b.clips.shape[:2] == (2, views) and b.frames.shape[1] == views
+    assert loader.stats()["clips"] == 2 * views
+    loader.close()

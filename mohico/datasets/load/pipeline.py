@@ -134,8 +134,7 @@ class VideoLoader:
                 if k in out and isinstance(v, (int, float)):
                     out[k] += v
         total = self._wait + self._busy
-        V = 3 if self.spec.hico else 2
-        out.update(batches=self._batches, clips=self._batches * self.spec.batch_size * V, data_wait_s=self._wait,
+        out.update(batches=self._batches, clips=self._batches * self.spec.batch_size * self.spec.views, data_wait_s=self._wait,
                    data_wait_fraction=self._wait / total if total > 0 else 0.0)
         return out
 
@@ -278,8 +277,7 @@ class VideoLoader:
         if self._dali is None:
             from mohico.datasets.load.dali_decode import DaliClipDecoder
             d = self.spec.data
-            V = 3 if self.spec.hico else 2
-            self._dali = DaliClipDecoder(self.spec.batch_size * V, d.crop_size, d.mean, d.std,
+            self._dali = DaliClipDecoder(self.spec.batch_size * self.spec.views, d.crop_size, d.mean, d.std,
                                          device=self.spec.device, num_threads=max(1, d.num_workers))
         return self._dali
 
@@ -309,6 +307,10 @@ class VideoLoader:
                 row.append(decoded[(b, v)] if (b, v) in decoded else torch.from_numpy(c["tensor"]))
             clips.append(torch.stack([r.to(dev) for r in row]))
         pick = [samples[b] for b in order]
+        if any(len(s["clips"]) != self.spec.views for s in pick):
+            raise MohicoError(f"the sampler drew {sorted({len(s['clips']) for s in pick})} clips per video, the "
+                              f"objectives read {self.spec.views} (cfg.objectives.num_views): a sampler/objective "
+                              f"mismatch in mohico.datasets.load.sampling")
         return ClipBatch(
             clips=torch.stack(clips),
             motion=torch.from_numpy(np.stack([s["motion"] for s in pick])),
@@ -361,7 +363,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
     spec = WorkerSpec(urls=urls, seed=cfg.trainer.seed, rank=int(rank), world_size=int(world_size),
                       workers=max(1, cfg.data.num_workers), batch_size=cfg.data.batch_size,
                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                      data=cfg.data, sampling=cfg.sampling, mcl=mcl, hico=hico,
+                      data=cfg.data, sampling=cfg.sampling, mcl=mcl, hico=hico, views=cfg.objectives.num_views,
                       device=_device(cfg), decoder=cfg.data.decoder)
     bound = (cfg.data.batch_size - 1) * (cfg.data.samples_per_read - 1) + 1
     if cfg.data.samples_per_read > 1 and cfg.data.shuffle_buffer < bound:

@@ -99,6 +99,7 @@ class WorkerSpec:
     sampling: object             # SamplingConfig
     mcl: bool
     hico: bool
+    views: int                   # clips per video: cfg.objectives.num_views (what the sampler draws)
     device: str                  # "cpu" | "gpu": where DALI runs
     decoder: str                 # "auto" | "dali" | "pyav"
 
