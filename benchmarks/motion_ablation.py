@@ -131,12 +131,12 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     te = embed_views(backbone, eval_clips(test_shards, cfg, clips), cpu).labelled("test shards")
     import numpy as np
 
+    run.mkdir(parents=True, exist_ok=True)
     np.savez(run / "features.npz", train=tr.feats, test=te.feats, train_sources=np.array(tr.sources),
              test_sources=np.array(te.sources), train_labels=np.array(tr.labels), test_labels=np.array(te.labels))
     res = {"knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te), "linear": ep.linear(tr, te, seed=seed)}
     for r in res.values():
         r.pop("per_video", None)
-    run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
     return res
 
