@@ -333,3 +333,46 @@ def test_two_gloo_ranks_ntxent_bank_and_shuffle_bn(tmp_path):
         for i, row in enumerate(r["x"]):                                         # unshuffled to its own row
             batch = next(s["seen"] for s in res if (s["seen"] == row).all(1).any())
             torch.testing.assert_close(r["coupled"][i], row - batch.mean(0))
+
+
+def test_mcl_logs_positive_and_negative_similarities():
+    """``mcl/pos_sim`` = mean q . k+, ``mcl/neg_sim`` = mean q . (mean of the filled bank), both
+    recomputed here in float64 from the projected queries; 0 while the bank is empty."""
+    torch.manual_seed(0)
+    cfg = _cfg(mcl__weight=1.0, mcl__bn="none", mcl__mal_enabled=False)
+    backbone = build_backbone("r3d_18", width=8)
+    mcl = MCL(cfg, backbone)
+    x = torch.randn(3, 3, 4, 32, 32)
+    keys = F.normalize(torch.randn(3, 16), dim=1)
+    emb = backbone(x)[:, None]
+    _, terms = mcl(emb, keys)
+    q = mcl.proj(emb[:, 0]).detach().double()
+    assert terms["mcl/pos_sim"].item() == pytest.approx((q * keys.double()).sum(1).mean().item(), abs=1e-6)
+    assert terms["mcl/neg_sim"].item() == 0.0                              # the bank was empty
+    bank = mcl.bank.filled_keys().double().numpy()                         # now: the 3 keys just enqueued
+    keys2 = F.normalize(torch.randn(3, 16), dim=1)
+    _, terms = mcl(emb, keys2)
+    expect = float(np.mean(q.numpy() @ bank.mean(0)))
+    assert terms["mcl/neg_sim"].item() == pytest.approx(expect, abs=1e-6)
+
+
+@pytest.mark.parametrize("crop, warns", [(32, True), (64, False)])
+def test_mcl_warns_once_when_the_mal_map_is_too_coarse(crop, warns, caplog):
+    """At crop 32 the R3D late map is 2 x 2: MAL cannot localise motion there, and the run says so
+    once (the motion benchmark's first configs sat at MAL ~0.1 for the whole run); at 64 (4 x 4) it
+    does not."""
+    torch.manual_seed(0)
+    cfg = _cfg(mcl__weight=1.0, mcl__bn="none")
+    cfg.data.crop_size = crop
+    backbone = build_backbone("r3d_18", width=8)
+    mcl = MCL(cfg, backbone)
+    x = torch.randn(2, 3, 8, crop, crop)
+    motion = torch.rand(2, 2, 8, 8, 8)
+    with caplog.at_level("WARNING", logger="mohico.models.objectives.mcl"):
+        for _ in range(2):
+            emb, fmap = backbone(x, return_features=True)
+            mcl(emb[:, None], F.normalize(torch.randn(2, 16), dim=1), fmap=fmap, motion=motion)
+    hits = [r for r in caplog.records if "motion alignment loss" in r.getMessage()]
+    assert len(hits) == (1 if warns else 0)
+    if warns:
+        assert "1x2x2" in hits[0].getMessage() and "data.crop_size=32" in hits[0].getMessage()

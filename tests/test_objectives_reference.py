@@ -84,9 +84,14 @@ def run_case(name: str) -> dict:
     return out
 
 
+# logged diagnostics added after the reference was pinned (checked against float64 in test_objectives.py)
+ADDED_TERMS = {"mcl/pos_sim", "mcl/neg_sim"}
+
+
 def _close(got, want, path=""):
     if isinstance(want, dict):
-        assert set(got) == set(want), f"{path}: keys {sorted(got)} != {sorted(want)}"
+        extra = ADDED_TERMS & set(got) if path.endswith("terms") else set()
+        assert set(got) - extra == set(want), f"{path}: keys {sorted(got)} != {sorted(want)}"
         for k in want:
             _close(got[k], want[k], f"{path}/{k}")
     elif isinstance(want, list):

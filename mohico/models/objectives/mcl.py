@@ -21,6 +21,8 @@ MCL's ``bn`` and ``momentum`` drive the shared EMA backbone.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -29,6 +31,9 @@ from mohico.errors import ConfigError
 from mohico.models.bank import MemoryBank
 from mohico.models.heads import MCLProjection
 from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
+
+log = logging.getLogger(__name__)
+MIN_MAL_CELLS = 9        # a response map of fewer spatial cells (e.g. 2 x 2) cannot say where the motion is
 
 
 class MCL(nn.Module):
@@ -54,6 +59,8 @@ class MCL(nn.Module):
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim)
+        self.crop_size = cfg.data.crop_size
+        self._checked_map = False
 
     @property
     def needs_features(self) -> bool:
@@ -96,7 +103,7 @@ class MCL(nn.Module):
         k = keys.to(q.dtype)                                        # (B, d), constants
         nce = self.bank.nce(q, k, self.cfg.tau, ids=video_id).mean()
         loss = nce
-        terms = {"mcl/nce": nce.detach()}
+        terms = {"mcl/nce": nce.detach(), **self._similarities(q.detach(), k)}
         if self.cfg.mal_enabled:
             motion_q = None if motion is None else motion[:, 0]
             mal, mal_terms, lam = self._mal(q, k, fmap, motion_q, progress)
@@ -109,6 +116,27 @@ class MCL(nn.Module):
         terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
 
+    def _similarities(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MoCo's health signals (this rank): mean cosine of query and positive key, and of query
+        and this rank's filled bank shard (the negatives; own-video entries included; 0 while the
+        shard is empty). A collapsing encoder shows ``neg_sim`` rising towards ``pos_sim``."""
+        neg = q.new_zeros(())
+        if self.bank.filled:
+            neg = (q @ self.bank.filled_keys().to(q.dtype).mean(0)).mean()
+        return {"mcl/pos_sim": (q * k).sum(1).mean(), "mcl/neg_sim": neg}
+
+    def _check_map(self, thw: tuple[int, ...]) -> None:
+        """Warn once when MAL's response map is too coarse to align: at ``data.crop_size=32`` an
+        R3D/R(2+1)D late map is 2 x 2 (crop / 16), any non-negative 4-cell map has cosine ~0.9
+        with the motion target, and MAL stays flat at ~0.1 whatever the backbone attends to."""
+        self._checked_map = True
+        if thw[-1] * thw[-2] < MIN_MAL_CELLS:
+            log.warning("MCL: the motion alignment loss compares maps of only %s (T', H', W') cells at "
+                        "data.crop_size=%d; with fewer than %d spatial cells it cannot tell where the motion is "
+                        "(its value stays near 0.1 and it barely steers the backbone). Raise data.crop_size "
+                        "(the late map of R3D/R(2+1)D-18 is crop_size / 16 per side; the papers use 112 -> 7 x 7).",
+                        "x".join(map(str, thw)), self.crop_size, MIN_MAL_CELLS)
+
     def _mal(self, q, k, fmap, motion_q, progress):
         c = self.cfg.mal
         if fmap is None or motion_q is None:
@@ -120,6 +148,8 @@ class MCL(nn.Module):
             grad, = torch.autograd.grad((q * k).sum(), fmap, create_graph=True)
             grad = grad[:q.shape[0]]
         pred = response_map(c.variant, fmap[:q.shape[0]], grad, c.channel_weights)
+        if not self._checked_map:
+            self._check_map(tuple(pred.shape[1:]))
         target = pool_motion(motion_q, tuple(pred.shape[1:]))
         loss, terms = mal_loss(pred, target, st=c.st, s=c.s, t=c.t, time_weighting=c.time_weighting)
         epoch = progress * self.epoch_of_progress
