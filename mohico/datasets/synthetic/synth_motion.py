@@ -1,12 +1,19 @@
 """A motion benchmark where appearance is a distractor (``mohico synth --task motion``).
 
 Every video has one *motion class*, the label; everything about its appearance is drawn
-independently of that label and changes at every hard cut, so only how things move tells the
-classes apart. A video is a sequence of shots (1.5-4 s, hard cuts); each shot has its own random
-background (hue, value-noise texture, stripes, brightness) and 1-2 random textured objects (shape,
-pattern, palette, size), and within the shot the motion runs for 40-70% of its frames with still
-stretches before and after (objects present but motionless), as in untrimmed video. Speeds,
-amplitudes, phases and directions are drawn per object and shot, also independently of the label.
+independently of that label, so only how things move tells the classes apart. A video is one
+scene (a random background: hue, value-noise texture, stripes, brightness) filmed in shots
+(2-5 s, hard cuts); at every cut the actors change: 1-2 new random textured objects (shape,
+pattern, palette, size). Within a shot the motion runs for 35-65% of its frames, with still
+stretches before and after (objects present but motionless), as in untrimmed video. How a video
+moves is its own :class:`MotionStyle` (peak speed, swing amplitude, zoom amplitude, pan
+direction, circling sense), kept across its shots with a 10% jitter and drawn independently of
+the label; phases and positions are drawn per object and shot.
+
+So two clips of one video share the scene and the way things move, but not the actors: an
+encoder that keys on the background solves instance discrimination without seeing the motion
+(the appearance shortcut motion-focused learning is meant to avoid), and one that looks at the
+moving regions finds there only the motion style and short-lived actors.
 
 Classes (``MOTION_CLASSES``; each is invariant to a horizontal flip, the training augmentation):
 
@@ -22,7 +29,7 @@ frame while moving, frozen after, so positions and sizes are continuous at the s
 
 Ground truth ``video_NNNNN.json``: ``task: "motion"``, ``label`` (class name), ``label_index``,
 ``classes``, ``fps``, ``num_frames``, ``width``, ``height``, ``codec``, ``file``, ``seed``,
-``index``, ``generator``, ``cuts``, ``shots: [{start, end, moving: [m0, m1) absolute frames,
+``index``, ``generator``, ``cuts``, ``style`` (the MotionStyle), ``shots: [{start, end, moving: [m0, m1) absolute frames,
 pan: [vx, vy] px/frame while moving, objects: [{kind, pattern, size: [w, h], amplitude, speed,
 ...}]}]``, ``boxes[f] = [[obj, x, y, w, h], ...]`` (clipped to the frame) and
 ``moving[f]`` (1 while the shot's motion runs). ``labels.json`` maps each file to its class name.
@@ -43,10 +50,15 @@ from mohico.datasets.synthetic.synth_video import clip_box, encode_video, paste_
 from mohico.utils import atomic_write_json
 
 GENERATOR = "mohico-synth-motion"
-VERSION = 1
+VERSION = 2
 MOTION_CLASSES = ("horizontal", "vertical", "circular", "zoom", "camera")
-MOVING_FRACTION = (0.4, 0.7)   # share of each shot's frames in motion
-SPEED = (1.5, 3.0)             # peak speed, px/frame at 15 fps and a 120 px short side
+MOVING_FRACTION = (0.35, 0.65) # share of each shot's frames in motion
+SPEED = (3.0, 5.0)             # peak speed, px/frame at 15 fps and a 120 px short side
+SHOT_SECONDS = (2.0, 5.0)      # shot length between hard cuts
+OBJECTS = (1, 2)               # objects per shot, inclusive
+OBJECT_SIDE = (0.25, 0.4)      # object width as a share of the short side
+STYLE_JITTER = 0.1             # per-shot relative jitter of the video's MotionStyle
+NOISE_SIGMA = (1.0, 2.5)       # per-frame sensor noise, 0..255
 
 
 @dataclass
@@ -84,8 +96,10 @@ class MotionShot:
     m1: int                         # first still frame after the motion (absolute)
     pan: tuple[float, float]        # camera: background velocity in the image, px/frame
     objects: list[MovingObject]
-    look: ShotPlan                  # background seed, gain, noise
-    hue_seed: int
+    look: ShotPlan                  # background seed and gain (the video's scene), this shot's noise
+    hue_seed: int                   # this shot's object palette
+    scene_hue_seed: int = 0         # the video's background palette and texture family
+    canvas_hw: tuple[int, int] = (0, 0)   # background canvas (h, w), the same for every shot of a video
 
     def tau(self) -> np.ndarray:
         """Moving time of each of the shot's frames: ``(end - start,)`` float64."""
@@ -93,41 +107,66 @@ class MotionShot:
         return np.clip(k - self.m0, 0.0, float(self.m1 - self.m0))
 
 
+@dataclass
+class MotionStyle:
+    """How one video moves, kept across its shots (one actor, one way of moving, many shots):
+    the peak speed (px/frame), the swing amplitude as a share of the free span, the zoom's
+    log-scale amplitude, the pan direction and the circling sense. Each shot jitters them by
+    ``STYLE_JITTER``; the objects are redrawn at every cut."""
+    speed: float
+    amp_frac: float
+    zoom_amp: float
+    pan_angle: float
+    sense: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, per_frame: float) -> "MotionStyle":
+        return cls(speed=rng.uniform(*SPEED) * per_frame, amp_frac=rng.uniform(0.35, 0.6),
+                   zoom_amp=rng.uniform(0.3, 0.45), pan_angle=rng.uniform(0, 2 * math.pi),
+                   sense=float(rng.choice((-1.0, 1.0))))
+
+
+def _jitter(rng: np.random.Generator) -> float:
+    return float(rng.uniform(1.0 - STYLE_JITTER, 1.0 + STYLE_JITTER))
+
+
 def plan_motion_video(rng: np.random.Generator, cls: str, num_frames: int, fps: float, width: int,
-                      height: int) -> list[MotionShot]:
-    """Shots of one video of class ``cls``; appearance and motion magnitudes drawn from ``rng``."""
-    min_len, max_len = max(6, int(round(1.5 * fps))), max(6, int(round(4.0 * fps)))
+                      height: int) -> tuple[MotionStyle, list[MotionShot]]:
+    """Shots of one video of class ``cls``: a :class:`MotionStyle` for the video, then per shot
+    its cut points, still stretches, appearance and objects, all drawn from ``rng``."""
+    min_len, max_len = (max(6, int(round(s * fps))) for s in SHOT_SECONDS)
     bounds = shot_bounds(num_frames, min_len, max_len, rng)
     side = min(width, height)
     per_frame = side / 120.0 * 15.0 / fps
+    style = MotionStyle.draw(rng, per_frame)
+    scene_seed, scene_hue_seed, scene_gain = int(rng.integers(2**31)), int(rng.integers(2**31)), rng.uniform(0.8, 1.2)
     shots = []
     for s, e in bounds:
         n = e - s
         moving = max(2, int(round(rng.uniform(*MOVING_FRACTION) * n)))
         m0 = s + int(rng.integers(0, n - moving + 1))
-        speed = rng.uniform(*SPEED) * per_frame
+        speed = style.speed * _jitter(rng)
         pan = (0.0, 0.0)
         if cls == "camera":
-            ang = rng.uniform(0, 2 * math.pi)
+            ang = style.pan_angle + rng.uniform(-1.0, 1.0) * STYLE_JITTER * math.pi
             pan = (speed * math.cos(ang), speed * math.sin(ang))
         objects = []
-        for _ in range(int(rng.integers(1, 3))):
-            w = int(rng.uniform(0.25, 0.4) * side)
-            h = int(np.clip(w * rng.uniform(0.75, 1.33), 0.2 * side, 0.45 * side))
+        for _ in range(int(rng.integers(OBJECTS[0], OBJECTS[1] + 1))):
+            w = int(rng.uniform(*OBJECT_SIDE) * side)
+            h = int(np.clip(w * rng.uniform(0.75, 1.33), 0.2 * side, 0.5 * side))
             plan = ObjectPlan(id=len(objects), kind=str(rng.choice(SHAPES)), pattern=str(rng.choice(PATTERNS)),
                               size=(w, h), position=(0.0, 0.0), velocity=(0.0, 0.0), seed=int(rng.integers(2**31)))
             omega, amp = 0.0, 0.0
             if cls in ("horizontal", "vertical", "circular"):
                 span = (width - w) / 2 if cls == "horizontal" else (height - h) / 2 if cls == "vertical" \
                     else min(width - w, height - h) / 2
-                amp = min(rng.uniform(0.35, 0.6) * span, span)
+                amp = min(style.amp_frac * _jitter(rng) * span, span)
                 omega = speed / max(amp, 1.0)
             elif cls == "zoom":
-                amp = rng.uniform(0.3, 0.45)                        # size x exp(+-amp)
+                amp = style.zoom_amp * _jitter(rng)                 # size x exp(+-amp)
                 omega = speed / max(0.5 * w * amp, 1.0)             # edges move ~speed px/frame
             phase = rng.uniform(0, 2 * math.pi)
-            sense = float(rng.choice((-1.0, 1.0)))
-            mo = MovingObject(plan, (0.0, 0.0), amp, omega, phase, sense)
+            mo = MovingObject(plan, (0.0, 0.0), amp, omega, phase, style.sense)
             # place the centre so the whole path stays inside the frame (world = frame at tau 0)
             tau = np.linspace(0.0, moving, 64)
             path, scale = mo.state(cls, tau)
@@ -135,10 +174,16 @@ def plan_motion_video(rng: np.random.Generator, cls: str, num_frames: int, fps: 
             hi = np.min(np.array([width, height]) - path - (np.asarray(plan.size) * scale.max()) / 2, axis=0)
             mo.centre = tuple(float(rng.uniform(a, b)) if b > a else float((a + b) / 2) for a, b in zip(lo, hi))
             objects.append(mo)
-        look = ShotPlan(start=s, end=e, motion_level=2, pan=pan, noise_sigma=float(rng.uniform(1.5, 4.0)),
-                        seed=int(rng.integers(2**31)), gain=float(rng.uniform(0.8, 1.2)), hue_shift=0.0)
-        shots.append(MotionShot(s, e, m0, m0 + moving, pan, objects, look, int(rng.integers(2**31))))
-    return shots
+        look = ShotPlan(start=s, end=e, motion_level=2, pan=pan, noise_sigma=float(rng.uniform(*NOISE_SIGMA)),
+                        seed=scene_seed, gain=float(scene_gain), hue_shift=0.0)
+        shots.append(MotionShot(s, e, m0, m0 + moving, pan, objects, look, int(rng.integers(2**31)), scene_hue_seed))
+    # one canvas size per video, large enough for the longest pan, so every shot shows the same scene
+    travel = np.array([[abs(sh.pan[1]), abs(sh.pan[0])] for sh in shots]) * \
+        np.array([sh.m1 - sh.m0 for sh in shots])[:, None]
+    canvas = (int(math.ceil(height + travel[:, 0].max())) + 4, int(math.ceil(width + travel[:, 1].max())) + 4)
+    for sh in shots:
+        sh.canvas_hw = canvas
+    return style, shots
 
 
 def _resize_sprite(sprite: np.ndarray, scale: float) -> np.ndarray:
@@ -158,19 +203,18 @@ class MotionShotRenderer:
 
     def __init__(self, shot: MotionShot, cls: str, width: int, height: int):
         self.shot, self.cls, self.width, self.height = shot, cls, width, height
-        topic = make_topic(0, 1, shot.hue_seed)           # a random palette and texture family
+        scene = make_topic(0, 1, shot.scene_hue_seed)     # the video's background palette and texture family
+        topic = make_topic(0, 1, shot.hue_seed)           # this shot's object palette
         self.topic = topic
         tau = shot.tau()
         vx, vy = shot.pan
-        travel_x, travel_y = abs(vx) * tau[-1], abs(vy) * tau[-1]
-        self.canvas = background_canvas(shot.look, topic, int(math.ceil(height + travel_y)) + 4,
-                                        int(math.ceil(width + travel_x)) + 4, scale=min(width, height) / 120.0)
+        self.canvas = background_canvas(shot.look, scene, *shot.canvas_hw, scale=min(width, height) / 120.0)
         # frame (0, 0) sits at canvas (ox, oy) at tau 0; the background moves by +pan per frame in the image
         self.origin = (max(vx, 0.0) * tau[-1] + 2.0, max(vy, 0.0) * tau[-1] + 2.0)
         self.sprites = [make_sprite(o.plan, topic) for o in shot.objects]
         self.states = [o.state(cls, tau) for o in shot.objects]
         self.tau = tau
-        self.noise = np.random.default_rng([shot.look.seed, 5])
+        self.noise = np.random.default_rng([shot.look.seed, 5, shot.start])
 
     def camera(self, k: int) -> tuple[float, float]:
         """Image translation of the world at local frame ``k``: ``pan * tau``."""
@@ -206,7 +250,7 @@ def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fp
     label_index = index % len(MOTION_CLASSES)
     cls = MOTION_CLASSES[label_index]
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7, index]))
-    shots = plan_motion_video(rng, cls, num_frames, fps, width, height)
+    style, shots = plan_motion_video(rng, cls, num_frames, fps, width, height)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / video_name(index, codec)
@@ -227,6 +271,7 @@ def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fp
         "label": cls, "label_index": label_index, "classes": list(MOTION_CLASSES),
         "fps": fps, "num_frames": num_frames, "width": width, "height": height, "duration": num_frames / fps,
         "cuts": [s.start for s in shots[1:]],
+        "style": {k: round(float(v), 5) for k, v in vars(style).items()},
         "shots": [{"start": s.start, "end": s.end, "moving": [s.m0, s.m1], "pan": [round(v, 4) for v in s.pan],
                    "objects": [{"kind": o.plan.kind, "pattern": o.plan.pattern, "size": list(o.plan.size),
                                 "centre": [round(v, 3) for v in o.centre], "amplitude": round(o.amplitude, 4),

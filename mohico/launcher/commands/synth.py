@@ -21,9 +21,10 @@ hmdb51/<class>/*.avi + testTrainMulti_7030_splits/): --topics classes, --videos 
 being a topic; `mohico shards --layout` reads it like the real datasets.
 
 --task motion writes the motion benchmark instead: each video's label is how its objects move
-(horizontal, vertical, circular, zoom, or camera pan over a still scene); backgrounds, palettes,
-textures, shapes and sizes are redrawn at every cut independently of the label, and each shot has
-still stretches around its motion. labels.json maps each video to its class name."""
+(horizontal, vertical, circular, zoom, or camera pan over a still scene); each video is one random
+scene (background) with new random objects (shape, pattern, palette, size) at every cut, all drawn
+independently of the label, a speed and amplitude of its own kept across its shots, and still
+stretches around each shot's motion. labels.json maps each video to its class name."""
 
 
 def _size(text: str) -> tuple[int, int]:
