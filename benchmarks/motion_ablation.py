@@ -1,7 +1,7 @@
 """The motion-benchmark ablation (issue 13 item 5): does motion focus pay off when appearance is a distractor?
 
-Makes the motion benchmark (`mohico synth --task motion`: label = how objects move, appearance
-redrawn at every cut, still stretches between motions) as labelled train / test shards, pretrains
+Makes the motion benchmark (`mohico synth --task motion`: label = how objects move; one random
+scene per video, new random objects at every cut, still stretches between motions) as labelled train / test shards, pretrains
 configs/motion_bench_cpu.yaml's thin R3D-18 on the train shards (labels unused) in each arm with
 the same budget and seeds, and evaluates every backbone (and the random init of each seed) on
 frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_protocols`):
@@ -18,14 +18,19 @@ Each run dir gets eval.json; the table (mean +- sample std over seeds) is printe
 WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a run killed mid
 way resumes from its last checkpoint.
 
-    .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion] [--seeds 0 1 2]
-        [--arms random nce ...] [--steps 150] [--jobs 4] [--set key=value ...] [--table]
+    .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion-v2] [--seeds 0 1 2]
+        [--arms random nce ...] [--steps 300] [--size 128] [--jobs 1] [--set key=value ...] [--table]
+
+A work dir holds one benchmark version at one size (checked: another is refused). On 2 idle
+cores a run takes ~3.5 min and an evaluation ~20 s; ``--jobs 1`` keeps the runs from slowing
+each other (``--jobs`` > the free cores only stretches every run).
 
 Before reading the table, check the geometry with ``benchmarks/motion_diagnostics.py`` on the
 same work dir: ``upper`` (the backbone trained *supervised* on the labels at this clip geometry and
 budget) bounds what any arm can reach; ``flow`` shows whether the clips carry the motion at all;
-``features`` whether pretraining moved the backbone and towards what. At the defaults here the
-supervised upper bound is itself at chance (benchmarks/RESULTS.md), so the arms cannot differ.
+``features`` whether pretraining moved the backbone and towards what. At the defaults here (v2
+benchmark, 64 px crops) the supervised upper bound of this R3D-18 is still at chance while flow
+statistics reach 74% (benchmarks/RESULTS.md, "Motion benchmark v2"), so the arms cannot differ yet.
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ def make_data(work: Path, train_videos: int, test_videos: int, size: int, worker
     out = []
     for split, n, first in (("train", train_videos, 0), ("test", test_videos, train_videos)):
         videos, shards = work / f"videos-{split}-{n}", work / f"shards-{split}-{n}"
+        check_videos(videos, size)
         if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get(
                 "complete"):
             if not (videos / "labels.json").exists():
@@ -70,6 +76,21 @@ def make_data(work: Path, train_videos: int, test_videos: int, size: int, worker
             write_shards(videos, shards, short_side=size, workers=workers, labels=videos / "labels.json")
         out.append(shards)
     return out[0], out[1]
+
+
+def check_videos(videos: Path, size: int) -> None:
+    """Refuse a work dir whose videos another benchmark version or size made (the run would
+    silently evaluate other data): names the dir and the fix."""
+    from mohico.datasets.synthetic.synth_motion import VERSION
+
+    first = next(iter(sorted(videos.glob("video_*.json"))), None) if videos.is_dir() else None
+    if first is None:
+        return
+    gt = json.loads(first.read_text())
+    version, side = gt.get("generator", {}).get("version"), min(gt.get("width", 0), gt.get("height", 0))
+    if version != VERSION or side != size:
+        raise SystemExit(f"{videos}: videos of motion benchmark version {version} at {side} px, but this run "
+                         f"wants version {VERSION} at {size} px; pass another --work (or delete that dir)")
 
 
 def train(run: Path, overrides: list[str], seed: int, train_shards: Path, steps: int, extra: list[str]) -> float:
@@ -225,15 +246,15 @@ def main() -> None:
         evaluate(Path(run), ckpt, int(seed), Path(tr), Path(te), int(clips), extra)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/mohico-motion")
+    ap.add_argument("--work", default="/tmp/mohico-motion-v2")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--steps", type=int, default=150, help="pretraining steps per run (same for every arm)")
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per run (same for every arm)")
     ap.add_argument("--train-videos", type=int, default=200)
     ap.add_argument("--test-videos", type=int, default=100)
-    ap.add_argument("--size", type=int, default=64, help="video side in pixels")
+    ap.add_argument("--size", type=int, default=128, help="video side in pixels (the config's 64 px crops need >= 108)")
     ap.add_argument("--clips", type=int, default=4, help="eval clips per video")
-    ap.add_argument("--jobs", type=int, default=4, help="runs trained/evaluated at once")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated at once")
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="config override for every arm (e.g. model.backbone_options.width=4)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs already evaluated")

@@ -23,7 +23,7 @@ minutes on one core:
     .venv/bin/python benchmarks/motion_diagnostics.py flow
     .venv/bin/python benchmarks/motion_diagnostics.py features [--runs nce-s0 mcl-s0 ...]
 
-Common options: ``--work /tmp/mohico-motion`` (the ablation's work dir: its shards, videos and
+Common options: ``--work /tmp/mohico-motion-v2`` (the ablation's work dir: its shards, videos and
 runs), ``--train-videos 200 --test-videos 100 --clips 4``, ``--set key=value`` (config override).
 """
 from __future__ import annotations
@@ -199,7 +199,7 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
 # --------------------------------------------------------------------------- (c) what did pretraining learn?
 def shot_attributes(sources: np.ndarray, folder: Path, cfg, clips: int) -> dict[str, np.ndarray]:
     """Per eval clip ``(V * clips,)``: the pattern and shape of the first object of the shot
-    holding the clip's middle frame, and the video index (appearance changes at every cut)."""
+    holding the clip's middle frame, and the video index (the objects change at every cut; the scene is one per video)."""
     from mohico.datasets.load.sampling import clip_frames
     from mohico.trainer.knn_eval import eval_starts
 
@@ -283,7 +283,7 @@ def _with_seed(cfg, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("upper", "flow", "features"))
-    ap.add_argument("--work", default="/tmp/mohico-motion")
+    ap.add_argument("--work", default="/tmp/mohico-motion-v2")
     ap.add_argument("--train-videos", type=int, default=200)
     ap.add_argument("--test-videos", type=int, default=100)
     ap.add_argument("--clips", type=int, default=4)
