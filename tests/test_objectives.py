@@ -375,4 +375,4 @@ def test_mcl_warns_once_when_the_mal_map_is_too_coarse(crop, warns, caplog):
     hits = [r for r in caplog.records if "motion alignment loss" in r.getMessage()]
     assert len(hits) == (1 if warns else 0)
     if warns:
-        assert "1x2x2" in hits[0].getMessage() and "data.crop_size=32" in hits[0].getMessage()
+        assert "1x2x2" in hits[0].getMessage() and "Raise data.crop_size" in hits[0].getMessage()

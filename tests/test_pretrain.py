@@ -39,7 +39,7 @@ def test_mcl_only_forward_backward():
     loss, terms = model(clips, motion, 0.05)                      # epoch 0.5: MAL warm-up weight
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert {"loss", "mcl/loss", "mcl/nce", "mcl/mal", "mcl/mal_st", "mcl/mal_s", "mcl/mal_t",
-            "mcl/mal_weight", "mcl/bank_fill"} == set(terms)
+            "mcl/mal_weight", "mcl/bank_fill", "mcl/pos_sim", "mcl/neg_sim"} == set(terms)
     assert all(not v.requires_grad and v.ndim == 0 for v in terms.values())
     assert terms["mcl/mal_weight"].item() == 2.0
     assert terms["loss"].item() == pytest.approx(terms["mcl/nce"].item() + 2.0 * terms["mcl/mal"].item(), rel=1e-5)

@@ -59,7 +59,6 @@ class MCL(nn.Module):
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim)
-        self.crop_size = cfg.data.crop_size
         self._checked_map = False
 
     @property
@@ -131,11 +130,11 @@ class MCL(nn.Module):
         with the motion target, and MAL stays flat at ~0.1 whatever the backbone attends to."""
         self._checked_map = True
         if thw[-1] * thw[-2] < MIN_MAL_CELLS:
-            log.warning("MCL: the motion alignment loss compares maps of only %s (T', H', W') cells at "
-                        "data.crop_size=%d; with fewer than %d spatial cells it cannot tell where the motion is "
-                        "(its value stays near 0.1 and it barely steers the backbone). Raise data.crop_size "
-                        "(the late map of R3D/R(2+1)D-18 is crop_size / 16 per side; the papers use 112 -> 7 x 7).",
-                        "x".join(map(str, thw)), self.crop_size, MIN_MAL_CELLS)
+            log.warning("MCL: the motion alignment loss compares maps of only %s (T', H', W') cells; with "
+                        "fewer than %d spatial cells it cannot tell where the motion is (its value stays near 0.1 "
+                        "and it barely steers the backbone). Raise data.crop_size (the late map of "
+                        "R3D/R(2+1)D-18 is the crop / 16 per side; the papers use 112 -> 7 x 7).",
+                        "x".join(map(str, thw)), MIN_MAL_CELLS)
 
     def _mal(self, q, k, fmap, motion_q, progress):
         c = self.cfg.mal
