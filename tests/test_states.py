@@ -161,12 +161,18 @@ def test_checkpointer_saves_and_loads_any_registered_state(tmp_path):
         cp.load(states(c, loader=Held(), extra=Held(), ema=Held()), resume)
 
 
-def test_another_world_size_reshards_each_state(tmp_path):
+def _saved_one_rank_run(tmp_path, step: int):
+    """A one-rank run (ZeRO 0, loader state {"n": 3}) checkpointed at ``step``: ``(cfg, checkpointer)``."""
     c = cfg(f"run.dir={tmp_path / 'run'}", "trainer.zero_stage=0")
     cp = ck.Checkpointer(tmp_path / "run", rank=0, world_size=1, keep=2)
     first = states(c, loader=Held({"n": 3}))
-    first["train"].step = 4
+    first["train"].step = step
     cp.save(first)
+    return c, cp
+
+
+def test_another_world_size_reshards_each_state(tmp_path):
+    c, cp = _saved_one_rank_run(tmp_path, step=4)
     two = ck.Checkpointer(tmp_path / "run", rank=0, world_size=2, keep=2)   # resumed on 2 ranks (rank 0 of 2)
     got = states(c, world=2, loader=Held())
     two.load(got, find_resume(two, c, None))
@@ -185,11 +191,7 @@ def test_another_world_size_reshards_each_state(tmp_path):
 
 
 def test_checkpoint_of_an_older_layout_is_refused_naming_the_file(tmp_path):
-    c = cfg(f"run.dir={tmp_path / 'run'}", "trainer.zero_stage=0")
-    cp = ck.Checkpointer(tmp_path / "run", rank=0, world_size=1, keep=2)
-    first = states(c, loader=Held({"n": 3}))
-    first["train"].step = 2
-    cp.save(first)
+    c, cp = _saved_one_rank_run(tmp_path, step=2)
     meta_file = cp.dir / "step_00000002" / ck.META
     meta = json.loads(meta_file.read_text())
     del meta["format"]                             # written before the state layout existed
