@@ -17,9 +17,9 @@ from mohico.errors import ConfigError
 _MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl")
 
 BACKBONE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "r3d_18": ("width",),
-    "r2plus1d_18": ("width",),
-    "s3d": ("width",),
+    "r3d_18": ("width", "input"),
+    "r2plus1d_18": ("width", "input"),
+    "s3d": ("width", "input"),
     "tsm_resnet18": ("width",),
     "tsm_resnet50": ("width",),
     "msnet_resnet18": _MSNET,

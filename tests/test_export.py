@@ -55,6 +55,8 @@ def test_to_torchvision_refuses_what_torchvision_cannot_hold():
         to_torchvision(build_backbone("r3d_18", width=8))
     with pytest.raises(MohicoError, match="no torchvision video model.*--format mohico"):
         to_torchvision(build_backbone("tsm_resnet18", width=8))
+    with pytest.raises(MohicoError, match="input='residual'.*--format mohico"):
+        to_torchvision(build_backbone("r3d_18", input="residual"))
 
 
 def test_backbone_file_round_trip(tmp_path):

@@ -85,6 +85,36 @@ def test_width_must_be_a_positive_int():
         build_backbone("msnet_resnet18", width=8, radius=0)
 
 
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
+def test_residual_input_feeds_frame_differences(name):
+    """input="residual": the net computes on x[t+1] - x[t] (last difference repeated), i.e. exactly
+    what the RGB net computes on those differences; a still clip plus any constant offset (the
+    appearance of a static scene) gives the same embedding as a zero clip; same state_dict."""
+    from mohico.models.backbones import residual_frames
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 64, 64, dtype=torch.float64)
+    ref = np.diff(x.numpy(), axis=2)
+    ref = np.concatenate([ref, ref[:, :, -1:]], axis=2)
+    np.testing.assert_array_equal(residual_frames(x).numpy(), ref)
+    assert not residual_frames(x[:, :, :1]).any()
+
+    rgb = build_backbone(name, width=8).eval()
+    res = build_backbone(name, width=8, input="residual").eval()
+    assert list(rgb.state_dict()) == list(res.state_dict())
+    res.load_state_dict(rgb.state_dict())
+    x = x.float()
+    emb, fmap = res(x, return_features=True)
+    emb_ref, fmap_ref = rgb(residual_frames(x), return_features=True)
+    torch.testing.assert_close(emb, emb_ref, rtol=0, atol=0)
+    torch.testing.assert_close(fmap, fmap_ref, rtol=0, atol=0)
+    still = x[:, :, :1].expand_as(x) + 3.0
+    torch.testing.assert_close(res(still), res(torch.zeros_like(x)))
+    assert not torch.allclose(res(x), res(still))
+    with pytest.raises(ConfigError, match="backbone_options.input.*rgb, residual.*'flow'"):
+        build_backbone(name, width=8, input="flow")
+
+
 def test_tiny_cpu_config_backbone_runs():
     net = build_backbone("r3d_18", width=8)
     emb, fmap = net(torch.randn(2, 3, 4, 32, 32), return_features=True)

@@ -16,6 +16,16 @@ torchvision's module names, so at the standard width their ``state_dict()`` is e
 torchvision's minus the classifier (``mohico.models.export.to_torchvision`` adds it back).
 ``width`` (base channel count, 64 = standard) thins a net for tiny CPU runs. No pretrained
 weights are ever downloaded.
+
+``input`` (R3D, R(2+1)D, S3D): ``"rgb"`` (default) feeds the clip as is; ``"residual"`` feeds its
+*residual frames* ``x[t+1] - x[t]`` (Tao et al. 2020, "Rethinking Motion Representation: Residual
+Frames with 3D ConvNets"), computed inside ``forward`` from the same normalised RGB clip, so the
+loader, the motion targets and every eval path are unchanged and the option travels with the
+backbone's name and options (checkpoints, backbone files). Still content (a static background)
+differences to zero: the net sees what moves, the cheap cure for the appearance shortcut when a
+small net has little data (benchmarks/RESULTS.md, "Motion benchmark v3"). No parameters: the
+``state_dict`` is the same as with RGB input (but torchvision's models take RGB, so a residual
+backbone exports as ``--format mohico`` only).
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableC
 from torchvision.ops.misc import Conv3dNormActivation
 
 from mohico.config_backbones import check_backbone
+from mohico.errors import ConfigError
 from mohico.models.motionsqueeze import msnet_resnet18, msnet_resnet50
 from mohico.models.tsm import check_width, tsm_resnet18, tsm_resnet50
 
@@ -38,6 +49,25 @@ STANDARD_WIDTH = 64
 def _check_input(x: torch.Tensor) -> None:
     if x.dim() != 5:
         raise ValueError(f"a video backbone takes x: (B, C, T, H, W); got shape {tuple(x.shape)}")
+
+
+INPUTS = ("rgb", "residual")
+
+
+def check_input_mode(mode: str) -> str:
+    if mode not in INPUTS:
+        raise ConfigError(f"'model.backbone_options.input' must be one of {', '.join(INPUTS)}; got {mode!r}")
+    return mode
+
+
+def residual_frames(x: torch.Tensor) -> torch.Tensor:
+    """``x: (B, C, T, H, W) -> (B, C, T, H, W)``: ``r[t] = x[t+1] - x[t]`` for ``t < T-1`` and the
+    last difference repeated at ``T-1`` (the clip keeps its length, so feature maps keep their
+    shape; a one-frame clip gives zeros)."""
+    if x.shape[2] < 2:
+        return torch.zeros_like(x)
+    r = x[:, :, 1:] - x[:, :, :-1]
+    return torch.cat([r, r[:, :, -1:]], dim=2)
 
 
 def _scaled(channels: int, width: int) -> int:
@@ -78,15 +108,17 @@ class VideoResNet(nn.Module):
 
     Stages ``stem, layer1..layer4`` (torchvision's names); ``x: (B, 3, T, H, W)`` ->
     ``emb: (B, 8 * width)``; the feature map is the pre-BN output of ``layer4[-1].conv2[0]``,
-    ``(B, 8 * width, T/8, H/16, W/16)`` (rounded up).
+    ``(B, 8 * width, T/8, H/16, W/16)`` (rounded up). ``input="residual"``: the net sees
+    :func:`residual_frames` of ``x``.
     """
 
     feature_layer = "layer4.1.conv2.0"
 
     def __init__(self, conv_builder, stem: Callable[[int], nn.Module], torchvision_name: str,
-                 width: int = STANDARD_WIDTH, layers=(2, 2, 2, 2)):
+                 width: int = STANDARD_WIDTH, layers=(2, 2, 2, 2), input: str = "rgb"):
         super().__init__()
         self.width = check_width(width)
+        self.input = check_input_mode(input)
         self.torchvision_name = torchvision_name
         self.stem = stem(width)
         self.inplanes = width
@@ -117,6 +149,8 @@ class VideoResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         _check_input(x)
+        if self.input == "residual":
+            x = residual_frames(x)
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         for block in self.layer4[:-1]:
             x = block(x)
@@ -130,14 +164,14 @@ class VideoResNet(nn.Module):
         return (emb, fmap) if return_features else emb
 
 
-def r3d_18(width: int = STANDARD_WIDTH) -> VideoResNet:
+def r3d_18(width: int = STANDARD_WIDTH, input: str = "rgb") -> VideoResNet:
     """R3D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
-    return VideoResNet(Conv3DSimple, _R3DStem, "r3d_18", width)
+    return VideoResNet(Conv3DSimple, _R3DStem, "r3d_18", width, input=input)
 
 
-def r2plus1d_18(width: int = STANDARD_WIDTH) -> VideoResNet:
+def r2plus1d_18(width: int = STANDARD_WIDTH, input: str = "rgb") -> VideoResNet:
     """R(2+1)D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
-    return VideoResNet(Conv2Plus1D, _R2Plus1DStem, "r2plus1d_18", width)
+    return VideoResNet(Conv2Plus1D, _R2Plus1DStem, "r2plus1d_18", width, input=input)
 
 
 # --------------------------------------------------------------------------- S3D
@@ -159,14 +193,16 @@ class S3D(nn.Module):
     pool of ``features`` (torchvision's own head averages 2x7x7 windows, which equals it at
     its 16x224x224 input). The feature map is the concatenation of the four branches of the
     last inception block taken after their last convolution, before its BN and ReLU:
-    ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up).
+    ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up). ``input="residual"``: the net sees
+    :func:`residual_frames` of ``x``.
     """
 
     feature_layer = "features.15"
 
-    def __init__(self, width: int = STANDARD_WIDTH):
+    def __init__(self, width: int = STANDARD_WIDTH, input: str = "rgb"):
         super().__init__()
         self.width = check_width(width)
+        self.input = check_input_mode(input)
         self.torchvision_name = "s3d"
         norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
         c = partial(_scaled, width=width)
@@ -215,15 +251,17 @@ class S3D(nn.Module):
         _check_input(x)
         if x.shape[2] < 5:
             raise ValueError(f"S3D needs clips of at least 5 frames; got T={x.shape[2]} (raise data.clip_len)")
+        if self.input == "residual":
+            x = residual_frames(x)
         x = self.features[:-1](x)
         x, fmap = self._last_block(self.features[-1], x)
         emb = x.mean(dim=(2, 3, 4))
         return (emb, fmap) if return_features else emb
 
 
-def s3d(width: int = STANDARD_WIDTH) -> S3D:
+def s3d(width: int = STANDARD_WIDTH, input: str = "rgb") -> S3D:
     """S3D (torchvision layout), ``out_dim = 16 * width`` (1024 at the standard width)."""
-    return S3D(width)
+    return S3D(width, input=input)
 
 
 # --------------------------------------------------------------------------- registry
