@@ -111,8 +111,29 @@ def test_residual_input_feeds_frame_differences(name):
     still = x[:, :, :1].expand_as(x) + 3.0
     torch.testing.assert_close(res(still), res(torch.zeros_like(x)))
     assert not torch.allclose(res(x), res(still))
-    with pytest.raises(ConfigError, match="backbone_options.input.*rgb, residual.*'flow'"):
+    with pytest.raises(ConfigError, match="backbone_options.input.*rgb, residual, rgb\+residual.*'flow'"):
         build_backbone(name, width=8, input="flow")
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
+def test_rgb_plus_residual_input_stacks_both_on_channels(name):
+    """input="rgb+residual": the first convolution takes 6 channels, the clip then its residual
+    frames; the embedding then depends on a static scene's appearance (unlike "residual")."""
+    from mohico.models.backbones import prepare_input, residual_frames
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 64, 64)
+    both = prepare_input(x, "rgb+residual")
+    assert both.shape == (2, 6, 8, 64, 64)
+    torch.testing.assert_close(both[:, :3], x, rtol=0, atol=0)
+    torch.testing.assert_close(both[:, 3:], residual_frames(x), rtol=0, atol=0)
+    net = build_backbone(name, width=8, input="rgb+residual").eval()
+    first = next(p for p in net.parameters() if p.dim() == 5)
+    assert first.shape[1] == 6
+    emb, fmap = net(x, return_features=True)
+    assert emb.shape == (2, net.out_dim) and torch.isfinite(fmap).all()
+    still = x[:, :, :1].expand_as(x)
+    assert not torch.allclose(net(still), net(still + 3.0))
 
 
 def test_tiny_cpu_config_backbone_runs():

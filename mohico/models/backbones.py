@@ -19,13 +19,14 @@ weights are ever downloaded.
 
 ``input`` (R3D, R(2+1)D, S3D): ``"rgb"`` (default) feeds the clip as is; ``"residual"`` feeds its
 *residual frames* ``x[t+1] - x[t]`` (Tao et al. 2020, "Rethinking Motion Representation: Residual
-Frames with 3D ConvNets"), computed inside ``forward`` from the same normalised RGB clip, so the
+Frames with 3D ConvNets"); ``"rgb+residual"`` both, stacked on channels (a 6-channel first
+convolution). They are computed inside ``forward`` from the same normalised RGB clip, so the
 loader, the motion targets and every eval path are unchanged and the option travels with the
-backbone's name and options (checkpoints, backbone files). Still content (a static background)
-differences to zero: the net sees what moves, the cheap cure for the appearance shortcut when a
-small net has little data (benchmarks/RESULTS.md, "Motion benchmark v3"). No parameters: the
-``state_dict`` is the same as with RGB input (but torchvision's models take RGB, so a residual
-backbone exports as ``--format mohico`` only).
+backbone's name and options (checkpoints, backbone files). Under ``residual`` still content (a
+static background) differences to zero: the net sees what moves; a thin net that cannot learn
+motion from RGB at a CPU budget learns it from residual frames (benchmarks/RESULTS.md, "Motion
+benchmark: residual input"). ``residual`` adds no parameters (the ``state_dict`` is the RGB
+net's); either mode exports as ``--format mohico`` only, torchvision's models taking RGB.
 """
 from __future__ import annotations
 
@@ -51,13 +52,24 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"a video backbone takes x: (B, C, T, H, W); got shape {tuple(x.shape)}")
 
 
-INPUTS = ("rgb", "residual")
+INPUTS = ("rgb", "residual", "rgb+residual")
+INPUT_CHANNELS = {"rgb": 3, "residual": 3, "rgb+residual": 6}
 
 
 def check_input_mode(mode: str) -> str:
     if mode not in INPUTS:
         raise ConfigError(f"'model.backbone_options.input' must be one of {', '.join(INPUTS)}; got {mode!r}")
     return mode
+
+
+def prepare_input(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The tensor the first convolution sees: ``x`` (``rgb``), :func:`residual_frames` of ``x``
+    (``residual``) or both stacked on channels (``rgb+residual``: ``(B, 2C, T, H, W)``)."""
+    if mode == "rgb":
+        return x
+    if mode == "residual":
+        return residual_frames(x)
+    return torch.cat([x, residual_frames(x)], dim=1)
 
 
 def residual_frames(x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +92,9 @@ def _scaled(channels: int, width: int) -> int:
 class _R3DStem(nn.Sequential):
     """torchvision's BasicStem at a given width: conv 3x7x7 /(1,2,2), BN, ReLU."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, in_channels: int = 3):
         super().__init__(
-            nn.Conv3d(3, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+            nn.Conv3d(in_channels, width, kernel_size=(3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
             nn.BatchNorm3d(width),
             nn.ReLU(inplace=True),
         )
@@ -91,10 +103,10 @@ class _R3DStem(nn.Sequential):
 class _R2Plus1DStem(nn.Sequential):
     """torchvision's R2Plus1dStem at a given width: conv 1x7x7 (45 mid channels at width 64), conv 3x1x1."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, in_channels: int = 3):
         mid = _scaled(45, width)
         super().__init__(
-            nn.Conv3d(3, mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
+            nn.Conv3d(in_channels, mid, kernel_size=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3), bias=False),
             nn.BatchNorm3d(mid),
             nn.ReLU(inplace=True),
             nn.Conv3d(mid, width, kernel_size=(3, 1, 1), stride=(1, 1, 1), padding=(1, 0, 0), bias=False),
@@ -120,7 +132,7 @@ class VideoResNet(nn.Module):
         self.width = check_width(width)
         self.input = check_input_mode(input)
         self.torchvision_name = torchvision_name
-        self.stem = stem(width)
+        self.stem = stem(width, INPUT_CHANNELS[input])
         self.inplanes = width
         self.layer1 = self._make_layer(conv_builder, width, layers[0], stride=1)
         self.layer2 = self._make_layer(conv_builder, 2 * width, layers[1], stride=2)
@@ -149,9 +161,7 @@ class VideoResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         _check_input(x)
-        if self.input == "residual":
-            x = residual_frames(x)
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        x = self.layer3(self.layer2(self.layer1(self.stem(prepare_input(x, self.input)))))
         for block in self.layer4[:-1]:
             x = block(x)
         # The last block, as torchvision's BasicBlock.forward computes it, keeping the map
@@ -207,7 +217,7 @@ class S3D(nn.Module):
         norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
         c = partial(_scaled, width=width)
         modules: list[nn.Module] = [
-            TemporalSeparableConv(3, c(64), 7, 2, 3, norm),
+            TemporalSeparableConv(INPUT_CHANNELS[self.input], c(64), 7, 2, 3, norm),
             nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
             Conv3dNormActivation(c(64), c(64), kernel_size=1, stride=1, norm_layer=norm),
             TemporalSeparableConv(c(64), c(192), 3, 1, 1, norm),
@@ -251,9 +261,7 @@ class S3D(nn.Module):
         _check_input(x)
         if x.shape[2] < 5:
             raise ValueError(f"S3D needs clips of at least 5 frames; got T={x.shape[2]} (raise data.clip_len)")
-        if self.input == "residual":
-            x = residual_frames(x)
-        x = self.features[:-1](x)
+        x = self.features[:-1](prepare_input(x, self.input))
         x, fmap = self._last_block(self.features[-1], x)
         emb = x.mean(dim=(2, 3, 4))
         return (emb, fmap) if return_features else emb

@@ -46,7 +46,7 @@ def to_torchvision(backbone: nn.Module) -> dict[str, torch.Tensor]:
         raise MohicoError(f"{tv_name} with width={width} cannot be exported to torchvision, whose model has "
                           "the standard width 64; export with --format mohico")
     if getattr(backbone, "input", "rgb") != "rgb":
-        raise MohicoError(f"{tv_name} with input={backbone.input!r} takes residual frames, torchvision's model "
+        raise MohicoError(f"{tv_name} with input={backbone.input!r} is fed residual frames, torchvision's model "
                           "takes RGB clips; export with --format mohico")
     with torch.device("meta"):  # names and shapes only: no allocation, no initialisation
         reference = getattr(tvv, tv_name)(weights=None).state_dict()
