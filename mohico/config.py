@@ -284,9 +284,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         check_keys(data, Config, (), origin)
     try:
         merged = OmegaConf.merge(*[OmegaConf.create(d) for _, d in sources]) if sources else OmegaConf.create({})
-        if overrides:   # `model.backbone_options={}` replaces the mapping (a merge would keep the old keys)
+        if overrides:   # `model.backbone_options={}` replaces the mapping (a merge would keep the old keys);
+            # `model.backbone_options.width=4` sets one entry (the dotlist cannot tell the two apart)
+            whole = {item.split("=", 1)[0].strip() for item in overrides}
             for dotted, value in mapping_fields_set(sources[-1][1], Config):
-                OmegaConf.update(merged, dotted, value, merge=False)
+                if dotted in whole:
+                    OmegaConf.update(merged, dotted, value, merge=False)
         plain = OmegaConf.to_container(merged, resolve=True)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path}: {e}") from None

@@ -195,3 +195,20 @@ def test_save_round_trip_and_hash(tmp_path):
     assert config_hash(load_config(path, ["run.dir=/elsewhere", "wandb.mode=disabled"])) == config_hash(cfg)
     assert config_hash(load_config(path, ["optim.lr=0.123"])) != config_hash(cfg)
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_dotted_override_inside_a_mapping_sets_one_entry():
+    """`model.backbone_options.width=4` changes width and keeps the config's other options (it used
+    to replace the whole mapping, silently dropping `input: residual` from motion_bench_cpu.yaml);
+    `model.backbone_options={...}` still replaces the mapping."""
+    cfg = ROOT / "configs" / "motion_bench_cpu.yaml"
+    assert load_config(cfg).model.backbone_options == {"width": 8, "input": "residual"}
+    assert load_config(cfg, ["model.backbone_options.width=4"]).model.backbone_options == \
+        {"width": 4, "input": "residual"}
+    assert load_config(cfg, ["model.backbone_options.input=rgb", "optim.lr=0.1"]).model.backbone_options == \
+        {"width": 8, "input": "rgb"}
+    assert load_config(cfg, ["model.backbone_options={width: 4}"]).model.backbone_options == {"width": 4}
+    assert load_config(cfg, ["model.backbone_options={}"]).model.backbone_options == {}
+    # both forms at once: the whole mapping, then the entry
+    assert load_config(cfg, ["model.backbone_options={width: 4}", "model.backbone_options.input=rgb"]
+                       ).model.backbone_options == {"width": 4, "input": "rgb"}
