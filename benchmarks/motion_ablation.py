@@ -14,7 +14,8 @@ frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_p
     hico        HiCo alone (visual + topical consistency, gradual sampling)
     mcl+hico    both objectives
 
-Each run dir gets eval.json; the table (mean +- sample std over seeds) is printed and written to
+Each run dir gets recipe.json (its resolved config, seed, steps; a run dir made by another recipe
+is refused, never reused) and eval.json; the table (mean +- sample std over seeds) is printed and written to
 WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a run killed mid
 way resumes from its last checkpoint.
 
@@ -28,9 +29,12 @@ each other (``--jobs`` > the free cores only stretches every run).
 Before reading the table, check the geometry with ``benchmarks/motion_diagnostics.py`` on the
 same work dir: ``upper`` (the backbone trained *supervised* on the labels at this clip geometry and
 budget) bounds what any arm can reach; ``flow`` shows whether the clips carry the motion at all;
-``features`` whether pretraining moved the backbone and towards what. At the defaults here (v2
-benchmark, 64 px crops) the supervised upper bound of this R3D-18 is still at chance while flow
-statistics reach 74% (benchmarks/RESULTS.md, "Motion benchmark v2"), so the arms cannot differ yet.
+``features`` whether pretraining moved the backbone and towards what. On RGB clips (v2 benchmark,
+64 px crops) the supervised upper bound of this R3D-18 is at chance while flow statistics reach
+74% (benchmarks/RESULTS.md, "Motion benchmark v2"); the config therefore feeds the backbone
+residual frames (``model.backbone_options.input: residual``), on which the same net learns the
+labels supervised and its random init is already well above chance ("Motion benchmark: residual
+input"): the bar every arm has to clear. ``upper --input diff`` is the supervised bound there.
 """
 from __future__ import annotations
 
@@ -91,6 +95,50 @@ def check_videos(videos: Path, size: int) -> None:
     if version != VERSION or side != size:
         raise SystemExit(f"{videos}: videos of motion benchmark version {version} at {side} px, but this run "
                          f"wants version {VERSION} at {size} px; pass another --work (or delete that dir)")
+
+
+def run_recipe(arm: str, seed: int, args) -> dict:
+    """What makes a run's numbers: the arm's resolved config (CONFIG + the arm's overrides + ``--set``,
+    less the paths), its seed, pretraining steps and eval clips per video."""
+    from mohico.config import load_config, to_dict
+
+    cfg = to_dict(load_config(CONFIG, [*(ARMS[arm] or []), *args.set, f"trainer.seed={seed}"]))
+    cfg["run"].pop("dir", None)
+    cfg["data"].pop("shards", None)
+    steps = args.steps if ARMS[arm] is not None else 0
+    return json.loads(json.dumps({"arm": arm, "seed": seed, "steps": steps, "clips": args.clips, "config": cfg}))
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out if out else {prefix: d}
+
+
+def check_run(run: Path, recipe: dict, write: bool = True) -> None:
+    """Refuse a run dir made by another recipe (another config, --set, seed, steps or clips: its
+    finished train/eval would silently stand in for this one's), naming the keys that differ and
+    the fix; record ``recipe`` in ``run/recipe.json`` for a new run (``write``)."""
+    path = run / "recipe.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != recipe:
+            a, b = _flat(old), _flat(recipe)
+            keys = sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise SystemExit(f"{run}: made by another recipe (differs in {', '.join(keys[:6])}); "
+                             "pass another --work, or delete that run dir to redo it")
+        return
+    if any((run / f).exists() for f in ("train_done.json", "eval.json", "checkpoints")):
+        raise SystemExit(f"{run}: a run without recipe.json (an older motion_ablation.py made it), so what "
+                         "made it is unknown; pass another --work, or delete that run dir to redo it")
+    if write:
+        from mohico.utils import atomic_write_json
+
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, recipe)
 
 
 def train(run: Path, overrides: list[str], seed: int, train_shards: Path, steps: int, extra: list[str]) -> float:
@@ -164,6 +212,7 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
 
 def job(arm: str, seed: int, args, train_shards: Path, test_shards: Path) -> dict:
     run = Path(args.work) / "runs" / f"{arm}-s{seed}"
+    check_run(run, run_recipe(arm, seed, args))
     seconds = 0.0
     if ARMS[arm] is None:
         ckpt = "random"
@@ -267,6 +316,7 @@ def main() -> None:
             for seed in args.seeds:
                 run = work / "runs" / f"{arm}-s{seed}"
                 if (run / "eval.json").exists():
+                    check_run(run, run_recipe(arm, seed, args), write=False)
                     res = json.loads((run / "eval.json").read_text())
                     secs = json.loads((run / "train_done.json").read_text())["seconds"] if ARMS[arm] is not None else 0.0
                     rows.append({"arm": arm, "seed": seed, "train_seconds": secs,

@@ -7,8 +7,10 @@ minutes on one core:
 
     upper      (a) an upper bound: the same backbone trained *supervised* on the motion labels of
                the train clips for ``--steps`` steps of batch 8; test accuracy per clip and per video
-               (mean of its clips' softmax). ``--input diff`` feeds frame differences instead of RGB
-               (is the net able to use motion when it is handed to it?); ``--moving-only`` trains
+               (mean of its clips' softmax). The backbone takes the config's input
+               (``model.backbone_options.input``; residual frames in motion_bench_cpu.yaml);
+               ``--input rgb`` forces RGB clips, ``--input diff`` feeds the T-1 frame differences
+               to an RGB backbone (is the net able to use motion when it is handed to it?); ``--moving-only`` trains
                and tests on the clips > 70% in motion only (do the still stretches dilute it?).
     flow       (b) is the motion in the clips as the loader yields them? Farneback optical flow
                statistics of each clip (mean |u|, |v|, divergence, curl, global coherence ...)
@@ -18,7 +20,7 @@ minutes on one core:
                the L2-normalised clip embeddings, kNN on the motion label and on the appearance
                attributes the synth records (first object's pattern and shape in the clip's shot).
 
-    .venv/bin/python benchmarks/motion_diagnostics.py upper [--steps 150] [--input rgb|diff] [--opt sgd|adamw]
+    .venv/bin/python benchmarks/motion_diagnostics.py upper [--steps 150] [--input config|rgb|diff] [--opt sgd|adamw]
         [--moving-only]
     .venv/bin/python benchmarks/motion_diagnostics.py flow
     .venv/bin/python benchmarks/motion_diagnostics.py features [--runs nce-s0 mcl-s0 ...]
@@ -146,7 +148,10 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     from mohico.models.backbones import build_backbone
 
     torch.manual_seed(args.seed)
-    backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
+    options = dict(cfg.model.backbone_options)
+    if args.input != "config":   # rgb / diff: the backbone takes the clip (or FrameDiff's output) as is
+        options.pop("input", None)
+    backbone = build_backbone(cfg.model.backbone, **options)
     model = nn.Sequential(*([FrameDiff()] if args.input == "diff" else []), backbone,
                           nn.Linear(backbone.out_dim, len(classes)))
     lr = args.lr or (0.05 if args.opt == "sgd" else 2e-3)
@@ -290,7 +295,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="key=value")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--input", choices=("rgb", "diff"), default="rgb")
+    ap.add_argument("--input", choices=("config", "rgb", "diff"), default="config",
+                    help="upper: the config's model.backbone_options.input, RGB clips, or frame differences")
     ap.add_argument("--moving-only", action="store_true", help="upper: only clips > 70%% in motion")
     ap.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
     ap.add_argument("--lr", type=float, default=0.0, help="0: 0.05 for sgd, 2e-3 for adamw")
