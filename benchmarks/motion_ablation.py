@@ -109,15 +109,6 @@ def run_recipe(arm: str, seed: int, args) -> dict:
     return json.loads(json.dumps({"arm": arm, "seed": seed, "steps": steps, "clips": args.clips, "config": cfg}))
 
 
-def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out if out else {prefix: d}
-
-
 def check_run(run: Path, recipe: dict, write: bool = True) -> None:
     """Refuse a run dir made by another recipe (another config, --set, seed, steps or clips: its
     finished train/eval would silently stand in for this one's), naming the keys that differ and
@@ -126,9 +117,10 @@ def check_run(run: Path, recipe: dict, write: bool = True) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         if old != recipe:
-            a, b = _flat(old), _flat(recipe)
-            keys = sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise SystemExit(f"{run}: made by another recipe (differs in {', '.join(keys[:6])}); "
+            from mohico.trainer.checkpoint.config_check import config_difference
+
+            diff = config_difference(old, recipe)
+            raise SystemExit(f"{run}: made by another recipe ({'; '.join(diff[:6])}); "
                              "pass another --work, or delete that run dir to redo it")
         return
     if any((run / f).exists() for f in ("train_done.json", "eval.json", "checkpoints")):

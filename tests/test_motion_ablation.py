@@ -35,8 +35,8 @@ def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path):
     run = tmp_path / "runs" / "nce-s0"
     _finished(run, 0.33)
     (run / "recipe.json").write_text(json.dumps(m.run_recipe("nce", 0, old)))
-    with pytest.raises(SystemExit, match=r"nce-s0: made by another recipe \(differs in "
-                                         r"config.model.backbone_options.input\).*another --work"):
+    with pytest.raises(SystemExit, match=r"nce-s0: made by another recipe \(config.model.backbone_options.input: "
+                                         r"'rgb' -> 'residual'\).*another --work"):
         m.job("nce", 0, args, tmp_path / "train", tmp_path / "test")
 
     # the same recipe: the finished run is reused as it is

@@ -120,8 +120,8 @@ class VideoResNet(nn.Module):
 
     Stages ``stem, layer1..layer4`` (torchvision's names); ``x: (B, 3, T, H, W)`` ->
     ``emb: (B, 8 * width)``; the feature map is the pre-BN output of ``layer4[-1].conv2[0]``,
-    ``(B, 8 * width, T/8, H/16, W/16)`` (rounded up). ``input="residual"``: the net sees
-    :func:`residual_frames` of ``x``.
+    ``(B, 8 * width, T/8, H/16, W/16)`` (rounded up). ``input``: the stem sees
+    :func:`prepare_input` of ``x`` (the clip, its residual frames, or both).
     """
 
     feature_layer = "layer4.1.conv2.0"
@@ -203,8 +203,8 @@ class S3D(nn.Module):
     pool of ``features`` (torchvision's own head averages 2x7x7 windows, which equals it at
     its 16x224x224 input). The feature map is the concatenation of the four branches of the
     last inception block taken after their last convolution, before its BN and ReLU:
-    ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up). ``input="residual"``: the net sees
-    :func:`residual_frames` of ``x``.
+    ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up). ``input``: the first convolution sees
+    :func:`prepare_input` of ``x`` (the clip, its residual frames, or both).
     """
 
     feature_layer = "features.15"
