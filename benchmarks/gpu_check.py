@@ -2,7 +2,8 @@
 
     bash benchmarks/gpu_check.sh [--work /tmp/mohico-gpu-check] [--skip pretrain,...]
 
-On a machine with a CUDA GPU (sized for < 10 min on one H100, most of it the short training runs; not yet run on a GPU):
+On a machine with a CUDA GPU (98 s on one H200, 2026-11-26, most of it the short training runs; table in
+benchmarks/RESULTS.md, "First GPU run"):
   dali        synthetic VP9 and H.264 shards through build_loader with DALI "mixed" (NVDEC) vs the
               CPU backend (DALI CPU for VP9, PyAV for H.264): clips/s of each; the same sampler draws
               (keys, frames, boxes equal) and the decoded clips agree (mean |diff| < 3 grey levels);

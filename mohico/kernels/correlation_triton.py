@@ -189,14 +189,19 @@ def _launch_cfg(f1: torch.Tensor, radius: int):
         raise ValueError(f"triton correlation uses int32 offsets: B*C*H*W = {B * C * H * W} >= 2**31; "
                          "call it on smaller batches")
     block_c = max(2, triton.next_power_of_2(C))
-    block_p = max(16, min(128, 4096 // block_c))  # f1, f2 and dL/df tiles fit in registers
-    return B, C, H, W, block_c, block_p, (B, triton.cdiv(H * W, block_p))
+    # 8 pixels x all channels per program, one warp. Measured on an H200, N = 128, 28 x 28, r = 7
+    # (benchmarks/correlation_launch.py; table in benchmarks/RESULTS.md): forward + backward took
+    # 16.5 / 11.0 / 28.5 ms at C = 64 / 32 / 128, against 126 ms for the former 64 pixels x 4 warps
+    # at C = 64; wider blocks and more warps were slower at every C measured.
+    block_p = max(8, min(128, 256 // block_c))
+    num_warps = 1
+    return B, C, H, W, block_c, block_p, num_warps, (B, triton.cdiv(H * W, block_p))
 
 
 def correlation_forward_triton(f1, f2, radius, sigma, temperature, out=None):
     """Returns (dx, dy, conf, idx, denom), each (B, H, W); ``out`` may pass those buffers."""
     f1, f2 = f1.contiguous(), f2.contiguous()
-    B, C, H, W, block_c, block_p, grid = _launch_cfg(f1, radius)
+    B, C, H, W, block_c, block_p, num_warps, grid = _launch_cfg(f1, radius)
     if out is None:
         dx, dy, conf, denom = (torch.empty((B, H, W), dtype=f1.dtype, device=f1.device) for _ in range(4))
         idx = torch.empty((B, H, W), dtype=torch.int32, device=f1.device)
@@ -206,20 +211,21 @@ def correlation_forward_triton(f1, f2, radius, sigma, temperature, out=None):
         with launch_env(INTERPRETED):
             _corr_fwd_kernel[grid](f1, f2, dx, dy, conf, idx, denom, C, H, W,
                                    1.0 / (2.0 * sigma * sigma), float(temperature),
-                                   R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p)
+                                   R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return dx, dy, conf, idx, denom
 
 
 def correlation_backward_triton(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature,
                                 out=None):
     """Returns (df1, df2), each (B, C, H, W); ``out`` may pass those buffers."""
-    B, C, H, W, block_c, block_p, grid = _launch_cfg(f1, radius)
+    B, C, H, W, block_c, block_p, num_warps, grid = _launch_cfg(f1, radius)
     df1, df2 = out if out is not None else (torch.empty_like(f1), torch.empty_like(f2))
     gout = gout.to(f1.dtype).contiguous()
     if B * H * W:
         args = (f1, f2, dx, dy, conf, idx.to(torch.int32), denom, gout)
         scal = (C, H, W, 1.0 / (2.0 * sigma * sigma), float(temperature))
         with launch_env(INTERPRETED):
-            _corr_bwd_f1_kernel[grid](*args, df1, *scal, R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p)
-            _corr_bwd_f2_kernel[grid](*args, df2, *scal, R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p)
+            launch = dict(R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+            _corr_bwd_f1_kernel[grid](*args, df1, *scal, **launch)
+            _corr_bwd_f2_kernel[grid](*args, df2, *scal, **launch)
     return df1, df2
