@@ -25,7 +25,7 @@ demo: venv
 	@DEMO_DIR=$(DEMO_DIR) PATH=$(VENV)/bin:$$PATH bash scripts/demo.sh
 
 test: venv
-	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q --durations=15 tests
 
 test-fast: venv
 	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests
