@@ -192,7 +192,8 @@ def _launch_cfg(f1: torch.Tensor, radius: int):
     # 8 pixels x all channels per program, one warp. Measured on an H200, N = 128, 28 x 28, r = 7
     # (benchmarks/correlation_launch.py; table in benchmarks/RESULTS.md): forward + backward took
     # 16.5 / 11.0 / 28.5 ms at C = 64 / 32 / 128, against 126 ms for the former 64 pixels x 4 warps
-    # at C = 64; wider blocks and more warps were slower at every C measured.
+    # at C = 64. It was the fastest launch at C = 64 and 128, and 25% slower than the fastest (8 pixels
+    # x 2 warps) at C = 32; wider blocks were slower at every C measured.
     block_p = max(8, min(128, 256 // block_c))
     num_warps = 1
     return B, C, H, W, block_c, block_p, num_warps, (B, triton.cdiv(H * W, block_p))
