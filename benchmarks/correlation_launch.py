@@ -2,7 +2,7 @@
 x warps, for several channel counts. Every variant's outputs are checked against the default
 launch; the row ``_launch_cfg`` picks is marked. Needs a CUDA GPU.
 
-    python benchmarks/correlation_launch.py [--channels 32,64,128] [--n 128] [--size 28] [--radius 7]
+    .venv/bin/python benchmarks/correlation_launch.py [--channels 32,64,128] [--n 128] [--size 28] [--radius 7]
 """
 from __future__ import annotations
 
