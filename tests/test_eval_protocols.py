@@ -19,7 +19,7 @@ from mohico.config import load_config
 from mohico.errors import MohicoError
 from mohico.trainer import eval_protocols as P
 from mohico.trainer.eval_features import FeatureSet, extract_features
-from mohico.trainer.linear_probe import fit_linear, stratified_holdout, video_probabilities
+from mohico.trainer.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -108,6 +108,52 @@ def test_video_probabilities_average_softmax_over_views():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(video_probabilities(probe, feats).numpy(), p.mean(1), rtol=1e-5)
+
+
+def test_stratified_folds_spread_every_class():
+    y = np.array([0] * 10 + [1] * 3 + [2] * 7 + [3])
+    fold = stratified_folds(y, 5, seed=0)
+    assert fold.shape == y.shape and set(fold.tolist()) == set(range(5))
+    for c in range(4):                                   # a class puts n // 5 or one more in each fold
+        counts = np.bincount(fold[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1, (c, counts)
+    sizes = np.bincount(fold, minlength=5)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == len(y)
+    assert np.array_equal(fold, stratified_folds(y, 5, seed=0))
+    assert not np.array_equal(fold, stratified_folds(y, 5, seed=1))
+    with pytest.raises(MohicoError, match="6 folds need 2 <= folds <= the 5 train videos"):
+        stratified_folds(np.arange(5), 6)
+
+
+def test_linear_search_by_folds_matches_a_hand_computed_cross_validation():
+    """The k-fold search against a second computation: each setting fitted on 4 folds, scored on the
+    fifth with numpy's argmax of the mean view softmax, correct counts pooled; then the refit."""
+    train, test = blobs(8, 3, 2, 6, 4, spread=1.2, prefix="tr"), blobs(4, 3, 2, 6, 5, spread=1.2, prefix="te")
+    lrs, wds = (0.003, 0.3), (0.0, 0.1)
+    res = P.linear(train, test, lrs=lrs, weight_decays=wds, epochs=15, batch_size=8, folds=4, seed=3)
+    y = np.array([int(lab[5:]) for lab in train.labels])
+    fold = stratified_folds(y, 4, seed=3)
+    expected = []
+    for lr in lrs:
+        for wd in wds:
+            correct = 0
+            for f in range(4):
+                tr, ho = fold != f, fold == f
+                probe = fit_linear(train.feats[tr].reshape(-1, 6), np.repeat(y[tr], 2), 3, lr, wd, 15, 8, seed=3)
+                z = (train.feats[ho].astype(np.float64) - probe.mean.double().numpy()) / probe.std.double().numpy()
+                logits = z @ probe.weight.double().numpy().T + probe.bias.double().numpy()
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                correct += int(((p / p.sum(-1, keepdims=True)).mean(1).argmax(1) == y[ho]).sum())
+            expected.append({"lr": lr, "weight_decay": wd, "val_top1": correct / len(y)})
+    assert res["search"] == expected and res["folds"] == 4
+    vals = [e["val_top1"] for e in expected]
+    assert len(set(vals)) > 1                            # the settings do differ on these blobs
+    best = expected[vals.index(max(vals))]
+    assert (res["lr"], res["weight_decay"]) == (best["lr"], best["weight_decay"])
+    one = P.linear(train, test, lrs=lrs, weight_decays=wds, epochs=15, batch_size=8, folds=1, seed=3)
+    assert one["folds"] == 1 and one["val_fraction"] == 0.2
+    with pytest.raises(MohicoError, match="folds must be >= 1"):
+        P.linear(train, test, lrs=lrs, weight_decays=wds, folds=0)
 
 
 def test_stratified_holdout():

@@ -92,6 +92,21 @@ def video_probabilities(probe: LinearProbe, feats: np.ndarray) -> torch.Tensor:
     return p.reshape(v, c, -1).mean(dim=1)
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index ``(N,)`` in ``[0, folds)`` of each video: every class's videos, in a seeded random
+    order, are dealt round the folds in turn (a class of ``n`` videos puts ``n // folds`` or one
+    more in each fold), continuing where the previous class stopped, so the fold sizes differ by at
+    most one and no fold is empty when ``N >= folds``."""
+    labels = np.asarray(labels)
+    if folds < 2 or folds > len(labels):
+        raise MohicoError(f"linear probe: {folds} folds need 2 <= folds <= the {len(labels)} train videos")
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    fold = np.empty(len(labels), dtype=np.int64)
+    fold[order] = np.arange(len(order)) % folds
+    return fold
+
+
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     """Bool mask ``(N,)`` of a held-out ``fraction`` of each class (rounded, at least one video of a
     class with two or more, never all of a class); deterministic in ``seed``."""

@@ -63,10 +63,14 @@ def add_arguments(p):
     g.add_argument("--recall-at", default="1,5,10,20,50", metavar="K,K,...", help="recall@k (default 1,5,10,20,50)")
     g = p.add_argument_group("linear")
     g.add_argument("--lr", default="0.01,0.1,1", metavar="LR,...", help="learning rates searched (default 0.01,0.1,1)")
-    g.add_argument("--wd", default="0,1e-4,1e-3", metavar="WD,...", help="weight decays searched (default 0,1e-4,1e-3)")
+    g.add_argument("--wd", default="0,1e-3,1e-2,1e-1", metavar="WD,...",
+                   help="weight decays searched (default 0,1e-3,1e-2,1e-1)")
     g.add_argument("--epochs", type=int, default=100, help="SGD epochs over the train views (default 100)")
     g.add_argument("--linear-batch-size", type=int, default=256, help="SGD batch size (default 256)")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="held-out part of train for the search (default 0.2)")
+    g.add_argument("--folds", type=int, default=5,
+                   help="cross-validation folds of train for the search (default 5; 1: one held-out part, "
+                        "--val-fraction; the search fits folds x grid probes)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="with --folds 1: held-out part of train (default 0.2)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and SGD order (default 0)")
     g = p.add_argument_group("finetune (the rest comes from --config: finetune.*, optim.*, trainer.*, run.dir)")
     g.add_argument("--nproc", type=int, default=None, help="local ranks (default: trainer.nproc)")
@@ -129,10 +133,11 @@ def run(args) -> int:
             raise UsageError(f"--recall-at needs ks >= 1, got {args.recall_at!r}")
         options = {"ks": ks}
     else:
-        if args.epochs < 1 or args.linear_batch_size < 1 or not 0 < args.val_fraction < 1:
-            raise UsageError("--epochs and --linear-batch-size must be >= 1 and 0 < --val-fraction < 1")
+        if args.epochs < 1 or args.linear_batch_size < 1 or args.folds < 1 or not 0 < args.val_fraction < 1:
+            raise UsageError("--epochs, --linear-batch-size and --folds must be >= 1 and 0 < --val-fraction < 1")
         options = {"lrs": _floats(args.lr, "--lr"), "weight_decays": _floats(args.wd, "--wd"), "epochs": args.epochs,
-                   "batch_size": args.linear_batch_size, "val_fraction": args.val_fraction, "seed": args.seed}
+                   "batch_size": args.linear_batch_size, "folds": args.folds, "val_fraction": args.val_fraction,
+                   "seed": args.seed}
     config = args.config
     if config is None:
         run_cfg = Path(ckpt) / "config.yaml"
