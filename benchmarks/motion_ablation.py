@@ -14,13 +14,19 @@ frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_p
     hico        HiCo alone (visual + topical consistency, gradual sampling)
     mcl+hico    both objectives
 
-Each run dir gets recipe.json (its resolved config, seed, steps; a run dir made by another recipe
-is refused, never reused) and eval.json; the table (mean +- sample std over seeds) is printed and written to
-WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a run killed mid
+Each run dir gets recipe.json (its resolved config, seed, steps, eval clips and pretraining videos;
+a run dir made by another recipe is refused, never reused) and, per test set, eval-test{N}.json and
+features-test{N}.npz (a run is trained once and scored on every test set it is asked for); the table
+(mean +- sample std over seeds) is printed and written to WORK/summary.json. Re-running skips finished runs and evaluations (resumable); a run killed mid
 way resumes from its last checkpoint.
 
     .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion-v2] [--seeds 0 1 2]
-        [--arms random nce ...] [--steps 300] [--size 128] [--jobs 1] [--set key=value ...] [--table]
+        [--arms random nce ...] [--steps 300] [--train-videos 200] [--test-videos 500] [--size 128] [--jobs 1]
+        [--set key=value ...] [--table]
+
+500 test videos (the default since 2026-11-26; 100 before): one backbone's top-1 on N test videos
+carries a binomial noise of about sqrt(p (1 - p) / N), +-5 points at 100 and +-2.2 at 500, and at
+100 it was as large as the effects the ablation looks for (benchmarks/RESULTS.md).
 
 A work dir holds one benchmark version at one size (checked: another is refused). On 2 idle
 cores a run takes ~3.5 min and an evaluation ~20 s; ``--jobs 1`` keeps the runs from slowing
@@ -60,6 +66,27 @@ ARMS: dict[str, list[str] | None] = {
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],
 }
+EVAL_VERSION = 2   # 2 (2026-11-26): the linear probe's search by 5-fold cross-validation, wd grid 0-0.1
+
+
+def eval_name(test_videos: int) -> str:
+    """A run's scores on the ``test_videos`` test set (``features_name``: its clip features)."""
+    return f"eval-test{test_videos}.json"
+
+
+def features_name(test_videos: int) -> str:
+    return f"features-test{test_videos}.npz"
+
+
+def current_scores(path: Path) -> dict | None:
+    """The scores in ``path`` if the current protocols (``EVAL_VERSION``) made them, else None: a
+    run scored by an older protocol is rescored, never mixed into the table."""
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    return res if res.get("eval_version") == EVAL_VERSION else None
+
+
 METRICS = (("knn", "top1"), ("retrieval", "recall@1"), ("retrieval", "recall@5"), ("linear", "top1"))
 
 
@@ -99,14 +126,16 @@ def check_videos(videos: Path, size: int) -> None:
 
 def run_recipe(arm: str, seed: int, args) -> dict:
     """What makes a run's numbers: the arm's resolved config (CONFIG + the arm's overrides + ``--set``,
-    less the paths), its seed, pretraining steps and eval clips per video."""
+    less the paths), its seed, pretraining steps, eval clips per video and the train videos (pretraining
+    data and the eval's labelled set). Not the test set: each has its own evaluation file."""
     from mohico.config import load_config, to_dict
 
     cfg = to_dict(load_config(CONFIG, [*(ARMS[arm] or []), *args.set, f"trainer.seed={seed}"]))
     cfg["run"].pop("dir", None)
     cfg["data"].pop("shards", None)
     steps = args.steps if ARMS[arm] is not None else 0
-    return json.loads(json.dumps({"arm": arm, "seed": seed, "steps": steps, "clips": args.clips, "config": cfg}))
+    return json.loads(json.dumps({"arm": arm, "seed": seed, "steps": steps, "clips": args.clips,
+                                  "train_videos": args.train_videos, "config": cfg}))
 
 
 def check_run(run: Path, recipe: dict, write: bool = True) -> None:
@@ -123,7 +152,7 @@ def check_run(run: Path, recipe: dict, write: bool = True) -> None:
             raise SystemExit(f"{run}: made by another recipe ({'; '.join(diff[:6])}); "
                              "pass another --work, or delete that run dir to redo it")
         return
-    if any((run / f).exists() for f in ("train_done.json", "eval.json", "checkpoints")):
+    if any((run / f).exists() for f in ("train_done.json", "eval.json", "checkpoints")) or any(run.glob("eval-test*.json")):
         raise SystemExit(f"{run}: a run without recipe.json (an older motion_ablation.py made it), so what "
                          "made it is unknown; pass another --work, or delete that run dir to redo it")
     if write:
@@ -169,9 +198,10 @@ def eval_clips(shards: Path, cfg, clips: int) -> list:
     return torch.load(path, weights_only=False)
 
 
-def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: Path, clips: int,
+def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: Path, clips: int, test_videos: int,
              extra: list[str]) -> dict:
-    """kNN, retrieval and linear probe of one backbone on frozen features; cached in run/eval.json."""
+    """kNN, retrieval and linear probe of one backbone on frozen features; cached in
+    ``run/eval-test{test_videos}.json`` (features in ``run/features-test{test_videos}.npz``)."""
     import torch
 
     from mohico.config import load_config
@@ -180,24 +210,37 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     from mohico.trainer.knn_eval import load_eval_backbone
     from mohico.utils import atomic_write_json
 
-    out = run / "eval.json"
-    if out.exists():
-        return json.loads(out.read_text())
-    torch.set_num_threads(1)
-    config = run / "config.yaml" if ckpt != "random" else CONFIG
-    cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])
-    backbone = load_eval_backbone(ckpt, cfg, config)
-    cpu = torch.device("cpu")
-    tr = embed_views(backbone, eval_clips(train_shards, cfg, clips), cpu).labelled("train shards")
-    te = embed_views(backbone, eval_clips(test_shards, cfg, clips), cpu).labelled("test shards")
     import numpy as np
 
-    run.mkdir(parents=True, exist_ok=True)
-    np.savez(run / "features.npz", train=tr.feats, test=te.feats, train_sources=np.array(tr.sources),
-             test_sources=np.array(te.sources), train_labels=np.array(tr.labels), test_labels=np.array(te.labels))
-    res = {"knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te), "linear": ep.linear(tr, te, seed=seed)}
+    from mohico.trainer.eval_features import FeatureSet
+
+    out = run / eval_name(test_videos)
+    if (res := current_scores(out)) is not None:
+        return res
+    torch.set_num_threads(1)
+    feats = run / features_name(test_videos)
+    saved = np.load(feats) if feats.exists() else None
+    if saved is not None and "train_keys" in saved:   # the same run's clip features (a run is never retrained)
+        tr, te = (FeatureSet(list(map(str, saved[f"{s}_keys"])), list(map(str, saved[f"{s}_sources"])),
+                             list(map(str, saved[f"{s}_labels"])), saved[s]) for s in ("train", "test"))
+    else:
+        config = run / "config.yaml" if ckpt != "random" else CONFIG
+        cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])
+        backbone = load_eval_backbone(ckpt, cfg, config)
+        cpu = torch.device("cpu")
+        tr = embed_views(backbone, eval_clips(train_shards, cfg, clips), cpu).labelled("train shards")
+        te = embed_views(backbone, eval_clips(test_shards, cfg, clips), cpu).labelled("test shards")
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = feats.with_name(f".{feats.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{f"{s}{k}": np.array(v) for s, fs in (("train", tr), ("test", te))
+                         for k, v in (("", fs.feats), ("_keys", fs.keys), ("_sources", fs.sources),
+                                      ("_labels", fs.labels))})
+        os.replace(tmp, feats)
+    res = {"eval_version": EVAL_VERSION, "knn": ep.knn(tr, te), "retrieval": ep.retrieval(tr, te),
+           "linear": ep.linear(tr, te, seed=seed)}
     for r in res.values():
-        r.pop("per_video", None)
+        if isinstance(r, dict):
+            r.pop("per_video", None)
     atomic_write_json(out, res)
     return res
 
@@ -212,19 +255,20 @@ def job(arm: str, seed: int, args, train_shards: Path, test_shards: Path) -> dic
         seconds = train(run, ARMS[arm], seed, train_shards, args.steps, args.set)
         ckpt = str(run)
     # evaluate in a child process: a fresh interpreter per job keeps the parallel jobs' torch state apart
-    if not (run / "eval.json").exists():
+    scores = run / eval_name(args.test_videos)
+    if current_scores(scores) is None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         subprocess.run([sys.executable, __file__, "--_eval", str(run), ckpt, str(seed), str(train_shards),
-                        str(test_shards), str(args.clips), *[f"--set={s}" for s in args.set]],
+                        str(test_shards), str(args.clips), str(args.test_videos), *[f"--set={s}" for s in args.set]],
                        env=env, check=True)
-    res = json.loads((run / "eval.json").read_text())
+    res = current_scores(scores)
     print(f"[{time.strftime('%H:%M:%S')}] {arm} seed {seed}: train {seconds:.0f} s, "
           + ", ".join(f"{p} {m} {res[p][m]:.3f}" for p, m in METRICS), flush=True)
     return {"arm": arm, "seed": seed, "train_seconds": seconds, **{f"{p}/{m}": res[p][m] for p, m in METRICS}}
 
 
-def motion_probe(run: Path, videos: tuple[Path, Path], cfg, clips: int) -> dict:
-    """Does the backbone see motion at all? On its saved eval features (``run/features.npz``):
+def motion_probe(features: Path, videos: tuple[Path, Path], cfg, clips: int) -> dict:
+    """Does the backbone see motion at all? On a run's saved eval features (``features``):
     clip-level kNN of moving (>70% of frames in motion, from the ground truth) test clips among
     moving train clips, the same for still (<30%) clips, and a 2-way kNN of moving-vs-still with
     the majority-answer baseline."""
@@ -234,7 +278,7 @@ def motion_probe(run: Path, videos: tuple[Path, Path], cfg, clips: int) -> dict:
     from mohico.datasets.load.sampling import clip_frames
     from mohico.trainer.knn_eval import eval_starts, knn_scores
 
-    f = np.load(run / "features.npz")
+    f = np.load(features)
     T, stride = cfg.data.clip_len, cfg.data.frame_stride
 
     def moving(sources, folder):
@@ -282,9 +326,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_eval":
-        run, ckpt, seed, tr, te, clips = sys.argv[2:8]
-        extra = [a.split("=", 1)[1] for a in sys.argv[8:]]
-        evaluate(Path(run), ckpt, int(seed), Path(tr), Path(te), int(clips), extra)
+        run, ckpt, seed, tr, te, clips, test_videos = sys.argv[2:9]
+        extra = [a.split("=", 1)[1] for a in sys.argv[9:]]
+        evaluate(Path(run), ckpt, int(seed), Path(tr), Path(te), int(clips), int(test_videos), extra)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/mohico-motion-v2")
@@ -292,7 +336,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps per run (same for every arm)")
     ap.add_argument("--train-videos", type=int, default=200)
-    ap.add_argument("--test-videos", type=int, default=100)
+    ap.add_argument("--test-videos", type=int, default=500, help="videos of the test set (binomial noise ~2 points at 500)")
     ap.add_argument("--size", type=int, default=128, help="video side in pixels (the config's 64 px crops need >= 108)")
     ap.add_argument("--clips", type=int, default=4, help="eval clips per video")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated at once")
@@ -303,27 +347,35 @@ def main() -> None:
 
     work = Path(args.work)
     if args.table:
-        rows = []
+        rows, stale = [], []
         for arm in ARMS:
             for seed in args.seeds:
                 run = work / "runs" / f"{arm}-s{seed}"
-                if (run / "eval.json").exists():
+                if (run / eval_name(args.test_videos)).exists() and current_scores(run / eval_name(args.test_videos)) is None:
+                    stale.append(run.name)
+                if (res := current_scores(run / eval_name(args.test_videos))) is not None:
                     check_run(run, run_recipe(arm, seed, args), write=False)
-                    res = json.loads((run / "eval.json").read_text())
                     secs = json.loads((run / "train_done.json").read_text())["seconds"] if ARMS[arm] is not None else 0.0
                     rows.append({"arm": arm, "seed": seed, "train_seconds": secs,
                                  **{f"{p}/{m}": res[p][m] for p, m in METRICS}})
         print(table(rows))
+        if stale:
+            print(f"left out, scored by an older evaluation protocol: {', '.join(stale)}; "
+                  "run the same command without --table to rescore them (their training is reused)")
         from mohico.config import load_config
 
         cfg = load_config(CONFIG, args.set)
         videos = (work / f"videos-train-{args.train_videos}", work / f"videos-test-{args.test_videos}")
+        if missing := [str(v) for v in videos if not v.is_dir()]:
+            print(f"\nno motion probe: {', '.join(missing)} missing (the probe reads each clip's ground truth "
+                  "there; the videos the ablation made, kept in --work)")
+            return
         print("\nmotion probe on the saved clip features (%): kNN of moving clips | of still clips | "
               "moving-vs-still kNN | its majority baseline")
         for r in rows:
             run = work / "runs" / f"{r['arm']}-s{r['seed']}"
-            if (run / "features.npz").exists():
-                p = motion_probe(run, videos, cfg, args.clips)
+            if (run / features_name(args.test_videos)).exists():
+                p = motion_probe(run / features_name(args.test_videos), videos, cfg, args.clips)
                 print(f"{r['arm']:>10} s{r['seed']}: " + " | ".join(f"{100 * v:.1f}" for v in p.values()))
         return
     work.mkdir(parents=True, exist_ok=True)

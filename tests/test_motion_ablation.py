@@ -18,22 +18,25 @@ def _driver():
     return mod
 
 
-def _finished(run: Path, knn: float) -> None:
-    """A run dir as the driver leaves it: trained and evaluated."""
+def _finished(run: Path, knn: float, scores: str = "eval-test100.json", version: int | None = None) -> None:
+    """A run dir as the driver leaves it: trained and evaluated (on 100 test videos; ``eval.json``:
+    as an older driver left it)."""
     run.mkdir(parents=True)
     (run / "train_done.json").write_text(json.dumps({"seconds": 12.0, "cmd": []}))
     metrics = {"knn": {"top1": knn}, "retrieval": {"recall@1": 0.1, "recall@5": 0.5}, "linear": {"top1": 0.2}}
-    (run / "eval.json").write_text(json.dumps(metrics))
+    if version is not None:
+        metrics["eval_version"] = version
+    (run / scores).write_text(json.dumps(metrics))
 
 
 def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path):
     """The fault: after a config change (here the backbone input) the driver skipped every finished
     run by its eval.json and mixed the old config's numbers into the new table."""
     m = _driver()
-    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4)
+    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
     old = argparse.Namespace(**{**vars(args), "set": ["model.backbone_options={width: 8, input: rgb}"]})
     run = tmp_path / "runs" / "nce-s0"
-    _finished(run, 0.33)
+    _finished(run, 0.33, version=m.EVAL_VERSION)
     (run / "recipe.json").write_text(json.dumps(m.run_recipe("nce", 0, old)))
     with pytest.raises(SystemExit, match=r"nce-s0: made by another recipe \(config.model.backbone_options.input: "
                                          r"'rgb' -> 'residual'\).*another --work"):
@@ -52,11 +55,61 @@ def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path):
 
 def test_a_finished_run_without_a_recipe_is_refused(tmp_path):
     m = _driver()
-    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4)
-    _finished(tmp_path / "runs" / "mcl-s2", 0.4)
+    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
+    for name, scores in (("mcl-s2", "eval.json"), ("nce-s2", "eval-test500.json")):
+        _finished(tmp_path / "runs" / name, 0.4, scores)
+    with pytest.raises(SystemExit, match="nce-s2: a run without recipe.json.*delete that run dir"):
+        m.job("nce", 2, args, tmp_path / "train", tmp_path / "test")
     with pytest.raises(SystemExit, match="mcl-s2: a run without recipe.json.*delete that run dir"):
         m.job("mcl", 2, args, tmp_path / "train", tmp_path / "test")
     # a new run dir gets its recipe written before anything runs
     fresh = tmp_path / "runs" / "nce-s1"
     m.check_run(fresh, m.run_recipe("nce", 1, args))
     assert json.loads((fresh / "recipe.json").read_text()) == m.run_recipe("nce", 1, args)
+
+
+def test_an_evaluation_on_another_test_set_is_not_reused(tmp_path, monkeypatch):
+    """The fault: eval.json did not record which test videos it scored, so re-running a work dir with
+    --test-videos 500 silently reused the scores on 100 test videos. A run's evaluation is now kept
+    per test set (the run itself, trained on the train videos only, is reused)."""
+    m = _driver()
+    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
+    run = tmp_path / "runs" / "nce-s0"
+    m.check_run(run, m.run_recipe("nce", 0, args))
+    (run / "train_done.json").write_text(json.dumps({"seconds": 12.0, "cmd": []}))
+    evaluated = []
+
+    def fake_eval(cmd, **kw):          # stands in for the child process of evaluate()
+        test_shards = Path(cmd[cmd.index("--_eval") + 5])
+        n = int(test_shards.name.rsplit("-", 1)[1])
+        evaluated.append(n)
+        metrics = {"knn": {"top1": n / 1000}, "retrieval": {"recall@1": 0.1, "recall@5": 0.5}, "linear": {"top1": 0.2},
+                   "eval_version": m.EVAL_VERSION}
+        (run / m.eval_name(n)).write_text(json.dumps(metrics))
+
+    monkeypatch.setattr(m.subprocess, "run", fake_eval)
+    assert m.job("nce", 0, args, tmp_path / "shards-train-200", tmp_path / "shards-test-100")["knn/top1"] == 0.1
+    big = argparse.Namespace(**{**vars(args), "test_videos": 500})
+    assert m.job("nce", 0, big, tmp_path / "shards-train-200", tmp_path / "shards-test-500")["knn/top1"] == 0.5
+    assert evaluated == [100, 500]
+    # both evaluations stay; a third call reuses the first
+    assert m.job("nce", 0, args, tmp_path / "shards-train-200", tmp_path / "shards-test-100")["knn/top1"] == 0.1
+    assert evaluated == [100, 500]
+    # scores of an older evaluation protocol are redone, not reused
+    (run / m.eval_name(100)).write_text(json.dumps({"knn": {"top1": 0.9}, "eval_version": m.EVAL_VERSION - 1}))
+    assert m.job("nce", 0, args, tmp_path / "shards-train-200", tmp_path / "shards-test-100")["knn/top1"] == 0.1
+    assert evaluated == [100, 500, 100]
+
+
+def test_a_run_pretrained_on_other_train_videos_is_refused(tmp_path):
+    """The pretraining data is part of a run's recipe: a run trained on 200 videos does not stand in
+    for one on 400."""
+    m = _driver()
+    args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=500)
+    m.check_run(tmp_path / "runs" / "mcl-s0", m.run_recipe("mcl", 0, args))
+    more = argparse.Namespace(**{**vars(args), "train_videos": 400})
+    with pytest.raises(SystemExit, match=r"mcl-s0: made by another recipe \(train_videos: 200 -> 400\)"):
+        m.check_run(tmp_path / "runs" / "mcl-s0", m.run_recipe("mcl", 0, more))
+    # the test set is not: it only decides which evaluation file is read
+    other_test = argparse.Namespace(**{**vars(args), "test_videos": 100})
+    assert m.run_recipe("mcl", 0, other_test) == m.run_recipe("mcl", 0, args)
