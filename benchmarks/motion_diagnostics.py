@@ -15,18 +15,26 @@ minutes on one core:
     flow       (b) is the motion in the clips as the loader yields them? Farneback optical flow
                statistics of each clip (mean |u|, |v|, divergence, curl, global coherence ...)
                classified by kNN / nearest centroid, against colour statistics as the control.
+    contrast   (d) can a contrastive loss find the labels at this batch and budget? The same backbone +
+               MCL's projection MLP trained with SimCLR's NT-Xent (in-batch negatives, no bank, no
+               EMA) on the eval clips: ``--pos instance`` pairs two clips of one video (what NCE
+               sees), ``--pos class`` pairs clips of two videos of the same class (an oracle: the
+               labels choose the positives); the loss against chance ``ln(2B - 1)`` and the video
+               kNN along the way, against the random init at step 0.
     features   (c) did pretraining move the backbone? For the random init and each ablation run's
-               saved eval features (``RUN/features.npz``): per-dimension std and effective rank of
+               saved eval features (``RUN/features-test{N}.npz``): per-dimension std and effective rank of
                the L2-normalised clip embeddings, kNN on the motion label and on the appearance
                attributes the synth records (first object's pattern and shape in the clip's shot).
 
     .venv/bin/python benchmarks/motion_diagnostics.py upper [--steps 150] [--input config|rgb|diff] [--opt sgd|adamw]
         [--moving-only]
     .venv/bin/python benchmarks/motion_diagnostics.py flow
+    .venv/bin/python benchmarks/motion_diagnostics.py contrast [--pos instance|class] [--steps 300] [--batch 8]
+        [--opt sgd|adamw] [--tau 0.1]
     .venv/bin/python benchmarks/motion_diagnostics.py features [--runs nce-s0 mcl-s0 ...]
 
 Common options: ``--work /tmp/mohico-motion-v2`` (the ablation's work dir: its shards, videos and
-runs), ``--train-videos 200 --test-videos 100 --clips 4``, ``--set key=value`` (config override).
+runs), ``--train-videos 200 --test-videos 500 --clips 4``, ``--set key=value`` (config override).
 """
 from __future__ import annotations
 
@@ -41,7 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from motion_ablation import CONFIG, eval_clips  # noqa: E402  (the ablation's clips and config)
+from motion_ablation import CONFIG, eval_clips, features_name  # noqa: E402  (the ablation's clips and config)
 
 
 def clip_arrays(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
@@ -140,6 +148,32 @@ class FrameDiff(nn.Module):
         return x[:, :, 1:] - x[:, :, :-1]
 
 
+def _optimiser(params, args) -> tuple:
+    """``(optimizer, one-cycle schedule over args.steps, peak lr)``: SGD momentum 0.9 (lr 0.05) or
+    AdamW (2e-3) unless ``--lr``, weight decay 1e-4."""
+    params = list(params)
+    lr = args.lr or (0.05 if args.opt == "sgd" else 2e-3)
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4) if args.opt == "sgd"
+           else torch.optim.AdamW(params, lr=lr, weight_decay=1e-4))
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.steps, pct_start=0.1), lr
+
+
+def _step(opt, sched, loss: torch.Tensor) -> float:
+    """One optimiser and schedule step on ``loss``; returns its value."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def _random_flip(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``xb: (B, C, T, H, W)``, each clip mirrored left-right with probability 1/2 (in place)."""
+    flip = torch.rand(len(xb), generator=gen) < 0.5
+    xb[flip] = xb[flip].flip(-1)
+    return xb
+
+
 def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     """Train backbone + linear head supervised on the train clips (random clip, random flip, batch
     8, one-cycle lr); report the train loss and test accuracy 5 times along the way. ``moving``
@@ -154,10 +188,7 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     backbone = build_backbone(cfg.model.backbone, **options)
     model = nn.Sequential(*([FrameDiff()] if args.input == "diff" else []), backbone,
                           nn.Linear(backbone.out_dim, len(classes)))
-    lr = args.lr or (0.05 if args.opt == "sgd" else 2e-3)
-    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4) if args.opt == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.steps, pct_start=0.1)
+    opt, sched, lr = _optimiser(model.parameters(), args)
     x = torch.from_numpy(xtr.reshape(-1, *xtr.shape[2:]))
     y = torch.from_numpy(np.repeat(ytr, xtr.shape[1]))
     xt, yt = torch.from_numpy(xte), torch.from_numpy(yte)
@@ -183,15 +214,8 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     every = max(args.steps // 5, 1)
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(x), (args.batch,), generator=gen)
-        xb = x[idx]
-        flip = torch.rand(len(idx), generator=gen) < 0.5
-        xb[flip] = xb[flip].flip(-1)
-        loss = nn.functional.cross_entropy(model(xb), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        xb = _random_flip(x[idx], gen)
+        losses.append(_step(opt, sched, nn.functional.cross_entropy(model(xb), y[idx])))
         if step % every == 0 or step == args.steps:
             clip, video = test()
             curve.append({"step": step, "train_loss": float(np.mean(losses[-every:])), "test_clip_top1": clip,
@@ -199,6 +223,59 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
             print(f"step {step}: train loss {curve[-1]['train_loss']:.3f}, test top-1 clip {100 * clip:.1f} "
                   f"video {100 * video:.1f} ({curve[-1]['seconds']:.0f} s)", flush=True)
     return {"curve": curve, "input": args.input, "opt": args.opt, "lr": lr, "steps": args.steps}
+
+
+# --------------------------------------------------------------------------- (d) is the contrastive signal there?
+def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
+    """NT-Xent on the eval clips: a batch of ``B`` videos, two clips each (``--pos``), ``2B - 2``
+    negatives per query; random flips; one-cycle lr. Video kNN (mean of the L2-normalised clip
+    features, :func:`knn_and_centroid`) at step 0 and 4 times along the way."""
+    import torch.nn.functional as F
+
+    from mohico.models.backbones import build_backbone
+    from mohico.models.heads import MCLProjection
+
+    torch.manual_seed(args.seed)
+    backbone = build_backbone(cfg.model.backbone, **dict(cfg.model.backbone_options))
+    head = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
+    opt, sched, lr = _optimiser([*backbone.parameters(), *head.parameters()], args)
+    x, xt = torch.from_numpy(xtr), torch.from_numpy(xte)
+    videos, clips = xtr.shape[:2]
+    same_class = [np.flatnonzero(ytr == c) for c in range(len(classes))]
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    n = args.batch
+    chance = float(np.log(2 * n - 1))
+
+    def video_knn() -> float:
+        backbone.eval()
+        with torch.no_grad():
+            f = [torch.cat([backbone(v[i:i + 16].flatten(0, 1)) for i in range(0, len(v), 16)]) for v in (x, xt)]
+        backbone.train()
+        f = [F.normalize(a.view(len(v), v.shape[1], -1).mean(1), dim=-1).numpy() for a, v in zip(f, (x, xt))]
+        return knn_and_centroid(f[0], ytr, f[1], yte, len(classes))[0]
+
+    curve = [{"step": 0, "knn": video_knn()}]
+    print(f"step 0 (random init): video kNN {100 * curve[0]['knn']:.1f}; chance loss ln(2B-1) = {chance:.2f}", flush=True)
+    losses, every, t0 = [], max(args.steps // 4, 1), time.perf_counter()
+    for step in range(1, args.steps + 1):
+        vids = torch.randperm(videos, generator=gen)[:n].numpy()
+        a = torch.randint(clips, (n,), generator=gen).numpy()
+        if args.pos == "instance":                      # another clip of the same video
+            other, b = vids, (a + torch.randint(1, clips, (n,), generator=gen).numpy()) % clips
+        else:                                           # a clip of another video of the same class
+            other = np.array([rng.choice(same_class[ytr[v]][same_class[ytr[v]] != v]) for v in vids])
+            b = torch.randint(clips, (n,), generator=gen).numpy()
+        z = head(backbone(_random_flip(torch.cat([x[vids, a], x[other, b]]), gen)))
+        sim = (z @ z.t() / args.tau).fill_diagonal_(float("-inf"))
+        losses.append(_step(opt, sched, F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))))
+        if step % every == 0 or step == args.steps:
+            curve.append({"step": step, "loss": float(np.mean(losses[-every:])), "knn": video_knn(),
+                          "seconds": time.perf_counter() - t0})
+            print(f"step {step}: NT-Xent {curve[-1]['loss']:.3f} (chance {chance:.2f}), video kNN "
+                  f"{100 * curve[-1]['knn']:.1f} ({curve[-1]['seconds']:.0f} s)", flush=True)
+    return {"curve": curve, "pos": args.pos, "opt": args.opt, "lr": lr, "tau": args.tau, "batch": n,
+            "steps": args.steps, "chance_loss": chance}
 
 
 # --------------------------------------------------------------------------- (c) what did pretraining learn?
@@ -223,7 +300,8 @@ def shot_attributes(sources: np.ndarray, folder: Path, cfg, clips: int) -> dict[
 def spread(z: np.ndarray) -> dict[str, float]:
     """Collapse diagnostics of clip embeddings ``z: (N, D)`` (L2-normalised here): mean
     per-dimension std, and the effective rank exp(H(sigma / sum sigma)) of the centred matrix."""
-    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    z = z.astype(np.float64)   # float32 LAPACK did not converge on a collapsed run's 2800 x 64 features
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     sv = np.linalg.svd(z - z.mean(0), compute_uv=False)
     p = sv / sv.sum()
     return {"dim_std": float(z.std(0).mean()), "effective_rank": float(np.exp(-(p * np.log(p + 1e-12)).sum()))}
@@ -242,16 +320,17 @@ def run_features(work: Path, args, cfg, xtr, xte) -> dict:
                  for x in (xtr, xte)]
         runs[f"random-s{seed}"] = f
     for name in args.runs:
-        path = work / "runs" / name / "features.npz"
+        path = work / "runs" / name / features_name(args.test_videos)
         if path.exists():
             d = np.load(path)
             runs[name] = [d["train"], d["test"]]
         else:
             print(f"{path}: missing, skipped", flush=True)
     videos = (work / f"videos-train-{args.train_videos}", work / f"videos-test-{args.test_videos}")
-    ref = np.load(work / "runs" / args.runs[0] / "features.npz") if args.runs else None
+    ref = np.load(work / "runs" / args.runs[0] / features_name(args.test_videos)) if args.runs else None
     if ref is None:
-        raise SystemExit("give --runs with at least one run that has features.npz (for the clip order)")
+        raise SystemExit(f"give --runs with at least one run that has {features_name(args.test_videos)} "
+                         "(for the clip order)")
     attrs = [shot_attributes(ref[f"{s}_sources"], v, cfg, args.clips) for s, v in zip(("train", "test"), videos)]
     labels = [np.repeat([sorted(set(ref["train_labels"].tolist())).index(lab) for lab in ref[f"{s}_labels"].tolist()],
                         args.clips) for s in ("train", "test")]
@@ -287,10 +366,10 @@ def _with_seed(cfg, seed: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("upper", "flow", "features"))
+    ap.add_argument("what", choices=("upper", "flow", "features", "contrast"))
     ap.add_argument("--work", default="/tmp/mohico-motion-v2")
     ap.add_argument("--train-videos", type=int, default=200)
-    ap.add_argument("--test-videos", type=int, default=100)
+    ap.add_argument("--test-videos", type=int, default=500)
     ap.add_argument("--clips", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], metavar="key=value")
     ap.add_argument("--steps", type=int, default=150)
@@ -299,6 +378,9 @@ def main() -> None:
                     help="upper: the config's model.backbone_options.input, RGB clips, or frame differences")
     ap.add_argument("--moving-only", action="store_true", help="upper: only clips > 70%% in motion")
     ap.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
+    ap.add_argument("--pos", choices=("instance", "class"), default="instance",
+                    help="contrast: positives from the same video, or (oracle) from a video of the same class")
+    ap.add_argument("--tau", type=float, default=0.1, help="contrast: NT-Xent temperature")
     ap.add_argument("--lr", type=float, default=0.0, help="0: 0.05 for sgd, 2e-3 for adamw")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="features: random inits to embed")
@@ -313,6 +395,8 @@ def main() -> None:
     xtr, ytr, xte, yte, classes = clip_arrays(work, args, cfg)
     if args.what == "flow":
         res = run_flow(xtr, ytr, xte, yte, classes, cfg)
+    elif args.what == "contrast":
+        res = run_contrast(xtr, ytr, xte, yte, classes, cfg, args)
     elif args.what == "upper":
         res = run_upper(xtr, ytr, xte, yte, classes, cfg, args,
                         clip_moving(work, args, cfg) if args.moving_only else None)
