@@ -140,8 +140,9 @@ def linear(train: FeatureSet, test: FeatureSet, lrs: Sequence[float] = LINEAR_LR
     over each video's views. Each setting's ``val_top1`` is the held-out video top-1 pooled over the
     folds (correct / train videos); the first best in grid order (lr-major) is refit.
 
-    Why folds: with one held-out part of 40 videos the choice moved in 2.5-point steps, and float
-    noise in a tie flipped it between runs (benchmarks/RESULTS.md, 2026-11-26)."""
+    Why folds: with one held-out part of 40 videos the scores moved in 2.5-point steps, and the same
+    saved features, probed again with another thread count, got another lr for 2 of 9 motion-benchmark
+    backbones, moving their test top-1 by up to about 4 points (benchmarks/RESULTS.md, 2026-11-26)."""
     from tqdm import tqdm
 
     classes, (ty, qy) = class_index(train.labels, test.labels)

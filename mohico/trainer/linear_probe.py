@@ -99,7 +99,8 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarra
     most one and no fold is empty when ``N >= folds``."""
     labels = np.asarray(labels)
     if folds < 2 or folds > len(labels):
-        raise MohicoError(f"linear probe: {folds} folds need 2 <= folds <= the {len(labels)} train videos")
+        raise MohicoError(f"linear probe: {folds} folds need 2 <= folds <= the {len(labels)} train videos; "
+                          "give fewer folds (--folds, 1: one held-out part) or a single --lr/--wd")
     rng = np.random.default_rng(seed)
     order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
     fold = np.empty(len(labels), dtype=np.int64)
