@@ -351,9 +351,11 @@ def main() -> None:
         for arm in ARMS:
             for seed in args.seeds:
                 run = work / "runs" / f"{arm}-s{seed}"
-                if (run / eval_name(args.test_videos)).exists() and current_scores(run / eval_name(args.test_videos)) is None:
-                    stale.append(run.name)
-                if (res := current_scores(run / eval_name(args.test_videos))) is not None:
+                scores = run / eval_name(args.test_videos)
+                if (res := current_scores(scores)) is None:
+                    if scores.exists():
+                        stale.append(run.name)
+                else:
                     check_run(run, run_recipe(arm, seed, args), write=False)
                     secs = json.loads((run / "train_done.json").read_text())["seconds"] if ARMS[arm] is not None else 0.0
                     rows.append({"arm": arm, "seed": seed, "train_seconds": secs,
