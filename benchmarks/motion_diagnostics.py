@@ -228,8 +228,8 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
 # --------------------------------------------------------------------------- (d) is the contrastive signal there?
 def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     """NT-Xent on the eval clips: a batch of ``B`` videos, two clips each (``--pos``), ``2B - 2``
-    negatives per query; random flips; one-cycle lr. Video kNN (mean of the L2-normalised clip
-    features, :func:`knn_and_centroid`) at step 0 and 4 times along the way."""
+    negatives per query; random flips; one-cycle lr. Video kNN (the L2-normalised mean of a video's
+    raw clip features, :func:`knn_and_centroid`) at step 0 and 4 times along the way."""
     import torch.nn.functional as F
 
     from mohico.models.backbones import build_backbone
@@ -242,6 +242,9 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     x, xt = torch.from_numpy(xtr), torch.from_numpy(xte)
     videos, clips = xtr.shape[:2]
     same_class = [np.flatnonzero(ytr == c) for c in range(len(classes))]
+    if args.batch > videos or (args.pos == "class" and min(len(v) for v in same_class) < 2):
+        raise SystemExit(f"contrast: --batch {args.batch} needs <= {videos} train videos, and --pos class "
+                         f"two or more videos of every class (smallest: {min(len(v) for v in same_class)})")
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     n = args.batch
