@@ -16,6 +16,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[mohico] installing into $(VENV) (first time: ~2 min, ~6.5 GB)"
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ -n "$$free" ] && [ "$$free" -lt 8 ]; then \
+	    echo "[mohico] warning: only $$free GB free on this disk; the install needs ~8 GB while it unpacks (free some space first if it fails with 'No space left on device')"; fi
 	@set -o pipefail; $(PIP) install -q -c constraints.txt -e '.[dev]' $(QUIET_PIP)
 	@$(PY) -c "import torch, deepspeed, nvidia.dali, webdataset, wandb, cv2, av, omegaconf" \
 	  || { echo "[mohico] install is incomplete: see the pip output above"; exit 1; }
