@@ -1,0 +1,73 @@
+"""benchmarks/motion_eval_checks.py: its feature normalisations, precise BN and EMA-backbone loading
+against independent computations."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checks():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("motion_eval_checks", ROOT / "benchmarks" / "motion_eval_checks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_normalised_features_use_the_train_statistics_only():
+    m = _checks()
+    rng = np.random.default_rng(0)
+    train = rng.normal(3.0, [0.5, 2.0, 5.0], size=(40, 3)).astype(np.float32)
+    test = rng.normal(-1.0, 1.0, size=(7, 3)).astype(np.float32)
+    raw = m.normalised(train, test, "raw")
+    assert raw["train"] is train and raw["test"] is test
+    mu = train.astype(np.float64).mean(0)
+    sd = train.astype(np.float64).std(0)
+    c = m.normalised(train, test, "centred")
+    np.testing.assert_allclose(c["test"], test - mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c["train"].mean(0), 0.0, atol=1e-5)
+    s = m.normalised(train, test, "standardised")
+    np.testing.assert_allclose(s["test"], (test - mu) / sd, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s["train"].std(0), 1.0, rtol=1e-4)
+
+
+def test_precise_bn_sets_the_running_statistics_to_the_clips_statistics():
+    m = _checks()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(3, 4, 1, bias=False), nn.BatchNorm3d(4))
+    net[1].running_mean.fill_(5.0)          # stale statistics from training
+    net[1].running_var.fill_(9.0)
+    clips = torch.randn(6, 3, 2, 4, 4) * 2 + 1
+    m.precise_bn(net, clips, batch=len(clips))
+    act = net[0](clips).detach().double().transpose(0, 1).reshape(4, -1).numpy()   # (C, N*T*H*W)
+    np.testing.assert_allclose(net[1].running_mean.double().numpy(), act.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net[1].running_var.double().numpy(), act.var(1, ddof=1), rtol=1e-5)
+    assert not net.training
+
+
+def test_ema_backbone_loads_the_key_encoders_weights(tmp_path):
+    m = _checks()
+    online, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    module = {**{f"backbone.{k}": v for k, v in online.state_dict().items()},
+              **{f"key_encoder.backbone.{k}": v for k, v in ema.state_dict().items()}}
+    torch.save({"module": module}, ckpt / "mp_rank_00_model_states.pt")
+    target = nn.Linear(3, 2)
+    m.ema_backbone(target, ckpt)
+    assert torch.equal(target.weight, ema.weight) and torch.equal(target.bias, ema.bias)
+
+    torch.save({"module": {f"backbone.{k}": v for k, v in online.state_dict().items()}},
+               ckpt / "mp_rank_00_model_states.pt")
+    with pytest.raises(SystemExit, match="no key_encoder.backbone"):
+        m.ema_backbone(target, ckpt)
+    with pytest.raises(SystemExit, match="not a DeepSpeed checkpoint"):
+        m.ema_backbone(target, tmp_path)
