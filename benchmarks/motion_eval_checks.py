@@ -115,16 +115,13 @@ def precise_bn(backbone: torch.nn.Module, clips: torch.Tensor, batch: int = 16) 
 
 def ema_backbone(backbone: torch.nn.Module, ckpt: Path) -> None:
     """Load the checkpoint's EMA key backbone (``key_encoder.backbone.*``) into ``backbone``."""
-    from mohico.models.backbone_file import torch_load_cpu
+    from mohico.checkpoint_read import load_module_state
 
-    files = sorted(Path(ckpt).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise SystemExit(f"{ckpt}: no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint of mohico train)")
-    module = torch_load_cpu(files[0])["module"]
+    module, _ = load_module_state(ckpt)
     prefix = "key_encoder.backbone."
     ema = {k[len(prefix):]: v for k, v in module.items() if k.startswith(prefix)}
     if not ema:
-        raise SystemExit(f"{files[0]}: holds no {prefix}* weights (a run without a key encoder)")
+        raise SystemExit(f"{ckpt}: the checkpoint holds no {prefix}* weights (a run without a key encoder)")
     backbone.load_state_dict(ema, strict=True)
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from mohico.errors import MohicoError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,5 +71,5 @@ def test_ema_backbone_loads_the_key_encoders_weights(tmp_path):
                ckpt / "mp_rank_00_model_states.pt")
     with pytest.raises(SystemExit, match="no key_encoder.backbone"):
         m.ema_backbone(target, ckpt)
-    with pytest.raises(SystemExit, match="not a DeepSpeed checkpoint"):
-        m.ema_backbone(target, tmp_path)
+    with pytest.raises(MohicoError, match="no checkpoint at"):
+        m.ema_backbone(target, tmp_path / "elsewhere")
