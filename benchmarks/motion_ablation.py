@@ -198,6 +198,16 @@ def eval_clips(shards: Path, cfg, clips: int) -> list:
     return torch.load(path, weights_only=False)
 
 
+def saved_feature_sets(saved, feats: dict | None = None) -> tuple:
+    """``(train, test)`` FeatureSets of a saved ``features-test{N}.npz`` (``feats``: other features
+    ``{"train": (N, D), "test": (M, D)}`` of the same videos, in its order)."""
+    from mohico.trainer.eval_features import FeatureSet
+
+    feats = feats or {s: saved[s] for s in ("train", "test")}
+    return tuple(FeatureSet(list(map(str, saved[f"{s}_keys"])), list(map(str, saved[f"{s}_sources"])),
+                            list(map(str, saved[f"{s}_labels"])), feats[s]) for s in ("train", "test"))
+
+
 def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: Path, clips: int, test_videos: int,
              extra: list[str]) -> dict:
     """kNN, retrieval and linear probe of one backbone on frozen features; cached in
@@ -212,8 +222,6 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
 
     import numpy as np
 
-    from mohico.trainer.eval_features import FeatureSet
-
     out = run / eval_name(test_videos)
     if (res := current_scores(out)) is not None:
         return res
@@ -221,8 +229,7 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     feats = run / features_name(test_videos)
     saved = np.load(feats) if feats.exists() else None
     if saved is not None and "train_keys" in saved:   # the same run's clip features (a run is never retrained)
-        tr, te = (FeatureSet(list(map(str, saved[f"{s}_keys"])), list(map(str, saved[f"{s}_sources"])),
-                             list(map(str, saved[f"{s}_labels"])), saved[s]) for s in ("train", "test"))
+        tr, te = saved_feature_sets(saved)
     else:
         config = run / "config.yaml" if ckpt != "random" else CONFIG
         cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])

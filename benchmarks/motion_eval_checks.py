@@ -33,18 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from motion_ablation import CONFIG, eval_clips, features_name  # noqa: E402  (the ablation's clips and config)
+from motion_ablation import CONFIG, eval_clips, features_name, saved_feature_sets  # noqa: E402  (the ablation's clips, config, files)
 
 NORMS = ("raw", "centred", "standardised")
 MODES = ("running", "precise", "ema")
-
-
-def feature_sets(saved, feats: dict[str, np.ndarray]) -> tuple:
-    """``(train, test)`` FeatureSets of the saved features' videos with the features ``feats``."""
-    from mohico.trainer.eval_features import FeatureSet
-
-    return tuple(FeatureSet(list(map(str, saved[f"{s}_keys"])), list(map(str, saved[f"{s}_sources"])),
-                            list(map(str, saved[f"{s}_labels"])), feats[s]) for s in ("train", "test"))
 
 
 def normalised(train: np.ndarray, test: np.ndarray, norm: str) -> dict[str, np.ndarray]:
@@ -70,7 +62,7 @@ def run_knn_norm(work: Path, test_videos: int) -> dict:
         arm = path.parent.name.rsplit("-s", 1)[0]
         saved = np.load(path)
         for norm in NORMS:
-            tr, te = feature_sets(saved, normalised(saved["train"], saved["test"], norm))
+            tr, te = saved_feature_sets(saved, normalised(saved["train"], saved["test"], norm))
             rows.setdefault((arm, norm), []).append(100 * ep.knn(tr, te)["top1"])
     arms = sorted({a for a, _ in rows})
     print("arm | seeds | " + " | ".join(f"kNN top-1, {n} features" for n in NORMS), flush=True)
