@@ -22,6 +22,7 @@ way resumes from its last checkpoint.
 
     .venv/bin/python benchmarks/motion_ablation.py [--work /tmp/mohico-motion-v2] [--seeds 0 1 2]
         [--arms random nce ...] [--steps 300] [--train-videos 200] [--test-videos 500] [--size 128] [--jobs 1]
+        [--motion-style video|shot]
         [--set key=value ...] [--table]
 
 500 test videos (the default since 2026-11-26; 100 before): one backbone's top-1 on N test videos
@@ -90,28 +91,30 @@ def current_scores(path: Path) -> dict | None:
 METRICS = (("knn", "top1"), ("retrieval", "recall@1"), ("retrieval", "recall@5"), ("linear", "top1"))
 
 
-def make_data(work: Path, train_videos: int, test_videos: int, size: int, workers: int) -> tuple[Path, Path]:
-    """Labelled train / test shards of the motion benchmark: videos 0..N-1 and N..N+M-1 of seed 1."""
+def make_data(work: Path, train_videos: int, test_videos: int, size: int, workers: int,
+              motion_style: str = "video") -> tuple[Path, Path]:
+    """Labelled train / test shards of the motion benchmark: videos 0..N-1 and N..N+M-1 of seed 1,
+    with one motion style per ``motion_style`` (``"video"`` or ``"shot"``)."""
     from mohico.datasets.write.shards import write_shards
     from mohico.datasets.synthetic.synth import synthesize
 
     out = []
     for split, n, first in (("train", train_videos, 0), ("test", test_videos, train_videos)):
         videos, shards = work / f"videos-{split}-{n}", work / f"shards-{split}-{n}"
-        check_videos(videos, size)
+        check_videos(videos, size, motion_style)
         if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get(
                 "complete"):
             if not (videos / "labels.json").exists():
                 synthesize(videos, videos=n, seed=1, size=(size, size), duration=8.0, workers=workers, task="motion",
-                           first=first)
+                           first=first, motion_style=motion_style)
             write_shards(videos, shards, short_side=size, workers=workers, labels=videos / "labels.json")
         out.append(shards)
     return out[0], out[1]
 
 
-def check_videos(videos: Path, size: int) -> None:
-    """Refuse a work dir whose videos another benchmark version or size made (the run would
-    silently evaluate other data): names the dir and the fix."""
+def check_videos(videos: Path, size: int, motion_style: str = "video") -> None:
+    """Refuse a work dir whose videos another benchmark version, size or motion style made (the
+    run would silently evaluate other data): names the dir and the fix."""
     from mohico.datasets.synthetic.synth_motion import VERSION
 
     first = next(iter(sorted(videos.glob("video_*.json"))), None) if videos.is_dir() else None
@@ -119,9 +122,11 @@ def check_videos(videos: Path, size: int) -> None:
         return
     gt = json.loads(first.read_text())
     version, side = gt.get("generator", {}).get("version"), min(gt.get("width", 0), gt.get("height", 0))
-    if version != VERSION or side != size:
-        raise SystemExit(f"{videos}: videos of motion benchmark version {version} at {side} px, but this run "
-                         f"wants version {VERSION} at {size} px; pass another --work (or delete that dir)")
+    style = gt.get("style_per", "video")               # videos written before the option: one style per video
+    if version != VERSION or side != size or style != motion_style:
+        raise SystemExit(f"{videos}: videos of motion benchmark version {version} at {side} px with one motion "
+                         f"style per {style}, but this run wants version {VERSION} at {size} px per {motion_style}; "
+                         "pass another --work (or delete that dir)")
 
 
 def run_recipe(arm: str, seed: int, args) -> dict:
@@ -346,6 +351,9 @@ def main() -> None:
     ap.add_argument("--test-videos", type=int, default=500, help="videos of the test set (binomial noise ~2 points at 500)")
     ap.add_argument("--size", type=int, default=128, help="video side in pixels (the config's 64 px crops need >= 108)")
     ap.add_argument("--clips", type=int, default=4, help="eval clips per video")
+    ap.add_argument("--motion-style", choices=["video", "shot"], default="video",
+                    help="the benchmark's motion style (speed, amplitude, ...): one per video, kept across its shots "
+                         "(default), or a new one at every cut (`mohico synth --motion-style`)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained/evaluated at once")
     ap.add_argument("--set", action="append", default=[], metavar="key=value",
                     help="config override for every arm (e.g. model.backbone_options.width=4)")
@@ -388,7 +396,8 @@ def main() -> None:
                 print(f"{r['arm']:>10} s{r['seed']}: " + " | ".join(f"{100 * v:.1f}" for v in p.values()))
         return
     work.mkdir(parents=True, exist_ok=True)
-    train_shards, test_shards = make_data(work, args.train_videos, args.test_videos, args.size, max(args.jobs, 1))
+    train_shards, test_shards = make_data(work, args.train_videos, args.test_videos, args.size, max(args.jobs, 1),
+                                          args.motion_style)
     from mohico.config import load_config
 
     cfg = load_config(CONFIG, args.set)

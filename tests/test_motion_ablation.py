@@ -113,3 +113,25 @@ def test_a_run_pretrained_on_other_train_videos_is_refused(tmp_path):
     # the test set is not: it only decides which evaluation file is read
     other_test = argparse.Namespace(**{**vars(args), "test_videos": 100})
     assert m.run_recipe("mcl", 0, other_test) == m.run_recipe("mcl", 0, args)
+
+
+def test_videos_of_another_motion_style_are_refused(tmp_path):
+    """A work dir made with one motion style per video is not reused for ``--motion-style shot``
+    (the table would silently score the other benchmark); videos written before the option count
+    as per video."""
+    m = _driver()
+    from mohico.datasets.synthetic.synth_motion import VERSION
+
+    videos = tmp_path / "videos-train-200"
+    videos.mkdir()
+    gt = {"generator": {"name": "mohico-synth-motion", "version": VERSION}, "width": 128, "height": 128}
+    (videos / "video_00000.json").write_text(json.dumps(gt))
+    m.check_videos(videos, 128, "video")
+    with pytest.raises(SystemExit, match="per video.*per shot"):
+        m.check_videos(videos, 128, "shot")
+    (videos / "video_00000.json").write_text(json.dumps({**gt, "style_per": "shot"}))
+    m.check_videos(videos, 128, "shot")
+    with pytest.raises(SystemExit, match="--work"):
+        m.check_videos(videos, 128, "video")
+    with pytest.raises(SystemExit, match="at 128 px"):
+        m.check_videos(videos, 64, "shot")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mohico.datasets.synthetic.synth import synthesize
-from mohico.datasets.synthetic.synth_motion import MOTION_CLASSES
+from mohico.datasets.synthetic.synth_motion import MOTION_CLASSES, plan_motion_video
+from mohico.errors import UsageError
 
 SEED, FPS, SIZE, DURATION = 3, 15, (64, 64), 5.0
 
@@ -161,6 +162,7 @@ def test_one_scene_and_one_motion_style_per_video_new_actors_per_shot(videos):
         if len(gt["shots"]) < 2:
             continue
         style = gt["style"]
+        assert gt["style_per"] == "video" and all(s["style"] == style for s in gt["shots"])
         a, b = gt["shots"][0], gt["shots"][1]
         assert [o["pattern"] + o["kind"] for o in a["objects"]] != [o["pattern"] + o["kind"] for o in b["objects"]] \
             or [o["size"] for o in a["objects"]] != [o["size"] for o in b["objects"]]
@@ -180,3 +182,53 @@ def test_one_scene_and_one_motion_style_per_video_new_actors_per_shot(videos):
         same = np.abs(fr[fa] - fr[fb])[free].mean()
         other = np.abs(fr[fa] - _frames(paths[(paths.index(p) + 1) % len(paths)])[0])[free].mean()
         assert same < 6.0 and other > 2 * same, (p.name, same, other)
+
+
+def test_motion_style_per_shot_is_redrawn_at_every_cut(tmp_path):
+    """``motion_style="shot"``: no video-level style; every shot has its own (its pan speed within
+    the 10% jitter of it, one circling sense per shot), and a video's shots do not share it."""
+    paths = synthesize(tmp_path, videos=5, seed=SEED, fps=FPS, size=SIZE, duration=10.0, task="motion",
+                       motion_style="shot")
+    multi = 0
+    for p in paths:
+        gt = _gt(p)
+        assert gt["style_per"] == "shot" and "style" not in gt
+        for s in gt["shots"]:
+            if gt["label"] == "circular":
+                assert {o["sense"] for o in s["objects"]} == {s["style"]["sense"]}
+            if gt["label"] == "camera":
+                assert 0.9 * s["style"]["speed"] - 1e-3 <= float(np.hypot(*s["pan"])) <= 1.1 * s["style"]["speed"] + 1e-3
+        if len(gt["shots"]) > 1:
+            multi += 1
+            assert len({s["style"]["speed"] for s in gt["shots"]}) == len(gt["shots"])
+    assert multi >= 3
+
+
+@pytest.mark.parametrize("style_per", ["video", "shot"])
+def test_a_shots_motion_style_follows_the_video_or_only_the_shot(style_per):
+    """Over 300 planned videos, the first two shots' peak speeds and swing amplitudes: correlated
+    when the style is the video's (only the 10% jitter apart), uncorrelated when drawn per shot; and
+    every object swings at its shot's speed (omega * amplitude, within the jitter)."""
+    first, second = [], []
+    for i in range(300):
+        rng = np.random.default_rng(np.random.SeedSequence([11, 7, i]))
+        shots = plan_motion_video(rng, "horizontal", 120, 15, 128, 128, style_per)
+        if len(shots) < 2:
+            continue
+        first.append([shots[0].style.speed, shots[0].style.amp_frac])
+        second.append([shots[1].style.speed, shots[1].style.amp_frac])
+        for sh in shots:
+            for o in sh.objects:
+                assert 0.9 * sh.style.speed - 1e-9 <= o.omega * max(o.amplitude, 1.0) <= 1.1 * sh.style.speed + 1e-9
+    first, second = np.array(first), np.array(second)
+    assert len(first) > 200
+    for k in range(2):
+        r = np.corrcoef(first[:, k], second[:, k])[0, 1]
+        assert (r > 0.6) if style_per == "video" else (abs(r) < 0.2), (style_per, k, r)
+
+
+def test_a_bad_motion_style_names_the_flag(tmp_path):
+    with pytest.raises(UsageError, match="--motion-style"):
+        synthesize(tmp_path, videos=1, seed=0, size=SIZE, duration=1.0, task="motion", motion_style="clip")
+    with pytest.raises(ValueError, match="style_per"):
+        plan_motion_video(np.random.default_rng(0), "zoom", 30, 15, 64, 64, "clip")

@@ -43,7 +43,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mohico.datasets.synthetic.synth_motion import MOTION_CLASSES, synthesize_motion_one
+from mohico.datasets.synthetic.synth_motion import MOTION_CLASSES, STYLES_PER, synthesize_motion_one
 from mohico.datasets.synthetic.synth_scene import (ShotPlan, Topic, background_canvas, make_sprite, make_topic,
                                                    plan_shots)
 from mohico.datasets.synthetic.synth_video import (CODECS, GOP, clip_box, encode_video, paste_sprite, rgb_to_yuv420p,
@@ -183,19 +183,23 @@ def _check_args(videos, seed, codec, fps, size, duration, topics, workers) -> No
 
 def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = "vp9", fps=15,
                size: tuple[int, int] = (160, 120), duration: float = 12.0, topics: int = 4,
-               workers: int = 1, task: str = "scenes", first: int = 0) -> list[Path]:
+               workers: int = 1, task: str = "scenes", first: int = 0, motion_style: str = "video") -> list[Path]:
     """Write ``videos`` synthetic videos + ground truth JSON into ``out_dir``; returns the video paths.
 
     ``task="scenes"``: the topic videos above (label = topic); ``task="motion"``: the motion
     benchmark of :mod:`mohico.datasets.synthetic.synth_motion` (label = motion class name; ``topics`` unused).
     ``first``: the index of the first video (videos ``first .. first + videos - 1``; video ``i`` is
     the same whatever the range, so two ranges of one seed are disjoint splits of one dataset).
+    ``motion_style`` (motion task): one motion style (speed, amplitude, ...) per ``"video"``, kept
+    across its shots, or a new one per ``"shot"``.
     ``workers > 1`` renders videos in that many processes (same bytes as ``workers=1``).
     Existing files of the same names are replaced.
     """
     if task not in TASKS:
         raise UsageError(f"task (--task) must be one of {', '.join(TASKS)}, got {task!r}")
     _check_args(videos, seed, codec, fps, size, duration, topics, workers)
+    if motion_style not in STYLES_PER:
+        raise UsageError(f"motion_style (--motion-style) must be one of {', '.join(STYLES_PER)}, got {motion_style!r}")
     if not isinstance(first, numbers.Integral) or isinstance(first, bool) or first < 0:
         raise UsageError(f"first (--first) must be an integer >= 0, got {first!r}")
     first = int(first)
@@ -211,6 +215,7 @@ def synthesize(out_dir: str | os.PathLike, videos: int, seed: int, codec: str = 
     one = synthesize_one
     if task == "motion":
         one = synthesize_motion_one
+        kwargs["style_per"] = motion_style
     else:
         kwargs["topics"] = topics
     step = max(1, videos // 10)

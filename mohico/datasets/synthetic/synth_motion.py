@@ -15,6 +15,12 @@ encoder that keys on the background solves instance discrimination without seein
 (the appearance shortcut motion-focused learning is meant to avoid), and one that looks at the
 moving regions finds there only the motion style and short-lived actors.
 
+``style_per="shot"`` (``mohico synth --motion-style shot``) draws a new :class:`MotionStyle` at
+every cut instead, with the shot's new actors: two clips of one video from different shots then
+share only the scene and the class, and the per-video style is no longer a label-independent cue
+for instance discrimination to learn (benchmarks/RESULTS.md, "Motion benchmark: one motion style
+per shot").
+
 Classes (``MOTION_CLASSES``; each is invariant to a horizontal flip, the training augmentation):
 
 - ``horizontal``: objects swing left-right along a line (sinusoid), camera still;
@@ -29,7 +35,8 @@ frame while moving, frozen after, so positions and sizes are continuous at the s
 
 Ground truth ``video_NNNNN.json``: ``task: "motion"``, ``label`` (class name), ``label_index``,
 ``classes``, ``fps``, ``num_frames``, ``width``, ``height``, ``codec``, ``file``, ``seed``,
-``index``, ``generator``, ``cuts``, ``style`` (the MotionStyle), ``shots: [{start, end, moving: [m0, m1) absolute frames,
+``index``, ``generator``, ``cuts``, ``style_per``, ``style`` (the video's MotionStyle; absent with
+``style_per="shot"``), ``shots: [{start, end, style (the shot's MotionStyle), moving: [m0, m1) absolute frames,
 pan: [vx, vy] px/frame while moving, objects: [{kind, pattern, size: [w, h], amplitude, speed,
 ...}]}]``, ``boxes[f] = [[obj, x, y, w, h], ...]`` (clipped to the frame) and
 ``moving[f]`` (1 while the shot's motion runs). ``labels.json`` maps each file to its class name.
@@ -57,7 +64,8 @@ SPEED = (3.0, 5.0)             # peak speed, px/frame at 15 fps and a 120 px sho
 SHOT_SECONDS = (2.0, 5.0)      # shot length between hard cuts
 OBJECTS = (1, 2)               # objects per shot, inclusive
 OBJECT_SIDE = (0.25, 0.4)      # object width as a share of the short side
-STYLE_JITTER = 0.1             # per-shot relative jitter of the video's MotionStyle
+STYLE_JITTER = 0.1             # per-shot (speed) and per-object (amplitude) relative jitter of the MotionStyle
+STYLES_PER = ("video", "shot")  # one MotionStyle per video (the default) or a new one at every cut
 NOISE_SIGMA = (1.0, 2.5)       # per-frame sensor noise, 0..255
 
 
@@ -96,6 +104,7 @@ class MotionShot:
     m1: int                         # first still frame after the motion (absolute)
     pan: tuple[float, float]        # camera: background velocity in the image, px/frame
     objects: list[MovingObject]
+    style: "MotionStyle"            # how this shot's actors move (the video's with style_per="video")
     look: ShotPlan                  # background seed and gain (the video's scene), this shot's noise
     hue_seed: int                   # this shot's object palette
     scene_hue_seed: int = 0         # the video's background palette and texture family
@@ -112,7 +121,8 @@ class MotionStyle:
     """How one video moves, kept across its shots (one actor, one way of moving, many shots):
     the peak speed (px/frame), the swing amplitude as a share of the free span, the zoom's
     log-scale amplitude, the pan direction and the circling sense. Each shot jitters them by
-    ``STYLE_JITTER``; the objects are redrawn at every cut."""
+    ``STYLE_JITTER``; the objects are redrawn at every cut. With ``style_per="shot"`` every cut
+    draws a new one."""
     speed: float
     amp_frac: float
     zoom_amp: float
@@ -131,17 +141,22 @@ def _jitter(rng: np.random.Generator) -> float:
 
 
 def plan_motion_video(rng: np.random.Generator, cls: str, num_frames: int, fps: float, width: int,
-                      height: int) -> tuple[MotionStyle, list[MotionShot]]:
-    """Shots of one video of class ``cls``: a :class:`MotionStyle` for the video, then per shot
-    its cut points, still stretches, appearance and objects, all drawn from ``rng``."""
+                      height: int, style_per: str = "video") -> list[MotionShot]:
+    """Shots of one video of class ``cls``: a :class:`MotionStyle` for the video (``style_per="shot"``:
+    for each shot), then per shot its cut points, still stretches, appearance and objects, all
+    drawn from ``rng``."""
+    if style_per not in STYLES_PER:
+        raise ValueError(f"style_per must be one of {STYLES_PER}, got {style_per!r}")
     min_len, max_len = (max(6, int(round(s * fps))) for s in SHOT_SECONDS)
     bounds = shot_bounds(num_frames, min_len, max_len, rng)
     side = min(width, height)
     per_frame = side / 120.0 * 15.0 / fps
-    style = MotionStyle.draw(rng, per_frame)
+    style = MotionStyle.draw(rng, per_frame)          # the video's, or its first shot's
     scene_seed, scene_hue_seed, scene_gain = int(rng.integers(2**31)), int(rng.integers(2**31)), rng.uniform(0.8, 1.2)
     shots = []
     for s, e in bounds:
+        if style_per == "shot" and shots:
+            style = MotionStyle.draw(rng, per_frame)
         n = e - s
         moving = max(2, int(round(rng.uniform(*MOVING_FRACTION) * n)))
         m0 = s + int(rng.integers(0, n - moving + 1))
@@ -176,14 +191,14 @@ def plan_motion_video(rng: np.random.Generator, cls: str, num_frames: int, fps: 
             objects.append(mo)
         look = ShotPlan(start=s, end=e, motion_level=2, pan=pan, noise_sigma=float(rng.uniform(*NOISE_SIGMA)),
                         seed=scene_seed, gain=float(scene_gain), hue_shift=0.0)
-        shots.append(MotionShot(s, e, m0, m0 + moving, pan, objects, look, int(rng.integers(2**31)), scene_hue_seed))
+        shots.append(MotionShot(s, e, m0, m0 + moving, pan, objects, style, look, int(rng.integers(2**31)), scene_hue_seed))
     # one canvas size per video, large enough for the longest pan, so every shot shows the same scene
     travel = np.array([[abs(sh.pan[1]), abs(sh.pan[0])] for sh in shots]) * \
         np.array([sh.m1 - sh.m0 for sh in shots])[:, None]
     canvas = (int(math.ceil(height + travel[:, 0].max())) + 4, int(math.ceil(width + travel[:, 1].max())) + 4)
     for sh in shots:
         sh.canvas_hw = canvas
-    return style, shots
+    return shots
 
 
 def _resize_sprite(sprite: np.ndarray, scale: float) -> np.ndarray:
@@ -242,15 +257,20 @@ class MotionShotRenderer:
         return np.clip(img, 0.0, 255.0, out=img)
 
 
+def _style_json(style: MotionStyle) -> dict:
+    return {k: round(float(v), 5) for k, v in vars(style).items()}
+
+
 def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fps=15,
-                          size: tuple[int, int] = (64, 64), duration: float = 8.0) -> Path:
-    """Write motion video ``index`` of dataset ``seed`` and its ground truth; returns the video path."""
+                          size: tuple[int, int] = (64, 64), duration: float = 8.0, style_per: str = "video") -> Path:
+    """Write motion video ``index`` of dataset ``seed`` and its ground truth; returns the video path.
+    ``style_per``: one :class:`MotionStyle` per ``"video"`` or per ``"shot"``."""
     width, height = size
     num_frames = int(round(duration * fps))
     label_index = index % len(MOTION_CLASSES)
     cls = MOTION_CLASSES[label_index]
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7, index]))
-    style, shots = plan_motion_video(rng, cls, num_frames, fps, width, height)
+    shots = plan_motion_video(rng, cls, num_frames, fps, width, height, style_per)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / video_name(index, codec)
@@ -271,8 +291,9 @@ def synthesize_motion_one(out_dir, index: int, seed: int, codec: str = "vp9", fp
         "label": cls, "label_index": label_index, "classes": list(MOTION_CLASSES),
         "fps": fps, "num_frames": num_frames, "width": width, "height": height, "duration": num_frames / fps,
         "cuts": [s.start for s in shots[1:]],
-        "style": {k: round(float(v), 5) for k, v in vars(style).items()},
-        "shots": [{"start": s.start, "end": s.end, "moving": [s.m0, s.m1], "pan": [round(v, 4) for v in s.pan],
+        "style_per": style_per,
+        **({"style": _style_json(shots[0].style)} if style_per == "video" else {}),
+        "shots": [{"start": s.start, "end": s.end, "style": _style_json(s.style), "moving": [s.m0, s.m1], "pan": [round(v, 4) for v in s.pan],
                    "objects": [{"kind": o.plan.kind, "pattern": o.plan.pattern, "size": list(o.plan.size),
                                 "centre": [round(v, 3) for v in o.centre], "amplitude": round(o.amplitude, 4),
                                 "omega": round(o.omega, 5), "phase": round(o.phase, 4), "sense": o.sense}

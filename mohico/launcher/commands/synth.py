@@ -24,7 +24,9 @@ being a topic; `mohico shards --layout` reads it like the real datasets.
 (horizontal, vertical, circular, zoom, or camera pan over a still scene); each video is one random
 scene (background) with new random objects (shape, pattern, palette, size) at every cut, all drawn
 independently of the label, a speed and amplitude of its own kept across its shots, and still
-stretches around each shot's motion. labels.json maps each video to its class name."""
+stretches around each shot's motion. labels.json maps each video to its class name.
+--motion-style shot draws a new speed and amplitude at every cut instead, so that two clips of a
+video from different shots share only the scene and the motion class."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -41,6 +43,9 @@ def add_arguments(p):
     p.add_argument("out", help="output folder: one video + one <name>.json ground truth per video")
     p.add_argument("--task", choices=["scenes", "motion"], default="scenes",
                    help="scenes (topic videos, default) or motion (label = how objects move; appearance random)")
+    p.add_argument("--motion-style", choices=["video", "shot"], default="video",
+                   help="--task motion: one motion style (speed, amplitude, pan direction) per video, kept across "
+                        "its shots (default), or a new one at every cut")
     p.add_argument("--videos", type=int, default=4, help="how many videos (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same videos")
     p.add_argument("--first", type=int, default=0,
@@ -73,7 +78,7 @@ def run(args) -> int:
     # synthesize() validates every argument and raises UsageError (exit 2) naming the flag.
     paths = synthesize(args.out, videos=args.videos, seed=args.seed, codec=args.codec, fps=args.fps,
                        size=args.size, duration=args.duration, topics=args.topics, workers=args.workers,
-                       task=args.task, first=args.first)
+                       task=args.task, first=args.first, motion_style=args.motion_style)
     w, h = args.size
     print(f"mohico synth: wrote {len(paths)} {args.codec} videos ({w}x{h}, {args.fps} fps, "
           f"{args.duration:g} s, {args.topics if args.task == 'scenes' else 'motion'} "
