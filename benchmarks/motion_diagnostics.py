@@ -19,7 +19,8 @@ minutes on one core:
                MCL's projection MLP trained with SimCLR's NT-Xent (in-batch negatives, no bank, no
                EMA) on the eval clips: ``--pos instance`` pairs two clips of one video (what NCE
                sees), ``--pos class`` pairs clips of two videos of the same class (an oracle: the
-               labels choose the positives); the loss against chance ``ln(2B - 1)`` and the video
+               labels choose the positives, and the batch's other clips of that class are not
+               negatives); the loss against chance (``ln(2B - 1)`` for instance) and the video
                kNN along the way, against the random init at step 0.
     features   (c) did pretraining move the backbone? For the random init and each ablation run's
                saved eval features (``RUN/features-test{N}.npz``): per-dimension std and effective rank of
@@ -226,10 +227,32 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
 
 
 # --------------------------------------------------------------------------- (d) is the contrastive signal there?
+def nt_xent_logits(z: torch.Tensor, tau: float, labels: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent's logits and targets for ``z: (2B, d)``, whose rows ``i`` and ``i + B`` are a
+    positive pair: ``logits: (2B, 2B)`` = ``z z^T / tau`` with each row's own entry at -inf and
+    ``target: (2B,)`` its pair. With ``labels: (2B,)`` the row's other rows of its class are -inf
+    too (SupCon's rule: a same-class clip is not a negative); the pair itself is kept."""
+    n2 = z.shape[0]
+    target = torch.arange(n2).roll(n2 // 2)
+    logits = (z @ z.t() / tau).fill_diagonal_(float("-inf"))
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        same[torch.arange(n2), target] = False
+        logits = logits.masked_fill(same, float("-inf"))
+    return logits, target
+
+
 def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     """NT-Xent on the eval clips: a batch of ``B`` videos, two clips each (``--pos``), ``2B - 2``
     negatives per query; random flips; one-cycle lr. Video kNN (the L2-normalised mean of a video's
-    raw clip features, :func:`knn_and_centroid`) at step 0 and 4 times along the way."""
+    raw clip features, :func:`knn_and_centroid`) at step 0 and 4 times along the way.
+
+    ``--pos class`` (the oracle: a clip of another video of the query's class is its positive):
+    the batch's other clips of the query's class are left out of its negatives, as in SupCon (before
+    2026-11-26 they were negatives: the oracle pushed apart the very pairs it pulled together, about
+    two of the 14 negatives at batch 8 and 5 classes). The chance loss is then the mean over queries of
+    ln(1 + its negatives)."""
     import torch.nn.functional as F
 
     from mohico.models.backbones import build_backbone
@@ -249,6 +272,10 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     rng = np.random.default_rng(args.seed)
     n = args.batch
     chance = float(np.log(2 * n - 1))
+    if args.pos == "class":     # expected ln(1 + negatives): 2B - 2 others less the other same-class clips
+        ys = np.random.default_rng(0).integers(len(classes), size=(4000, n))
+        same = (ys[:, :, None] == ys[:, None, :]).sum(-1) - 1                   # other videos of the class
+        chance = float(np.mean(np.log(2 * n - 1 - 2 * same)))
 
     def video_knn() -> float:
         backbone.eval()
@@ -259,7 +286,7 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
         return knn_and_centroid(f[0], ytr, f[1], yte, len(classes))[0]
 
     curve = [{"step": 0, "knn": video_knn()}]
-    print(f"step 0 (random init): video kNN {100 * curve[0]['knn']:.1f}; chance loss ln(2B-1) = {chance:.2f}", flush=True)
+    print(f"step 0 (random init): video kNN {100 * curve[0]['knn']:.1f}; chance loss {chance:.2f}", flush=True)
     losses, every, t0 = [], max(args.steps // 4, 1), time.perf_counter()
     for step in range(1, args.steps + 1):
         vids = torch.randperm(videos, generator=gen)[:n].numpy()
@@ -270,8 +297,9 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
             other = np.array([rng.choice(same_class[ytr[v]][same_class[ytr[v]] != v]) for v in vids])
             b = torch.randint(clips, (n,), generator=gen).numpy()
         z = head(backbone(_random_flip(torch.cat([x[vids, a], x[other, b]]), gen)))
-        sim = (z @ z.t() / args.tau).fill_diagonal_(float("-inf"))
-        losses.append(_step(opt, sched, F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))))
+        y = torch.from_numpy(np.concatenate([ytr[vids], ytr[other]])) if args.pos == "class" else None
+        logits, target = nt_xent_logits(z, args.tau, y)
+        losses.append(_step(opt, sched, F.cross_entropy(logits, target)))
         if step % every == 0 or step == args.steps:
             curve.append({"step": step, "loss": float(np.mean(losses[-every:])), "knn": video_knn(),
                           "seconds": time.perf_counter() - t0})

@@ -5,6 +5,7 @@ that need them request ``synth_videos`` or ``synth_shards``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -48,3 +49,19 @@ def synth_shards(synth_videos, tmp_path_factory) -> Path:
     write_shards(synth_videos, out, codec="vp9", short_side=112, fps=15, gop=16,
                  max_shard_size=600_000, workers=1, flow="dis", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``load(name)``: ``benchmarks/{name}.py`` imported as a module (the benchmarks are scripts,
+    not a package; ``benchmarks/`` goes on ``sys.path`` so their imports of each other resolve)."""
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

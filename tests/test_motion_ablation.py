@@ -2,20 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("motion_ablation", ROOT / "benchmarks" / "motion_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _finished(run: Path, knn: float, scores: str = "eval-test100.json", version: int | None = None) -> None:
@@ -29,10 +19,10 @@ def _finished(run: Path, knn: float, scores: str = "eval-test100.json", version:
     (run / scores).write_text(json.dumps(metrics))
 
 
-def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path):
+def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path, benchmark_script):
     """The fault: after a config change (here the backbone input) the driver skipped every finished
     run by its eval.json and mixed the old config's numbers into the new table."""
-    m = _driver()
+    m = benchmark_script("motion_ablation")
     args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
     old = argparse.Namespace(**{**vars(args), "set": ["model.backbone_options={width: 8, input: rgb}"]})
     run = tmp_path / "runs" / "nce-s0"
@@ -53,8 +43,8 @@ def test_a_run_of_another_recipe_is_refused_not_reused(tmp_path):
     assert m.run_recipe("random", 0, args) == m.run_recipe("random", 0, argparse.Namespace(**{**vars(args), "steps": 9}))
 
 
-def test_a_finished_run_without_a_recipe_is_refused(tmp_path):
-    m = _driver()
+def test_a_finished_run_without_a_recipe_is_refused(tmp_path, benchmark_script):
+    m = benchmark_script("motion_ablation")
     args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
     for name, scores in (("mcl-s2", "eval.json"), ("nce-s2", "eval-test500.json")):
         _finished(tmp_path / "runs" / name, 0.4, scores)
@@ -68,11 +58,11 @@ def test_a_finished_run_without_a_recipe_is_refused(tmp_path):
     assert json.loads((fresh / "recipe.json").read_text()) == m.run_recipe("nce", 1, args)
 
 
-def test_an_evaluation_on_another_test_set_is_not_reused(tmp_path, monkeypatch):
+def test_an_evaluation_on_another_test_set_is_not_reused(tmp_path, monkeypatch, benchmark_script):
     """The fault: eval.json did not record which test videos it scored, so re-running a work dir with
     --test-videos 500 silently reused the scores on 100 test videos. A run's evaluation is now kept
     per test set (the run itself, trained on the train videos only, is reused)."""
-    m = _driver()
+    m = benchmark_script("motion_ablation")
     args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=100)
     run = tmp_path / "runs" / "nce-s0"
     m.check_run(run, m.run_recipe("nce", 0, args))
@@ -101,10 +91,10 @@ def test_an_evaluation_on_another_test_set_is_not_reused(tmp_path, monkeypatch):
     assert evaluated == [100, 500, 100]
 
 
-def test_a_run_pretrained_on_other_train_videos_is_refused(tmp_path):
+def test_a_run_pretrained_on_other_train_videos_is_refused(tmp_path, benchmark_script):
     """The pretraining data is part of a run's recipe: a run trained on 200 videos does not stand in
     for one on 400."""
-    m = _driver()
+    m = benchmark_script("motion_ablation")
     args = argparse.Namespace(work=str(tmp_path), set=[], steps=300, clips=4, train_videos=200, test_videos=500)
     m.check_run(tmp_path / "runs" / "mcl-s0", m.run_recipe("mcl", 0, args))
     more = argparse.Namespace(**{**vars(args), "train_videos": 400})
@@ -115,11 +105,11 @@ def test_a_run_pretrained_on_other_train_videos_is_refused(tmp_path):
     assert m.run_recipe("mcl", 0, other_test) == m.run_recipe("mcl", 0, args)
 
 
-def test_videos_of_another_motion_style_are_refused(tmp_path):
+def test_videos_of_another_motion_style_are_refused(tmp_path, benchmark_script):
     """A work dir made with one motion style per video is not reused for ``--motion-style shot``
     (the table would silently score the other benchmark); videos written before the option count
     as per video."""
-    m = _driver()
+    m = benchmark_script("motion_ablation")
     from mohico.datasets.synthetic.synth_motion import VERSION
 
     videos = tmp_path / "videos-train-200"

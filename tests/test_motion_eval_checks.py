@@ -2,10 +2,6 @@
 against independent computations."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,19 +9,9 @@ from torch import nn
 
 from mohico.errors import MohicoError
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _checks():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("motion_eval_checks", ROOT / "benchmarks" / "motion_eval_checks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_normalised_features_use_the_train_statistics_only():
-    m = _checks()
+def test_normalised_features_use_the_train_statistics_only(benchmark_script):
+    m = benchmark_script("motion_eval_checks")
     rng = np.random.default_rng(0)
     train = rng.normal(3.0, [0.5, 2.0, 5.0], size=(40, 3)).astype(np.float32)
     test = rng.normal(-1.0, 1.0, size=(7, 3)).astype(np.float32)
@@ -41,8 +27,8 @@ def test_normalised_features_use_the_train_statistics_only():
     np.testing.assert_allclose(s["train"].std(0), 1.0, rtol=1e-4)
 
 
-def test_precise_bn_sets_the_running_statistics_to_the_clips_statistics():
-    m = _checks()
+def test_precise_bn_sets_the_running_statistics_to_the_clips_statistics(benchmark_script):
+    m = benchmark_script("motion_eval_checks")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(3, 4, 1, bias=False), nn.BatchNorm3d(4))
     net[1].running_mean.fill_(5.0)          # stale statistics from training
@@ -55,8 +41,8 @@ def test_precise_bn_sets_the_running_statistics_to_the_clips_statistics():
     assert not net.training
 
 
-def test_ema_backbone_loads_the_key_encoders_weights(tmp_path):
-    m = _checks()
+def test_ema_backbone_loads_the_key_encoders_weights(tmp_path, benchmark_script):
+    m = benchmark_script("motion_eval_checks")
     online, ema = nn.Linear(3, 2), nn.Linear(3, 2)
     ckpt = tmp_path / "step_00000010"
     ckpt.mkdir()
