@@ -1,5 +1,5 @@
-"""benchmarks/motion_diagnostics.py's contrastive oracle: NT-Xent with SupCon's negatives, checked
-against a float64 numpy loss written from the definition."""
+"""benchmarks/motion_contrast.py (`motion_diagnostics.py contrast`), the contrastive oracle: NT-Xent
+with SupCon's negatives, checked against a float64 numpy loss written from the definition."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +23,7 @@ def _numpy_loss(z: np.ndarray, tau: float, labels: np.ndarray | None) -> float:
 def test_the_class_oracle_does_not_use_same_class_clips_as_negatives(benchmark_script):
     """The fault: ``contrast --pos class`` paired clips of two videos of a class but kept the batch's
     other clips of that class among the negatives, so it pushed apart what it pulled together."""
-    m = benchmark_script("motion_diagnostics")
+    m = benchmark_script("motion_contrast")
     gen = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 1, 2, 0, 3, 1, 4, 2] * 2)           # row i and i + 8: one class
     centres = torch.randn(5, 12, generator=gen, dtype=torch.float64)
@@ -39,7 +39,7 @@ def test_the_class_oracle_does_not_use_same_class_clips_as_negatives(benchmark_s
 
 
 def test_instance_pairs_keep_every_other_clip_as_a_negative(benchmark_script):
-    m = benchmark_script("motion_diagnostics")
+    m = benchmark_script("motion_contrast")
     z = F.normalize(torch.randn(8, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=1)
     logits, target = m.nt_xent_logits(z, 0.2)
     assert torch.isinf(logits).sum().item() == 8
