@@ -186,7 +186,7 @@ def breakdown(cfg, shards: Path, n: int = 12) -> dict:
     from mohico.datasets.load.pipeline_worker import prepare_sample
     from mohico.datasets.load.sampling import ClipSampler
     spec = build_loader(cfg, str(shards)).spec
-    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
+    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico, spec.views)
     t = time.perf_counter()
     for e in range(n // 2):
         prepare_sample({**s, "__epoch__": e}, spec, sampler, 0.5)

@@ -11,6 +11,9 @@ frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_p
     nce+ts      + MCL's motion-focused temporal sampling
     nce+ts+sc   + MCL's motion-focused spatial crop
     mcl         + the motion alignment loss (full MCL, MCL Table 1's last row)
+    mcl-halves  mcl with the official code's temporal draw (query and key from different halves)
+    sanity      in-batch NT-Xent on two different moving clips of a video (the ground truth's),
+                AdamW, on the fixed eval clips: the floor at this budget (motion_sanity.py)
     hico        HiCo alone (visual + topical consistency, gradual sampling)
     mcl+hico    both objectives
 
@@ -64,6 +67,8 @@ ARMS: dict[str, list[str] | None] = {
     "nce+ts": [NO_MAL, "sampling.motion_crop=false"],
     "nce+ts+sc": [NO_MAL],
     "mcl": [],
+    "mcl-halves": ["sampling.mcl_temporal=halves"],
+    "sanity": [],                  # not `mohico train`: motion_sanity.train_sanity on the eval clips
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],
 }
@@ -186,6 +191,35 @@ def train(run: Path, overrides: list[str], seed: int, train_shards: Path, steps:
     return seconds
 
 
+def train_sanity_run(run: Path, seed: int, args, train_shards: Path) -> float:
+    """The sanity arm of one seed into ``run/backbone.pt`` (skipped when finished), in a child
+    process with one thread like the trained arms; returns the wall seconds spent."""
+    done = run / "train_done.json"
+    if not done.exists():
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        subprocess.run([sys.executable, __file__, "--_sanity", str(run), str(seed), str(train_shards),
+                        str(args.work), str(args.train_videos), str(args.clips), str(args.steps),
+                        *[f"--set={s}" for s in args.set]], env=env, check=True)
+    return json.loads(done.read_text())["seconds"]
+
+
+def sanity_main(run, seed, train_shards, work, train_videos, clips, steps, extra) -> None:
+    """``--_sanity``: train the sanity arm (motion_sanity.train_sanity) and record it."""
+    import torch
+
+    from motion_sanity import train_sanity
+    from mohico.config import load_config
+    from mohico.utils import atomic_write_json
+
+    torch.set_num_threads(1)
+    cfg = load_config(CONFIG, [f"trainer.seed={seed}", *extra])
+    videos = eval_clips(Path(train_shards), cfg, int(clips))
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    log = train_sanity(run / "backbone.pt", videos, Path(work) / f"videos-train-{train_videos}", cfg, int(seed), int(steps))
+    atomic_write_json(run / "train_done.json", {"seconds": log["seconds"], "log": log})
+
+
 def eval_clips(shards: Path, cfg, clips: int) -> list:
     """The deterministic eval clips of every video of ``shards`` (``LabelledVideo`` list), decoded
     once and kept beside the shards: every backbone of the ablation embeds the same clips."""
@@ -236,8 +270,8 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     if saved is not None and "train_keys" in saved:   # the same run's clip features (a run is never retrained)
         tr, te = saved_feature_sets(saved)
     else:
-        config = run / "config.yaml" if ckpt != "random" else CONFIG
-        cfg = load_config(config, [f"trainer.seed={seed}", *extra] if ckpt == "random" else [])
+        config = run / "config.yaml" if (run / "config.yaml").exists() else CONFIG   # random, sanity: CONFIG
+        cfg = load_config(config, [f"trainer.seed={seed}", *extra] if config == CONFIG else [])
         backbone = load_eval_backbone(ckpt, cfg, config)
         cpu = torch.device("cpu")
         tr = embed_views(backbone, eval_clips(train_shards, cfg, clips), cpu).labelled("train shards")
@@ -263,6 +297,9 @@ def job(arm: str, seed: int, args, train_shards: Path, test_shards: Path) -> dic
     seconds = 0.0
     if ARMS[arm] is None:
         ckpt = "random"
+    elif arm == "sanity":
+        seconds = train_sanity_run(run, seed, args, train_shards)
+        ckpt = str(run / "backbone.pt")
     else:
         seconds = train(run, ARMS[arm], seed, train_shards, args.steps, args.set)
         ckpt = str(run)
@@ -298,6 +335,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_sanity":
+        sanity_main(*sys.argv[2:9], [a.split("=", 1)[1] for a in sys.argv[9:]])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--_eval":
         run, ckpt, seed, tr, te, clips, test_videos = sys.argv[2:9]
         extra = [a.split("=", 1)[1] for a in sys.argv[9:]]

@@ -9,26 +9,11 @@ import time
 import numpy as np
 import torch
 
-from motion_diagnostics import _optimiser, _random_flip, _step, knn_and_centroid
+from motion_diagnostics import knn_and_centroid
+from motion_sanity import MOVING, nt_xent_logits, optimiser, random_flip, step as opt_step  # noqa: F401 (nt_xent_logits: public here too)
 
 
-def nt_xent_logits(z: torch.Tensor, tau: float, labels: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent's logits and targets for ``z: (2B, d)``, whose rows ``i`` and ``i + B`` are a
-    positive pair: ``logits: (2B, 2B)`` = ``z z^T / tau`` with each row's own entry at -inf and
-    ``target: (2B,)`` its pair. With ``labels: (2B,)`` the row's other rows of its class are -inf
-    too (SupCon's rule: a same-class clip is not a negative); the pair itself is kept."""
-    n2 = z.shape[0]
-    target = torch.arange(n2).roll(n2 // 2)
-    logits = (z @ z.t() / tau).fill_diagonal_(float("-inf"))
-    if labels is not None:
-        same = labels[:, None] == labels[None, :]
-        same[torch.arange(n2), target] = False
-        logits = logits.masked_fill(same, float("-inf"))
-    return logits, target
-
-
-def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
+def run_contrast(xtr, ytr, xte, yte, classes, cfg, args, moving: np.ndarray) -> dict:
     """NT-Xent on the eval clips: a batch of ``B`` videos, two clips each (``--pos``), ``2B - 2``
     negatives per query; random flips; one-cycle lr. Video kNN (the L2-normalised mean of a video's
     raw clip features, :func:`knn_and_centroid`) at step 0 and 4 times along the way.
@@ -37,7 +22,12 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     the batch's other clips of the query's class are left out of its negatives, as in SupCon (before
     2026-11-26 they were negatives: the oracle pushed apart the very pairs it pulled together, about
     two of the 14 negatives at batch 8 and 5 classes). The chance loss is then the mean over queries of
-    ln(1 + its negatives)."""
+    ln(1 + its negatives).
+
+    Both kinds draw their clips among the *moving* ones (``moving: (V, clips)``, the ground truth's
+    share of each train clip's frames in motion, > ``MOVING``): about 40% of the eval clips are
+    still, and a still clip shares no class signal (before 2026-12-06 any clip was drawn, so most
+    oracle pairs held a still clip)."""
     import torch.nn.functional as F
 
     from mohico.models.backbones import build_backbone
@@ -46,13 +36,16 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     torch.manual_seed(args.seed)
     backbone = build_backbone(cfg.model.backbone, **dict(cfg.model.backbone_options))
     head = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
-    opt, sched, lr = _optimiser([*backbone.parameters(), *head.parameters()], args)
+    opt, sched, lr = optimiser([*backbone.parameters(), *head.parameters()], args.opt, args.steps, args.lr)
     x, xt = torch.from_numpy(xtr), torch.from_numpy(xte)
-    videos, clips = xtr.shape[:2]
-    same_class = [np.flatnonzero(ytr == c) for c in range(len(classes))]
-    if args.batch > videos or (args.pos == "class" and min(len(v) for v in same_class) < 2):
-        raise SystemExit(f"contrast: --batch {args.batch} needs <= {videos} train videos, and --pos class "
-                         f"two or more videos of every class (smallest: {min(len(v) for v in same_class)})")
+    mov = [np.flatnonzero(m > MOVING) for m in moving]                     # each video's moving clips
+    usable = np.array([len(m) >= (2 if args.pos == "instance" else 1) for m in mov])
+    eligible = np.flatnonzero(usable)
+    same_class = [np.flatnonzero((ytr == c) & usable) for c in range(len(classes))]
+    if args.batch > len(eligible) or (args.pos == "class" and min(len(v) for v in same_class) < 2):
+        raise SystemExit(f"contrast: --batch {args.batch} needs <= {len(eligible)} train videos with moving clips, and "
+                         f"--pos class two or more such videos of every class (smallest: "
+                         f"{min(len(v) for v in same_class)})")
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     n = args.batch
@@ -74,17 +67,18 @@ def run_contrast(xtr, ytr, xte, yte, classes, cfg, args) -> dict:
     print(f"step 0 (random init): video kNN {100 * curve[0]['knn']:.1f}; chance loss {chance:.2f}", flush=True)
     losses, every, t0 = [], max(args.steps // 4, 1), time.perf_counter()
     for step in range(1, args.steps + 1):
-        vids = torch.randperm(videos, generator=gen)[:n].numpy()
-        a = torch.randint(clips, (n,), generator=gen).numpy()
-        if args.pos == "instance":                      # another clip of the same video
-            other, b = vids, (a + torch.randint(1, clips, (n,), generator=gen).numpy()) % clips
-        else:                                           # a clip of another video of the same class
+        vids = eligible[torch.randperm(len(eligible), generator=gen)[:n].numpy()]
+        if args.pos == "instance":                      # another moving clip of the same video
+            other = vids
+            a, b = np.stack([rng.choice(mov[v], size=2, replace=False) for v in vids]).T
+        else:                                           # a moving clip of another video of the same class
             other = np.array([rng.choice(same_class[ytr[v]][same_class[ytr[v]] != v]) for v in vids])
-            b = torch.randint(clips, (n,), generator=gen).numpy()
-        z = head(backbone(_random_flip(torch.cat([x[vids, a], x[other, b]]), gen)))
+            a = np.array([rng.choice(mov[v]) for v in vids])
+            b = np.array([rng.choice(mov[o]) for o in other])
+        z = head(backbone(random_flip(torch.cat([x[vids, a], x[other, b]]), gen)))
         y = torch.from_numpy(np.concatenate([ytr[vids], ytr[other]])) if args.pos == "class" else None
         logits, target = nt_xent_logits(z, args.tau, y)
-        losses.append(_step(opt, sched, F.cross_entropy(logits, target)))
+        losses.append(opt_step(opt, sched, F.cross_entropy(logits, target)))
         if step % every == 0 or step == args.steps:
             curve.append({"step": step, "loss": float(np.mean(losses[-every:])), "knn": video_knn(),
                           "seconds": time.perf_counter() - t0})

@@ -51,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from motion_ablation import CONFIG, eval_clips, features_name  # noqa: E402  (the ablation's clips and config)
+from motion_sanity import moving_fractions, optimiser, random_flip, step as opt_step  # noqa: E402
 
 
 def clip_arrays(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
@@ -69,20 +70,14 @@ def clip_arrays(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def clip_moving(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """Share of each eval clip's frames in motion (the synth's ground truth ``moving``):
+    """Share of each eval clip's frames in motion (the synth's ground truth ``moving``), at the
+    stride the clips are decoded at (``motion_sanity.moving_fractions``; before 2026-12-06 it read
+    ``data.frame_stride`` stored frames, 2, where the clips take 1 on 15-fps shards):
     ``(train (V, clips), test (V, clips))`` in [0, 1]."""
-    from mohico.datasets.load.sampling import clip_frames
-    from mohico.trainer.knn_eval import eval_starts
-
     out = []
     for split, n in (("train", args.train_videos), ("test", args.test_videos)):
-        rows = []
-        for v in eval_clips(work / f"shards-{split}-{n}", cfg, args.clips):
-            gt = json.loads((work / f"videos-{split}-{n}" / Path(v.source).with_suffix(".json").name).read_text())
-            mv = np.array(gt["moving"], np.float64)
-            rows.append([mv[clip_frames(st, cfg.data.clip_len, cfg.data.frame_stride, gt["num_frames"])].mean()
-                         for st in eval_starts(gt["num_frames"], cfg.data.clip_len, cfg.data.frame_stride, args.clips)])
-        out.append(np.array(rows))
+        out.append(np.array([moving_fractions(json.loads((work / f"videos-{split}-{n}" / Path(v.source).with_suffix(
+            ".json").name).read_text()), cfg.data, args.clips) for v in eval_clips(work / f"shards-{split}-{n}", cfg, args.clips)]))
     return out[0], out[1]
 
 
@@ -149,32 +144,6 @@ class FrameDiff(nn.Module):
         return x[:, :, 1:] - x[:, :, :-1]
 
 
-def _optimiser(params, args) -> tuple:
-    """``(optimizer, one-cycle schedule over args.steps, peak lr)``: SGD momentum 0.9 (lr 0.05) or
-    AdamW (2e-3) unless ``--lr``, weight decay 1e-4."""
-    params = list(params)
-    lr = args.lr or (0.05 if args.opt == "sgd" else 2e-3)
-    opt = (torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4) if args.opt == "sgd"
-           else torch.optim.AdamW(params, lr=lr, weight_decay=1e-4))
-    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=args.steps, pct_start=0.1), lr
-
-
-def _step(opt, sched, loss: torch.Tensor) -> float:
-    """One optimiser and schedule step on ``loss``; returns its value."""
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
-
-
-def _random_flip(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``xb: (B, C, T, H, W)``, each clip mirrored left-right with probability 1/2 (in place)."""
-    flip = torch.rand(len(xb), generator=gen) < 0.5
-    xb[flip] = xb[flip].flip(-1)
-    return xb
-
-
 def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     """Train backbone + linear head supervised on the train clips (random clip, random flip, batch
     8, one-cycle lr); report the train loss and test accuracy 5 times along the way. ``moving``
@@ -189,7 +158,7 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     backbone = build_backbone(cfg.model.backbone, **options)
     model = nn.Sequential(*([FrameDiff()] if args.input == "diff" else []), backbone,
                           nn.Linear(backbone.out_dim, len(classes)))
-    opt, sched, lr = _optimiser(model.parameters(), args)
+    opt, sched, lr = optimiser(model.parameters(), args.opt, args.steps, args.lr)
     x = torch.from_numpy(xtr.reshape(-1, *xtr.shape[2:]))
     y = torch.from_numpy(np.repeat(ytr, xtr.shape[1]))
     xt, yt = torch.from_numpy(xte), torch.from_numpy(yte)
@@ -215,8 +184,8 @@ def run_upper(xtr, ytr, xte, yte, classes, cfg, args, moving=None) -> dict:
     every = max(args.steps // 5, 1)
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(x), (args.batch,), generator=gen)
-        xb = _random_flip(x[idx], gen)
-        losses.append(_step(opt, sched, nn.functional.cross_entropy(model(xb), y[idx])))
+        xb = random_flip(x[idx], gen)
+        losses.append(opt_step(opt, sched, nn.functional.cross_entropy(model(xb), y[idx])))
         if step % every == 0 or step == args.steps:
             clip, video = test()
             curve.append({"step": step, "train_loss": float(np.mean(losses[-every:])), "test_clip_top1": clip,
@@ -347,7 +316,7 @@ def main() -> None:
     elif args.what == "contrast":
         from motion_contrast import run_contrast
 
-        res = run_contrast(xtr, ytr, xte, yte, classes, cfg, args)
+        res = run_contrast(xtr, ytr, xte, yte, classes, cfg, args, clip_moving(work, args, cfg)[0])
     elif args.what == "upper":
         res = run_upper(xtr, ytr, xte, yte, classes, cfg, args,
                         clip_moving(work, args, cfg) if args.moving_only else None)

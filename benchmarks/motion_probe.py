@@ -15,19 +15,14 @@ def motion_probe(features: Path, videos: tuple[Path, Path], cfg, clips: int) -> 
     import numpy as np
     import torch
 
-    from mohico.datasets.load.sampling import clip_frames
-    from mohico.trainer.knn_eval import eval_starts, knn_scores
+    from mohico.trainer.knn_eval import knn_scores
+    from motion_sanity import moving_fractions
 
     f = np.load(features)
-    T, stride = cfg.data.clip_len, cfg.data.frame_stride
 
-    def moving(sources, folder):
-        out = []
-        for src in sources:
-            gt = json.loads((folder / Path(str(src)).with_suffix(".json").name).read_text())
-            mv, n = np.array(gt["moving"], np.float64), gt["num_frames"]
-            out.append([mv[clip_frames(st, T, stride, n)].mean() for st in eval_starts(n, T, stride, clips)])
-        return np.array(out).reshape(-1)
+    def moving(sources, folder):       # at the clips' own stride (before 2026-12-06: data.frame_stride stored frames)
+        return np.array([moving_fractions(json.loads((folder / Path(str(src)).with_suffix(".json").name).read_text()),
+                                          cfg.data, clips) for src in sources]).reshape(-1)
 
     classes = sorted(set(f["train_labels"].tolist()))
     x = {k: f[k].reshape(-1, f[k].shape[-1]) for k in ("train", "test")}

@@ -73,6 +73,7 @@ class DataConfig:
 class SamplingConfig:
     # MCL motion-focused temporal sampling
     motion_prob: float = 0.7           # p of drawing the pair among clips at/above the median T-motion
+    mcl_temporal: Literal["halves", "pool"] = "pool"   # halves: query and key from different halves (official code)
     # HiCo gradual temporal sampling
     delta: float = 1.0                 # Delta (seconds, centre to centre) reached at the end of training
     gradual: bool = True               # delta_max = progress * Delta; False: always Delta
@@ -112,13 +113,20 @@ class MALConfig:
 
 @dataclass
 class MCLConfig:
-    views: ClassVar[int] = 2           # clips per video MCL reads: query, key (not a config key)
     weight: float = 0.0                # 0 disables the objective
+    variant: Literal["paper", "official"] = "paper"   # official: 3 positives per query + intra-video NCE
     tau: float = 0.1
+    tau_intra: float = 0.1             # the official variant's intra-video NCE
     momentum: float = 0.999            # EMA of the key encoder
     bn: Literal["shuffle", "sync", "none"] = "shuffle"
     mal: MALConfig = field(default_factory=MALConfig)
     mal_enabled: bool = True
+
+    @property
+    def views(self) -> int:
+        """Clips per video MCL reads (not a config key): query, key (``paper``); query, the query's
+        clip re-augmented and two clips of the other half (``official``)."""
+        return 4 if self.variant == "official" else 2
 
 
 @dataclass
@@ -144,7 +152,7 @@ class ObjectivesConfig:
     def num_views(self) -> int:
         """Clips the loader draws per video: the most any enabled objective reads (3 with HiCo,
         else 2; v_i / v_j double as MCL's query / key). The one place this number is said."""
-        return max([c.views for c in (self.mcl, self.hico) if c.weight > 0] or [MCLConfig.views])
+        return max([c.views for c in (self.mcl, self.hico) if c.weight > 0] or [self.mcl.views])
 
 
 @dataclass

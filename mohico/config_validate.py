@@ -24,8 +24,11 @@ def validate(cfg: Config) -> None:
     need(o.mcl.weight >= 0 and o.hico.weight >= 0, "objectives.*.weight", "weights must be >= 0 (0 disables)")
     need(o.mcl.weight > 0 or o.hico.weight > 0, "objectives",
          "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
-    for name, tau in (("mcl", o.mcl.tau), ("hico", o.hico.tau)):
-        need(tau > 0, f"objectives.{name}.tau", "must be > 0")
+    for key, tau in (("mcl.tau", o.mcl.tau), ("mcl.tau_intra", o.mcl.tau_intra), ("hico.tau", o.hico.tau)):
+        need(tau > 0, f"objectives.{key}", "must be > 0")
+    need(not (o.mcl.weight > 0 and o.mcl.variant == "official" and o.hico.weight > 0), "objectives.mcl.variant",
+         "the official MCL variant reads 4 views per video (query, query re-augmented, two clips of the other half) "
+         "and HiCo reads 3 others (v_i, v_j, v_k); with HiCo on use objectives.mcl.variant=paper")
     need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
     need(0.0 <= o.hico.momentum < 1.0, "objectives.hico.momentum", "must lie in [0, 1)")
     if o.mcl.weight > 0 and o.mcl.mal_enabled:

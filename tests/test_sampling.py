@@ -77,6 +77,67 @@ def test_mcl_median_rule():
     assert uniform_hits > 0                               # the uniform branch reaches low clips
 
 
+def test_mcl_halves_rule_on_known_motion():
+    """The official draw: query and key in different halves, never the same or overlapping clips,
+    each among the top-ranked clips of its half when focused (checked against a brute-force rank)."""
+    r = rng(6)
+    T, stride = 8, 1
+    span = S.clip_span(T, stride)
+    # known motion: a burst in each half, at places that differ per trial
+    halves_seen, focused_n = set(), 0
+    for trial in range(600):
+        n = int(r.integers(2 * span, 200))
+        tm = 0.01 * r.random(n)
+        for lo, hi in ((0, n // 2), (n // 2, n)):
+            a = int(r.integers(lo, hi - 1))
+            tm[a:a + int(r.integers(1, 12))] += 1.0
+        got = S.mcl_half_starts(tm, T, stride, r, p=0.7, n_keys=2)
+        assert got is not None
+        (q, *keys), focused = got
+        sc = S.clip_scores(tm, T, stride)
+        mid = n // 2
+        first = [s for s in range(len(sc)) if s + span <= mid]
+        second = [s for s in range(len(sc)) if s >= mid]
+        in_first = q in first
+        assert in_first != (q in second)
+        halves_seen.add(in_first)
+        for k in keys:
+            assert (k in second) if in_first else (k in first)
+            assert abs(k - q) >= span                                 # never the query's clip, no overlap
+        key_half = second if in_first else first
+        key_pool = sorted(key_half, key=lambda s: (-sc[s], s))[:int(len(key_half) * 0.5) + 1] if focused else key_half
+        if any(abs(s - keys[0]) >= span for s in key_pool):           # the keys do not overlap when they can
+            assert abs(keys[0] - keys[1]) >= span
+        if focused:
+            focused_n += 1
+            for start, half in ((q, first if in_first else second), *((k, key_half) for k in keys)):
+                ranked = sorted(half, key=lambda s: (-sc[s], s))[:int(len(half) * 0.5) + 1]
+                assert start in ranked
+    assert halves_seen == {True, False}
+    assert abs(focused_n / 600 - 0.7) < 0.06
+    # too short for one clip per half: None (the caller falls back to the pool and counts it)
+    assert S.mcl_half_starts(np.ones(2 * span - 1), T, stride, r) is None
+
+
+def test_the_sampler_draws_halves_or_pool_and_counts_short_videos():
+    cfg = Config()
+    cfg.data.clip_len, cfg.data.frame_stride, cfg.data.reference_fps = 8, 1, 0
+    meta = {"num_frames": 120, "fps": 15.0, "width": 64, "height": 64, "tmotion": list(np.linspace(0, 1, 120))}
+    cfg.sampling.mcl_temporal = "halves"
+    halves = S.ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=False)
+    for i in range(200):
+        st, _, _ = halves.temporal(meta, rng(i))
+        assert (st[0] + 8 <= 60) != (st[0] >= 60) and (st[1] + 8 <= 60) != (st[1] >= 60)
+        assert (st[0] < 60) != (st[1] < 60)
+    assert halves.counts == {}
+    halves.temporal({**meta, "num_frames": 15, "tmotion": [0.5] * 15}, rng(0))
+    assert halves.counts == {"mcl_short_video": 1}
+    cfg.sampling.mcl_temporal = "pool"
+    pool = S.ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=False)
+    same = sum(int(np.ptp(pool.temporal(meta, rng(i))[0]) < 8) for i in range(400))
+    assert same > 0                                                   # the pool's key may overlap its query
+
+
 def blob_map(h=28, w=28, box=(16, 4, 7, 6), noise=0.02, seed=0):
     m = noise * np.random.default_rng(seed).random((h, w))
     x, y, bw, bh = box

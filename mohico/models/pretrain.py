@@ -8,15 +8,15 @@ module (docs/DEPENDENCIES.md, DeepSpeed: it fails on tensors that leave the engi
     engine.backward(loss); engine.step(); model.momentum_update()
 
 Views: ``clips: (B, V, C, T, H, W)`` with ``V = cfg.objectives.num_views`` (said once, in the
-config: 2 with MCL alone (query, key), 3 with HiCo (v_i, v_j, v_k; v_i / v_j double as MCL's
-query / key)). Each objective declares what it reads: ``online_views`` (views the online
-backbone encodes for it), ``key_view`` and ``key_head`` (the view and the online head whose EMA
-copy makes its keys), ``needs_features`` (the late feature map and motion, for MAL). The online
+config: 2 with MCL alone (query, key), 4 with MCL's official variant (query, query re-augmented,
+two keys), 3 with HiCo (v_i, v_j, v_k; v_i / v_j double as MCL's query / key)). Each objective
+declares what it reads: ``online_views`` (views the online backbone encodes for it),
+``key_views`` and ``key_head`` (the views and the online head whose EMA copy makes its keys), ``needs_features`` (the late feature map and motion, for MAL). The online
 backbone runs once on the union of the online views, concatenated view-major (``V' * B`` clips,
 one set of BN statistics), with the late feature map when an objective needs it. The model's
 one :class:`KeyEncoder` (EMA backbone + the objectives' EMA heads) runs its backbone once on
-the key view when any objective needs keys this step; each objective's keys are its EMA head
-over that one embedding. :meth:`momentum_update` is the one EMA update per optimizer step.
+the key views (concatenated view-major) when any objective needs keys this step; each
+objective's keys are its EMA head over that one embedding. :meth:`momentum_update` is the one EMA update per optimizer step.
 
 Memory banks are per-rank state kept *out* of ``state_dict()`` (DeepSpeed must neither
 broadcast nor partition them); :meth:`banks` is what the trainer saves per rank and reshards
@@ -60,14 +60,14 @@ class PretrainModule(nn.Module):
         objectives = nn.ModuleDict({name: OBJECTIVES[name](cfg, backbone) for name in enabled})
         self.objectives = nn.SyncBatchNorm.convert_sync_batchnorm(objectives) if sync else objectives
         for name, obj in self.objectives.items():
-            if max(obj.online_views + (obj.key_view,)) >= self.num_views:
-                raise ConfigError(f"'objectives.{name}': reads views {obj.online_views} and key view {obj.key_view} "
+            if max(obj.online_views + obj.key_views) >= self.num_views:
+                raise ConfigError(f"'objectives.{name}': reads views {obj.online_views} and key views {obj.key_views} "
                                   f"but the loader draws {self.num_views} per video (objectives.num_views)")
         self.online_views = sorted(set().union(*(obj.online_views for obj in self.objectives.values())))
-        self.key_encoder, self.key_view = self._build_key_encoder(cfg)
+        self.key_encoder, self.key_views = self._build_key_encoder(cfg)
         self._register_load_state_dict_pre_hook(_rename_pre_key_encoder_keys)
 
-    def _build_key_encoder(self, cfg: Config) -> tuple[KeyEncoder | None, int | None]:
+    def _build_key_encoder(self, cfg: Config) -> tuple[KeyEncoder | None, tuple[int, ...] | None]:
         """The one EMA key encoder: copies of the backbone and of every objective's ``key_head``.
         The first objective with keys (registry order: MCL before HiCo) sets the backbone copy's
         momentum and BN mode (``objectives.<name>.momentum`` / ``bn``)."""
@@ -78,7 +78,7 @@ class PretrainModule(nn.Module):
             raise ConfigError("'trainer.zero_stage': the momentum key encoder (MCL's keys, HiCo's bank keys) is "
                               "updated outside the forward and ZeRO-3 partitions its parameters; use zero_stage "
                               "0, 1 or 2")
-        views = {obj.key_view for obj in keyed.values()}
+        views = {obj.key_views for obj in keyed.values()}
         if len(views) != 1:
             raise ConfigError(f"'objectives': the objectives {sorted(keyed)} want keys of different views {views}; "
                               f"the shared key encoder encodes one")
@@ -115,7 +115,10 @@ class PretrainModule(nn.Module):
         emb, fmap = out if with_features else (out, None)            # fmap rows: view-major, views[0] first
         emb = emb.reshape(len(views), b, -1)
         wants_keys = [name for name, obj in self.objectives.items() if obj.key_head is not None and obj.needs_keys()]
-        key_emb = self.key_encoder.embed(clips[:, self.key_view]) if wants_keys else None
+        key_emb = None
+        if wants_keys:                                                # the key views, view-major: (V' * B, ...)
+            kv = list(self.key_views)
+            key_emb = self.key_encoder.embed(clips[:, kv].transpose(0, 1).reshape(len(kv) * b, *clips.shape[2:]))
 
         loss = emb.new_zeros(())
         terms: dict[str, torch.Tensor] = {}

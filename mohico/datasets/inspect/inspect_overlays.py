@@ -62,7 +62,7 @@ def draw_sample(cfg, shard, sample: dict, progress: float = 0.0, epoch: int = 0,
     for f in ("num_frames", "fps", "width", "height"):      # as prepare_sample normalises them
         meta[f] = float(meta[f]) if f == "fps" else int(meta[f])
     progress = min(max(float(progress), 0.0), 1.0)
-    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
+    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico, spec.views)
     rng = sample_rng(spec.seed, epoch, spec.rank, sample["key"])
     draw = sampler.sample(meta, sample["motion"], rng, progress)
     return InspectDraw(key=sample["key"], draw=draw, names=view_names(spec.mcl, spec.hico),

@@ -204,7 +204,7 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
         counters["lost_on_restore"] = counters.get("lost_on_restore", 0) + stream.lost_on_restore
     elif start_epoch:
         stream._reset(start_epoch)
-    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico)
+    sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico, spec.views)
     g = first_item
     errors_seen = bytes_seen = 0
     bad = BadRun()
@@ -225,6 +225,9 @@ def worker_items(spec: WorkerSpec, logical: int, state, start_epoch: int, first_
             try:
                 batch.append(prepare_sample(sample, spec, sampler, progress))
                 bad.good()
+                for reason, n in sampler.counts.items():      # draws that fell back (e.g. mcl_short_video)
+                    counters[reason] = counters.get(reason, 0) + n
+                sampler.counts.clear()
                 continue
             except BadSample as e:
                 counters[e.reason] = counters.get(e.reason, 0) + 1

@@ -24,7 +24,15 @@ Conventions
   (motion-grid cells); :meth:`ClipSampler.sample` also returns them in stored-frame pixels,
   rounded to whole pixels so that the decoder and the motion targets use exactly the same box.
 
-Views (``ClipSampler``): V = 2 with only MCL (query, key); V = 3 when HiCo is on
+MCL alone draws its query and key (``sampling.mcl_temporal``) either as the official code does,
+from different halves of the video (``halves``, :func:`mcl_half_starts`: the positive never is,
+nor overlaps, the query's clip; a video too short for two clips falls back to the pool draw and is
+counted as ``data/mcl_short_video``), or both from one pool with replacement (``pool``,
+:func:`mcl_starts`: the key may be the query's own clip or overlap it).
+
+Views (``ClipSampler``): V = 2 with only MCL (query, key); V = 4 with MCL's official variant
+(query, the query's clip again under its own crop and augmentation, two keys of the other half);
+V = 3 when HiCo is on
 (v_i, v_j, v_k). With both on, v_i is drawn motion-focused (with probability ``motion_prob``
 among the clips at or above the median clip score, else uniformly), v_j within ``delta_max`` of
 v_i (among the high-motion starts of that window when the draw is motion-focused and the window
@@ -163,6 +171,57 @@ def mcl_starts(tmotion: np.ndarray, clip_len: int, stride: float, rng: np.random
     return rng.choice(pool, size=n, replace=True).astype(np.int64), focused
 
 
+def top_ranked(pool: np.ndarray, scores: np.ndarray, share: float = 0.5) -> np.ndarray:
+    """The ``int(len(pool) * share) + 1`` members of ``pool`` with the highest ``scores[pool]``
+    (ties: the earlier start first), as the official MCL code keeps them within a half
+    (``num_max = int(len(idxs) * threshold) + 1``)."""
+    order = np.argsort(-scores[pool], kind="stable")
+    return pool[order[:int(len(pool) * share) + 1]]
+
+
+def mcl_half_starts(tmotion: np.ndarray, clip_len: int, stride: float, rng: np.random.Generator,
+                    p: float = 0.7, n_keys: int = 1, candidates: Optional[np.ndarray] = None
+                    ) -> Optional[tuple[np.ndarray, bool]]:
+    """MCL's temporal sampling as the official code draws it: the query from one half of the
+    video and ``n_keys`` keys from the other half, so the positive is never the query's clip nor
+    overlaps it.
+
+    The video's valid starts are split at ``mid = num_frames // 2``: the first half holds the
+    clips that end before ``mid``, the second those that start at or after it. Which half holds
+    the query is a fair coin. With probability ``p`` each half keeps only its top-ranked clips by
+    mean T-motion (:func:`top_ranked`, the top ``int(n * 0.5) + 1``); otherwise the whole half.
+    The query is uniform in its half; the keys uniform in the other, each new key among the
+    clips overlapping no earlier key when there are such clips. ``candidates`` (e.g.
+    :func:`cut_free_starts`) restricts both halves when each keeps some of them.
+
+    Returns ``(starts (1 + n_keys,) int64: query first, focused)``, or None when the video is
+    too short to hold one clip in each half (``num_frames < 2 * clip_span``): the caller then
+    draws from the pool (:func:`mcl_starts`) and counts the video.
+    """
+    scores = clip_scores(tmotion, clip_len, stride)
+    n, span = len(np.asarray(tmotion).reshape(-1)), clip_span(clip_len, stride)
+    mid = n // 2
+    every = np.arange(scores.shape[0])
+    halves = [every[every + span <= mid], every[every >= mid]]
+    if candidates is not None and len(candidates):
+        kept = [np.intersect1d(h, candidates) for h in halves]
+        if all(len(k) for k in kept):
+            halves = kept
+    if not all(len(h) for h in halves):
+        return None
+    focused = bool(rng.random() < p)
+    if focused:
+        halves = [top_ranked(h, scores) for h in halves]
+    if rng.random() < 0.5:                       # which half holds the query
+        halves = halves[::-1]
+    query = int(rng.choice(halves[0]))
+    keys: list[int] = []
+    for _ in range(int(n_keys)):
+        free = np.array([s for s in halves[1] if all(abs(int(s) - k) >= span for k in keys)], dtype=np.int64)
+        keys.append(int(rng.choice(free if len(free) else halves[1])))
+    return np.array([query, *keys], dtype=np.int64), focused
+
+
 def _near(pool: np.ndarray, anchor: int, radius_frames: float) -> np.ndarray:
     """Members of ``pool`` whose distance to ``anchor`` is < radius (``anchor`` itself always)."""
     d = np.abs(pool - anchor)
@@ -253,11 +312,15 @@ class ClipSampler:
     whether each objective is on. The trainer reports progress with :meth:`set_progress`.
     """
 
-    def __init__(self, sampling, data, mcl: bool, hico: bool):
+    def __init__(self, sampling, data, mcl: bool, hico: bool, views: Optional[int] = None):
         if not (mcl or hico):
             raise ValueError("ClipSampler needs MCL or HiCo enabled")
         self.s, self.d, self.mcl, self.hico = sampling, data, bool(mcl), bool(hico)
+        self.views = int(views) if views else (3 if hico else 2)
+        if self.views not in ((3,) if hico else (2, 4)):
+            raise ValueError(f"ClipSampler draws 2 or 4 views for MCL alone and 3 with HiCo; asked for {self.views}")
         self.progress = 0.0
+        self.counts: dict[str, int] = {}     # draws that fell back (the loader adds them to data/*)
 
     def set_progress(self, progress: float) -> None:
         self.progress = min(max(float(progress), 0.0), 1.0)
@@ -293,7 +356,16 @@ class ClipSampler:
             tm = np.nan_to_num(np.asarray(tm, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
             tm = tm[:n] if len(tm) >= n else np.pad(tm, (0, n - len(tm)), mode="edge")
             if not self.hico:
-                starts, focused = mcl_starts(tm, T, stride, rng, self.s.motion_prob, n=2, candidates=cands)
+                keys = self.views // 2                   # 1: (query, key); 2: (query, query, key, key)
+                drawn = None
+                if self.s.mcl_temporal == "halves":
+                    drawn = mcl_half_starts(tm, T, stride, rng, self.s.motion_prob, n_keys=keys, candidates=cands)
+                    if drawn is None:
+                        self.counts["mcl_short_video"] = self.counts.get("mcl_short_video", 0) + 1
+                starts, focused = drawn or mcl_starts(tm, T, stride, rng, self.s.motion_prob, n=1 + keys,
+                                                      candidates=cands)
+                if self.views == 4:                      # the query's clip twice: two augmentations of it
+                    starts = np.concatenate([starts[:1], starts])
                 return starts, focused, dmax
             focused = bool(rng.random() < self.s.motion_prob)
             high = None
@@ -305,7 +377,8 @@ class ClipSampler:
         if self.hico:
             return hico_starts(n, fps, T, stride, dmax, rng, self.s.far_min_gap, candidates=cands), False, dmax
         every = np.arange(max_start(n, T, stride) + 1) if cands is None else cands
-        return rng.choice(every, size=2).astype(np.int64), False, dmax
+        starts = rng.choice(every, size=1 + self.views // 2).astype(np.int64)
+        return (np.concatenate([starts[:1], starts]) if self.views == 4 else starts), False, dmax
 
     def sample(self, meta: dict, motion: Optional[np.ndarray], rng: np.random.Generator,
                progress: Optional[float] = None) -> SampleDraw:

@@ -146,10 +146,10 @@ class HiCo(nn.Module):
 
     What ``PretrainModule`` computes for it: the online backbone's embeddings of views 0, 1, 2
     (``online_views``: v_i, v_j, v_k) and, with the bank in training mode, keys of ``v_j``
-    (``key_view``) made by the key encoder's EMA copy of ``key_head`` (``visual``)."""
+    (``key_views``) made by the key encoder's EMA copy of ``key_head`` (``visual``)."""
 
     online_views = (0, 1, 2)
-    key_view = 1
+    key_views = (1,)
     needs_features = False
 
     def __init__(self, cfg: Config, backbone: nn.Module):

@@ -10,6 +10,19 @@ the keys of view 1. Loss per step::
 
 with the NCE against the sharded :class:`mohico.models.bank.MemoryBank` (Eq. 10); the keys
 are enqueued *after* the loss (the bank writes out of place, so the loss keeps its keys).
+
+Two variants (``objectives.mcl.variant``):
+
+- ``paper`` (Eq. 9-10): one positive key per query (view 1), one NCE row per query.
+- ``official`` (the released code, ``contrast/NCEContrast.py`` and ``train.py``): views
+  (query, the query's clip under another crop and augmentation, two clips of the other half of
+  the video); three positives per query, each its own NCE row against the same bank (the loss is
+  the mean of the 3B rows), all three keys enqueued; plus an *intra-video* NCE through a second
+  projection head ``intra`` (and its EMA copy): for each other-clip key, the two-way softmax
+  ``[q'.k'_same, q'.k'_other] / tau_intra`` with the same-clip key as the target, so the query
+  stays closer to its own clip than to the video's other clips. MAL's gradient is taken of
+  ``q . k_same``, as in the released code. (The released code also has a clip-order classifier
+  with weight epoch / epochs on UCF101 and 0 on Kinetics; it is not implemented.)
 ``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
 map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
 the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
@@ -42,22 +55,25 @@ class MCL(nn.Module):
 
     What ``PretrainModule`` computes for it: the online backbone's embedding of view 0 (the
     query, ``online_views``) and, through the shared key encoder, keys of view 1
-    (``key_view``) made by the EMA copy of ``key_head`` (``proj``) with :meth:`project_keys`.
+    (``key_views``) made by the EMA copy of ``key_head`` (``proj``) with :meth:`project_keys`.
     Submodule ``proj`` (query projection); ``bank`` is a plain attribute (per-rank state,
     kept out of ``state_dict()``).
     """
 
     online_views = (0,)
-    key_view = 1
 
     def __init__(self, cfg: Config, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg.objectives.mcl
+        self.official = self.cfg.variant == "official"
+        self.key_views = (1, 2, 3) if self.official else (1,)     # same clip, other half x 2 | the key
         if cfg.bank.size <= 0:
             raise ConfigError("'bank.size': MCL's NCE needs a memory bank of negatives; set bank.size > 0 "
                               "(e.g. 65536) or disable MCL with objectives.mcl.weight=0")
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
+        if self.official:
+            self.intra = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim)
         self._checked_map = False
 
@@ -68,8 +84,10 @@ class MCL(nn.Module):
 
     @property
     def key_head(self) -> nn.Module:
-        """The online module whose EMA copy (in the key encoder) projects the keys: ``proj``."""
-        return self.proj
+        """The online module whose EMA copy (in the key encoder) projects the keys: ``proj``
+        (``paper``), or ``proj`` and ``intra`` side by side (``official``: :class:`InterIntra`, a
+        fresh wrapper of the same two modules, not a submodule)."""
+        return InterIntra(self.proj, self.intra) if self.official else self.proj
 
     def needs_keys(self) -> bool:
         """Keys every step: they are the NCE's positives."""
@@ -77,8 +95,9 @@ class MCL(nn.Module):
 
     @torch.no_grad()
     def project_keys(self, ema_head: nn.Module, key_emb: torch.Tensor) -> torch.Tensor:
-        """Keys ``(B, proj_dim)``: ``ema_head`` (the EMA ``proj``) over the EMA backbone's
-        embedding ``key_emb: (B, D)`` of the key clips."""
+        """Keys: ``ema_head`` (the EMA ``key_head``) over the EMA backbone's embedding
+        ``key_emb: (V' * B, D)`` of the key views (view-major): ``(B, proj_dim)`` (``paper``) or
+        ``(3B, 2 * proj_dim)`` (``official``: inter keys, then intra keys, per row)."""
         return ema_head(key_emb)
 
     def forward(self, emb: torch.Tensor, keys: torch.Tensor, fmap: torch.Tensor | None = None,
@@ -86,8 +105,9 @@ class MCL(nn.Module):
                 video_id: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One MCL step.
 
-        ``emb: (B, 1, D)`` backbone embeddings of the query clips (view 0); ``keys: (B, d)``
-        the key encoder's keys of view 1 (:meth:`project_keys`); ``fmap: (N, C', T', H', W')``
+        ``emb: (B, 1, D)`` backbone embeddings of the query clips (view 0); ``keys`` the key
+        encoder's keys of the ``key_views`` (:meth:`project_keys`: ``(B, d)``, or ``(3B, 2d)`` for
+        the official variant); ``fmap: (N, C', T', H', W')``
         the late feature map of the backbone batch that produced ``emb``, whose first ``B``
         rows are the query clips' (the batch may hold more views; needed when MAL is on);
         ``motion: (B, V, T, Hm, Wm)`` the views' motion targets (MAL reads view 0);
@@ -99,19 +119,43 @@ class MCL(nn.Module):
         if emb.ndim != 3 or emb.shape[1] != 1:
             raise ValueError(f"MCL takes emb: (B, 1, D) (the query view); got {tuple(emb.shape)}")
         q = self.proj(emb[:, 0])                                    # (B, d), unit norm
+        if self.official:
+            return self._official(emb, q, keys.to(q.dtype), fmap, motion, progress, video_id)
         k = keys.to(q.dtype)                                        # (B, d), constants
         nce = self.bank.nce(q, k, self.cfg.tau, ids=video_id).mean()
         loss = nce
         terms = {"mcl/nce": nce.detach(), **self._similarities(q.detach(), k)}
+        return self._finish(loss, terms, q, k, k, fmap, motion, progress, video_id)
+
+    def _official(self, emb, q, keys, fmap, motion, progress, video_id):
+        """The released code's loss: ``keys: (3B, 2d)`` (same clip, other clip 1, other clip 2;
+        inter | intra per row). Inter: each of the 3 positives against the one bank (its
+        log-sum-exp computed once), mean over the 3B rows. Intra: two-way softmax per other clip."""
+        b, d = q.shape
+        k = keys[:, :d].reshape(3, b, d)                            # inter keys (unit norm)
+        k_intra = keys[:, d:].reshape(3, b, d)
+        lse = self.bank.logits_lse(q, self.cfg.tau, ids=video_id)  # (B,); -inf for an empty bank
+        pos = (q[None] * k).sum(-1) / self.cfg.tau                  # (3, B)
+        nce = (torch.logaddexp(pos, lse[None].to(pos.dtype)) - pos).mean()
+        qi = self.intra(emb[:, 0])
+        li = (qi[None] * k_intra).sum(-1) / self.cfg.tau_intra      # (3, B): same clip, other 1, other 2
+        intra = torch.nn.functional.softplus(li[1:] - li[:1]).mean()   # -log softmax([same, other])[same]
+        terms = {"mcl/nce": nce.detach(), "mcl/intra": intra.detach(), **self._similarities(q.detach(), k[0])}
+        ids = None if video_id is None else video_id.repeat(3)
+        return self._finish(nce + intra, terms, q, k[0], k.reshape(3 * b, d), fmap, motion, progress, ids)
+
+    def _finish(self, loss, terms, q, k_mal, k_enqueue, fmap, motion, progress, enqueue_ids):
+        """MAL (its gradient of ``q . k_mal``) added to ``loss``, then the keys ``k_enqueue``
+        enqueued with ``enqueue_ids`` in training; returns ``(loss, terms)``."""
         if self.cfg.mal_enabled:
             motion_q = None if motion is None else motion[:, 0]
-            mal, mal_terms, lam = self._mal(q, k, fmap, motion_q, progress)
+            mal, mal_terms, lam = self._mal(q, k_mal, fmap, motion_q, progress)
             if mal is not None:
                 loss = loss + lam * mal
                 terms.update({"mcl/mal": mal.detach(), "mcl/mal_weight": torch.tensor(float(lam))})
                 terms.update({f"mcl/mal_{name}": v for name, v in mal_terms.items()})
         if self.training:                                           # evaluation passes leave the bank alone
-            self.bank.enqueue(k, ids=video_id)
+            self.bank.enqueue(k_enqueue, ids=enqueue_ids)
         terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
 
@@ -154,3 +198,15 @@ class MCL(nn.Module):
         epoch = progress * self.epoch_of_progress
         lam = mal_weight(epoch, weight=c.weight, warmup_weight=c.warmup_weight, warmup_epochs=c.warmup_epochs)
         return loss, terms, lam
+
+
+class InterIntra(nn.Module):
+    """The official variant's two projection heads side by side: ``x: (N, D) -> (N, 2 * d)``
+    (``proj(x)`` then ``intra(x)``, each L2-normalised); the module the key encoder copies."""
+
+    def __init__(self, proj: nn.Module, intra: nn.Module):
+        super().__init__()
+        self.proj, self.intra = proj, intra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.proj(x), self.intra(x)], dim=-1)
