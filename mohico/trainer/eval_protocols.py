@@ -15,8 +15,9 @@ and returns a JSON-able dict):
 
 **Retrieval** (MCL / CoCLR): each test video (the mean of its L2-normalised view embeddings)
 queries the train videos by cosine similarity; recall@k is the fraction of queries with a video of
-their class among the k nearest. **Linear**: a linear classifier trained on every view of the
-train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
+their class among the k nearest. **kNN**: :mod:`mohico.trainer.knn_eval` (a class no neighbour voted
+for is never a top-5 hit; ties to the lower class index). **Linear**: a linear classifier trained on
+every view of the train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
 picked by stratified k-fold cross-validation on train (video-level top-1 pooled over the folds;
 ``folds=1``: one stratified held-out part), then refit on all of train;
 test top-1/top-5 from the softmax averaged over a video's views. In every protocol a test video
@@ -31,7 +32,7 @@ import torch
 
 from mohico.errors import MohicoError
 from mohico.trainer.eval_features import FeatureSet, class_index, extract_features
-from mohico.trainer.knn_eval import knn_scores, topk_accuracy
+from mohico.trainer.knn_eval import knn_vote, ranked_classes, topk_accuracy
 from mohico.trainer.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
 PROTOCOLS = ("knn", "retrieval", "linear")
@@ -73,15 +74,17 @@ def _common(train: FeatureSet, test: FeatureSet, classes) -> dict:
 
 # --------------------------------------------------------------------------- kNN
 def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
-    """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (see knn_eval)."""
+    """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (video features ``(V, D)``;
+    :mod:`mohico.trainer.knn_eval`): a hit when the label is among the first n classes by descending
+    score (ties to the lower class index) of the classes that got a vote; ``pred`` is the first."""
     classes, (ty, qy) = class_index(train.labels, test.labels)
     exclude = _self_pairs(test, train)
     if bool(exclude.all(dim=1).any()):
         raise MohicoError("a test video has no train video other than itself to vote: give more train videos")
-    scores = knn_scores(torch.from_numpy(train.video_features()), torch.from_numpy(ty),
-                        torch.from_numpy(test.video_features()), len(classes), k, temperature, exclude)
-    pred = scores.argmax(dim=1)
-    return {**topk_accuracy(scores, torch.from_numpy(qy), (1, 5)), "k": k, "temperature": temperature,
+    scores, votes = knn_vote(torch.from_numpy(train.video_features()), torch.from_numpy(ty),
+                             torch.from_numpy(test.video_features()), len(classes), k, temperature, exclude)
+    pred = ranked_classes(scores, votes > 0)[:, 0]
+    return {**topk_accuracy(scores, torch.from_numpy(qy), (1, 5), votes > 0), "k": k, "temperature": temperature,
             **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
             "chance_top1": _chance(ty, len(classes)),
             "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]}
