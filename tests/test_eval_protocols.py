@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_retrieval_defaults_to_coclr_centring_and_no_center_turns_it_off():
     assert default["retrieval_protocol"] == "coclr-centred" and recalls(default) == pytest.approx(centred, abs=1e-12)
     off = P.retrieval(train, test, ks=ks, center=False)
     assert off["retrieval_protocol"] == "uncentred" and recalls(off) == pytest.approx(plain, abs=1e-12)
+    from mohico.trainer.eval_report import results_table
+    for res in (default, off):                                    # the printed table names the protocol too
+        assert re.search(rf"^retrieval_protocol +\| +{res['retrieval_protocol']}$",
+                         results_table({"protocol": "retrieval", **res}), flags=re.M)
     # each query's nearest train video is the reference's under either protocol
     for res, center in ((default, True), (off, False)):
         g, q = (gf - gf.mean(0), qf - qf.mean(0)) if center else (gf, qf)
