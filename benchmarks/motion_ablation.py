@@ -72,7 +72,8 @@ ARMS: dict[str, list[str] | None] = {
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],
 }
-EVAL_VERSION = 2   # 2 (2026-11-26): the linear probe's search by 5-fold cross-validation, wd grid 0-0.1
+EVAL_VERSION = 3   # 2 (2026-11-26): the linear probe's search by 5-fold cross-validation, wd grid 0-0.1
+#                   3 (2026-12-06): retrieval centred per set (CoCLR), kNN top-5 only over voted classes
 
 
 def eval_name(test_videos: int) -> str:

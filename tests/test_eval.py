@@ -21,18 +21,56 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 
 
-def numpy_knn(train, ty, query, num_classes, k, t, exclude=None):
-    """float64 reference: a loop over queries."""
+def numpy_knn_votes(train, ty, query, num_classes, k, t, exclude=None):
+    """float64 reference: a loop over queries; ``(scores, votes)`` per query and class: the sum of
+    exp(cos / t) over the k nearest allowed train rows of the class, and how many of them there are."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     query = query / np.linalg.norm(query, axis=1, keepdims=True)
     out = np.zeros((len(query), num_classes))
+    votes = np.zeros((len(query), num_classes), dtype=np.int64)
     for i, q in enumerate(query):
         sim = train @ q
         allowed = np.arange(len(train)) if exclude is None else np.flatnonzero(~exclude[i])
         order = allowed[np.argsort(-sim[allowed], kind="stable")][:k]
         for j in order:
             out[i, ty[j]] += np.exp(sim[j] / t)
-    return out
+            votes[i, ty[j]] += 1
+    return out, votes
+
+
+def numpy_knn(train, ty, query, num_classes, k, t, exclude=None):
+    return numpy_knn_votes(train, ty, query, num_classes, k, t, exclude)[0]
+
+
+def reference_ranking(scores, votes):
+    """Per query the classes that got a vote, by descending score, ties to the lower class index
+    (Python's sort on the key (-score, class)); classes without a vote are not ranked at all."""
+    return [sorted((c for c in range(len(s)) if v[c] > 0), key=lambda c: (-s[c], c)) for s, v in zip(scores, votes)]
+
+
+def reference_topn(scores, votes, labels, ns=(1, 5)):
+    """Weighted-kNN top-n from the definition: a hit when the label is among the first n ranked classes."""
+    ranked = reference_ranking(scores, votes)
+    return {f"top{n}": float(np.mean([y in r[:n] for y, r in zip(labels, ranked)])) for n in ns}
+
+
+def solo_learn_topn(scores, labels, k):
+    """solo-learn's WeightedKNNClassifier.compute rule, literally: every class sorted by score
+    (descending; here stable), top-1 = the first, top-5 = the first min(5, k)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return {"top1": float(np.mean(order[:, 0] == labels)),
+            "top5": float(np.mean((order[:, :min(5, k)] == labels[:, None]).any(axis=1)))}
+
+
+def min_score_gap(scores, votes):
+    """The smallest relative gap between two voted classes' reference scores of one query: the
+    float32 vote ranks them as float64 does when this is far above float32's 6e-8."""
+    gaps = [1.0]
+    for s, v in zip(scores, votes):
+        x = np.sort(s[v > 0])
+        if len(x) > 1:
+            gaps.append(float(np.min(np.diff(x) / x[1:])))
+    return min(gaps)
 
 
 @pytest.mark.parametrize("k", [1, 5, 200])
@@ -46,6 +84,74 @@ def test_knn_scores_match_numpy_reference(k):
         got = K.knn_scores(torch.tensor(train), torch.tensor(ty), torch.tensor(query), 7, k=k, temperature=0.1,
                            exclude=None if ex is None else torch.tensor(ex), chunk=7)
         np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_knn_top1_top5_match_the_weighted_knn_definition(k):
+    """knn() on FeatureSets against the float64 definition: ranked voted classes, ties to the lower index.
+    With exclusion (the same set as both: leave-one-out) and without."""
+    from mohico.trainer.eval_features import FeatureSet
+
+    g = np.random.default_rng(10 + k)
+    classes = 7
+    tr_y, te_y = g.integers(0, classes, 80), g.integers(0, classes, 40)
+    centres = g.normal(size=(classes, 12))
+    tr = (0.7 * centres[tr_y] + g.normal(size=(80, 12))).astype(np.float32)[:, None, :]
+    te = (0.7 * centres[te_y] + g.normal(size=(40, 12))).astype(np.float32)[:, None, :]
+    names = [f"c{c}" for c in range(classes)]                 # sorted names = class indices
+    train = FeatureSet([f"t{i}" for i in range(80)], [""] * 80, [names[c] for c in tr_y], tr)
+    test = FeatureSet([f"q{i}" for i in range(40)], [""] * 40, [names[c] for c in te_y], te)
+    assert set(tr_y) == set(range(classes))
+    for query, qy, ex in ((test, te_y, None), (train, tr_y, np.eye(80, dtype=bool))):   # the same set: no self-vote
+        scores, votes = numpy_knn_votes(tr[:, 0].astype(np.float64), tr_y, query.video_features().astype(np.float64),
+                                        classes, k, 0.07, ex)
+        assert min_score_gap(scores, votes) > 1e-4                 # no near-tie that float32 could reorder
+        ref = reference_topn(scores, votes, qy)
+        got = P.knn(train, query, k=k, temperature=0.07)
+        assert got["leave_one_out"] == (0 if ex is None else 80)
+        assert (got["top1"], got["top5"]) == (ref["top1"], ref["top5"]), (k, got["top5"], ref)
+        assert [names.index(r["pred"]) for r in got["per_video"]] == [r[0] for r in reference_ranking(scores, votes)]
+        # solo-learn's literal rule agrees where it only reaches voted classes: k = 1, or >= 5 classes voted
+        if k == 1 or (votes > 0).sum(axis=1).min() >= 5:
+            assert solo_learn_topn(scores, qy, k) == ref
+        if k == 1:
+            assert got["top5"] == got["top1"] < 1.0
+
+
+def test_knn_top5_with_one_neighbour_and_five_classes_is_not_full_by_construction():
+    """k = 1, 5 classes, features without class signal: one class gets a vote, so top-5 = top-1
+    (about 1/5 here); counting the 4 classes nobody voted for made top-5 100% whatever the features."""
+    from mohico.trainer.eval_features import FeatureSet
+
+    g = np.random.default_rng(4)
+    tr_y, te_y = np.arange(100) % 5, np.arange(50) % 5
+    tr, te = g.normal(size=(100, 1, 16)).astype(np.float32), g.normal(size=(50, 1, 16)).astype(np.float32)
+    train = FeatureSet([f"t{i}" for i in range(100)], [""] * 100, [f"c{c}" for c in tr_y], tr)
+    test = FeatureSet([f"q{i}" for i in range(50)], [""] * 50, [f"c{c}" for c in te_y], te)
+    scores, votes = numpy_knn_votes(tr[:, 0].astype(np.float64), tr_y, te[:, 0].astype(np.float64), 5, 1, 0.07)
+    ref = reference_topn(scores, votes, te_y)
+    got = P.knn(train, test, k=1)
+    assert got["top5"] == ref["top5"] == ref["top1"] == got["top1"] == solo_learn_topn(scores, te_y, 1)["top5"]
+    assert got["top5"] < 0.5, got["top5"]
+
+
+def test_knn_ties_go_to_the_lower_class_index():
+    """Exact ties (identical unit train rows, cos exactly 1): the lower class index ranks first,
+    whatever the train order; a class with no vote ranks after every voted class and never hits."""
+    e0, e1 = [1.0, 0.0], [0.0, 1.0]
+    for order in ([4, 2, 3, 1], [1, 3, 2, 4]):                      # four tied voters of classes 1-4 ...
+        train = torch.tensor([e0] * 4 + [e1])
+        ty = torch.tensor(order + [0])                              # ... and class 0 far away
+        scores, votes = K.knn_vote(train, ty, torch.tensor([e0]), 6, k=4)
+        assert torch.equal(votes, torch.tensor([[0, 1, 1, 1, 1, 0]]))
+        assert K.ranked_classes(scores, votes > 0).tolist() == [[1, 2, 3, 4, 0, 5]]
+        for label, top1, top3 in ((1, 1.0, 1.0), (3, 0.0, 1.0), (4, 0.0, 0.0), (0, 0.0, 0.0), (5, 0.0, 0.0)):
+            acc = K.topk_accuracy(scores, torch.tensor([label]), (1, 3, 6), votes > 0)
+            assert acc == {"top1": top1, "top3": top3, "top6": 1.0 if label in (1, 2, 3, 4) else 0.0}, (label, acc)
+    # without a candidate mask every class is ranked, ties in class order (the linear probe's scores)
+    s = torch.tensor([[0.2, 0.5, 0.2, 0.5, 0.1]])
+    assert K.ranked_classes(s).tolist() == [[1, 3, 0, 2, 4]]
+    assert K.topk_accuracy(s, torch.tensor([2]), (3, 4)) == {"top3": 0.0, "top4": 1.0}
 
 
 def test_topk_accuracy_and_self_exclusion():
@@ -106,7 +212,7 @@ def test_informative_embeddings_beat_chance(labelled_shards):
     cfg = load_config(CONFIG)
     res = P.knn_eval(ColourBackbone(), cfg, labelled_shards, labelled_shards, k=1, clips_per_video=2)
     assert res["num_train"] == res["num_val"] == 6 and res["num_classes"] == 3 and res["leave_one_out"] == 6
-    assert res["top5"] == 1.0
+    assert res["top5"] == res["top1"]                                 # k = 1: one class votes
     assert res["top1"] > res["chance_top1"] + 0.3, res
     noise = nn.Sequential(nn.Flatten(), nn.LazyLinear(1))              # 1-d embedding: cos is +-1, no signal
     assert P.knn_eval(noise, cfg, labelled_shards, labelled_shards, k=1)["num_val"] == 6

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,14 @@ CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 
 
 # --------------------------------------------------------------------------- references
-def numpy_recall(gallery, gl, query, ql, ks, exclude=None):
-    """float64 reference: per query sort the allowed gallery by cosine, look for the label."""
-    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
-    q = query / np.linalg.norm(query, axis=1, keepdims=True)
+def numpy_recall(gallery, gl, query, ql, ks, exclude=None, center=True):
+    """float64 reference: CoCLR's test_retrieval (``center``: each set minus its own mean, then
+    L2-normalise; else plain cosine); per query sort the allowed gallery by cosine, look for the label."""
+    g, q = np.asarray(gallery, dtype=np.float64), np.asarray(query, dtype=np.float64)
+    if center:
+        g, q = g - g.mean(axis=0), q - q.mean(axis=0)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
     out = {}
     for k in ks:
         hits = 0
@@ -67,19 +72,66 @@ def numpy_linear(x, y, k, lr, wd, epochs, batch_size, momentum, perms):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_retrieval_recall_matches_numpy_reference(seed):
+@pytest.mark.parametrize("center", [True, False])
+def test_retrieval_recall_matches_numpy_reference(seed, center):
     g = np.random.default_rng(seed)
-    gallery, query = g.normal(size=(40, 8)), g.normal(size=(15, 8))
+    gallery, query = g.normal(size=(40, 8)) + 0.5, g.normal(size=(15, 8)) - 0.3
     gl, ql = g.integers(0, 5, 40), g.integers(0, 5, 15)
     exclude = g.random((15, 40)) < 0.3
     ks = (1, 5, 10, 20, 50)
     for ex in (None, exclude):
-        got = P.retrieval_recall(gallery, gl, query, ql, ks, ex)
-        ref = numpy_recall(gallery, gl, query, ql, ks, ex)
+        got = P.retrieval_recall(gallery, gl, query, ql, ks, ex, center=center)
+        ref = numpy_recall(gallery, gl, query, ql, ks, ex, center=center)
         assert got == pytest.approx(ref, abs=1e-12)
     # k beyond the gallery: every query whose class is anywhere in the gallery hits
-    got = P.retrieval_recall(gallery[:3], [0, 1, 2], query[:4], [0, 1, 3, 2], (50,))
+    got = P.retrieval_recall(gallery[:3], [0, 1, 2], query[:4], [0, 1, 3, 2], (50,), center=center)
     assert got["recall@50"] == 0.75
+
+
+def relu_sets(seed=3, classes=5, dim=16):
+    """Post-ReLU-like video features (a positive common part, per-video scale, little class signal)
+    where centring each set by its own mean changes recall@1 by more than 0.1: train 60, test 40."""
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(classes, dim))
+
+    def make(n, prefix):
+        y = g.integers(0, classes, n)
+        scale = np.exp(g.uniform(np.log(0.1), np.log(10), (n, 1)))
+        x = np.maximum(1.0 + scale * (centres[y] + 1.5 * g.normal(size=(n, dim))), 0) + 1e-3
+        keys = [f"{prefix}{i}" for i in range(n)]
+        return FeatureSet(keys, keys, [f"class{c}" for c in y], x[:, None, :].astype(np.float32)), y
+
+    return make(60, "tr"), make(40, "te")
+
+
+def test_retrieval_defaults_to_coclr_centring_and_no_center_turns_it_off():
+    (train, ty), (test, qy) = relu_sets()
+    gf, qf = train.video_features().astype(np.float64), test.video_features().astype(np.float64)
+    ks = (1, 5, 10)
+    centred, plain = (numpy_recall(gf, ty, qf, qy, ks, center=c) for c in (True, False))
+    assert abs(centred["recall@1"] - plain["recall@1"]) > 0.1, (centred, plain)   # the two protocols differ here
+    def recalls(res):
+        return {f"recall@{k}": res[f"recall@{k}"] for k in ks}
+
+    default = P.retrieval(train, test, ks=ks)
+    assert default["retrieval_protocol"] == "coclr-centred" and recalls(default) == pytest.approx(centred, abs=1e-12)
+    off = P.retrieval(train, test, ks=ks, center=False)
+    assert off["retrieval_protocol"] == "uncentred" and recalls(off) == pytest.approx(plain, abs=1e-12)
+    from mohico.trainer.eval_report import results_table
+    for res in (default, off):                                    # the printed table names the protocol too
+        assert re.search(rf"^retrieval_protocol +\| +{res['retrieval_protocol']}$",
+                         results_table({"protocol": "retrieval", **res}), flags=re.M)
+    # each query's nearest train video is the reference's under either protocol
+    for res, center in ((default, True), (off, False)):
+        g, q = (gf - gf.mean(0), qf - qf.mean(0)) if center else (gf, qf)
+        sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
+        assert [r["nearest"] for r in res["per_video"]] == [train.keys[j] for j in sim.argmax(axis=1)]
+    assert P.retrieval_recall(gf, ty, qf, qy, ks) == recalls(default)             # the array API's default too
+    # centring a set of one video leaves it no direction: refused, with the way out
+    one = FeatureSet(test.keys[:1], test.sources[:1], test.labels[:1], test.feats[:1])
+    with pytest.raises(MohicoError, match="--no-center"):
+        P.retrieval(train, one)
+    assert P.retrieval(train, one, center=False)["num_test"] == 1
 
 
 @pytest.mark.parametrize("batch_size", [64, 10])
@@ -267,8 +319,14 @@ def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_pat
     assert "recall@1" in res.stdout and "R@5" in res.stdout
     saved = json.loads(out.read_text())
     assert saved["protocol"] == "retrieval" and saved["num_test"] == 6 and saved["leave_one_out"] == 6
+    assert saved["retrieval_protocol"] == "coclr-centred" and "retrieval (coclr-centred)" in res.stdout
     assert 0 <= saved["recall@1"] <= saved["recall@5"] <= 1
     assert list((tmp_path / "wandb").glob("offline-run-*")), "results not logged to W&B"
+    # --no-center: plain cosine, named in the JSON and the table (features from the cache)
+    res = subprocess.run(base + ["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out), "--no-center",
+                                 "--no-wandb", *common], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(out.read_text())["retrieval_protocol"] == "uncentred" and "uncentred" in res.stdout
     # linear: disjoint sets (one shard trains, the other tests); 2 clips x 3 crops per video
     shards = sorted(synth_shards.glob("*.tar"))
     assert len(shards) == 2

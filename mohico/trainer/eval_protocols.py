@@ -6,17 +6,24 @@ and returns a JSON-able dict):
 - ``features(backbone, cfg, shards, labels=None, clips_per_video=1, spatial_crops=1, cache_dir=None, ...)``
   -> labelled FeatureSet (``feats: (V, C, D)``), extracted once and cached;
 - ``knn(train, test, k=20, temperature=0.07)`` -> ``{"top1", "top5", ...}`` (InstDisc weighted vote);
-- ``retrieval(train, test, ks=(1, 5, 10, 20, 50))`` -> ``{"recall@1", ..., "recall@50", ...}``;
+- ``retrieval(train, test, ks=(1, 5, 10, 20, 50), center=True)`` -> ``{"recall@1", ..., "recall@50",
+  "retrieval_protocol", ...}``;
 - ``linear(train, test, lrs=..., weight_decays=..., epochs=100, ...)`` -> ``{"top1", "top5", "lr",
   "weight_decay", "search": [...], ...}``;
-- ``retrieval_recall(gallery, gallery_labels, query, query_labels, ks, exclude)`` on raw arrays;
+- ``retrieval_recall(gallery, gallery_labels, query, query_labels, ks, exclude, center=True)`` on arrays;
 - ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, ...)`` does both steps;
   ``knn_eval(backbone, cfg, train_shards, val_shards, k=20, ...)`` is its kNN case.
 
-**Retrieval** (MCL / CoCLR): each test video (the mean of its L2-normalised view embeddings)
-queries the train videos by cosine similarity; recall@k is the fraction of queries with a video of
-their class among the k nearest. **Linear**: a linear classifier trained on every view of the
-train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
+**Retrieval** (CoCLR's ``test_retrieval``, the code behind most published UCF101/HMDB51 recall@k):
+each set's video features (a video: the mean of its L2-normalised view embeddings) are centred by
+that set's own mean (train minus the train mean, test minus the test mean), L2-normalised, and each
+test video queries the train videos by cosine similarity; recall@k is the fraction of queries with a
+video of their class among the k nearest. ``center=False`` (``--no-center``) skips the centring:
+plain cosine of the video features. The result names which (``"retrieval_protocol"``:
+``"coclr-centred"`` or ``"uncentred"``). CoCLR averages its clips' raw features; here the views are
+L2-normalised before the mean. **kNN**: :mod:`mohico.trainer.knn_eval` (a class no neighbour voted
+for is never a top-5 hit; ties to the lower class index). **Linear**: a linear classifier trained on
+every view of the train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
 picked by stratified k-fold cross-validation on train (video-level top-1 pooled over the folds;
 ``folds=1``: one stratified held-out part), then refit on all of train;
 test top-1/top-5 from the softmax averaged over a video's views. In every protocol a test video
@@ -31,11 +38,12 @@ import torch
 
 from mohico.errors import MohicoError
 from mohico.trainer.eval_features import FeatureSet, class_index, extract_features
-from mohico.trainer.knn_eval import knn_scores, topk_accuracy
+from mohico.trainer.knn_eval import knn_vote, ranked_classes, topk_accuracy
 from mohico.trainer.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
 PROTOCOLS = ("knn", "retrieval", "linear")
 RECALL_KS = (1, 5, 10, 20, 50)
+RETRIEVAL_PROTOCOLS = {True: "coclr-centred", False: "uncentred"}     # center -> the name in the results
 LINEAR_LRS = (0.01, 0.1, 1.0)
 LINEAR_WDS = (0.0, 1e-3, 1e-2, 1e-1)   # on standardised features; 1e-4 and below changed no choice
 LINEAR_FOLDS = 5
@@ -73,15 +81,17 @@ def _common(train: FeatureSet, test: FeatureSet, classes) -> dict:
 
 # --------------------------------------------------------------------------- kNN
 def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
-    """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (see knn_eval)."""
+    """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (video features ``(V, D)``;
+    :mod:`mohico.trainer.knn_eval`): a hit when the label is among the first n classes by descending
+    score (ties to the lower class index) of the classes that got a vote; ``pred`` is the first."""
     classes, (ty, qy) = class_index(train.labels, test.labels)
     exclude = _self_pairs(test, train)
     if bool(exclude.all(dim=1).any()):
         raise MohicoError("a test video has no train video other than itself to vote: give more train videos")
-    scores = knn_scores(torch.from_numpy(train.video_features()), torch.from_numpy(ty),
-                        torch.from_numpy(test.video_features()), len(classes), k, temperature, exclude)
-    pred = scores.argmax(dim=1)
-    return {**topk_accuracy(scores, torch.from_numpy(qy), (1, 5)), "k": k, "temperature": temperature,
+    scores, votes = knn_vote(torch.from_numpy(train.video_features()), torch.from_numpy(ty),
+                             torch.from_numpy(test.video_features()), len(classes), k, temperature, exclude)
+    pred = ranked_classes(scores, votes > 0)[:, 0]
+    return {**topk_accuracy(scores, torch.from_numpy(qy), (1, 5), votes > 0), "k": k, "temperature": temperature,
             **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
             "chance_top1": _chance(ty, len(classes)),
             "per_video": [{"key": key, "label": lab, "pred": classes[int(p)]}
@@ -89,42 +99,59 @@ def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0
 
 
 # --------------------------------------------------------------------------- retrieval
+def retrieval_similarity(gallery, query, center: bool = True) -> torch.Tensor:
+    """``(Q, N)`` float64 cosine similarity of ``query: (Q, D)`` to ``gallery: (N, D)``; ``center``:
+    each set minus its own mean first (CoCLR). Raises MohicoError for bad shapes, and when centring a
+    set of one row (centring leaves it no direction)."""
+    g = torch.as_tensor(np.asarray(gallery), dtype=torch.float64)
+    q = torch.as_tensor(np.asarray(query), dtype=torch.float64)
+    if g.ndim != 2 or q.ndim != 2 or g.shape[1] != q.shape[1]:
+        raise MohicoError(f"retrieval: gallery (N, D) and query (Q, D); got {tuple(g.shape)}, {tuple(q.shape)}")
+    if center:
+        if len(g) < 2 or len(q) < 2:
+            raise MohicoError(f"retrieval: centring each set by its own mean needs >= 2 videos per set, got "
+                              f"{len(g)} train and {len(q)} test videos; give more or turn centring off (--no-center)")
+        g, q = g - g.mean(dim=0, keepdim=True), q - q.mean(dim=0, keepdim=True)
+    g, q = torch.nn.functional.normalize(g, dim=1), torch.nn.functional.normalize(q, dim=1)
+    return q @ g.t()
+
+
 def retrieval_recall(gallery, gallery_labels, query, query_labels, ks: Sequence[int] = RECALL_KS,
-                     exclude=None) -> dict[str, float]:
+                     exclude=None, center: bool = True) -> dict[str, float]:
     """``{"recall@k": fraction of queries with a same-label gallery item among their k nearest by
-    cosine}`` for ``gallery: (N, D)``, ``query: (Q, D)``, integer labels; ``exclude: (Q, N)`` bool
-    pairs never retrieved. ``k`` larger than the gallery counts the whole (allowed) gallery."""
-    g = torch.nn.functional.normalize(torch.as_tensor(np.asarray(gallery), dtype=torch.float64), dim=1)
-    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query), dtype=torch.float64), dim=1)
+    cosine}`` for ``gallery: (N, D)``, ``query: (Q, D)``, integer labels ``(N,)`` / ``(Q,)``;
+    ``center``: each set minus its own mean before the L2-normalisation (CoCLR's protocol; False:
+    plain cosine); ``exclude: (Q, N)`` bool pairs never retrieved. ``k`` larger than the gallery counts
+    the whole (allowed) gallery."""
+    sim = retrieval_similarity(gallery, query, center)
     gl = torch.as_tensor(np.asarray(gallery_labels), dtype=torch.int64)
     ql = torch.as_tensor(np.asarray(query_labels), dtype=torch.int64)
-    if g.ndim != 2 or q.ndim != 2 or g.shape[1] != q.shape[1] or len(gl) != len(g) or len(ql) != len(q):
-        raise MohicoError(f"retrieval: gallery (N, D), query (Q, D) and their labels; got {tuple(g.shape)}, "
-                          f"{tuple(q.shape)}, {tuple(gl.shape)}, {tuple(ql.shape)}")
+    if len(gl) != sim.shape[1] or len(ql) != sim.shape[0]:
+        raise MohicoError(f"retrieval: one label per gallery and query row; got {len(gl)} labels for {sim.shape[1]} "
+                          f"gallery rows, {len(ql)} for {sim.shape[0]} queries")
     if not ks or min(ks) < 1:
         raise MohicoError(f"retrieval: recall ks must be >= 1, got {list(ks)}")
-    sim = q @ g.t()
     if exclude is not None:
         sim = sim.masked_fill(torch.as_tensor(np.asarray(exclude), dtype=torch.bool), float("-inf"))
-    kmax = min(max(ks), g.shape[0])
+    kmax = min(max(ks), sim.shape[1])
     top, idx = sim.topk(kmax, dim=1)
     hit = (gl[idx] == ql[:, None]) & torch.isfinite(top)                  # (Q, kmax)
     first = torch.cumsum(hit.int(), dim=1) > 0
     return {f"recall@{k}": float(first[:, min(k, kmax) - 1].double().mean()) for k in ks}
 
 
-def retrieval(train: FeatureSet, test: FeatureSet, ks: Sequence[int] = RECALL_KS) -> dict:
-    """Test videos query train videos (module docstring); also each query's nearest train video."""
+def retrieval(train: FeatureSet, test: FeatureSet, ks: Sequence[int] = RECALL_KS, center: bool = True) -> dict:
+    """Test videos query train videos (module docstring: ``center`` = CoCLR's centring of each set by its
+    own mean); also each query's nearest train video and ``"retrieval_protocol"``."""
     classes, (ty, qy) = class_index(train.labels, test.labels)
     exclude = _self_pairs(test, train)
     if bool(exclude.all(dim=1).any()):
         raise MohicoError("a test video has no train video other than itself to retrieve: give more train videos")
     gf, qf = train.video_features(), test.video_features()
-    res = retrieval_recall(gf, ty, qf, qy, ks, exclude.numpy())
-    sim = torch.nn.functional.normalize(torch.from_numpy(qf), dim=1) @ \
-        torch.nn.functional.normalize(torch.from_numpy(gf), dim=1).t()
-    nearest = sim.masked_fill(exclude, float("-inf")).argmax(dim=1)
-    return {**res, "ks": list(ks), **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
+    res = retrieval_recall(gf, ty, qf, qy, ks, exclude.numpy(), center)
+    nearest = retrieval_similarity(gf, qf, center).masked_fill(exclude, float("-inf")).argmax(dim=1)
+    return {**res, "ks": list(ks), "retrieval_protocol": RETRIEVAL_PROTOCOLS[bool(center)],
+            **_common(train, test, classes), "leave_one_out": int(exclude.any(dim=1).sum()),
             "chance_recall@1": float(np.mean([np.mean(ty == c) for c in qy])),
             "per_video": [{"key": key, "label": lab, "nearest": train.keys[int(j)], "nearest_label": train.labels[int(j)]}
                           for key, lab, j in zip(test.keys, test.labels, nearest)]}

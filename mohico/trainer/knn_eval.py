@@ -8,6 +8,10 @@ by a weighted vote of its ``k`` nearest train videos::
     w_ij  = exp(s_ij / T)   for the k largest s_ij       (InstDisc / solo-learn weighting, T = 0.07)
     score_i(c) = sum_{j in top-k, y_j = c} w_ij          -> top-1 / top-5 accuracy
 
+The top-n prediction is the first n classes by descending score, ties to the lower class index,
+among the classes that got at least one vote: a class none of the ``k`` neighbours voted for is
+never a hit (with k = 1, top-5 = top-1), as in solo-learn's ``WeightedKNNClassifier``.
+
 A video's embedding is the mean of the L2-normalised pooled backbone embeddings of
 ``clips_per_video`` clips (``data.clip_len`` frames at ``data.frame_stride``, centred in equal
 segments of the video; one clip = the centre clip), each a centre square crop of the short side
@@ -51,14 +55,15 @@ VIDEO_EXTS = ("webm", "mkv", "mp4")
 
 
 # --------------------------------------------------------------------------- kNN math
-def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,
-               k: int = 20, temperature: float = 0.07, exclude: Optional[torch.Tensor] = None,
-               chunk: int = 1024) -> torch.Tensor:
-    """Class scores ``(Q, num_classes)`` of ``query: (Q, D)`` by a weighted vote of the ``k``
-    nearest (cosine) rows of ``train: (N, D)`` with labels ``train_labels: (N,)`` in
-    ``[0, num_classes)``; weights ``exp(cos / temperature)``. ``exclude: (Q, N)`` bool marks
-    pairs that may not vote (e.g. a video and itself). ``k`` is capped at the voters available;
-    excluded pairs never vote even if fewer than ``k`` remain."""
+def knn_vote(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,
+             k: int = 20, temperature: float = 0.07, exclude: Optional[torch.Tensor] = None,
+             chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, votes)``, both ``(Q, num_classes)``: the weighted vote of the ``k`` nearest
+    (cosine) rows of ``train: (N, D)`` with labels ``train_labels: (N,)`` in ``[0, num_classes)``
+    for each row of ``query: (Q, D)``. ``scores`` (float32) sums the weights ``exp(cos / temperature)``
+    of a class's voters, ``votes`` (int64) counts them. ``exclude: (Q, N)`` bool marks pairs that may
+    not vote (e.g. a video and itself). ``k`` is capped at the train rows; excluded pairs never vote
+    even if fewer than ``k`` remain."""
     if train.ndim != 2 or query.ndim != 2 or train.shape[1] != query.shape[1]:
         raise ValueError(f"knn_scores: train (N, D) and query (Q, D) with the same D; got "
                          f"{tuple(train.shape)}, {tuple(query.shape)}")
@@ -68,26 +73,55 @@ def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Ten
     query = nn.functional.normalize(query.float(), dim=1)
     k = min(k, train.shape[0])
     out = torch.zeros(query.shape[0], num_classes, dtype=torch.float32, device=query.device)
+    votes = torch.zeros(query.shape[0], num_classes, dtype=torch.int64, device=query.device)
     for s in range(0, query.shape[0], chunk):
         sim = query[s:s + chunk] @ train.t()                                   # (q, N)
         if exclude is not None:
             sim = sim.masked_fill(exclude[s:s + chunk].to(sim.device), float("-inf"))
         top, idx = sim.topk(k, dim=1)
         weight = torch.exp(top / temperature)                                 # exp(-inf) = 0: no vote
-        out[s:s + chunk].scatter_add_(1, train_labels.to(idx.device)[idx], weight)
-    return out
+        voter_labels = train_labels.to(idx.device)[idx]
+        out[s:s + chunk].scatter_add_(1, voter_labels, weight)
+        votes[s:s + chunk].scatter_add_(1, voter_labels, torch.isfinite(top).long())
+    return out, votes
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """``{"top1": ..., "top5": ...}`` in [0, 1]; top-k with k >= the number of classes is 1.
-    Ties are broken by class index (lower first)."""
+def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, exclude: Optional[torch.Tensor] = None,
+               chunk: int = 1024) -> torch.Tensor:
+    """Class scores ``(Q, num_classes)`` of ``query: (Q, D)`` by a weighted vote of the ``k``
+    nearest (cosine) rows of ``train: (N, D)``: the ``scores`` of :func:`knn_vote` (which see)."""
+    return knn_vote(train, train_labels, query, num_classes, k, temperature, exclude, chunk)[0]
+
+
+def ranked_classes(scores: torch.Tensor, candidates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(Q, C)`` class indices of ``scores: (Q, C)`` best first: by descending score, ties to the
+    lower class index (a stable sort of ``-score``), then the classes not in ``candidates: (Q, C)``
+    bool (e.g. no kNN vote), among themselves in class order."""
+    key = -scores.double()
+    if candidates is not None:
+        key = key.masked_fill(~candidates.to(key.device), float("inf"))
+    return torch.sort(key, dim=1, stable=True).indices
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5),
+                  candidates: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` in [0, 1] of ``scores: (Q, C)`` against ``labels: (Q,)``: a hit
+    when the label is among the first ``k`` of :func:`ranked_classes` (descending score, ties to the
+    lower class index) and, if ``candidates: (Q, C)`` bool is given, is a candidate of its query. Without
+    ``candidates`` top-k with k >= C is 1. The kNN passes "the class got a vote", so a class no neighbour
+    voted for is never a hit (solo-learn's ``WeightedKNNClassifier`` rule; with ``k`` neighbours at
+    most ``k`` classes can hit, and k = 1 gives top-5 = top-1)."""
     out = {}
     n = scores.shape[0]
+    order = ranked_classes(scores, candidates)
+    labels = labels.to(order.device)
+    ok = torch.ones(n, dtype=torch.bool) if candidates is None else \
+        candidates.to(order.device).gather(1, labels[:, None])[:, 0]
     for k in ks:
         kk = min(k, scores.shape[1])
-        pred = scores.topk(kk, dim=1).indices
-        hit = (pred == labels.to(pred.device)[:, None]).any(dim=1)
-        out[f"top{k}"] = float(hit.float().sum() / max(n, 1))
+        hit = (order[:, :kk] == labels[:, None]).any(dim=1) & ok
+        out[f"top{k}"] = int(hit.sum()) / max(n, 1)
     return out
 
 

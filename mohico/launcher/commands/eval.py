@@ -8,8 +8,10 @@ geometry (data.clip_len, data.frame_stride at data.reference_fps, data.crop_size
 json's `label` field (`mohico shards SRC OUT --labels LABELS.json`) or, overriding them, `--labels FILE`.
 Each video gives N temporal clips (centred in equal segments) x M spatial crops of the short side,
 embedded by the frozen backbone and L2-normalised (no augmentation); features can be cached (`--cache DIR`).
-- knn (kNN): each val video is classified by the exp(cos/T)-weighted vote of its k nearest train videos (InstDisc / solo-learn).
-- retrieval: val videos query train videos by cosine similarity; recall@k = a video of the query's class in the top k (MCL / CoCLR).
+- knn (kNN): each val video is classified by the exp(cos/T)-weighted vote of its k nearest train videos (InstDisc / solo-learn);
+  top-5 counts only classes that got a vote (k=1: top-5 = top-1), ties to the lower class index.
+- retrieval (CoCLR's protocol): each set's video features minus that set's own mean, L2-normalised; val videos query
+  train videos by cosine similarity; recall@k = a video of the query's class in the top k. --no-center: plain cosine.
 - linear: a linear classifier on the frozen features of every train view, lr / weight decay picked on a held-out
   part of train, top-1/top-5 on val from the softmax averaged over a video's views.
 - finetune: the backbone plus a new head trained end to end on the --train shards by `mohico train` with the
@@ -61,6 +63,9 @@ def add_arguments(p):
     g.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
     g = p.add_argument_group("retrieval")
     g.add_argument("--recall-at", default="1,5,10,20,50", metavar="K,K,...", help="recall@k (default 1,5,10,20,50)")
+    g.add_argument("--no-center", dest="center", action="store_false",
+                   help="do not centre each set's features by its own mean before the cosine (default: centre, "
+                        "CoCLR's protocol 'coclr-centred'; with this flag 'uncentred')")
     g = p.add_argument_group("linear")
     g.add_argument("--lr", default="0.01,0.1,1", metavar="LR,...", help="learning rates searched (default 0.01,0.1,1)")
     g.add_argument("--wd", default="0,1e-3,1e-2,1e-1", metavar="WD,...",
@@ -97,7 +102,8 @@ def headline(res: dict) -> str:
     n = f"{res['num_test']} val / {res['num_train']} train videos, {res['num_classes']} classes, " \
         f"{res['clips_per_video']} clip(s) x {res['spatial_crops']} crop(s)"
     if res["protocol"] == "retrieval":
-        return f"retrieval on {n}: " + "  ".join(f"R@{k} {100 * res[f'recall@{k}']:.2f}%" for k in res["ks"])
+        recalls = "  ".join(f"R@{k} {100 * res[f'recall@{k}']:.2f}%" for k in res["ks"])
+        return f"retrieval ({res['retrieval_protocol']}) on {n}: {recalls}"
     what = (f"kNN (k={res['k']}, T={res['temperature']})" if res["protocol"] == "knn"
             else f"linear (lr={res['lr']:g}, wd={res['weight_decay']:g})")
     return (f"{what} on {n}: top-1 {100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%  "
@@ -131,7 +137,7 @@ def run(args) -> int:
         ks = [int(k) for k in _floats(args.recall_at, "--recall-at")]
         if not ks or min(ks) < 1:
             raise UsageError(f"--recall-at needs ks >= 1, got {args.recall_at!r}")
-        options = {"ks": ks}
+        options = {"ks": ks, "center": args.center}
     else:
         if args.epochs < 1 or args.linear_batch_size < 1 or args.folds < 1 or not 0 < args.val_fraction < 1:
             raise UsageError("--epochs, --linear-batch-size and --folds must be >= 1 and 0 < --val-fraction < 1")
