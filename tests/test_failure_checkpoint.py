@@ -194,3 +194,17 @@ def test_poisoned_optimizer_partition_runs_no_code_in_universal_conversion(tmp_p
     with pytest.raises(MohicoError, match="cannot load"):
         write_universal(folder, tmp_path / "universal")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00\x81binary\x00\x9c", b"step_\xc3\x28", b"\x00" * 64, b"x" * 100000])
+def test_binary_latest_falls_back_to_newest_intact(tmp_path, caplog, garbage):
+    cp = make_run(tmp_path, steps=(2, 4))
+    (cp.dir / ck.LATEST).write_bytes(garbage)
+    assert ck.read_latest(cp.dir) is None or not ck.TAG_RE.match(ck.read_latest(cp.dir))   # read, never raises
+    with caplog.at_level("WARNING", logger="mohico.trainer"):
+        assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000004")
+    assert str(cp.dir / ck.LATEST) in caplog.text and "not a checkpoint tag" in caplog.text
+    assert ck.read_latest(cp.dir) == "step_00000004"                  # rewritten to the checkpoint resumed from
+    with pytest.raises(MohicoError, match="latest"):                  # export & co: a clear error, no traceback
+        (cp.dir / ck.LATEST).write_bytes(garbage)
+        ck.resolve_checkpoint(cp.dir.parent)

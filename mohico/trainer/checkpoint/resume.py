@@ -8,7 +8,8 @@ checked against the config, before the engine is built.
   every file present with the size and sha256 recorded at save time). A damaged one is moved
   aside to ``checkpoints/damaged-<tag>`` (kept for inspection, never loaded or pruned) with a
   warning, and the newest intact checkpoint is used instead (``latest`` is rewritten to it). If
-  none is intact the run stops with every checkpoint's problems listed.
+  none is intact the run stops with every checkpoint's problems listed. A ``latest`` that holds
+  no tag (any bytes, binary included) is ignored with a warning naming it, and rewritten.
 - ``never``: start fresh; refused when the run directory already holds checkpoints (a fresh
   run would overwrite them and rotation would delete them) unless ``checkpoint.force=true``.
 - a path: that checkpoint, which must verify (no fallback for an explicit choice).
@@ -52,9 +53,11 @@ def quarantine(ckdir: Path, tag: str) -> Path | None:
 
 
 def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
-    latest = read_latest(ckpt.dir)
-    if latest is not None and not TAG_RE.match(latest):
-        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored", ckpt.dir / LATEST, latest)
+    latest = read_latest(ckpt.dir)     # any bytes: undecodable ones escaped, never raises
+    ignored = latest is not None and not TAG_RE.match(latest)
+    if ignored:
+        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored, resuming from the "
+                    "newest intact checkpoint", ckpt.dir / LATEST, latest[:80])
         latest = None
     tags = sorted(set(complete_tags(ckpt.dir)) | ({latest} if latest else set()), reverse=True)
     if latest is None and not tags:
@@ -68,6 +71,7 @@ def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
         if not problems:
             if report:
                 log.warning("resuming from the newest intact checkpoint %s instead", ckpt.dir / tag)
+            if report or ignored:
                 atomic_write_text(ckpt.dir / LATEST, tag)
             return ckpt.dir, tag
         moved = quarantine(ckpt.dir, tag)
