@@ -254,3 +254,23 @@ def test_labels_file_matching_no_video_is_warned(tmp_path, caplog):
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert str(labels) in warned and "none of the 1 input videos" in warned and "2 labels" in warned
     assert "'other.webm'" in warned and "clip.webm" in warned          # an example of each side
+
+
+@pytest.mark.parametrize("inputs", [{"empty.mp4": b"", "notvideo.mp4": b"this is not a video\n"}, {}])
+def test_shards_of_only_bad_inputs_exit_1(tmp_path, capsys, inputs):
+    """Every input skipped (or none there): `mohico shards` exits 1 saying no video was written
+    and why, instead of 0 with '0 videos in 0 shards'."""
+    from mohico.launcher.cli import main
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name, data in inputs.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "shards"
+    assert main(["shards", str(src), str(out), "--quiet", "--workers", "1"]) == 1
+    cap = capsys.readouterr()
+    assert "error: no video written" in cap.err and str(src) in cap.err and "Traceback" not in cap.err
+    if inputs:
+        assert f"all {len(inputs)} inputs" in cap.err and "zero-byte" in cap.out and "manifest.json" in cap.err
+    else:
+        assert "no input files" in cap.err
