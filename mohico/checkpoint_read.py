@@ -39,11 +39,24 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------- finding checkpoints
 def read_latest(ckdir: Path) -> str | None:
+    """What ``ckdir/latest`` names (stripped), or None if it is absent or empty. Any bytes are read
+    safely: undecodable ones come back escaped (``\\xff``) and a file longer than any tag is cut to
+    its first 256 bytes plus ``...``, so callers check the result against :data:`TAG_RE`."""
     p = Path(ckdir) / LATEST
     if not p.is_file():
         return None
-    tag = p.read_text().strip()
+    try:
+        with open(p, "rb") as f:
+            data = f.read(_LATEST_MAX + 1)
+    except OSError:
+        return None
+    tag = data[:_LATEST_MAX].decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00").strip()
+    if len(data) > _LATEST_MAX:
+        tag += "..."
     return tag or None
+
+
+_LATEST_MAX = 256     # a tag is 13 characters: anything longer is not one
 
 
 def complete_tags(ckdir: Path) -> list[str]:
@@ -64,6 +77,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
     for ckdir in (checkpoint_dir(p), p):
         tag = read_latest(ckdir)
         if tag is not None:
+            if not TAG_RE.match(tag):
+                raise MohicoError(f"{ckdir / LATEST} names {tag[:80]!r}, which is not a checkpoint tag "
+                                  f"(step_NNNNNNNN): give the checkpoint folder itself (complete checkpoints "
+                                  f"there: {complete_tags(ckdir) or 'none'})")
             if not (ckdir / tag).is_dir():
                 raise MohicoError(f"{ckdir / LATEST} points to '{tag}', which does not exist in {ckdir} "
                                   f"(complete checkpoints there: {complete_tags(ckdir) or 'none'})")

@@ -47,6 +47,8 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     shards: str = ""                   # brace pattern, directory or file list of shard tars
+    allow_commands: bool = False       # let shard URLs run shell commands (webdataset's pipe:...); off:
+                                       # a shard list (a file anyone may edit) must not run code
     batch_size: int = 8                # videos per rank per step
     num_workers: int = 2               # loader worker processes per rank
     shuffle_buffer: int = 64           # samples held for shuffling (entries: a video read R times is R entries)
@@ -319,7 +321,7 @@ def to_dict(cfg: Config) -> dict:
 # the loader streams. Everything else changes the trajectory and is hashed.
 RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.test_shards", "finetune.test_clips",
                     "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",
-                    "trainer.max_steps", "data.num_workers", "data.shards", "trainer.nonfinite_limit",
+                    "trainer.max_steps", "data.num_workers", "data.shards", "data.allow_commands", "trainer.nonfinite_limit",
                     "trainer.stall_timeout_s", "trainer.signal_grace_s", "trainer.dist_timeout_s")
 
 

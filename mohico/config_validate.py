@@ -74,7 +74,8 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.sampling.crop_percentile < 100, "sampling.crop_percentile", "must lie in [0, 100)")
     need(0 <= cfg.sampling.motion_prob <= 1, "sampling.motion_prob", "must lie in [0, 1]")
     need(cfg.sampling.delta > 0, "sampling.delta", "must be > 0 seconds")
-    need(cfg.bank.size >= 0 and cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
+    need(cfg.bank.size >= 0, "bank.size", f"must be >= 0 keys (0: no bank, HiCo only), got {cfg.bank.size}")
+    need(cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
          f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")

@@ -238,3 +238,10 @@ def test_size_not_divisible_names_bank_size(monkeypatch):
     monkeypatch.setattr(bank_mod, "rank_world", lambda group=None: (0, 3))
     with pytest.raises(MohicoError, match="bank.size = 16 is not divisible"):
         MemoryBank(16, 4)
+
+
+def test_a_bank_too_big_to_allocate_names_bank_size_and_its_memory():
+    with pytest.raises(MohicoError) as e:            # 2**40 keys x 128: 512 TiB, no machine has it
+        MemoryBank(2 ** 40, 128)
+    msg = str(e.value)
+    assert "bank.size=1099511627776" in msg and "per rank" in msg and "TiB" not in msg and "GiB" in msg

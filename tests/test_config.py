@@ -163,6 +163,12 @@ def test_cross_field_rules():
         load_config(ROOT / "configs" / "base.yaml", ["sampling.crop_area=[0.9,0.2]"])
 
 
+def test_negative_bank_size_names_bank_size():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "base.yaml", ["bank.size=-5"])
+    assert str(e.value).startswith("'bank.size'") and "bank.dim" not in str(e.value) and "-5" in str(e.value)
+
+
 def test_missing_file_cycle_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

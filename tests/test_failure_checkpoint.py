@@ -194,3 +194,69 @@ def test_poisoned_optimizer_partition_runs_no_code_in_universal_conversion(tmp_p
     with pytest.raises(MohicoError, match="cannot load"):
         write_universal(folder, tmp_path / "universal")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00\x81binary\x00\x9c", b"step_\xc3\x28", b"\x00" * 64, b"x" * 100000])
+def test_binary_latest_falls_back_to_newest_intact(tmp_path, caplog, garbage):
+    cp = make_run(tmp_path, steps=(2, 4))
+    (cp.dir / ck.LATEST).write_bytes(garbage)
+    assert ck.read_latest(cp.dir) is None or not ck.TAG_RE.match(ck.read_latest(cp.dir))   # read, never raises
+    with caplog.at_level("WARNING", logger="mohico.trainer"):
+        assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000004")
+    assert str(cp.dir / ck.LATEST) in caplog.text and "not a checkpoint tag" in caplog.text
+    assert ck.read_latest(cp.dir) == "step_00000004"                  # rewritten to the checkpoint resumed from
+    with pytest.raises(MohicoError, match="latest"):                  # export & co: a clear error, no traceback
+        (cp.dir / ck.LATEST).write_bytes(garbage)
+        ck.resolve_checkpoint(cp.dir.parent)
+
+
+def test_latest_older_than_intact_checkpoints_is_refused(tmp_path):
+    """`latest` names an older intact tag while newer intact ones exist (a restored or hand-edited
+    `latest`): resuming there would later overwrite and rotate away the newer ones. Refused (exit
+    2) naming them and both fixes; nothing is moved or deleted."""
+    from mohico.errors import ConfigError
+
+    cp = make_run(tmp_path, steps=(2, 4, 6))
+    (cp.dir / ck.LATEST).write_text("step_00000002")
+    with pytest.raises(ConfigError) as e:
+        pick_resume(cp, "auto", False)
+    msg = str(e.value)
+    assert e.value.exit_code == 2
+    assert "step_00000004" in msg and "step_00000006" in msg and str(cp.dir / ck.LATEST) in msg
+    assert f"checkpoint.resume={cp.dir / 'step_00000006'}" in msg            # resume from the newest
+    assert f"checkpoint.resume={cp.dir / 'step_00000002'}" in msg and "superseded" in msg
+    assert ck.complete_tags(cp.dir) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert ck.read_latest(cp.dir) == "step_00000002"
+
+
+def test_latest_older_than_only_damaged_checkpoints_resumes_from_latest(tmp_path, caplog):
+    cp = make_run(tmp_path, steps=(2, 4))
+    (cp.dir / ck.LATEST).write_text("step_00000002")
+    _flip_byte(cp.dir / "step_00000004")
+    with caplog.at_level("WARNING", logger="mohico.trainer"):
+        assert pick_resume(cp, "auto", False) == (cp.dir, "step_00000002")
+    assert (cp.dir / "damaged-step_00000004").is_dir() and "sha256 differs" in caplog.text   # kept aside
+
+
+def test_resuming_an_older_checkpoint_keeps_the_newer_ones_aside(tmp_path, caplog):
+    """checkpoint.resume=<an older checkpoint of this run>: the newer checkpoints are renamed to
+    <tag>.superseded-<time> (kept, never loaded or pruned) with a warning naming each, so the
+    saves that follow never overwrite or rotate them away."""
+    from mohico.trainer.checkpoint.resume import find_resume
+
+    cp = make_run(tmp_path, steps=(2, 4, 6))
+    cp.keep = 2                # rotation would delete them
+    older = cp.dir / "step_00000002"
+    c = load_config(None, ["objectives.mcl.weight=1", "model.backbone=r3d_18", f"checkpoint.resume={older}"])
+    with caplog.at_level("WARNING", logger="mohico.trainer"):
+        r = find_resume(cp, c, None)
+    assert (r.dir, r.tag) == (cp.dir, "step_00000002")
+    aside = sorted(p for p in cp.dir.iterdir() if ".superseded-" in p.name)
+    assert [p.name.split(".")[0] for p in aside] == ["step_00000004", "step_00000006"]
+    for p in aside:
+        assert p.name in caplog.text
+    for s in (4, 6):      # the run goes on from step 2 and writes steps 4 and 6 again
+        meta = {"step": s, "world_size": 1, "zero_stage": 0, "config": to_dict(c), "config_hash": config_hash(c)}
+        cp.save(states_for(FakeEngine(), meta, loader={"n": -s}, rng=rng_state()))
+    assert [torch.load(p / "client_rank_00000.pt")["loader"] for p in aside] == [{"n": 4}, {"n": 6}]  # untouched
+    assert verify_checkpoint(cp.dir, aside[0].name) == []

@@ -221,3 +221,56 @@ def test_malformed_labels_file_is_a_clear_error(tmp_path, content, pattern):
     good = tmp_path / "good.json"
     good.write_text('{"a.webm": 3, "b.webm": "dog"}')
     assert load_labels(good) == {"a.webm": 3, "b.webm": "dog"}
+
+
+@pytest.mark.parametrize("name, content", [
+    ("labels.txt", "a.webm\tdog\nb.webm\tcat\na.webm\tbird\nb.webm 4\nc.webm\tfish\n"),
+    ("labels.json", '{"a.webm": "dog", "b.webm": "cat", "a.webm": "bird", "b.webm": 4, "c.webm": "fish"}'),
+])
+def test_duplicate_names_in_a_labels_file_are_warned(tmp_path, caplog, name, content):
+    from mohico.datasets.write.shards_inputs import load_labels
+
+    path = tmp_path / name
+    path.write_text(content)
+    with caplog.at_level("WARNING"):
+        assert load_labels(path) == {"a.webm": "bird", "b.webm": 4, "c.webm": "fish"}      # the last one wins
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(path) in warned[0] and "'a.webm'" in warned[0] and "'b.webm'" in warned[0]
+    assert "c.webm" not in warned[0] and "last" in warned[0]
+
+
+def test_labels_file_matching_no_video_is_warned(tmp_path, caplog):
+    from _videos import object_frames, write_video
+    from mohico.datasets.write.shards import write_shards
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    write_video(src / "clip.webm", object_frames(20))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("other.webm\tdog\nthird.webm\tcat\n")          # names no input video
+    with caplog.at_level("WARNING"):
+        man = write_shards(src, tmp_path / "out", labels=labels, short_side=64)
+    assert man["num_samples"] == 1
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert str(labels) in warned and "none of the 1 input videos" in warned and "2 labels" in warned
+    assert "'other.webm'" in warned and "clip.webm" in warned          # an example of each side
+
+
+@pytest.mark.parametrize("inputs", [{"empty.mp4": b"", "notvideo.mp4": b"this is not a video\n"}, {}])
+def test_shards_of_only_bad_inputs_exit_1(tmp_path, capsys, inputs):
+    """Every input skipped (or none there): `mohico shards` exits 1 saying no video was written
+    and why, instead of 0 with '0 videos in 0 shards'."""
+    from mohico.launcher.cli import main
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name, data in inputs.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "shards"
+    assert main(["shards", str(src), str(out), "--quiet", "--workers", "1"]) == 1
+    cap = capsys.readouterr()
+    assert "error: no video written" in cap.err and str(src) in cap.err and "Traceback" not in cap.err
+    if inputs:
+        assert f"all {len(inputs)} inputs" in cap.err and "zero-byte" in cap.out and "manifest.json" in cap.err
+    else:
+        assert "no input files" in cap.err

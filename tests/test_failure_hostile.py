@@ -54,3 +54,46 @@ def test_env_secrets_are_not_saved(tmp_path, monkeypatch):
     assert secret not in text and "oc.env:MOHICO_TEST_TOKEN" in text
     again = load_config(tmp_path / "run" / "config.yaml")                    # re-resolves from the environment
     assert again.wandb.entity == secret and again.data.shards == cfg.data.shards
+
+
+def _pipe_list(tmp_path, synth_shards):
+    """A shard list whose first line is a command: webdataset's gopen would run it in a shell."""
+    marker = tmp_path / "MARKER"
+    first = sorted(Path(synth_shards).glob("*.tar"))[0]
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"pipe:touch {marker}; cat {first}\n")
+    return listing, marker, first
+
+
+def test_shard_list_with_a_command_is_refused(tmp_path, synth_shards):
+    from mohico.datasets.load.pipeline import build_loader
+    from mohico.datasets.load.pipeline_stream import expand_shards
+    from mohico.errors import ConfigError
+
+    listing, marker, _ = _pipe_list(tmp_path, synth_shards)
+    cfg = load_config(CONFIG, [f"data.shards={listing}", "data.num_workers=0"])
+    try:
+        with pytest.raises(ConfigError) as e:           # data.allow_commands is false by default
+            build_loader(cfg)
+    finally:
+        assert not marker.exists(), "the shard list's command ran"
+    msg = str(e.value)
+    assert "data.allow_commands=true" in msg and "pipe:touch" in msg and str(listing) in msg
+    for url in ("pipe:echo hi", "PIPE:echo hi"):
+        with pytest.raises(ConfigError, match="data.allow_commands"):
+            expand_shards([url])
+    assert not marker.exists()                                                # nothing ran
+
+
+def test_shard_list_with_a_command_runs_when_allowed(tmp_path, synth_shards):
+    from mohico.datasets.load.pipeline import build_loader
+    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+
+    listing, marker, first = _pipe_list(tmp_path, synth_shards)
+    assert load_config(CONFIG).data.allow_commands is False
+    cfg = load_config(CONFIG, [f"data.shards={listing}", "data.num_workers=0", "data.allow_commands=true"])
+    urls = expand_shards(cfg.data.shards, allow_commands=True)
+    assert urls == [f"pipe:touch {marker}; cat {first}"]
+    build_loader(cfg)                                # reads the first shard's geometry through the command
+    assert marker.exists()
+    assert [s["__key__"] for s in iter_shard(urls[0])] == [s["__key__"] for s in iter_shard(str(first))]

@@ -135,3 +135,51 @@ def test_config_picture_frames_in_time_order_and_labelled_curve(synth_shards, tm
     texts = [t for t, _ in calls]
     assert any(t.startswith("T-motion") for t in texts) and "0s" in texts and any("time in the video" in t for t in texts)
     assert CURVE_H > 40
+
+
+def _garbage_shard(path: Path, video: bytes, meta: bytes, motion: bytes) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for ext, data in (("webm", video), ("json", meta), ("motion.npy", motion)):
+            info = tarfile.TarInfo(f"abc123.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _npy(a) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+GOOD_META = json.dumps({"fps": 15, "num_frames": 10, "width": 64, "height": 48}).encode()
+GOOD_MOTION = _npy(np.zeros((10, 4, 5), np.uint8))
+
+
+@pytest.mark.parametrize("video, meta, motion, member", [
+    (b"\x1aE\xdf\xa3 this is not a video" * 20, GOOD_META, GOOD_MOTION, "abc123.webm"),
+    (b"\x00" * 4096, GOOD_META, GOOD_MOTION, "abc123.webm"),
+    (b"whatever", b"{not json", GOOD_MOTION, "abc123.json"),
+    (b"whatever", GOOD_META, b"\x93NUMPY garbage", "abc123.motion.npy"),
+])
+def test_cli_garbage_sample_is_a_clear_error(tmp_path, capsys, video, meta, motion, member):
+    shard = _garbage_shard(tmp_path / "shard-000000.tar", video, meta, motion)
+    png = tmp_path / "x.png"
+    assert main(["inspect", str(shard), "--out", str(png)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("mohico inspect: error:")
+    assert str(shard) in err and member in err and "mohico shards" in err
+    assert not png.exists()
+
+
+def test_cli_a_video_file_instead_of_a_shard_is_a_clear_error(tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
+    assert main(["inspect", str(video), "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(video) in err and "not a tar" in err

@@ -136,8 +136,15 @@ class MemoryBank:
                               f"to a multiple of {self.world_size} (e.g. {size - size % self.world_size or self.world_size})")
         self.size, self.dim, self.impl = size, dim, impl
         self.shard_size = size // self.world_size
-        self.keys = torch.zeros(self.shard_size, dim, dtype=dtype, device=device)
-        self.ids = torch.full((self.shard_size,), UNKNOWN_ID, dtype=torch.int64, device=device)
+        try:
+            self.keys = torch.zeros(self.shard_size, dim, dtype=dtype, device=device)
+            self.ids = torch.full((self.shard_size,), UNKNOWN_ID, dtype=torch.int64, device=device)
+        except (RuntimeError, MemoryError) as e:   # CPU allocator or CUDA out of memory
+            need = self.shard_size * (dim * torch.finfo(dtype).bits // 8 + 8)
+            raise MohicoError(f"bank.size={size} x bank.dim={dim} needs {need / 2 ** 30:.1f} GiB per rank "
+                              f"({self.world_size} rank(s)), which could not be allocated ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}). Lower bank.size "
+                              f"(the papers use 65536-131072 keys); `mohico train --dry-run` shows the memory") from None
         self.ptr = 0
         self.filled = 0
 

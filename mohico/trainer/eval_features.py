@@ -155,7 +155,7 @@ def backbone_digest(backbone: nn.Module) -> str:
 
 def cache_key(backbone: nn.Module, shards, data_cfg, clips_per_video: int, spatial_crops: int) -> str:
     files = []
-    for u in expand_shards(shards):
+    for u in expand_shards(shards, allow_commands=getattr(data_cfg, "allow_commands", False)):
         st = os.stat(u) if os.path.exists(u) else None
         files.append([os.path.abspath(u), st.st_size if st else None, st.st_mtime_ns if st else None])
     spec = {"version": CACHE_VERSION, "backbone": backbone_digest(backbone), "shards": files,

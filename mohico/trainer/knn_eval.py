@@ -164,7 +164,7 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
     ``clips_per_video`` temporal clips x ``spatial_crops`` crops (:func:`crop_boxes`) each.
     Raises MohicoError for a sample that cannot be read, and (``require_label``) for one without
     a ``label``."""
-    for url in expand_shards(shards):
+    for url in expand_shards(shards, allow_commands=getattr(data_cfg, "allow_commands", False)):
         errors: list[str] = []
         for sample in iter_shard(url, errors):
             name = f"{url}:{sample['__key__']}"

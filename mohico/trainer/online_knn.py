@@ -35,7 +35,7 @@ class OnlineKnn:
         self.val = self.ev.val_shards
         self.train = self.ev.train_shards or self.ev.val_shards
         for shards in {self.val, self.train}:
-            expand_shards(shards)                      # a wrong path fails at start-up, naming it
+            expand_shards(shards, allow_commands=cfg.data.allow_commands)   # a wrong path fails at start-up
         self.labels = load_labels(self.ev.labels) if self.ev.labels else None
 
     def due(self, step: int) -> bool:

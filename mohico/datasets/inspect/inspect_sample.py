@@ -50,6 +50,10 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
                     files[k] = {}
                     order.append(k)
                 files[k][ext] = tar.extractfile(m).read()
+    except tarfile.ReadError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MohicoError(f"cannot read shard {shard}: not a tar file, or a damaged one ({first}); `mohico inspect` "
+                          f"reads a shard tar written by `mohico shards` (shard-NNNNNN.tar), not a video") from None
     except (OSError, tarfile.TarError) as e:
         raise MohicoError(f"cannot read shard {shard}: {e}") from None
     if not order:
@@ -63,8 +67,22 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
     video_ext = next((e for e in ("webm", "mp4", "mkv") if e in parts), None)
     if video_ext is None or "json" not in parts or "motion.npy" not in parts:
         raise MohicoError(f"sample {k} in {shard} lacks a video, json or motion.npy member (has {sorted(parts)})")
-    return {"key": k, "meta": json.loads(parts["json"]), "video": parts[video_ext], "ext": video_ext,
-            "motion": np.load(io.BytesIO(parts["motion.npy"]), allow_pickle=False)}
+    damaged = "the shard is damaged or was not written by `mohico shards` (rewrite it with `mohico shards`)"
+    try:
+        meta = json.loads(parts["json"])
+    except ValueError as e:
+        raise MohicoError(f"sample {k} in {shard}: member {k}.json is not valid JSON ({e}); {damaged}") from None
+    missing = [f for f in ("fps", "num_frames", "width", "height") if not isinstance(meta, dict) or f not in meta]
+    if missing:
+        raise MohicoError(f"sample {k} in {shard}: member {k}.json lacks {', '.join(missing)}; {damaged}")
+    try:
+        motion = np.load(io.BytesIO(parts["motion.npy"]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise MohicoError(f"sample {k} in {shard}: member {k}.motion.npy is not a numpy array ({e}); {damaged}") from None
+    if motion.ndim != 3 or motion.shape[0] < 1:
+        raise MohicoError(f"sample {k} in {shard}: member {k}.motion.npy has shape {motion.shape}, expected "
+                          f"(frames, grid h, grid w); {damaged}")
+    return {"key": k, "meta": meta, "video": parts[video_ext], "ext": video_ext, "motion": motion}
 
 
 def decode_frames(data: bytes, indices) -> dict[int, np.ndarray]:
@@ -143,10 +161,19 @@ def render_sample(shard: str | os.PathLike, key: str | None = None, out: str | o
         idx = sorted(i for i in set(idx) if 0 <= i < n)          # time order, whichever view they come from
     else:
         idx = sorted(set(np.linspace(0, n - 1, min(num_frames, n)).round().astype(int).tolist()))
-    frames = decode_frames(s["video"], idx)
+    member = f"{s['key']}.{s.get('ext', 'video')}"
+    try:
+        frames = decode_frames(s["video"], idx)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV/FFmpeg errors on bytes that are not a video
+        raise MohicoError(f"sample {s['key']} in {shard}: member {member} is not a decodable video "
+                          f"({type(e).__name__}: {str(e)[:200]}); the shard is damaged or was not written by "
+                          f"`mohico shards` (rewrite it with `mohico shards`)") from None
     idx = [i for i in idx if i in frames]
     if not idx:
-        raise MohicoError(f"sample {s['key']} in {shard}: no frames decoded")
+        raise MohicoError(f"sample {s['key']} in {shard}: no frames decoded from member {member} (rewrite the "
+                          f"shard with `mohico shards`)")
     h0, w0 = frames[idx[0]].shape[:2]
     tw = round(w0 * TILE_H / h0)
     sx, sy = tw / w0, TILE_H / h0

@@ -353,7 +353,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
 
     Raises ConfigError when the shards' short side is too small for ``data.crop_size``
     (:mod:`mohico.datasets.load.shard_geometry`)."""
-    urls = expand_shards(shards if shards else cfg.data.shards)
+    urls = expand_shards(shards if shards else cfg.data.shards, allow_commands=cfg.data.allow_commands)
     check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
     check_enough_samples(urls, int(world_size), max(1, cfg.data.num_workers))
     mcl = cfg.objectives.mcl.weight > 0

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import tarfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 from mohico.datasets.load.crops import min_crop_side
 from mohico.datasets.load.pipeline_stream import iter_shard
+from mohico.datasets.load.sampling import clip_span, video_stride
 from mohico.errors import ConfigError
 
 
@@ -71,3 +73,54 @@ def check_crop_resolution(data, sampling, urls: Sequence[str]) -> None:
         f"the frame, aspect {sampling.crop_aspect}) is only {smallest:.0f} px, so it would be upsampled. "
         f"Rewrite the shards with `mohico shards SRC OUT --short-side {need}` (and the same --fps), or lower "
         f"data.crop_size to {int(smallest)} or raise sampling.crop_area[0]")
+
+
+def video_lengths(urls: Sequence[str], max_shards: int = 8) -> tuple[list[tuple[int, float]], int]:
+    """``([(num_frames, fps) of every sample json], shards read)`` of the first ``max_shards``
+    local tar shards (remote or unreadable ones are passed over). Reads the json members only
+    (the tar headers let it seek past the videos)."""
+    out, read = [], 0
+    for url in list(urls)[:max_shards]:
+        if not Path(url).is_file():
+            continue
+        try:
+            with tarfile.open(url) as tar:
+                for m in tar:
+                    if not (m.isfile() and m.name.endswith(".json")):
+                        continue
+                    try:
+                        meta = json.loads(tar.extractfile(m).read())
+                        out.append((int(meta["num_frames"]), float(meta["fps"])))
+                    except (KeyError, ValueError, TypeError):
+                        continue
+            read += 1
+        except (tarfile.TarError, OSError):
+            continue
+    return out, read
+
+
+def clip_length_problem(data, urls: Sequence[str], max_shards: int = 8) -> Optional[tuple[str, str]]:
+    """``("error" | "warning", message)`` when videos of ``urls`` are shorter than a clip of
+    ``data.clip_len`` frames at ``data.frame_stride`` (the sampler then repeats their last frame):
+    an error when every video of every shard is (all read), a warning when every video read or
+    some are; None when all are long enough or none could be read."""
+    lengths, read = video_lengths(urls, max_shards)
+    if not lengths:
+        return None
+    spans = [clip_span(data.clip_len, video_stride(data.frame_stride, data.reference_fps, fps)) for _, fps in lengths]
+    short = [(n, s) for (n, _), s in zip(lengths, spans) if n < s]
+    if not short:
+        return None
+    lo, hi = min(s for _, s in short), max(s for _, s in short)
+    span = f"{lo} frames" if lo == hi else f"{lo}-{hi} frames"
+    clip = (f"a clip of data.clip_len={data.clip_len} frames at data.frame_stride={data.frame_stride}"
+            + (f" (at data.reference_fps={data.reference_fps})" if data.reference_fps > 0 else "") + f" spans {span}")
+    where = "of the shards" if read == len(urls) else f"in the first {read} of {len(urls)} shards"
+    fix = ("Lower data.clip_len or data.frame_stride, or write the shards from longer videos")
+    if len(short) == len(lengths):
+        longest = max(n for n, _ in lengths)
+        msg = (f"'data.clip_len': {clip}, but every one of the {len(lengths)} videos {where} is shorter (longest: "
+               f"{longest} frames): every clip would repeat its last frame to fill up. {fix}")
+        return ("error" if read == len(urls) else "warning"), msg
+    return "warning", (f"'data.clip_len': {clip}; {len(short)} of the {len(lengths)} videos {where} are shorter: "
+                       f"their clips repeat their last frame to fill up. {fix} if that matters")

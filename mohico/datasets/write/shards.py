@@ -41,7 +41,7 @@ from mohico.datasets.write.motion import (CUT_FRACTION, FLOW_METHODS, SCALE_PERC
 from mohico.datasets.write.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS,  # noqa: F401
                                                   DEFAULT_GOP, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES,
                                                   DEFAULT_SHORT_SIDE)
-from mohico.datasets.write.shards_inputs import (file_sha256, label_for, list_inputs, load_labels,  # noqa: F401
+from mohico.datasets.write.shards_inputs import (check_labels, file_sha256, label_for, list_inputs, load_labels,  # noqa: F401
                                                  sample_key)
 from mohico.datasets.write.shards_tar import ShardTar, index_text
 from mohico.datasets.write.transcode import CODECS, SkipVideo, transcode
@@ -176,6 +176,8 @@ def write_shards(src, out, codec: str = DEFAULT_CODEC, short_side: int = DEFAULT
     out.mkdir(parents=True, exist_ok=True)
     inputs = list_inputs(src, exclude=out)
     label_map = labels if isinstance(labels, dict) else load_labels(labels)
+    if labels is not None:
+        check_labels(label_map, [s for _, s in inputs], "(a dict)" if isinstance(labels, dict) else str(labels))
     options = {"codec": codec, "short_side": short_side, "fps": fps, "gop": gop, "max_shard_size": max_shard_size,
                "flow": flow, "min_frames": min_frames, "motion_stride": MOTION_STRIDE, "motion_border": MOTION_BORDER,
                "labels_sha256": hashlib.sha256(json.dumps(label_map, sort_keys=True, default=str).encode()).hexdigest()}

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
 from mohico.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def list_inputs(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[tuple[str, str]]:
@@ -59,9 +62,22 @@ def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
     except UnicodeDecodeError as e:
         raise UsageError(f"labels file {path} is not UTF-8 text (byte {e.start}: a binary file?); give a JSON "
                          f"object {{source: label}} or lines 'source<TAB>label'") from None
+    seen: set[str] = set()
+    dups: list[str] = []
+
+    def note(name: str) -> None:
+        if name in seen and name not in dups:
+            dups.append(name)
+        seen.add(name)
+
+    def pairs(items):
+        for name, _ in items:
+            note(name)
+        return dict(items)
+
     if path.suffix.lower() == ".json":
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as e:
             raise UsageError(f"labels file {path} is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
@@ -70,6 +86,7 @@ def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
             if isinstance(lab, bool) or not isinstance(lab, (int, str)) or (isinstance(lab, str) and not lab.strip()):
                 raise UsageError(f"labels file {path}: the label of {name!r} is {lab!r}; a label must be an integer "
                                  f"or a non-empty string")
+        _warn_duplicates(path, dups)
         return obj
     labels: dict[str, object] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -80,8 +97,35 @@ def load_labels(path: str | os.PathLike | None) -> dict[str, object]:
         if len(parts) != 2:
             raise UsageError(f"labels file {path} line {n}: expected 'source<TAB>label', got {line!r}")
         name, lab = parts[0].strip(), parts[1].strip()
+        note(name)
         labels[name] = int(lab) if re.fullmatch(r"-?\d+", lab) else lab
+    _warn_duplicates(path, dups)
     return labels
+
+
+def _warn_duplicates(path: Path, dups: list[str]) -> None:
+    if dups:
+        log.warning("labels file %s gives %d name(s) more than once; the last entry of each wins: %s", path,
+                    len(dups), ", ".join(repr(d) for d in dups[:10]) + (" ..." if len(dups) > 10 else ""))
+
+
+def check_labels(labels: dict, sources: list[str], where: str) -> int:
+    """Warn (naming ``where``, the labels file, and the counts) when ``labels`` gives no label to
+    any of ``sources``, or none to some of them; returns how many sources have a label."""
+    if not labels or not sources:
+        return 0
+    labelled = [s for s in sources if label_for(labels, s) is not None]
+    used = {k for s in labelled for k in (s, Path(s).name, Path(s).stem) if k in labels}
+    unused = [k for k in labels if k not in used]
+    if not labelled:
+        log.warning("labels file %s matches none of the %d input videos: every label is None. Its %d labels name "
+                    "other videos (e.g. %r) than the inputs (e.g. %r); a label's name must be a video's path as "
+                    "listed, its file name or its stem", where, len(sources), len(labels), unused[0], sources[0])
+    elif len(labelled) < len(sources):
+        missing = [s for s in sources if label_for(labels, s) is None]
+        log.warning("labels file %s gives no label to %d of the %d input videos (their label is None, e.g. %r); "
+                    "%d of its labels name no input video", where, len(missing), len(sources), missing[0], len(unused))
+    return len(labelled)
 
 
 def label_for(labels: dict, source: str):

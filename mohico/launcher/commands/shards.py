@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from mohico.datasets.write import shard_defaults as S
-from mohico.errors import UsageError
+from mohico.errors import MohicoError, UsageError
 from mohico.utils import atomic_write_text
 
 HELP = "write videos as WebDataset shards (canonical re-encode + motion maps + DALI index + manifest)"
@@ -63,7 +63,22 @@ def run(args) -> int:
                        max_shard_size=parse_size(args.max_shard_size), workers=workers, flow=args.flow,
                        progress=not args.quiet, labels=args.labels, min_frames=args.min_frames)
     _summary(man, args.out)
+    _check_written(man, args.src, args.out)
     return 0
+
+
+def _check_written(man: dict, src, out) -> None:
+    """No video written (every input skipped, or none found): a MohicoError (exit 1), not a
+    successful run that leaves shards nobody can train on."""
+    if man["num_samples"]:
+        return
+    n = man["inputs"]["count"]
+    if n == 0:
+        raise MohicoError(f"no video written: {src} holds no input files (a folder of videos, searched "
+                          f"recursively, or a text file listing them)")
+    raise MohicoError(f"no video written: all {n} inputs of {src} were skipped (reasons above and in "
+                      f"{Path(out) / 'manifest.json'}); fix or replace them (or lower --min-frames if they are "
+                      f"too short) and run again")
 
 
 def _summary(man: dict, out) -> None:
@@ -104,4 +119,5 @@ def _run_layout(args, workers: int) -> int:
                                gop=args.gop, max_shard_size=parse_size(args.max_shard_size), workers=workers,
                                flow=args.flow, progress=not args.quiet, labels=sp.labels, min_frames=args.min_frames)
             _summary(man, folder / part)
+            _check_written(man, args.src, folder / part)
     return 0

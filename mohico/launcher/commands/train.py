@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from mohico.errors import UsageError
 
@@ -61,18 +60,23 @@ def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
 
 
 def _dry_run(cfg) -> int:
-    """Print the resolved config (stdout) and what a real run would do (stderr)."""
+    """Print the resolved config (stdout) and what a real run would do (stderr): where it resumes
+    from, the memory banks per rank, clips against the shards' videos (:mod:`mohico.launcher.dry_run`).
+    A problem the run would certainly hit raises ConfigError (exit 2)."""
     from omegaconf import OmegaConf
 
     from mohico.config import to_dict
+    from mohico.errors import ConfigError
+    from mohico.launcher.dry_run import dry_run_checks, resume_line
 
     print(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))), end="")
-    latest = Path(cfg.run.dir) / "checkpoints" / "latest"
-    resume = {"never": "start fresh (checkpoint.resume=never)"}.get(cfg.checkpoint.resume) or (
-        (f"resume from {latest.parent / latest.read_text().strip()}" if latest.is_file() else "start fresh (no checkpoint yet)")
-        if cfg.checkpoint.resume == "auto" else f"resume from {cfg.checkpoint.resume}")
     print(f"mohico train: dry run: {cfg.trainer.nproc} local rank(s) (under torchrun/SLURM: one per process), "
-          f"run.dir={cfg.run.dir}, {resume}, {cfg.trainer.max_steps} steps", file=sys.stderr)
+          f"run.dir={cfg.run.dir}, {resume_line(cfg)}, {cfg.trainer.max_steps} steps", file=sys.stderr)
+    lines, error = dry_run_checks(cfg)
+    for line in lines:
+        print(f"mohico train: dry run: {line}", file=sys.stderr)
+    if error:
+        raise ConfigError(error)
     return 0
 
 

@@ -45,7 +45,7 @@ def data_fingerprint(shards) -> str | None:
         return None
 
     try:
-        urls = expand_shards(shards)
+        urls = expand_shards(shards, allow_commands=True)     # listed only, never opened
     except Exception:  # noqa: BLE001 - a missing folder: nothing to compare
         return None
     manifests: dict[Path, dict] = {}

@@ -8,7 +8,14 @@ checked against the config, before the engine is built.
   every file present with the size and sha256 recorded at save time). A damaged one is moved
   aside to ``checkpoints/damaged-<tag>`` (kept for inspection, never loaded or pruned) with a
   warning, and the newest intact checkpoint is used instead (``latest`` is rewritten to it). If
-  none is intact the run stops with every checkpoint's problems listed.
+  none is intact the run stops with every checkpoint's problems listed. A ``latest`` that holds
+  no tag (any bytes, binary included) is ignored with a warning naming it, and rewritten.
+- ``latest`` naming an intact checkpoint older than another intact one (restored, edited, or a
+  crash between a save's rename and its ``latest`` write) stops the run (ConfigError, exit 2)
+  naming the newer ones and the fix; nothing is changed. Newer damaged ones are moved aside.
+- Whatever it resumes from, a checkpoint folder of this run newer than that step is renamed to
+  ``<tag>.superseded-<UTC time>`` with a warning (:func:`set_aside_newer`): the saves that
+  follow never overwrite it and rotation never deletes it.
 - ``never``: start fresh; refused when the run directory already holds checkpoints (a fresh
   run would overwrite them and rotation would delete them) unless ``checkpoint.force=true``.
 - a path: that checkpoint, which must verify (no fallback for an explicit choice).
@@ -20,11 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mohico import dist
-from mohico.errors import MohicoError
+from mohico.errors import ConfigError, MohicoError
 from mohico.trainer.checkpoint.checkpointer import Checkpointer
 from mohico.trainer.checkpoint.config_check import check_config
 from mohico.trainer.checkpoint.layout import (FORMAT, LATEST, META, TAG_RE, complete_tags, read_latest, read_meta,
@@ -36,6 +44,11 @@ from mohico.utils import atomic_write_text
 log = logging.getLogger("mohico.trainer")
 
 DAMAGED_PREFIX = "damaged-"
+SUPERSEDED = ".superseded-"     # <tag>.superseded-<UTC time>: a newer checkpoint kept aside by a resume from an older one
+
+
+def _step(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
 
 
 def quarantine(ckdir: Path, tag: str) -> Path | None:
@@ -52,9 +65,11 @@ def quarantine(ckdir: Path, tag: str) -> Path | None:
 
 
 def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
-    latest = read_latest(ckpt.dir)
-    if latest is not None and not TAG_RE.match(latest):
-        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored", ckpt.dir / LATEST, latest)
+    latest = read_latest(ckpt.dir)     # any bytes: undecodable ones escaped, never raises
+    ignored = latest is not None and not TAG_RE.match(latest)
+    if ignored:
+        log.warning("%s names %r, which is not a checkpoint tag (step_NNNNNNNN): ignored, resuming from the "
+                    "newest intact checkpoint", ckpt.dir / LATEST, latest[:80])
         latest = None
     tags = sorted(set(complete_tags(ckpt.dir)) | ({latest} if latest else set()), reverse=True)
     if latest is None and not tags:
@@ -66,8 +81,10 @@ def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
     for tag in tags:
         problems = verify_checkpoint(ckpt.dir, tag)
         if not problems:
+            _refuse_newer(ckpt, tag)
             if report:
                 log.warning("resuming from the newest intact checkpoint %s instead", ckpt.dir / tag)
+            if report or ignored:
                 atomic_write_text(ckpt.dir / LATEST, tag)
             return ckpt.dir, tag
         moved = quarantine(ckpt.dir, tag)
@@ -77,6 +94,55 @@ def _auto(ckpt: Checkpointer) -> tuple[Path, str] | None:
     raise MohicoError(f"no intact checkpoint in {ckpt.dir} to resume from ({' | '.join(report)}); the damaged "
                       f"ones were moved to {DAMAGED_PREFIX}<tag>. Start over with a new run.dir, or set "
                       f"checkpoint.resume=never checkpoint.force=true to start fresh in this one.")
+
+
+def _refuse_newer(ckpt: Checkpointer, tag: str) -> None:
+    """``latest`` names intact ``tag`` but newer checkpoints exist: the damaged ones are moved
+    aside (:func:`quarantine`); any intact one stops the resume (ConfigError, nothing changed),
+    since resuming from ``tag`` would overwrite and rotate them away."""
+    intact = []
+    for newer in [t for t in complete_tags(ckpt.dir) if _step(t) > _step(tag)]:
+        problems = verify_checkpoint(ckpt.dir, newer)
+        if not problems:
+            intact.append(newer)
+            continue
+        moved = quarantine(ckpt.dir, newer)
+        log.warning("checkpoint %s (newer than %s, which %s names) is damaged: %s; moved to %s (kept, never loaded)",
+                    ckpt.dir / newer, tag, ckpt.dir / LATEST, "; ".join(problems), moved)
+    if intact:
+        raise ConfigError(
+            f"{ckpt.dir / LATEST} names {tag}, but newer intact checkpoints exist: "
+            f"{', '.join(str(ckpt.dir / t) for t in intact)}. Resuming from {tag} would overwrite them with new "
+            f"saves and rotation would delete them, so nothing was resumed or changed (was `latest` restored from "
+            f"a backup, edited, or left by a crash between a save's rename and its `latest` write?). Resume from "
+            f"the newest with checkpoint.resume={ckpt.dir / intact[-1]}, or from {tag} on purpose with "
+            f"checkpoint.resume={ckpt.dir / tag}, which keeps the newer ones aside as <tag>{SUPERSEDED}<time> "
+            f"(never loaded or deleted).")
+
+
+def set_aside_newer(ckpt: Checkpointer, step: int) -> list[Path]:
+    """Rank 0 renames every checkpoint folder of this run newer than ``step`` (the step a resume
+    continues from) to ``<tag>.superseded-<UTC time>``, with its universal form, and warns naming
+    each: the saves that follow would overwrite them and rotation delete them (collective)."""
+    moved: list[Path] = []
+    if ckpt.rank == 0 and ckpt.dir.is_dir():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for src in sorted(ckpt.dir.iterdir()):
+            if not (src.is_dir() and TAG_RE.match(src.name) and _step(src.name) > step):
+                continue
+            dst, n = ckpt.dir / f"{src.name}{SUPERSEDED}{stamp}", 1
+            while dst.exists():
+                n += 1
+                dst = ckpt.dir / f"{src.name}{SUPERSEDED}{stamp}.{n}"
+            os.rename(src, dst)
+            uni = ckpt.dir / "universal" / src.name
+            if uni.is_dir():
+                os.rename(uni, uni.parent / dst.name)
+            moved.append(dst)
+            log.warning("checkpoint %s is newer than the step %d this run resumes from: kept aside as %s (never "
+                        "loaded or deleted; the saves that follow would overwrite it)", src, step, dst)
+    dist.barrier()
+    return moved
 
 
 def _decide(ckpt: Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
@@ -108,11 +174,13 @@ def pick_resume(ckpt: Checkpointer, resume: str, force: bool) -> tuple[Path, str
         try:
             found = _decide(ckpt, resume, force)
             decision = ("ok", None if found is None else (str(found[0]), found[1]))
+        except ConfigError as e:
+            decision = ("config", str(e))
         except MohicoError as e:
             decision = ("error", str(e))
     status, value = dist.broadcast_object(decision, src=0)
-    if status == "error":
-        raise MohicoError(value)
+    if status in ("error", "config"):
+        raise (ConfigError if status == "config" else MohicoError)(value)
     return None if value is None else (Path(value[0]), value[1])
 
 
@@ -149,6 +217,7 @@ def find_resume(ckpt: Checkpointer, cfg, data_fp: str | None) -> Resume:
                           f"the mohico release that wrote it, or start over in a new run.dir (`mohico export` still "
                           f"reads its weights)")
     check_config(meta, cfg, ckdir / tag, cfg.checkpoint.force, data_fp=data_fp)
+    set_aside_newer(ckpt, int(meta["step"]))   # never overwrite or rotate away a newer checkpoint
     if ckdir.resolve() != ckpt.dir.resolve():   # another run's checkpoint: this run logs to a new W&B run
         meta = {**meta, "wandb_run_id": None}
     universal = meta["world_size"] != ckpt.world_size and meta.get("zero_stage", 0) >= 1
