@@ -4,6 +4,7 @@ tracker that outlives those signals too, and the workers' init function (they en
 is gone)."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -12,6 +13,13 @@ import time
 from multiprocessing import resource_tracker
 
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)   # SLURM sends them to every process of the step
+
+
+def worker_process_options(rank_pid: int) -> dict:
+    """The DataLoader arguments that start the loader's workers: the forkserver context (see
+    :func:`forkserver_context`) and :func:`exit_with_rank` as their init function."""
+    return dict(multiprocessing_context=forkserver_context(),
+                worker_init_fn=functools.partial(exit_with_rank, rank_pid))
 
 
 def forkserver_context():
