@@ -163,6 +163,19 @@ def test_preemption_signals_to_every_process_leave_the_loader_alive(synth_shards
     loader.close()
 
 
+def test_preemption_signal_inside_a_workers_start_leaves_it_alive(tmp_path):
+    """A preemption signal reaching a loader worker before its ``worker_init_fn`` ran (its
+    dataset still unpickling) killed it when its forkserver predated the signal preload (issue
+    25: "data-loader worker(s) died ... killed by signal 15"). tests/_worker_start_window.py
+    starts such a forkserver, holds the worker in that window on a fifo, sends it SIGTERM and
+    SIGUSR1, lets it go and takes its batch; its forkserver must ignore both signals too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([sys.executable, "-m", "tests._worker_start_window", str(tmp_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "served by " in res.stdout, (res.stdout, res.stderr[-3000:])
+
+
 def test_watchdog_ends_the_process_on_a_dead_worker_and_on_a_stall():
     code = ("import time, sys; from mohico.trainer.watchdog import Watchdog; "
             "t = time.monotonic(); "
