@@ -19,6 +19,7 @@ from mohico.datasets.load.pipeline import build_loader
 from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.errors import ConfigError, MohicoError
 from mohico.trainer.batches import next_batch
+from tests._worker_start_window import ignored_signals
 from tests.test_pipeline import _member, small_cfg
 
 
@@ -150,10 +151,11 @@ def test_preemption_signals_to_every_process_leave_the_loader_alive(synth_shards
     workers = [w.pid for w in loader._it._workers]
     forkserver = {int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) for pid in workers}
     assert os.getpid() not in forkserver      # the forkserver, not the rank, is their parent
+    for pid in (*workers, *forkserver):       # so the kernel discards the signals below as it gets them
+        assert {signal.SIGUSR1, signal.SIGTERM} <= ignored_signals(pid), pid
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         for pid in (*workers, *forkserver):
             os.kill(pid, sig)
-    time.sleep(1.5)
     assert loader.dead_workers() == ""
     for pid in forkserver:
         os.kill(pid, 0)                        # still alive: ProcessLookupError otherwise
