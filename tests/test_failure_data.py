@@ -19,6 +19,7 @@ from mohico.datasets.load.pipeline import build_loader
 from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.errors import ConfigError, MohicoError
 from mohico.trainer.batches import next_batch
+from tests._worker_start_window import ignored_signals
 from tests.test_pipeline import _member, small_cfg
 
 
@@ -150,10 +151,11 @@ def test_preemption_signals_to_every_process_leave_the_loader_alive(synth_shards
     workers = [w.pid for w in loader._it._workers]
     forkserver = {int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) for pid in workers}
     assert os.getpid() not in forkserver      # the forkserver, not the rank, is their parent
+    for pid in (*workers, *forkserver):       # so the kernel discards the signals below as it gets them
+        assert {signal.SIGUSR1, signal.SIGTERM} <= ignored_signals(pid), pid
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         for pid in (*workers, *forkserver):
             os.kill(pid, sig)
-    time.sleep(1.5)
     assert loader.dead_workers() == ""
     for pid in forkserver:
         os.kill(pid, 0)                        # still alive: ProcessLookupError otherwise
@@ -161,6 +163,19 @@ def test_preemption_signals_to_every_process_leave_the_loader_alive(synth_shards
         next(it)                                 # more than the prefetched batches: workers still serve
     assert loader.dead_workers() == ""
     loader.close()
+
+
+def test_preemption_signal_inside_a_workers_start_leaves_it_alive(tmp_path):
+    """A preemption signal reaching a loader worker before its ``worker_init_fn`` ran (its
+    dataset still unpickling) killed it when its forkserver predated the signal preload (issue
+    25: "data-loader worker(s) died ... killed by signal 15"). tests/_worker_start_window.py
+    starts such a forkserver, holds the worker in that window on a fifo, sends it SIGTERM and
+    SIGUSR1, lets it go and takes its batch; its forkserver must ignore both signals too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([sys.executable, "-m", "tests._worker_start_window", str(tmp_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "served by " in res.stdout, (res.stdout, res.stderr[-3000:])
 
 
 def test_watchdog_ends_the_process_on_a_dead_worker_and_on_a_stall():

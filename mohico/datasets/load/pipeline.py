@@ -36,7 +36,6 @@ that fails too, the sample is replaced by another sample of the same batch (``du
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -47,7 +46,7 @@ from torch.utils.data import IterableDataset
 
 from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
-from mohico.datasets.load.loader_workers import exit_with_rank, forkserver_context
+from mohico.datasets.load.loader_workers import worker_process_options
 from mohico.datasets.load.pipeline_stream import expand_shards
 from mohico.datasets.load.pipeline_worker import ProgressSchedule, WorkerSpec, worker_items
 from mohico.datasets.load.shard_geometry import check_crop_resolution
@@ -203,9 +202,9 @@ class VideoLoader:
                 # moves the trainer's global RNG streams (they draw nothing from it either)
                 generator=torch.Generator().manual_seed(self.spec.seed),
                 # not fork: the main process runs DALI's threads, and a forked child can inherit
-                # their locks held (observed: workers hung at start)
-                multiprocessing_context=forkserver_context(),
-                worker_init_fn=functools.partial(exit_with_rank, os.getpid()))
+                # their locks held (observed: workers hung at start); a forkserver that ignores
+                # the preemption signals, and workers that end with the rank
+                **worker_process_options(os.getpid()))
             self._it = iter(self._loader)
         else:
             self._it = iter(ds)
