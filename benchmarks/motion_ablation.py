@@ -68,6 +68,11 @@ ARMS: dict[str, list[str] | None] = {
     "nce+ts+sc": [NO_MAL],
     "mcl": [],
     "mcl-halves": ["sampling.mcl_temporal=halves"],
+    "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
+    "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],
+    "mcl-halves-adamw": ["sampling.mcl_temporal=halves", "optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.0001"],
+    "mcl-halves-noaug": ["sampling.mcl_temporal=halves", "data.augment.color_jitter_prob=0.0",
+                         "data.augment.grayscale_prob=0.0", "data.augment.blur_prob=0.0"],
     "sanity": [],                  # not `mohico train`: motion_sanity.train_sanity on the eval clips
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],
