@@ -61,12 +61,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "motion_bench_cpu.yaml"
 NO_MAL = "objectives.mcl.mal_enabled=false"
+POOL = "sampling.mcl_temporal=pool"   # query and key from one pool, with replacement (mohico before 2026-12-06)
 ARMS: dict[str, list[str] | None] = {
     "random": None,
-    "nce": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false"],
-    "nce+ts": [NO_MAL, "sampling.motion_crop=false"],
-    "nce+ts+sc": [NO_MAL],
-    "mcl": [],
+    "nce": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", POOL],
+    "nce+ts": [NO_MAL, "sampling.motion_crop=false", POOL],
+    "nce+ts+sc": [NO_MAL, POOL],
+    "mcl": [POOL],
     "mcl-halves": ["sampling.mcl_temporal=halves"],
     "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
     "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],

@@ -75,7 +75,7 @@ class DataConfig:
 class SamplingConfig:
     # MCL motion-focused temporal sampling
     motion_prob: float = 0.7           # p of drawing the pair among clips at/above the median T-motion
-    mcl_temporal: Literal["halves", "pool"] = "pool"   # halves: query and key from different halves (official code)
+    mcl_temporal: Literal["halves", "pool"] = "halves"   # MCL alone: query and key from different halves (official code); pool: one pool, with replacement
     # HiCo gradual temporal sampling
     delta: float = 1.0                 # Delta (seconds, centre to centre) reached at the end of training
     gradual: bool = True               # delta_max = progress * Delta; False: always Delta

@@ -290,6 +290,7 @@ def meta_with_shots(n=300, fps=15.0, w=160, h=120, gh=15, gw=20):
 def test_clip_sampler_views(hico):
     cfg = Config()
     cfg.data.clip_len, cfg.data.frame_stride, cfg.data.motion_size = 8, 2, 7
+    cfg.sampling.mcl_temporal = "pool"     # the median rule over the whole video (halves: its own test)
     cs = S.ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=hico)
     cs.set_progress(0.5)
     meta, motion = meta_with_shots()
