@@ -83,8 +83,11 @@ def residual_frames(x: torch.Tensor) -> torch.Tensor:
 
 
 def _torchvision_blocks():
-    """torchvision's video blocks (imported on the first R3D / R(2+1)D / S3D built: importing
-    torchvision costs about a second, most of it torch._dynamo pulled in by torchvision.ops)."""
+    """torchvision's video blocks, imported on the first R3D / R(2+1)D / S3D built. Importing
+    torchvision takes about a second, most of it torch._dynamo (pulled in by torchvision.ops), which
+    a training rank imports anyway with its first optimizer (torch.optim's _disable_dynamo) and
+    DeepSpeed: what a rank saves is torchvision's own ~0.1-0.3 s; an import of the module alone
+    (tests, tools) saves the second."""
     from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DSimple
     from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableConv
     from torchvision.ops.misc import Conv3dNormActivation
