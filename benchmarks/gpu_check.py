@@ -19,7 +19,8 @@ and the peak GPU memory of each. Time vs floor is reported ("slow" above 10x the
 results and errors fail the run. Without a CUDA GPU it says so and exits 0.
 
 Every step is a function taking the device, so the tests run their CPU equivalents (DALI CPU vs PyAV,
-the Triton interpreter vs chunked PyTorch, gloo fp32 kill + resume).
+the Triton interpreter vs chunked PyTorch, gloo fp32 pretraining: there its uninterrupted run is real and
+the killed and resumed runs are stood in for; tests/test_trainer.py checks the kill + bitwise resume).
 """
 from __future__ import annotations
 

@@ -72,3 +72,41 @@ def test_runtime_error_exits_1(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "run", boom)
     assert main(["synth", str(tmp_path)]) == 1
+
+
+# What a training rank imports (`python -m mohico.launcher.spawn train CONFIG ...` -> cli.main ->
+# commands/train.run -> trainer.train) up to its first step with online kNN off, the rank-0
+# RunLog included: none of the eval stack, the other commands, torchvision (imported when an
+# R3D / R(2+1)D / S3D backbone is built) or packages loaded only on use (cv2, wandb, DALI, PyAV).
+_RANK_IMPORTS = """
+import json, sys, tempfile
+from pathlib import Path
+from mohico.launcher import cli
+cli.build_parser(cli._named_command(["train", "configs/tiny_cpu.yaml", "trainer.max_steps=1"]))
+import mohico.launcher.spawn, mohico.launcher.commands.train, mohico.dist, mohico.trainer.train
+from mohico.config import load_config
+from mohico.trainer.run_log import RunLog
+run_dir = Path(tempfile.mkdtemp())
+(run_dir / "logs").mkdir()
+cfg = load_config("configs/tiny_cpu.yaml", [f"run.dir={run_dir}", "eval.every_steps=0"])
+RunLog(cfg, run_dir, 0, 1, "cpu", object(), None, 0).close()
+print(json.dumps(sorted(sys.modules)))
+"""
+_NOT_IMPORTED_BY_A_RANK = ("torchvision", "cv2", "wandb", "nvidia.dali", "av", "mohico.trainer.online_knn",
+                           "mohico.trainer.eval_features", "mohico.trainer.eval_protocols", "mohico.trainer.eval_report",
+                           "mohico.trainer.knn_eval", "mohico.trainer.linear_probe", "mohico.trainer.finetune",
+                           "mohico.models.torchvision_import", "mohico.models.export",
+                           *(f"mohico.launcher.commands.{c}" for c in SUBCOMMANDS if c != "train"))
+
+
+def test_training_rank_imports_no_eval_stack_nor_torchvision():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _RANK_IMPORTS], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "mohico.trainer.train" in loaded and "mohico.trainer.run_log" in loaded
+    pulled = sorted(m for m in loaded if any(m == x or m.startswith(x + ".") for x in _NOT_IMPORTED_BY_A_RANK))
+    assert not pulled, f"a training rank with online kNN off imports {pulled}"

@@ -1,8 +1,9 @@
 """`make gpu-check` (benchmarks/gpu_check.py): without a GPU it says so and exits 0; each GPU step runs
-here on its CPU equivalent (DALI CPU vs PyAV, the Triton interpreter vs chunked PyTorch, gloo fp32 kill
-+ resume), and a wrong result makes its row fail."""
+here on its CPU equivalent (DALI CPU vs PyAV, the Triton interpreter vs chunked PyTorch, gloo fp32 pretraining
+with one real run: the kill + exact resume is test_trainer.py's), and a wrong result makes its row fail."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,56 @@ def test_checkpoint_differences(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_pretrain_step_gloo_kill_and_resume_bitwise(synth_shards, tmp_path):
-    r = gpu_check.check_pretrain(tmp_path, "cpu", steps=4, kill_at=3, shards=synth_shards, timeout=900)
+def test_pretrain_step_cpu_path_with_one_real_run(synth_shards, tmp_path, monkeypatch):
+    """check_pretrain's CPU path (gloo + fp32, ZeRO-1, its command line and overrides, the row) with
+    one real run: the uninterrupted one (2 steps). The killed and resumed runs are stood in for: the
+    killed one exits -9, the resumed one ends with the whole run's checkpoints (the row is ok), then
+    with one weight changed (the row fails, naming it).
+
+    The kill + bitwise-exact resume itself is tests/test_trainer.py::
+    test_exact_resume_after_sigkill_and_interrupted_save (tiny_cpu, ZeRO-1, gloo + fp32, deterministic;
+    a rank SIGKILLed at step 3 and again during the step-4 save, resumed, bitwise equal to an
+    uninterrupted run); on a GPU `make gpu-check` runs all three runs for real."""
+    import shutil
+
+    real, kept, calls, changed = gpu_check._train, tmp_path / "kept-whole", [], {}
+
+    def train(run_dir, shards, overrides, env, timeout):
+        calls.append((run_dir.name, overrides, env))
+        if run_dir.name == "whole":
+            if kept.is_dir():                       # the second check: the first one's real run again
+                shutil.copytree(kept, run_dir, dirs_exist_ok=True)
+                return 0
+            code = real(run_dir, shards, overrides, env, timeout)
+            shutil.copytree(run_dir, kept)
+            return code
+        if "MOHICO_FAULT" in env:
+            return -9
+        shutil.copytree(run_dir.parent / "whole" / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)
+        if "weight" in changed:                     # one weight of the "resumed" run changed
+            f = run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+            state = torch.load(f, map_location="cpu", weights_only=False)
+            name = next(k for k, v in state["module"].items() if v.is_floating_point() and v.numel() > 1)
+            state["module"][name] = state["module"][name].clone()
+            state["module"][name].view(-1)[0] += 2 ** -10
+            torch.save(state, f)
+            changed["weight"] = name
+        return 0
+
+    monkeypatch.setattr(gpu_check, "_train", train)
+    r = gpu_check.check_pretrain(tmp_path, "cpu", steps=2, kill_at=1, shards=synth_shards, timeout=900)
     assert r["ok"], r["note"]
+    assert "exit codes whole/killed/resumed [0, -9, 0]" in r["note"] and "checkpoints bitwise equal" in r["note"]
+    assert r["check"] == "pretrain tiny, ZeRO-1, gloo + fp32, kill at 1 + resume" and r["peak_mb"] is None
+    assert [c[0] for c in calls] == ["whole", "killed", "killed"]
+    assert calls[0][2] == calls[2][2] == {"CUDA_VISIBLE_DEVICES": ""}
+    assert calls[1][2] == {"CUDA_VISIBLE_DEVICES": "", "MOHICO_FAULT": "step:1:0"}
+    assert {"trainer.max_steps=2", "trainer.zero_stage=1", "trainer.precision=fp32", "data.device=cpu",
+            "trainer.deterministic=true"} <= set(calls[0][1]) and calls[0][1] == calls[1][1] == calls[2][1]
+    assert (kept / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert [json.loads(x)["step"] for x in (kept / "logs" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    changed["weight"] = None
+    r = gpu_check.check_pretrain(tmp_path, "cpu", steps=2, kill_at=1, shards=synth_shards, timeout=900)
+    assert not r["ok"], r["note"]
+    assert f"1 differ, e.g. ['mp_rank_00_model_states.pt.module.{changed['weight']}']" in r["note"], r["note"]

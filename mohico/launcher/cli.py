@@ -1,6 +1,8 @@
 """The `mohico` command. Each subcommand lives in ``mohico/launcher/commands/<name>.py`` and
 defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; heavy imports (torch,
-DALI, DeepSpeed) happen inside ``run`` so ``--help`` stays fast.
+DALI, DeepSpeed) happen inside ``run`` so ``--help`` stays fast. A command line naming a
+command imports only that command's module (``mohico train`` never imports ``eval``'s);
+``mohico`` alone, ``--help`` and an unknown command build the whole parser.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
 """
@@ -17,7 +19,8 @@ from mohico.errors import MohicoError
 SUBCOMMANDS = ("synth", "shards", "train", "submit", "eval", "export", "inspect")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``mohico`` parser with every subcommand, or with ``only`` that one (its module alone imported)."""
     parser = argparse.ArgumentParser(
         prog="mohico",
         description="Self-supervised video pretraining on untrimmed videos (MCL, HiCo, MotionSqueeze).",
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else (only,):
         mod = importlib.import_module(f"mohico.launcher.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
@@ -75,9 +78,19 @@ def _take_extras(args, extras: list[str]) -> None:
             sub.error(f"unexpected argument {item!r} (config overrides are key=value, e.g. optim.lr=0.1)")
 
 
+def _named_command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` runs when only ``--debug`` precedes it (then the parser needs that
+    command alone), else None (``--help``, an unknown command or option: the whole parser answers)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        return None
+    before = argv[:argv.index(command)]
+    return command if all(len(a) >= 3 and "--debug".startswith(a) for a in before) else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_named_command(argv))
     _check_long_options(parser, argv)
     args, extras = parser.parse_known_args(argv)   # argparse exits 2 on usage errors
     if args.command is None:

@@ -14,6 +14,8 @@ respect to that output is the same at every position and a Grad-CAM map of it is
 The R3D-18, R(2+1)D-18 and S3D nets here are built from torchvision's own blocks with
 torchvision's module names, so at the standard width their ``state_dict()`` is exactly
 torchvision's minus the classifier (``mohico.models.export.to_torchvision`` adds it back).
+torchvision is imported when one of them is built (:func:`_torchvision_blocks`), not with this
+module: a TSM or MSNet run, and every import of the training path, does without it.
 ``width`` (base channel count, 64 = standard) thins a net for tiny CPU runs. No pretrained
 weights are ever downloaded.
 
@@ -31,13 +33,11 @@ net's); either mode exports as ``--format mohico`` only, torchvision's models ta
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DSimple
-from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableConv
-from torchvision.ops.misc import Conv3dNormActivation
 
 from mohico.config_backbones import check_backbone
 from mohico.errors import ConfigError
@@ -80,6 +80,21 @@ def residual_frames(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
     r = x[:, :, 1:] - x[:, :, :-1]
     return torch.cat([r, r[:, :, -1:]], dim=2)
+
+
+def _torchvision_blocks():
+    """torchvision's video blocks, imported on the first R3D / R(2+1)D / S3D built. Importing
+    torchvision takes about a second, most of it torch._dynamo (pulled in by torchvision.ops), which
+    a training rank imports anyway with its first optimizer (torch.optim's _disable_dynamo) and
+    DeepSpeed: what a rank saves is torchvision's own ~0.1-0.3 s; an import of the module alone
+    (tests, tools) saves the second."""
+    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, Conv3DSimple
+    from torchvision.models.video.s3d import SepInceptionBlock3D, TemporalSeparableConv
+    from torchvision.ops.misc import Conv3dNormActivation
+
+    return SimpleNamespace(BasicBlock=BasicBlock, Conv2Plus1D=Conv2Plus1D, Conv3DSimple=Conv3DSimple,
+                           SepInceptionBlock3D=SepInceptionBlock3D, TemporalSeparableConv=TemporalSeparableConv,
+                           Conv3dNormActivation=Conv3dNormActivation)
 
 
 def _scaled(channels: int, width: int) -> int:
@@ -138,7 +153,7 @@ class VideoResNet(nn.Module):
         self.layer2 = self._make_layer(conv_builder, 2 * width, layers[1], stride=2)
         self.layer3 = self._make_layer(conv_builder, 4 * width, layers[2], stride=2)
         self.layer4 = self._make_layer(conv_builder, 8 * width, layers[3], stride=2)
-        self.out_dim = 8 * width * BasicBlock.expansion
+        self.out_dim = 8 * width * _torchvision_blocks().BasicBlock.expansion
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -154,6 +169,7 @@ class VideoResNet(nn.Module):
                           bias=False),
                 nn.BatchNorm3d(planes),
             )
+        BasicBlock = _torchvision_blocks().BasicBlock
         layers = [BasicBlock(self.inplanes, planes, conv_builder, stride, downsample)]
         self.inplanes = planes
         layers += [BasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
@@ -176,12 +192,12 @@ class VideoResNet(nn.Module):
 
 def r3d_18(width: int = STANDARD_WIDTH, input: str = "rgb") -> VideoResNet:
     """R3D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
-    return VideoResNet(Conv3DSimple, _R3DStem, "r3d_18", width, input=input)
+    return VideoResNet(_torchvision_blocks().Conv3DSimple, _R3DStem, "r3d_18", width, input=input)
 
 
 def r2plus1d_18(width: int = STANDARD_WIDTH, input: str = "rgb") -> VideoResNet:
     """R(2+1)D-18 (torchvision layout), ``out_dim = 8 * width`` (512 at the standard width)."""
-    return VideoResNet(Conv2Plus1D, _R2Plus1DStem, "r2plus1d_18", width, input=input)
+    return VideoResNet(_torchvision_blocks().Conv2Plus1D, _R2Plus1DStem, "r2plus1d_18", width, input=input)
 
 
 # --------------------------------------------------------------------------- S3D
@@ -214,13 +230,14 @@ class S3D(nn.Module):
         self.width = check_width(width)
         self.input = check_input_mode(input)
         self.torchvision_name = "s3d"
+        tv = _torchvision_blocks()
         norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
         c = partial(_scaled, width=width)
         modules: list[nn.Module] = [
-            TemporalSeparableConv(INPUT_CHANNELS[self.input], c(64), 7, 2, 3, norm),
+            tv.TemporalSeparableConv(INPUT_CHANNELS[self.input], c(64), 7, 2, 3, norm),
             nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            Conv3dNormActivation(c(64), c(64), kernel_size=1, stride=1, norm_layer=norm),
-            TemporalSeparableConv(c(64), c(192), 3, 1, 1, norm),
+            tv.Conv3dNormActivation(c(64), c(64), kernel_size=1, stride=1, norm_layer=norm),
+            tv.TemporalSeparableConv(c(64), c(192), 3, 1, 1, norm),
             nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
         ]
         in_planes = c(192)
@@ -231,13 +248,13 @@ class S3D(nn.Module):
                 modules.append(nn.MaxPool3d(kernel_size=(2, 2, 2), stride=(2, 2, 2), padding=(0, 0, 0)))
             else:
                 b0, b1m, b1o, b2m, b2o, b3o = (c(n) for n in _S3D_BLOCKS[index])
-                modules.append(SepInceptionBlock3D(in_planes, b0, b1m, b1o, b2m, b2o, b3o, norm))
+                modules.append(tv.SepInceptionBlock3D(in_planes, b0, b1m, b1o, b2m, b2o, b3o, norm))
                 in_planes = b0 + b1o + b2o + b3o
         self.features = nn.Sequential(*modules)
         self.out_dim = in_planes
 
     @staticmethod
-    def _last_block(block: SepInceptionBlock3D, x: torch.Tensor):
+    def _last_block(block: nn.Module, x: torch.Tensor):
         """SepInceptionBlock3D.forward, also returning each branch's last conv output before BN+ReLU."""
         branches = (  # (modules before the last Conv3dNormActivation, that Conv3dNormActivation)
             ((), block.branch0),

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from mohico.trainer.batches import skip_counts
 from mohico.trainer.io_meter import IOMeter
-from mohico.trainer.online_knn import OnlineKnn
 from mohico.trainer.step_metrics import bank_fills, memory_mb, reduce_metrics
 from mohico.trainer.train_step import StepResult
 
@@ -33,7 +32,11 @@ log = logging.getLogger("mohico.trainer")
 class RunLog:
     def __init__(self, cfg, run_dir: Path, rank: int, world: int, device, loader, wandb, start_step: int):
         self.cfg, self.rank, self.world, self.loader, self.wandb = cfg, rank, world, loader, wandb
-        self.monitor = OnlineKnn(cfg, device) if rank == 0 and cfg.eval.every_steps > 0 else None
+        self.monitor = None
+        if rank == 0 and cfg.eval.every_steps > 0:   # the eval stack is imported only for the monitor
+            from mohico.trainer.online_knn import OnlineKnn
+
+            self.monitor = OnlineKnn(cfg, device)
         self.io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
         self.file = open(Path(run_dir) / "logs" / "metrics.jsonl", "a") if rank == 0 else None
         self.bar = None

@@ -54,7 +54,6 @@ from mohico.trainer.watchdog import Watchdog
 from mohico.config import save_config
 from mohico.datasets.load.pipeline import build_loader
 from mohico.models.pretrain import PretrainModule
-from mohico.trainer.finetune import FinetuneModule
 
 log = logging.getLogger("mohico.trainer")
 
@@ -84,6 +83,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def _default_module(cfg):
     if cfg.finetune.backbone:            # fine-tuning: backbone + new head on labelled clips
+        from mohico.trainer.finetune import FinetuneModule   # (the eval stack: imported only to fine-tune)
 
         return FinetuneModule(cfg)
 
