@@ -62,6 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "motion_bench_cpu.yaml"
 NO_MAL = "objectives.mcl.mal_enabled=false"
 POOL = "sampling.mcl_temporal=pool"   # query and key from one pool, with replacement (mohico before 2026-12-06)
+HALVES = "sampling.mcl_temporal=halves"   # the official draw: query and key from different halves
+ADAMW = ["optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.0001"]
+FLIP_ONLY = ["data.augment.color_jitter_prob=0.0", "data.augment.grayscale_prob=0.0", "data.augment.blur_prob=0.0"]
+IN_BATCH = ["objectives.mcl.negatives=batch", "bank.size=0"]   # SimCLR's NT-Xent: no bank, no EMA keys
 ARMS: dict[str, list[str] | None] = {
     "random": None,
     "nce": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", POOL],
@@ -71,9 +75,14 @@ ARMS: dict[str, list[str] | None] = {
     "mcl-halves": ["sampling.mcl_temporal=halves"],
     "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
     "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],
-    "mcl-halves-adamw": ["sampling.mcl_temporal=halves", "optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.0001"],
-    "mcl-halves-noaug": ["sampling.mcl_temporal=halves", "data.augment.color_jitter_prob=0.0",
-                         "data.augment.grayscale_prob=0.0", "data.augment.blur_prob=0.0"],
+    "mcl-halves-adamw": [HALVES, *ADAMW],
+    "mcl-halves-noaug": [HALVES, *FLIP_ONLY],
+    "mcl-halves-inbatch": [HALVES, *IN_BATCH],
+    # the sanity recipe through the real loader, then one MCL component swapped in at a time
+    "sanity-loader": [HALVES, *IN_BATCH, NO_MAL, *ADAMW, *FLIP_ONLY],
+    "sanity-loader+aug": [HALVES, *IN_BATCH, NO_MAL, *ADAMW],
+    "sanity-loader+aug+bank": [HALVES, NO_MAL, *ADAMW],
+    "sanity-loader+aug+bank+sgd": [HALVES, NO_MAL],
     "sanity": [],                  # not `mohico train`: motion_sanity.train_sanity on the eval clips
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],

@@ -117,6 +117,7 @@ class MALConfig:
 class MCLConfig:
     weight: float = 0.0                # 0 disables the objective
     variant: Literal["paper", "official"] = "paper"   # official: 3 positives per query + intra-video NCE
+    negatives: Literal["bank", "batch"] = "bank"     # batch: SimCLR's in-batch NT-Xent, no bank, no EMA keys
     tau: float = 0.1
     tau_intra: float = 0.1             # the official variant's intra-video NCE
     momentum: float = 0.999            # EMA of the key encoder

@@ -26,6 +26,9 @@ def validate(cfg: Config) -> None:
          "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
     for key, tau in (("mcl.tau", o.mcl.tau), ("mcl.tau_intra", o.mcl.tau_intra), ("hico.tau", o.hico.tau)):
         need(tau > 0, f"objectives.{key}", "must be > 0")
+    need(not (o.mcl.variant == "official" and o.mcl.negatives == "batch"), "objectives.mcl.negatives",
+         "the official variant's positives are keys of the EMA encoder against the bank; in-batch negatives "
+         "(negatives=batch) go with variant=paper")
     need(not (o.mcl.weight > 0 and o.mcl.variant == "official" and o.hico.weight > 0), "objectives.mcl.variant",
          "the official MCL variant reads 4 views per video (query, query re-augmented, two clips of the other half) "
          "and HiCo reads 3 others (v_i, v_j, v_k); with HiCo on use objectives.mcl.variant=paper")

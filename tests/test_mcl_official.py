@@ -139,3 +139,44 @@ def test_the_sampler_draws_the_query_twice_and_two_keys_of_the_other_half():
         assert all((s < 60) != (st[0] < 60) and abs(int(s) - int(st[0])) >= 8 for s in st[2:])
     with pytest.raises(ValueError, match="2 or 4 views"):
         ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=False, views=3)
+
+
+def _np_nt_xent(z, ids, tau):
+    """SimCLR's NT-Xent, loop form: rows i and i + B a positive pair; each row's negatives every
+    other row except itself, its pair and other rows of its video; mean over the 2B rows."""
+    n2, b = z.shape[0], z.shape[0] // 2
+    out = []
+    for i in range(n2):
+        j = (i + b) % n2
+        negs = [r for r in range(n2) if r not in (i, j) and ids[r % b] != ids[i % b]]
+        pos = np.exp(z[i] @ z[j] / tau)
+        out.append(-np.log(pos / (pos + sum(np.exp(z[i] @ z[r] / tau) for r in negs))))
+    return float(np.mean(out))
+
+
+def test_in_batch_negatives_match_simclr_and_need_no_bank_nor_key_encoder():
+    cfg = _cfg("paper")
+    cfg.objectives.mcl.negatives = "batch"
+    cfg.bank.size = 0
+    validate(cfg)
+    torch.manual_seed(0)
+    mcl = MCL(cfg, _Stub()).double()
+    assert mcl.bank is None and mcl.key_head is None and not mcl.needs_keys() and mcl.online_views == (0, 1)
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(4, 2, 12, generator=g, dtype=torch.float64)
+    ids = torch.tensor([1, 2, 1, 3])                     # videos 0 and 2 are one video: not each other's negatives
+    loss, terms = mcl(emb, None, video_id=ids)
+    with torch.no_grad():
+        z = mcl.proj(emb.transpose(0, 1).reshape(8, 12)).numpy()
+    assert loss.item() == pytest.approx(_np_nt_xent(z, ids.numpy(), 0.1), rel=1e-10)
+    assert "mcl/bank_fill" not in terms
+    # PretrainModule: no key encoder, no bank, both views through the online backbone
+    model = PretrainModule(cfg).double()
+    assert model.key_encoder is None and model.banks() == {} and model.online_views == [0, 1]
+    loss, _ = model(torch.randn(2, 2, 3, 4, 32, 32, dtype=torch.float64), None, 0.1, video_id=torch.tensor([1, 2]))
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None) > 0
+    with pytest.raises(ConfigError, match="objectives.mcl.negatives"):
+        c = _cfg("official")
+        c.objectives.mcl.negatives = "batch"
+        validate(c)

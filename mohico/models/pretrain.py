@@ -11,8 +11,8 @@ Views: ``clips: (B, V, C, T, H, W)`` with ``V = cfg.objectives.num_views`` (said
 config: 2 with MCL alone (query, key), 4 with MCL's official variant (query, query re-augmented,
 two keys), 3 with HiCo (v_i, v_j, v_k; v_i / v_j double as MCL's query / key)). Each objective
 declares what it reads: ``online_views`` (views the online backbone encodes for it),
-``key_views`` and ``key_head`` (the views and the online head whose EMA copy makes its keys), ``needs_features`` (the late feature map and motion, for MAL). The online
-backbone runs once on the union of the online views, concatenated view-major (``V' * B`` clips,
+``key_views`` and ``key_head`` (the views and the online head whose EMA copy makes its keys),
+``needs_features`` (the late feature map and motion, for MAL). The online backbone runs once on the union of the online views, concatenated view-major (``V' * B`` clips,
 one set of BN statistics), with the late feature map when an objective needs it. The model's
 one :class:`KeyEncoder` (EMA backbone + the objectives' EMA heads) runs its backbone once on
 the key views (concatenated view-major) when any objective needs keys this step; each

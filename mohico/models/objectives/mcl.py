@@ -23,6 +23,12 @@ Two variants (``objectives.mcl.variant``):
   stays closer to its own clip than to the video's other clips. MAL's gradient is taken of
   ``q . k_same``, as in the released code. (The released code also has a clip-order classifier
   with weight epoch / epochs on UCF101 and 0 on Kinetics; it is not implemented.)
+
+``objectives.mcl.negatives: batch`` replaces the bank and the EMA key encoder by SimCLR's
+in-batch NT-Xent: the online encoder embeds both views, each clip's positive is the other view
+of its video and its negatives every other clip of the batch (clips of the same video excluded,
+``video_id``), at ``tau``. No bank, no key encoder, no EMA update: the label-free floor the motion
+benchmark's sanity arm trains, run through the real loader (``benchmarks/RESULTS.md``).
 ``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
 map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
 the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
@@ -60,21 +66,21 @@ class MCL(nn.Module):
     kept out of ``state_dict()``).
     """
 
-    online_views = (0,)
-
     def __init__(self, cfg: Config, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg.objectives.mcl
         self.official = self.cfg.variant == "official"
+        self.in_batch = self.cfg.negatives == "batch"
+        self.online_views = (0, 1) if self.in_batch else (0,)       # the query (and its pair, in-batch)
         self.key_views = (1, 2, 3) if self.official else (1,)     # same clip, other half x 2 | the key
-        if cfg.bank.size <= 0:
+        if cfg.bank.size <= 0 and not self.in_batch:
             raise ConfigError("'bank.size': MCL's NCE needs a memory bank of negatives; set bank.size > 0 "
                               "(e.g. 65536) or disable MCL with objectives.mcl.weight=0")
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         if self.official:
             self.intra = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
-        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim)
+        self.bank = None if self.in_batch else MemoryBank(cfg.bank.size, cfg.bank.dim)
         self._checked_map = False
 
     @property
@@ -87,11 +93,13 @@ class MCL(nn.Module):
         """The online module whose EMA copy (in the key encoder) projects the keys: ``proj``
         (``paper``), or ``proj`` and ``intra`` side by side (``official``: :class:`InterIntra`, a
         fresh wrapper of the same two modules, not a submodule)."""
+        if self.in_batch:
+            return None
         return InterIntra(self.proj, self.intra) if self.official else self.proj
 
     def needs_keys(self) -> bool:
-        """Keys every step: they are the NCE's positives."""
-        return True
+        """Keys every step (they are the NCE's positives), none with in-batch negatives."""
+        return not self.in_batch
 
     @torch.no_grad()
     def project_keys(self, ema_head: nn.Module, key_emb: torch.Tensor) -> torch.Tensor:
@@ -116,8 +124,11 @@ class MCL(nn.Module):
         negatives, and the enqueued keys carry these ids. Returns the loss (NCE + lambda * MAL)
         and detached terms for logging.
         """
-        if emb.ndim != 3 or emb.shape[1] != 1:
-            raise ValueError(f"MCL takes emb: (B, 1, D) (the query view); got {tuple(emb.shape)}")
+        if emb.ndim != 3 or emb.shape[1] != len(self.online_views):
+            raise ValueError(f"MCL takes emb: (B, {len(self.online_views)}, D) (views {self.online_views}); "
+                             f"got {tuple(emb.shape)}")
+        if self.in_batch:
+            return self._in_batch(emb, fmap, motion, progress, video_id)
         q = self.proj(emb[:, 0])                                    # (B, d), unit norm
         if self.official:
             return self._official(emb, q, keys.to(q.dtype), fmap, motion, progress, video_id)
@@ -144,6 +155,28 @@ class MCL(nn.Module):
         ids = None if video_id is None else video_id.repeat(3)
         return self._finish(nce + intra, terms, q, k[0], k.reshape(3 * b, d), fmap, motion, progress, ids)
 
+    def _in_batch(self, emb, fmap, motion, progress, video_id):
+        """SimCLR's NT-Xent over the ``2B`` projected clips of views 0 and 1 (``emb: (B, 2, D)``):
+        row ``i``'s positive is its video's other view, its negatives the other ``2B - 2`` clips
+        less any other clip of its video (``video_id``); symmetric, mean over the ``2B`` rows."""
+        b = emb.shape[0]
+        z = self.proj(emb.transpose(0, 1).reshape(2 * b, -1))       # (2B, d): view 0 rows, then view 1
+        q, k = z[:b], z[b:]
+        target = torch.arange(2 * b, device=z.device).roll(b)
+        logits = (z @ z.t() / self.cfg.tau).fill_diagonal_(float("-inf"))
+        if video_id is not None:                                   # another clip of the row's video: no negative
+            ids = video_id.to(z.device).repeat(2)
+            same = ids[:, None] == ids[None, :]
+            same[torch.arange(2 * b), target] = False
+            logits = logits.masked_fill(same, float("-inf"))
+        nce = torch.nn.functional.cross_entropy(logits, target)
+        with torch.no_grad():
+            off = ~torch.eye(2 * b, dtype=torch.bool, device=z.device)
+            off[torch.arange(2 * b), target] = False
+            neg = (z @ z.t())[off].mean() if off.any() else z.new_zeros(())
+        terms = {"mcl/nce": nce.detach(), "mcl/pos_sim": (q * k).sum(1).mean().detach(), "mcl/neg_sim": neg}
+        return self._finish(nce, terms, q, k.detach(), None, fmap, motion, progress, None)
+
     def _finish(self, loss, terms, q, k_mal, k_enqueue, fmap, motion, progress, enqueue_ids):
         """MAL (its gradient of ``q . k_mal``) added to ``loss``, then the keys ``k_enqueue``
         enqueued with ``enqueue_ids`` in training; returns ``(loss, terms)``."""
@@ -154,9 +187,10 @@ class MCL(nn.Module):
                 loss = loss + lam * mal
                 terms.update({"mcl/mal": mal.detach(), "mcl/mal_weight": torch.tensor(float(lam))})
                 terms.update({f"mcl/mal_{name}": v for name, v in mal_terms.items()})
-        if self.training:                                           # evaluation passes leave the bank alone
-            self.bank.enqueue(k_enqueue, ids=enqueue_ids)
-        terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
+        if self.bank is not None:
+            if self.training:                                       # evaluation passes leave the bank alone
+                self.bank.enqueue(k_enqueue, ids=enqueue_ids)
+            terms["mcl/bank_fill"] = torch.tensor(self.bank.fill)
         return loss, terms
 
     def _similarities(self, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
