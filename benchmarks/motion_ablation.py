@@ -76,6 +76,7 @@ ARMS: dict[str, list[str] | None] = {
     "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
     "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],
     "mcl-halves-adamw": [HALVES, *ADAMW],
+    "mcl-official-adamw": [HALVES, "objectives.mcl.variant=official", *ADAMW],
     "mcl-halves-noaug": [HALVES, *FLIP_ONLY],
     "mcl-halves-inbatch": [HALVES, *IN_BATCH],
     # the sanity recipe through the real loader, then one MCL component swapped in at a time

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mohico.errors import UsageError
 
-HELP = "evaluate a backbone on labelled shards: knn (default), retrieval or linear"
+HELP = "evaluate a backbone on labelled shards: knn (default), retrieval, linear or finetune"
 DESCRIPTION = __doc__
 PROTOCOLS = ("knn", "retrieval", "linear", "finetune")
 
