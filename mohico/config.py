@@ -98,6 +98,9 @@ class ModelConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     proj_dim: int = 128                # contrastive embedding size
     proj_hidden: int = 0               # 0: the backbone's output size
+    init: str = ""                     # 2D ImageNet ResNet-18 weights (torchvision state_dict or MoCo v2
+                                       # checkpoint) inflated into r3d_18 / r2plus1d_18 when the model is
+                                       # built (mohico.models.inflate); never on resume; "": random init
 
 
 @dataclass
