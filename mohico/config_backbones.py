@@ -14,7 +14,7 @@ from typing import Iterable
 
 from mohico.errors import ConfigError
 
-_MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl")
+_MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl", "reduction")
 
 BACKBONE_OPTIONS: dict[str, tuple[str, ...]] = {
     "r3d_18": ("width", "input"),

@@ -247,7 +247,8 @@ def test_msnet_is_tsm_plus_motion_after_layer2():
 
 
 def _identity_ms(channels: int) -> MotionSqueeze:
-    ms = MotionSqueeze(channels, corr_channels=channels).double()
+    """The 1x1 conv alone, as the identity: the features reach the correlation unchanged."""
+    ms = MotionSqueeze(channels, corr_channels=channels, reduction="conv").double()
     with torch.no_grad():
         ms.reduce.weight.copy_(torch.eye(channels, dtype=torch.float64)[:, :, None, None])
     return ms
@@ -307,6 +308,44 @@ def test_gradients_flow_through_the_soft_argmax():
     ms.zero_grad()
     ms(x.detach(), 3).sum().backward()
     assert ms.reduce.weight.grad.abs().sum() > 0 and ms.transform[0][0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_motionsqueeze_channel_reduction_is_the_official_conv_bn_relu(training):
+    """Default (arunos728/MotionSqueeze ``chnl_reduction``): ``relu(bn(conv1x1(x)))``, so every
+    feature the correlation compares is >= 0; ``reduction="conv"`` keeps the 1x1 conv alone. The
+    reference is the definition in float64, BN with the batch's statistics (training) or the
+    running ones (eval), against the module's own parameters set away from their defaults."""
+    torch.manual_seed(0)
+    ms = MotionSqueeze(16, corr_channels=8).double().train(training)
+    bn = ms.reduce_norm[0]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.3)
+        bn.running_mean.normal_(0.0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 16, 5, 5, dtype=torch.float64)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    f = torch.einsum("oc,bchw->bohw", ms.reduce.weight[:, :, 0, 0], x)
+    if training:
+        mean, var = f.mean(dim=(0, 2, 3)), f.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = rm, rv
+    ref = torch.clamp((f - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * bn.weight[:, None, None]
+                      + bn.bias[:, None, None], min=0.0)
+    out = ms.reduced(x)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    plain = MotionSqueeze(16, corr_channels=8, reduction="conv").double()
+    plain.reduce.load_state_dict(ms.reduce.state_dict())
+    assert plain.reduce_norm is None
+    torch.testing.assert_close(plain.reduced(x), f, rtol=1e-10, atol=1e-10)
+    assert (plain.reduced(x) < 0).any()
+    with pytest.raises(ConfigError, match="'model.backbone_options.reduction'"):
+        MotionSqueeze(16, reduction="bn")
+    net = build_backbone("msnet_resnet18", width=8, reduction="conv")
+    assert net.motion_squeeze.reduction == "conv"
+    assert build_backbone("msnet_resnet18", width=8).motion_squeeze.reduction == "conv_bn_relu"
 
 
 def test_motionsqueeze_adds_about_21k_parameters_at_resnet18():
