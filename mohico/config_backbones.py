@@ -19,7 +19,7 @@ _MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl", "r
 BACKBONE_OPTIONS: dict[str, tuple[str, ...]] = {
     "r3d_18": ("width", "input"),
     "r2plus1d_18": ("width", "input"),
-    "s3d": ("width", "input"),
+    "s3d": ("width", "input", "gating", "bn_momentum"),
     "tsm_resnet18": ("width",),
     "tsm_resnet50": ("width",),
     "msnet_resnet18": _MSNET,
