@@ -421,6 +421,9 @@ def test_motionsqueeze_channel_reduction_is_the_official_conv_bn_relu(training):
         MotionSqueeze(16, reduction="bn")
     net = build_backbone("msnet_resnet18", width=8, reduction="conv")
     assert net.motion_squeeze.reduction == "conv"
+    build_backbone("msnet_resnet18", width=8, reduction="conv").load_state_dict(net.state_dict())
+    with pytest.raises(ConfigError, match="reduction=conv"):    # weights of the former default
+        build_backbone("msnet_resnet18", width=8).load_state_dict(net.state_dict())
     assert build_backbone("msnet_resnet18", width=8).motion_squeeze.reduction == "conv_bn_relu"
 
 

@@ -69,6 +69,8 @@ class MotionSqueeze(nn.Module):
         self.reduce = nn.Conv2d(channels, corr_channels, 1, bias=False)
         self.reduce_norm = (nn.Sequential(nn.BatchNorm2d(corr_channels), nn.ReLU(inplace=True))
                             if reduction == "conv_bn_relu" else None)
+        if self.reduce_norm is not None:
+            self._register_load_state_dict_pre_hook(_check_reduction)
         self.transform = nn.Sequential(
             _separable(3, 16, 7),
             _separable(16, 32, 3),
@@ -108,6 +110,15 @@ class MotionSqueeze(nn.Module):
 
     def forward(self, x: torch.Tensor, num_segments: int) -> torch.Tensor:
         return x + self.transform(self.motion(x, num_segments))
+
+
+def _check_reduction(state_dict, prefix, *_args) -> None:
+    """Weights of a ``reduction="conv"`` module (every MSNet before the official BN + ReLU became the
+    default) loaded into a ``conv_bn_relu`` one: say which option reads them."""
+    if f"{prefix}reduce.weight" in state_dict and f"{prefix}reduce_norm.0.weight" not in state_dict:
+        raise ConfigError(f"MotionSqueeze weights without the BN of the channel reduction ({prefix}reduce_norm.*): "
+                          f"they were trained with the 1x1 conv alone; load them with "
+                          f"model.backbone_options.reduction=conv")
 
 
 class MSNet(TSMResNet):
