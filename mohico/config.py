@@ -98,6 +98,9 @@ class ModelConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)
     proj_dim: int = 128                # contrastive embedding size
     proj_hidden: int = 0               # 0: the backbone's output size
+    init: str = ""                     # 2D ImageNet ResNet-18 weights (torchvision state_dict or MoCo v2
+                                       # checkpoint) inflated into r3d_18 / r2plus1d_18 when the model is
+                                       # built (mohico.models.inflate); never on resume; "": random init
 
 
 @dataclass
@@ -168,7 +171,9 @@ class BankConfig:
 class OptimConfig:
     name: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = 0.02                   # base lr (see scale_lr_with_batch)
-    scale_lr_with_batch: bool = False  # lr = base * global_batch / 256 (HiCo's LARS rule)
+    scale_lr_with_batch: bool = False  # lr = base * global_batch / 256 (HiCo's LARS rule), the batch counted in:
+    scale_lr_unit: Literal["videos", "clips"] = "videos"   # clips: videos x clips per video (objectives.num_views,
+                                       # 3 with HiCo), the official HiCo rule; videos: videos only
     momentum: float = 0.9
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4

@@ -14,12 +14,12 @@ from typing import Iterable
 
 from mohico.errors import ConfigError
 
-_MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl")
+_MSNET = ("width", "corr_channels", "radius", "sigma", "temperature", "impl", "reduction")
 
 BACKBONE_OPTIONS: dict[str, tuple[str, ...]] = {
     "r3d_18": ("width", "input"),
     "r2plus1d_18": ("width", "input"),
-    "s3d": ("width", "input"),
+    "s3d": ("width", "input", "gating", "bn_momentum"),
     "tsm_resnet18": ("width",),
     "tsm_resnet50": ("width",),
     "msnet_resnet18": _MSNET,

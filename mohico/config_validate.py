@@ -83,3 +83,9 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
     check_backbone(cfg.model.backbone, cfg.model.backbone_options)
+    if cfg.model.init:
+        need(cfg.model.backbone in ("r3d_18", "r2plus1d_18"), "model.init",
+             f"inflates 2D ResNet-18 weights into model.backbone r3d_18 or r2plus1d_18; got "
+             f"{cfg.model.backbone!r} (set model.init='' for a random init)")
+        need(not cfg.finetune.backbone, "model.init",
+             "a fine-tuning run takes its weights from finetune.backbone; set model.init='' there")

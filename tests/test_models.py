@@ -1,6 +1,8 @@
 """Backbones (shapes, feature maps, TSM shift, MotionSqueeze) and heads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from mohico.models.backbones import BACKBONES, build_backbone
 from mohico.models.heads import HiCoVisualHead, MCLProjection, PairClassifier, TopicalHead
 from mohico.models.motionsqueeze import MotionSqueeze
 from mohico.models.tsm import TSMBasicBlock, TSMBottleneck, temporal_shift
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (2, 3, 8, 64, 64) at width 8: (out_dim, fmap shape)
 EXPECTED = {
@@ -189,6 +193,78 @@ def _shift_reference(x: np.ndarray, t: int) -> np.ndarray:
     return out
 
 
+def test_self_gating_is_the_s3dg_definition():
+    """``x * sigmoid(W @ mean_{t,h,w}(x) + b)``, per channel, written out in float64."""
+    from mohico.models.backbones import SelfGating
+
+    torch.manual_seed(0)
+    gate = SelfGating(6).double()
+    x = torch.randn(3, 6, 4, 5, 5, dtype=torch.float64)
+    w, b = gate.fc.weight, gate.fc.bias
+    ref = torch.empty_like(x)
+    for n in range(3):
+        pooled = x[n].reshape(6, -1).mean(dim=1)
+        g = 1.0 / (1.0 + torch.exp(-(w @ pooled + b)))
+        for c in range(6):
+            ref[n, c] = x[n, c] * g[c]
+    torch.testing.assert_close(gate(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_s3d_gating_gates_each_branch_of_every_inception_block():
+    """``gating=True`` (S3D-G): an inception block's output is the concatenation of its branches, each
+    gated by its own SelfGating; gates that pass everything (W = 0, b = 50: sigmoid = 1 in float64)
+    give the ungated net with the same weights; ``bn_momentum`` reaches every BN."""
+    from mohico.models.backbones import _branches
+
+    torch.manual_seed(0)
+    gated = build_backbone("s3d", width=8, gating=True, bn_momentum=0.1).double().eval()
+    plain = build_backbone("s3d", width=8).double().eval()
+    assert sorted(gated.gates, key=int) == ["5", "6", "8", "9", "10", "11", "12", "14", "15"] and plain.gates is None
+    assert {m.momentum for m in gated.modules() if isinstance(m, torch.nn.BatchNorm3d)} == {0.1}
+    assert {m.momentum for m in plain.modules() if isinstance(m, torch.nn.BatchNorm3d)} == {0.001}
+    with torch.no_grad():
+        for p in gated.gates.parameters():
+            p.normal_(0.0, 0.5)
+    block, gates = gated.features[8], gated.gates["8"]
+    x = torch.randn(2, block.branch0[0].in_channels, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        outs = []
+        for branch, g in zip(_branches(block), gates):
+            y = branch(x)
+            gate = torch.sigmoid(y.mean(dim=(2, 3, 4)) @ g.fc.weight.T + g.fc.bias)
+            outs.append(y * gate[:, :, None, None, None])
+        torch.testing.assert_close(gated._block(8, x), torch.cat(outs, 1), rtol=1e-12, atol=1e-12)
+        clip = torch.randn(2, 3, 8, 32, 32, dtype=torch.float64)
+        plain.load_state_dict({k: v for k, v in gated.state_dict().items() if not k.startswith("gates.")})
+        emb_g, fmap_g = gated(clip, return_features=True)
+        emb_p, fmap_p = plain(clip, return_features=True)
+        assert (emb_g - emb_p).abs().max() > 0.1 * emb_p.abs().max() > 0     # the gates act
+        for p in gated.gates.parameters():
+            p.zero_()
+        for g in gated.gates.values():
+            for one in g:
+                one.fc.bias.fill_(50.0)
+        emb_g, fmap_g = gated(clip, return_features=True)
+        torch.testing.assert_close(emb_g, emb_p, rtol=0, atol=0)
+        torch.testing.assert_close(fmap_g, fmap_p, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        build_backbone("s3d", width=8, bn_momentum=0.0)
+    from mohico.errors import MohicoError
+    from mohico.models.export import to_torchvision
+
+    with pytest.raises(MohicoError, match="gating=true .*--format mohico"):
+        to_torchvision(build_backbone("s3d", gating=True))
+
+
+def test_the_hico_config_builds_s3dg():
+    from mohico.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "hico_s3d_uk400.yaml")
+    assert cfg.model.backbone == "s3d" and cfg.model.backbone_options == {"gating": True, "bn_momentum": 0.1}
+    net = build_backbone(cfg.model.backbone, **{**cfg.model.backbone_options, "width": 8})
+    assert net.gating and net.bn_momentum == 0.1
+
+
 def test_temporal_shift_matches_reference():
     x = torch.randn(2 * 5, 16, 3, 4, dtype=torch.float64)
     out = temporal_shift(x, 5)
@@ -247,7 +323,8 @@ def test_msnet_is_tsm_plus_motion_after_layer2():
 
 
 def _identity_ms(channels: int) -> MotionSqueeze:
-    ms = MotionSqueeze(channels, corr_channels=channels).double()
+    """The 1x1 conv alone, as the identity: the features reach the correlation unchanged."""
+    ms = MotionSqueeze(channels, corr_channels=channels, reduction="conv").double()
     with torch.no_grad():
         ms.reduce.weight.copy_(torch.eye(channels, dtype=torch.float64)[:, :, None, None])
     return ms
@@ -307,6 +384,47 @@ def test_gradients_flow_through_the_soft_argmax():
     ms.zero_grad()
     ms(x.detach(), 3).sum().backward()
     assert ms.reduce.weight.grad.abs().sum() > 0 and ms.transform[0][0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_motionsqueeze_channel_reduction_is_the_official_conv_bn_relu(training):
+    """Default (arunos728/MotionSqueeze ``chnl_reduction``): ``relu(bn(conv1x1(x)))``, so every
+    feature the correlation compares is >= 0; ``reduction="conv"`` keeps the 1x1 conv alone. The
+    reference is the definition in float64, BN with the batch's statistics (training) or the
+    running ones (eval), against the module's own parameters set away from their defaults."""
+    torch.manual_seed(0)
+    ms = MotionSqueeze(16, corr_channels=8).double().train(training)
+    bn = ms.reduce_norm[0]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0.0, 0.3)
+        bn.running_mean.normal_(0.0, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 16, 5, 5, dtype=torch.float64)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    f = torch.einsum("oc,bchw->bohw", ms.reduce.weight[:, :, 0, 0], x)
+    if training:
+        mean, var = f.mean(dim=(0, 2, 3)), f.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = rm, rv
+    ref = torch.clamp((f - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * bn.weight[:, None, None]
+                      + bn.bias[:, None, None], min=0.0)
+    out = ms.reduced(x)
+    assert (out >= 0).all() and (out == 0).any() and (out > 0).any()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    plain = MotionSqueeze(16, corr_channels=8, reduction="conv").double()
+    plain.reduce.load_state_dict(ms.reduce.state_dict())
+    assert plain.reduce_norm is None
+    torch.testing.assert_close(plain.reduced(x), f, rtol=1e-10, atol=1e-10)
+    assert (plain.reduced(x) < 0).any()
+    with pytest.raises(ConfigError, match="'model.backbone_options.reduction'"):
+        MotionSqueeze(16, reduction="bn")
+    net = build_backbone("msnet_resnet18", width=8, reduction="conv")
+    assert net.motion_squeeze.reduction == "conv"
+    build_backbone("msnet_resnet18", width=8, reduction="conv").load_state_dict(net.state_dict())
+    with pytest.raises(ConfigError, match="reduction=conv"):    # weights of the former default
+        build_backbone("msnet_resnet18", width=8).load_state_dict(net.state_dict())
+    assert build_backbone("msnet_resnet18", width=8).motion_squeeze.reduction == "conv_bn_relu"
 
 
 def test_motionsqueeze_adds_about_21k_parameters_at_resnet18():

@@ -39,6 +39,32 @@ def test_lr_scales_with_global_batch():
     assert base_lr(cfg_with("optim.lr=0.3"), world_size=4) == 0.3
 
 
+@pytest.mark.parametrize("objectives,clips", [(("objectives.hico.weight=1", "objectives.mcl.weight=0"), 3),
+                                              (("objectives.hico.weight=1",), 3),
+                                              ((), 2), (("objectives.mcl.variant=official",), 4)])
+def test_lr_scaled_in_clips_is_the_official_hico_rule(objectives, clips):
+    """Official HiCo (``OPTIMIZER.ADJUST_LR``): ``BASE_LR * NUM_GPUS * BATCH_SIZE * NUM_CLIPS_PER_VIDEO
+    / 256``; mohico's global batch also counts gradient accumulation."""
+    cfg = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "optim.scale_lr_unit=clips",
+                   "data.batch_size=32", *objectives)
+    assert cfg.objectives.num_views == clips
+    assert base_lr(cfg, world_size=8) == pytest.approx(0.3 * 8 * 32 * clips / 256, rel=1e-12)
+    accum = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "optim.scale_lr_unit=clips",
+                     "data.batch_size=8", "trainer.grad_accum=2", *objectives)
+    assert base_lr(accum, world_size=4) == pytest.approx(0.3 * 4 * 8 * 2 * clips / 256, rel=1e-12)
+    videos = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=32", *objectives)
+    assert videos.optim.scale_lr_unit == "videos"
+    assert base_lr(videos, world_size=8) == pytest.approx(0.3 * 8 * 32 / 256, rel=1e-12)
+
+
+def test_the_hico_paper_config_reaches_the_official_lr():
+    from pathlib import Path
+
+    hico = load_config(Path(__file__).resolve().parents[1] / "configs" / "hico_s3d_uk400.yaml")
+    assert (hico.optim.scale_lr_with_batch, hico.optim.scale_lr_unit, hico.objectives.num_views) == (True, "clips", 3)
+    assert base_lr(hico, world_size=8) == pytest.approx(0.9, rel=1e-12)         # 0.3 * 8 * 32 * 3 / 256
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,5 +1,6 @@
 """README's commands run as written: every command of its ```bash and ```python blocks is
-extracted and run (`mohico train`/`submit` with --dry-run appended, `make` with -n; the paths
+extracted and run (`mohico train`/`submit` with --dry-run appended, `make` with -n, `python -c`
+with this interpreter; the paths
 that stand for large data point at small fabricated data: /data/shards -> the synthetic shards,
 runs/mcl -> a fabricated run of the README's config)."""
 from __future__ import annotations
@@ -116,6 +117,9 @@ def test_readme_shell_commands_run_as_written(workdir, synth_shards, capsys):
         if argv[0] == "make":
             res = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
             assert res.returncode == 0, (argv, res.stderr)
+        elif argv[:2] == ["python", "-c"]:     # makes a file a later command reads (e.g. model.init's weights)
+            res = subprocess.run([sys.executable, *argv[1:]], cwd=workdir, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, (argv, res.stderr[-3000:])
         elif argv[:2] == ["mohico", "shards"]:
             continue            # needs videos: test_readme_shards_command_runs_as_written (slow)
         else:
@@ -126,12 +130,13 @@ def test_readme_shell_commands_run_as_written(workdir, synth_shards, capsys):
                 assert "#SBATCH --cpus-per-task=16" in out and "#SBATCH --partition=gpu" in out
             if argv[1] == "train":
                 assert "mohico train: dry run" in err
-        ran.append(argv[1] if argv[0] == "mohico" else "make")
+        ran.append(argv[1] if argv[0] == "mohico" else argv[0])
     assert (workdir / "sample.png").stat().st_size > 0
     import torchvision
 
     torchvision.models.video.r2plus1d_18().load_state_dict(torch.load(workdir / "backbone.pt", weights_only=True))
-    assert {"make", "inspect", "train", "submit", "export"} <= set(ran)
+    assert {"make", "python", "inspect", "train", "submit", "export"} <= set(ran)
+    assert (workdir / "resnet18.pt").stat().st_size > 0          # model.init's file, read by the dry run
 
 
 @pytest.mark.slow     # an R(2+1)D-18 forward at the config's 16 x 224 x 224 clip: ~30-50 s on 2 cores

@@ -85,8 +85,8 @@ def resume_line(cfg) -> str:
 
 
 def dry_run_checks(cfg) -> tuple[list[str], str | None]:
-    """``(lines for stderr, error message or None)``: the bank's memory and the clips' length
-    against the shards' videos (warnings among the lines; the first certain problem as the error)."""
+    """``(lines for stderr, error message or None)``: the bank's memory, the ``model.init`` file (a
+    fresh run) and the clips' length against the shards' videos (warnings among the lines; the first certain problem as the error)."""
     from mohico.datasets.load.pipeline_stream import expand_shards
     from mohico.datasets.load.shard_geometry import clip_length_problem
     from mohico.errors import MohicoError
@@ -99,6 +99,16 @@ def dry_run_checks(cfg) -> tuple[list[str], str | None]:
         lines.append(f"warning: {warning}")
     if error:
         errors.append(error)
+    if cfg.model.init:                  # the 2D weights a fresh run inflates (read as training reads them)
+        from mohico.models.inflate import read_2d_state
+
+        if "start fresh" in resume_line(cfg):
+            try:
+                lines.append(f"model.init: {len(read_2d_state(cfg.model.init))} 2D tensors in {cfg.model.init}")
+            except MohicoError as e:
+                errors.append(str(e))
+        else:
+            lines.append("model.init: not read (a resumed run takes its checkpoint's weights)")
     if cfg.data.shards:
         try:
             urls = expand_shards(cfg.data.shards, allow_commands=cfg.data.allow_commands)

@@ -13,7 +13,8 @@ respect to that output is the same at every position and a Grad-CAM map of it is
 
 The R3D-18, R(2+1)D-18 and S3D nets here are built from torchvision's own blocks with
 torchvision's module names, so at the standard width their ``state_dict()`` is exactly
-torchvision's minus the classifier (``mohico.models.export.to_torchvision`` adds it back).
+torchvision's minus the classifier (``mohico.models.export.to_torchvision`` adds it back); an
+S3D with ``gating=True`` (S3D-G) has its gates on top (``gates.*``) and no torchvision counterpart.
 torchvision is imported when one of them is built (:func:`_torchvision_blocks`), not with this
 module: a TSM or MSNet run, and every import of the training path, does without it.
 ``width`` (base channel count, 64 = standard) thins a net for tiny CPU runs. No pretrained
@@ -211,6 +212,22 @@ _S3D_BLOCKS = {
 }
 
 
+class SelfGating(nn.Module):
+    """S3D-G's feature gating (Xie et al. 2018): ``x * sigmoid(W @ mean_{t,h,w}(x) + b)`` per channel,
+    ``x: (B, C, T, H, W)``, ``W: (C, C)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3, 4))))[:, :, None, None, None]
+
+
+def _branches(block: nn.Module) -> tuple[nn.Module, ...]:
+    return block.branch0, block.branch1, block.branch2, block.branch3
+
+
 class S3D(nn.Module):
     """torchvision's S3D (S3D-G body) without the classifier, at any width.
 
@@ -221,17 +238,29 @@ class S3D(nn.Module):
     last inception block taken after their last convolution, before its BN and ReLU:
     ``(B, 16 * width, T/8, H/32, W/32)`` (rounded up). ``input``: the first convolution sees
     :func:`prepare_input` of ``x`` (the clip, its residual frames, or both).
+
+    ``gating`` (S3D-G): every inception block gates each of its four branches' outputs with a
+    :class:`SelfGating` (``gates[str(index)]``, one per branch, as the S3D-G of the official HiCo
+    code and of MIL-NCE); torchvision's S3D has none (the default). ``bn_momentum``: PyTorch's BN
+    momentum (torchvision: 0.001; the official HiCo S3D-G: PyTorch's 0.1). A gated net's
+    ``features`` keep torchvision's names, the gates are extra (no torchvision export).
     """
 
     feature_layer = "features.15"
 
-    def __init__(self, width: int = STANDARD_WIDTH, input: str = "rgb"):
+    def __init__(self, width: int = STANDARD_WIDTH, input: str = "rgb", gating: bool = False,
+                 bn_momentum: float = 0.001):
         super().__init__()
         self.width = check_width(width)
         self.input = check_input_mode(input)
+        if not isinstance(gating, bool):
+            raise ConfigError(f"'model.backbone_options.gating' must be true or false; got {gating!r}")
+        if not 0.0 < float(bn_momentum) <= 1.0:
+            raise ConfigError(f"'model.backbone_options.bn_momentum' must lie in (0, 1]; got {bn_momentum!r}")
+        self.gating, self.bn_momentum = gating, float(bn_momentum)
         self.torchvision_name = "s3d"
         tv = _torchvision_blocks()
-        norm = partial(nn.BatchNorm3d, eps=0.001, momentum=0.001)
+        norm = partial(nn.BatchNorm3d, eps=0.001, momentum=self.bn_momentum)
         c = partial(_scaled, width=width)
         modules: list[nn.Module] = [
             tv.TemporalSeparableConv(INPUT_CHANNELS[self.input], c(64), 7, 2, 3, norm),
@@ -252,10 +281,20 @@ class S3D(nn.Module):
                 in_planes = b0 + b1o + b2o + b3o
         self.features = nn.Sequential(*modules)
         self.out_dim = in_planes
+        self.gates = nn.ModuleDict({
+            str(i): nn.ModuleList(SelfGating(_out_channels(b)) for b in _branches(m))
+            for i, m in enumerate(modules) if isinstance(m, tv.SepInceptionBlock3D)}) if gating else None
 
-    @staticmethod
-    def _last_block(block: nn.Module, x: torch.Tensor):
-        """SepInceptionBlock3D.forward, also returning each branch's last conv output before BN+ReLU."""
+    def _block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``features[index]`` on ``x``, its branches gated when ``gating``."""
+        block = self.features[index]
+        if self.gates is None or str(index) not in self.gates:
+            return block(x)
+        return torch.cat([g(b(x)) for g, b in zip(self.gates[str(index)], _branches(block))], 1)
+
+    def _last_block(self, block: nn.Module, x: torch.Tensor):
+        """SepInceptionBlock3D.forward (gated when ``gating``), also returning each branch's last
+        conv output before BN+ReLU (the map, never gated)."""
         branches = (  # (modules before the last Conv3dNormActivation, that Conv3dNormActivation)
             ((), block.branch0),
             ((block.branch1[0], block.branch1[1][0]), block.branch1[1][1]),
@@ -271,22 +310,33 @@ class S3D(nn.Module):
         fmap = torch.cat(pre, 1)
         # BN + ReLU per branch on slices of the returned map, so the embedding is computed from it.
         parts = fmap.split([a.shape[1] for a in pre], dim=1)
-        out = torch.cat([last[2](last[1](a)) for a, (_, last) in zip(parts, branches)], 1)
-        return out, fmap
+        outs = [last[2](last[1](a)) for a, (_, last) in zip(parts, branches)]
+        gates = None if self.gates is None else self.gates[str(len(self.features) - 1)]
+        if gates is not None:
+            outs = [g(o) for g, o in zip(gates, outs)]
+        return torch.cat(outs, 1), fmap
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         _check_input(x)
         if x.shape[2] < 5:
             raise ValueError(f"S3D needs clips of at least 5 frames; got T={x.shape[2]} (raise data.clip_len)")
-        x = self.features[:-1](prepare_input(x, self.input))
+        x = prepare_input(x, self.input)
+        for index in range(len(self.features) - 1):
+            x = self._block(index, x)
         x, fmap = self._last_block(self.features[-1], x)
         emb = x.mean(dim=(2, 3, 4))
         return (emb, fmap) if return_features else emb
 
 
-def s3d(width: int = STANDARD_WIDTH, input: str = "rgb") -> S3D:
-    """S3D (torchvision layout), ``out_dim = 16 * width`` (1024 at the standard width)."""
-    return S3D(width, input=input)
+def _out_channels(branch: nn.Module) -> int:
+    """Output channels of an inception branch (its last convolution's)."""
+    return [m for m in branch.modules() if isinstance(m, nn.Conv3d)][-1].out_channels
+
+
+def s3d(width: int = STANDARD_WIDTH, input: str = "rgb", gating: bool = False, bn_momentum: float = 0.001) -> S3D:
+    """S3D (torchvision layout), ``out_dim = 16 * width`` (1024 at the standard width); ``gating=True``
+    and ``bn_momentum=0.1``: S3D-G as the official HiCo code has it."""
+    return S3D(width, input=input, gating=gating, bn_momentum=bn_momentum)
 
 
 # --------------------------------------------------------------------------- registry

@@ -45,6 +45,9 @@ def to_torchvision(backbone: nn.Module) -> dict[str, torch.Tensor]:
     if width != 64:
         raise MohicoError(f"{tv_name} with width={width} cannot be exported to torchvision, whose model has "
                           "the standard width 64; export with --format mohico")
+    if getattr(backbone, "gating", False):
+        raise MohicoError(f"{tv_name} with gating=true (S3D-G) has self-gating layers torchvision's S3D lacks; "
+                          "export with --format mohico")
     if getattr(backbone, "input", "rgb") != "rgb":
         raise MohicoError(f"{tv_name} with input={backbone.input!r} is fed residual frames, torchvision's model "
                           "takes RGB clips; export with --format mohico")

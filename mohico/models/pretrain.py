@@ -18,6 +18,10 @@ one :class:`KeyEncoder` (EMA backbone + the objectives' EMA heads) runs its back
 the key views (concatenated view-major) when any objective needs keys this step; each
 objective's keys are its EMA head over that one embedding. :meth:`momentum_update` is the one EMA update per optimizer step.
 
+``model.init`` (2D ImageNet weights, :mod:`mohico.models.inflate`) is loaded into the backbone as
+it is built, before the key encoder copies it; the trainer builds a resumed run's module without
+it (:func:`without_init`): a resumed run takes its checkpoint's weights.
+
 Memory banks are per-rank state kept *out* of ``state_dict()`` (DeepSpeed must neither
 broadcast nor partition them); :meth:`banks` is what the trainer saves per rank and reshards
 when the world size changed (``mohico.trainer.states.BanksState``).
@@ -32,8 +36,17 @@ from mohico.config import Config
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.backbones import build_backbone
 from mohico.models.bank import MemoryBank
+from mohico.models.inflate import load_init
 from mohico.models.key_encoder import KeyEncoder
 from mohico.models.objectives import OBJECTIVES
+
+
+def without_init(cfg: Config) -> Config:
+    """``cfg`` with ``model.init`` emptied: what a resumed run builds its module from (its weights
+    come from the checkpoint; the 2D file is neither read nor needed)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=""))
 
 
 class PretrainModule(nn.Module):
@@ -50,6 +63,8 @@ class PretrainModule(nn.Module):
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
         self.num_views = cfg.objectives.num_views
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
+        if cfg.model.init:                      # 2D ImageNet weights, before every copy of the backbone
+            load_init(backbone, cfg.model.init)     # (the trainer builds a resumed run without it)
         sync = [name for name in enabled if getattr(cfg.objectives, name).bn == "sync"]
         if sync:                                                    # either objective asks: the whole model
             if dist.is_distributed() and not torch.cuda.is_available():

@@ -28,10 +28,19 @@ from mohico.errors import ConfigError
 
 # --------------------------------------------------------------------------- schedule
 def base_lr(cfg, world_size: int) -> float:
-    """``optim.lr``, times ``global_batch / 256`` when ``optim.scale_lr_with_batch`` (HiCo's LARS rule)."""
+    """``optim.lr``, times ``global_batch / 256`` when ``optim.scale_lr_with_batch`` (HiCo's LARS rule).
+
+    ``global_batch`` is ``data.batch_size * trainer.grad_accum * world_size`` videos, times the clips
+    each video gives (``objectives.num_views``: 3 with HiCo) under ``optim.scale_lr_unit: clips``: the
+    official HiCo rule, ``BASE_LR * NUM_GPUS * BATCH_SIZE * NUM_CLIPS_PER_VIDEO / 256``
+    (alibaba-mmai-research's ``models/utils/optimizer.py``, ``OPTIMIZER.ADJUST_LR``: 0.3 at 8 GPUs x 32
+    videos x 3 clips gives 0.9); ``videos`` counts the videos only (0.3 there).
+    """
     lr = cfg.optim.lr
     if cfg.optim.scale_lr_with_batch:
         global_batch = cfg.data.batch_size * cfg.trainer.grad_accum * world_size
+        if cfg.optim.scale_lr_unit == "clips":
+            global_batch *= cfg.objectives.num_views
         lr = lr * global_batch / 256.0
     return lr
 

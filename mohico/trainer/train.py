@@ -53,7 +53,7 @@ from mohico.trainer.wandb_log import WandbLogger
 from mohico.trainer.watchdog import Watchdog
 from mohico.config import save_config
 from mohico.datasets.load.pipeline import build_loader
-from mohico.models.pretrain import PretrainModule
+from mohico.models.pretrain import PretrainModule, without_init
 
 log = logging.getLogger("mohico.trainer")
 
@@ -128,7 +128,7 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir, faults
 
     # ---- model, optimizer, engine (identical initial weights on every rank), data
     seed_everything(cfg.trainer.seed)
-    module = build_module(cfg)
+    module = build_module(without_init(cfg) if resume.found else cfg)   # model.init: a fresh run only
     optimizer = build_optimizer(cfg, module, partitioned=cfg.trainer.zero_stage >= 1)
     engine = build_engine(cfg, module, optimizer, world, load_universal=resume.universal)
     seed_everything(rank_seed(cfg.trainer.seed, rank))
