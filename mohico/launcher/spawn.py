@@ -23,6 +23,12 @@ die on SIGUSR1 and kill the workers 30 s after SIGTERM — so a signal that reac
 process (SLURM's ``scancel --signal``) cannot take the agent down mid-checkpoint. SIGINT
 (Ctrl-C) goes to torchrun, which stops the workers. torchrun runs in its own session, so a
 terminal's Ctrl-C is delivered once, through this process.
+
+A SIGKILL of this process (``kill -9 -- -PGID``, which never reaches torchrun's session) takes
+torchrun and the ranks with it at once: torchrun and each rank ask the kernel for SIGKILL when
+their parent dies (``PR_SET_PDEATHSIG``), and a rank whose launcher is already gone when it
+starts kills itself. Nothing is checkpointed after such a kill (the last published checkpoint
+is what a restart resumes from), and the run.dir lock goes with rank 0.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from typing import Optional, Sequence
 from mohico.errors import MohicoError, UsageError
 from mohico.launcher import rank_status
 from mohico.launcher.rank_status import STATUS_DIR_VAR
+LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # the `mohico train --nproc N` process (run_lock.py reads it)
 
 PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
@@ -93,22 +100,52 @@ def torchrun_command(nproc: int, argv: Sequence[str], python: str = sys.executab
             "--module", "mohico.launcher.spawn", *strip_nproc(argv)]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
+        return None
+
+
 def _make_preexec():
     """What the torchrun child runs between fork and exec: ignore the forwarded signals and ask
-    for SIGINT if this parent dies (PR_SET_PDEATHSIG), so an orphaned agent stops its workers.
-    libc is loaded here, in the parent, so the child makes no dlopen call after the fork."""
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
-        prctl = None
+    for SIGKILL if this parent dies (PR_SET_PDEATHSIG): a launcher killed with SIGKILL must not
+    leave an agent that stops its workers gracefully (they would checkpoint after the kill and
+    hold the run.dir lock). libc is loaded here, in the parent, so the child makes no dlopen call
+    after the fork."""
+    prctl = _prctl()
 
     def preexec() -> None:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_IGN)
         if prctl is not None:
-            prctl(1, int(signal.SIGINT), 0, 0, 0)    # PR_SET_PDEATHSIG = 1
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
     return preexec
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_launcher() -> None:
+    """In a rank: SIGKILL when torchrun dies (it dies with the launcher), and at once if the
+    launcher is already gone (it died before the request could be made)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    launcher = os.environ.get(LAUNCHER_PID_VAR, "")
+    if launcher.isdigit() and not _pid_alive(int(launcher)):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker_pids(agent_pid: int) -> list[int]:
@@ -175,6 +212,7 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
     with tempfile.TemporaryDirectory(prefix="mohico-spawn-") as tmp:
         status_dir = Path(tmp)
         child_env[STATUS_DIR_VAR] = str(status_dir)
+        child_env[LAUNCHER_PID_VAR] = str(os.getpid())
         received: list[int] = []
         box: list[subprocess.Popen] = []
 
@@ -244,6 +282,7 @@ def _worker_main(argv: list[str]) -> int:
     rank); SIGUSR1 stays ignored until the trainer installs its pre-emption handler, so an
     early "checkpoint soon" signal cannot kill a rank that is still importing."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_launcher()
     code: object = 1
     try:
         if argv and argv[0] == "--script":    # tests: run a plain script as each rank
