@@ -92,7 +92,7 @@ def report_status(e: MohicoError) -> None:
     """Under `mohico train --nproc N`, tell the launcher this rank's code and line (a rank that only
     followed a peer says so: the launcher then names the peer's cause)."""
     from mohico.errors import PeerFailureError
-    from mohico.launcher import rank_status
+    from mohico import rank_status
 
     rank_status.report(e.exit_code, str(e), follows_peer=isinstance(e, PeerFailureError))
 

@@ -10,7 +10,7 @@ each worker then maps torchrun's variables with :func:`mohico.dist_env.detect_en
 
 Exit code: 0 when every rank succeeded. torchrun itself exits 1 whenever a worker fails, so
 each rank writes its code, the time it stopped and one line to a status folder
-(:mod:`mohico.launcher.rank_status`: the CLI for an error, the watchdog before its ``os._exit``
+(:mod:`mohico.rank_status`: the CLI for an error, the watchdog before its ``os._exit``
 for a stall (5) or a signal it could not honour (6), the wrapper otherwise) and the parent
 returns the root cause: the code of the rank that failed first (any code other than 0 and 3),
 a rank that stopped only because a peer did (``PeerFailureError``, 1) coming last; else 3
@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mohico.errors import MohicoError, UsageError
-from mohico.launcher import rank_status
-from mohico.launcher.rank_status import STATUS_DIR_VAR
-LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # the `mohico train --nproc N` process (run_lock.py reads it)
+from mohico import rank_status
+from mohico.rank_status import STATUS_DIR_VAR
 
 PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
+LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # this process, for the ranks (and run_lock.py)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 

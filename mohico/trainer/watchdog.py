@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Callable
 
-from mohico.launcher import rank_status
+from mohico import rank_status
 
 log = logging.getLogger("mohico.trainer")
 

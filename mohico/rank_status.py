@@ -1,4 +1,5 @@
-"""Each rank's exit status for ``mohico train --nproc N`` (:mod:`mohico.launcher.spawn`): its code,
+"""Each rank's exit status for ``mohico train --nproc N`` (:mod:`mohico.launcher.spawn`; a bottom-floor
+module, stdlib only, because the trainer's watchdog writes it too): its code,
 when it stopped and one line saying why, so that the launcher can report the root cause — the
 rank that stopped first — instead of torchrun's 1 or the "a peer rank stopped" 1 of the ranks
 that followed it.
