@@ -17,9 +17,12 @@ Bottom floor (stdlib, torch, mohico.errors): ``models`` (export, ``mohico.load_e
 Loading never unpickles code: :func:`safe_load` is ``torch.load(weights_only=True)`` with only
 DeepSpeed's plain optimizer-state classes allow-listed (its loss scaler, ZeRO stage enum and
 fragment addresses), so a hostile ``.pt`` file fails with an error instead of running.
+:func:`only_safe_torch_loads` does the same for every ``torch.load`` made inside it: resume
+wraps DeepSpeed's ``load_checkpoint`` in it, whose own loader would unpickle anything.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -147,6 +150,43 @@ def _deepspeed_safe_globals() -> list:
     return out
 
 
+def _unsafe_message(path, e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    unsafe = ""
+    if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
+        unsafe = " It holds objects other than tensors and plain values, which mohico never loads (only " \
+                 "tensors are safe to load from an untrusted file); it was not written by mohico."
+    return f"{path}: cannot load ({type(e).__name__}: {first[:300]}).{unsafe}"
+
+
+@contextlib.contextmanager
+def only_safe_torch_loads():
+    """Inside: every ``torch.load`` (DeepSpeed's, which asks for ``weights_only=False``, included)
+    is ``weights_only=True`` with only DeepSpeed's plain classes allowed; a file holding anything
+    else raises MohicoError naming it, and nothing in it runs. Not thread-safe (it swaps
+    ``torch.load``): use it around one loading call."""
+    import pickle
+
+    import torch
+
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise MohicoError(_unsafe_message(f, e)) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
 def safe_load(path: str | os.PathLike):
     """``torch.load(path, weights_only=True)`` on the CPU: tensors, containers and plain Python
     values (plus DeepSpeed's optimizer-state classes) only. Raises MohicoError naming the file
@@ -157,9 +197,4 @@ def safe_load(path: str | os.PathLike):
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file, or refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        unsafe = ""
-        if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
-            unsafe = " It holds objects other than tensors and plain values, which mohico never loads (only " \
-                     "tensors are safe to load from an untrusted file); it was not written by mohico."
-        raise MohicoError(f"{path}: cannot load ({type(e).__name__}: {first[:300]}).{unsafe}") from None
+        raise MohicoError(_unsafe_message(path, e)) from None

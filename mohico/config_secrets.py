@@ -55,3 +55,9 @@ def redact_env(cfg, data: dict) -> dict:
             except (KeyError, IndexError, TypeError):
                 pass
     return out
+
+
+def env_sourced(cfg, dotted: str) -> bool:
+    """Whether the value at ``dotted`` (or any value under it) came from ``${oc.env:...}``."""
+    expressions = getattr(cfg, ATTR, None) or {}
+    return any(k == dotted or k.startswith(dotted + ".") for k in expressions)

@@ -19,3 +19,8 @@ class UsageError(ConfigError):
 
 class NotBuiltError(UsageError):
     """A subcommand that exists in the CLI but is not implemented in this release (exit code 2)."""
+
+
+class PeerFailureError(MohicoError):
+    """This rank stops only because a peer rank did (exit code 1): never the root cause of a job's
+    failure when another rank reports its own (mohico.launcher.spawn reports the first rank's)."""

@@ -55,7 +55,9 @@ class FakeLoader:
     N-th batch of rank ``FAKE_STALL_RANK`` (default 0) never comes (after sending this process
     SIGTERM first if ``FAKE_SIGNAL_SELF=1``), like a loader whose workers hang. ``FAKE_KILL_AT=N``:
     rank ``FAKE_KILL_RANK`` (default 1) writes ``{"pid", "time"}`` to ``$FAKE_KILL_FILE`` and
-    SIGKILLs itself before its N-th batch, like the OOM killer."""
+    SIGKILLs itself before its N-th batch, like the OOM killer. ``FAKE_STALL_FILE``: written when the
+    stall begins (a test waits on it). ``FAKE_SIGNAL_AT=N``: rank ``FAKE_SIGNAL_RANK`` (default 0)
+    sends itself SIGUSR1 before its N-th batch and goes on (a pre-emption at a step boundary)."""
 
     def __init__(self, cfg, rank, world):
         self.rank, self.n = rank, 0
@@ -70,7 +72,12 @@ class FakeLoader:
             with open(os.environ["FAKE_KILL_FILE"], "w") as f:
                 json.dump({"pid": os.getpid(), "time": time.time()}, f)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.n == int(os.environ.get("FAKE_SIGNAL_AT", "0")) and str(self.rank) == os.environ.get("FAKE_SIGNAL_RANK", "0"):
+            os.kill(os.getpid(), signal.SIGUSR1)
         if self.n == int(os.environ.get("FAKE_STALL_AT", "0")) and str(self.rank) == os.environ.get("FAKE_STALL_RANK", "0"):
+            if os.environ.get("FAKE_STALL_FILE"):
+                with open(os.environ["FAKE_STALL_FILE"], "w") as f:
+                    f.write(str(os.getpid()))
             if os.environ.get("FAKE_SIGNAL_SELF") == "1":
                 os.kill(os.getpid(), signal.SIGTERM)
             threading.Event().wait()          # forever

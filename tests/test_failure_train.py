@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+import torch
 
 from mohico.trainer import checkpoint as ck
 from mohico.trainer.run_lock import RunLock
@@ -98,3 +99,28 @@ def test_sigkilled_rank_is_named_by_its_peer_with_host_pid_and_log(tmp_path):
     assert "last alive" in line and str(run / "logs" / "train_rank1.log") in line, line
     assert not (run / "logs" / "failed_rank1.txt").exists()     # it was named without a note
     assert "Traceback" not in log0
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, name):
+    """Issue 30 item 3: DeepSpeed's own model and optimizer files are read with weights_only=True
+    on resume: a crafted file (its pickle creates a marker file when loaded), with the meta's
+    digests rewritten so that the integrity check passes, stops the run naming the file, and no
+    code ran."""
+    from tests.test_failure_checkpoint import Hostile
+    from mohico.trainer.checkpoint.verify import file_digests
+
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    assert run_fake_train(run, overrides=["trainer.max_steps=2"]) == [("rc", 0)]
+    folder = run / "checkpoints" / "step_00000002"
+    obj = torch.load(folder / name, map_location="cpu", weights_only=False)   # our own file
+    obj["hostile"] = Hostile(marker)
+    torch.save(obj, folder / name)
+    meta = json.loads((folder / ck.META).read_text())
+    meta["files"].update(file_digests([folder / name]))
+    (folder / ck.META).write_text(json.dumps(meta))
+    out = run_fake_train(run, overrides=["trainer.max_steps=4"])
+    assert not marker.exists(), f"loading {name} on resume ran code ({out})"
+    [(status, kind, msg, code)] = out
+    assert (status, kind, code) == ("error", "MohicoError", 1), msg
+    assert str(folder / name) in msg and "never loads" in msg, msg

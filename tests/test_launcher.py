@@ -19,7 +19,7 @@ import pytest
 
 from mohico.errors import MohicoError, UsageError
 from mohico.dist_env import detect_env, parse_tasks_per_node, slurm_port
-from mohico.launcher.spawn import combine_exit_codes, should_spawn, strip_nproc, torchrun_command
+from mohico.launcher.spawn import combine_exit_codes, root_cause, should_spawn, strip_nproc, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,6 +188,19 @@ def test_combine_exit_codes():
     assert combine_exit_codes(1, {0: 3}) == 3              # rank 1 stopped by torchrun after rank 0 exited
     assert combine_exit_codes(1, {0: 3, 1: 2}) == 2        # a real failure wins
     assert combine_exit_codes(1, {}) == 1
+
+
+def test_combine_exit_codes_reports_the_rank_that_failed_first():
+    """Issue 30 item 1: the root cause wins over the peer that followed it and over a later failure."""
+    stall = {"code": 5, "time": 10.0, "line": "stalled: no progress"}
+    follower = {"code": 1, "time": 11.0, "line": "rank 0: a peer rank stopped", "follows_peer": True}
+    assert combine_exit_codes(1, {0: follower, 1: stall}) == 5
+    assert root_cause({0: follower, 1: stall}) == (1, stall)
+    assert combine_exit_codes(1, {0: {**follower, "time": 9.0}, 1: stall}) == 5    # even if it wrote first
+    assert combine_exit_codes(1, {0: {"code": 6, "time": 12.0}, 1: {"code": 4, "time": 11.5}}) == 4
+    assert combine_exit_codes(1, {0: {"code": 6, "time": 12.0}, 1: {"code": 3, "time": 11.0}}) == 6
+    assert combine_exit_codes(1, {0: follower}) == 1
+    assert root_cause({0: {"code": 3}, 1: {"code": 0}}) is None
 
 
 def test_should_spawn():

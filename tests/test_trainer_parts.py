@@ -200,3 +200,24 @@ def test_step_health_grad_norm_nonfinite_and_time_between_steps():
     assert zero1.after_step(_FakeEngine(net, 2.5), 1.0, 0.2)["optim/grad_norm"] == 2.5
     row = zero1.after_step(_FakeEngine(net, float("inf")), 1.0, 0.2)
     assert row["optim/nonfinite_steps"] == 1 and row["optim/grad_norm"] == float("inf")
+
+
+def test_env_values_stay_out_of_the_offline_wandb_files(monkeypatch, tmp_path, caplog):
+    """Issue 30 item 4: a token given through ``${oc.env:...}`` in W&B's tags, the run's name (W&B's
+    name) or its project/entity is never written: W&B gets the expression, not the value."""
+    token = "tok-3f9a61c2e7d4b508"
+    monkeypatch.setenv("MY_TOKEN", token)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    c = cfg("wandb.mode=offline", 'wandb.tags=["${oc.env:MY_TOKEN}",plain]', "run.name=n-${oc.env:MY_TOKEN}",
+            "wandb.entity=${oc.env:MY_TOKEN}")
+    assert c.wandb.tags[0] == token                     # the config itself holds the value
+    logger = WandbLogger(c, tmp_path, "abcd1234", rank=0, resumed=False)
+    assert logger.run is not None, caplog.text
+    logger.log({"loss": 1.0}, step=1)
+    logger.finish()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".wandb") for p in files), files
+    leaked = [str(p) for p in files if token.encode() in p.read_bytes()]
+    assert not leaked, f"the token is in {leaked}"
+    assert any(b"${oc.env:MY_TOKEN}" in p.read_bytes() for p in files if p.name.endswith(".wandb"))
+    assert "wandb.entity comes from ${oc.env:MY_TOKEN}" in caplog.text

@@ -88,6 +88,15 @@ def _named_command(argv: list[str]) -> str | None:
     return command if all(len(a) >= 3 and "--debug".startswith(a) for a in before) else None
 
 
+def report_status(e: MohicoError) -> None:
+    """Under `mohico train --nproc N`, tell the launcher this rank's code and line (a rank that only
+    followed a peer says so: the launcher then names the peer's cause)."""
+    from mohico.errors import PeerFailureError
+    from mohico import rank_status
+
+    rank_status.report(e.exit_code, str(e), follows_peer=isinstance(e, PeerFailureError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_named_command(argv))
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except MohicoError as e:
+        report_status(e)
         if args.debug:
             raise
         print(f"mohico {args.command}: error: {e}", file=sys.stderr)

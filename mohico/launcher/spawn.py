@@ -9,9 +9,13 @@ code. torchrun was picked over the deepspeed launcher because it starts ~4 s fas
 each worker then maps torchrun's variables with :func:`mohico.dist_env.detect_env`.
 
 Exit code: 0 when every rank succeeded. torchrun itself exits 1 whenever a worker fails, so
-the wrapper writes each rank's code to a status folder and the parent returns it: a real
-failure (any code other than 0 and 3) wins, else 3 (``PREEMPTED_EXIT_CODE``: the ranks
-checkpointed after a preemption signal), else torchrun's code.
+each rank writes its code, the time it stopped and one line to a status folder
+(:mod:`mohico.rank_status`: the CLI for an error, the watchdog before its ``os._exit``
+for a stall (5) or a signal it could not honour (6), the wrapper otherwise) and the parent
+returns the root cause: the code of the rank that failed first (any code other than 0 and 3),
+a rank that stopped only because a peer did (``PeerFailureError``, 1) coming last; else 3
+(``PREEMPTED_EXIT_CODE``: the ranks checkpointed after a preemption signal), else torchrun's
+code. The parent's last line names that rank and its line.
 
 Signals: SIGUSR1 and SIGTERM sent to this (parent) process are forwarded to the worker
 processes directly (the trainer checkpoints and exits 3). torchrun ignores them — it would
@@ -19,6 +23,12 @@ die on SIGUSR1 and kill the workers 30 s after SIGTERM — so a signal that reac
 process (SLURM's ``scancel --signal``) cannot take the agent down mid-checkpoint. SIGINT
 (Ctrl-C) goes to torchrun, which stops the workers. torchrun runs in its own session, so a
 terminal's Ctrl-C is delivered once, through this process.
+
+A SIGKILL of this process (``kill -9 -- -PGID``, which never reaches torchrun's session) takes
+torchrun and the ranks with it at once: torchrun and each rank ask the kernel for SIGKILL when
+their parent dies (``PR_SET_PDEATHSIG``), and a rank whose launcher is already gone when it
+starts kills itself. Nothing is checkpointed after such a kill (the last published checkpoint
+is what a restart resumes from), and the run.dir lock goes with rank 0.
 """
 from __future__ import annotations
 
@@ -34,10 +44,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mohico.errors import UsageError
+from mohico.errors import MohicoError, UsageError
+from mohico import rank_status
+from mohico.rank_status import STATUS_DIR_VAR
 
 PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
-STATUS_DIR_VAR = "MOHICO_SPAWN_STATUS_DIR"
+LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # this process, for the ranks (and run_lock.py)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -88,22 +100,52 @@ def torchrun_command(nproc: int, argv: Sequence[str], python: str = sys.executab
             "--module", "mohico.launcher.spawn", *strip_nproc(argv)]
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
+        return None
+
+
 def _make_preexec():
     """What the torchrun child runs between fork and exec: ignore the forwarded signals and ask
-    for SIGINT if this parent dies (PR_SET_PDEATHSIG), so an orphaned agent stops its workers.
-    libc is loaded here, in the parent, so the child makes no dlopen call after the fork."""
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):  # not glibc Linux: no parent-death signal
-        prctl = None
+    for SIGKILL if this parent dies (PR_SET_PDEATHSIG): a launcher killed with SIGKILL must not
+    leave an agent that stops its workers gracefully (they would checkpoint after the kill and
+    hold the run.dir lock). libc is loaded here, in the parent, so the child makes no dlopen call
+    after the fork."""
+    prctl = _prctl()
 
     def preexec() -> None:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_IGN)
         if prctl is not None:
-            prctl(1, int(signal.SIGINT), 0, 0, 0)    # PR_SET_PDEATHSIG = 1
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
     return preexec
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_launcher() -> None:
+    """In a rank: SIGKILL when torchrun dies (it dies with the launcher), and at once if the
+    launcher is already gone (it died before the request could be made)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    launcher = os.environ.get(LAUNCHER_PID_VAR, "")
+    if launcher.isdigit() and not _pid_alive(int(launcher)):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker_pids(agent_pid: int) -> list[int]:
@@ -122,25 +164,32 @@ def _worker_pids(agent_pid: int) -> list[int]:
     return pids
 
 
-def read_status(status_dir: Path, nproc: int) -> dict[int, int]:
-    codes = {}
-    for r in range(nproc):
-        f = status_dir / f"rank-{r}"
-        try:
-            codes[r] = int(f.read_text().strip())
-        except (OSError, ValueError):
-            pass
-    return codes
+def read_status(status_dir: Path, nproc: int) -> dict[int, dict]:
+    """``{rank: {"code", "time", "line", "follows_peer"}}`` of the ranks that reported."""
+    return rank_status.read(status_dir, nproc)
 
 
-def combine_exit_codes(agent_code: int, codes: dict[int, int]) -> int:
-    """The job's exit code from torchrun's and the ranks' own codes (see module docstring)."""
+def _records(codes: dict) -> dict[int, dict]:
+    return {r: (c if isinstance(c, dict) else {"code": int(c)}) for r, c in codes.items()}
+
+
+def root_cause(codes: dict) -> Optional[tuple[int, dict]]:
+    """``(rank, record)`` of the rank whose failure (a code other than 0 and 3) came first; a rank
+    that only followed a peer counts after every other; None if no rank failed."""
+    failed = [(r, s) for r, s in _records(codes).items() if s["code"] not in (0, PREEMPTED_EXIT_CODE)]
+    if not failed:
+        return None
+    return min(failed, key=lambda rs: (bool(rs[1].get("follows_peer")), rs[1].get("time", float("inf")), rs[0]))
+
+
+def combine_exit_codes(agent_code: int, codes: dict) -> int:
+    """The job's exit code from torchrun's and the ranks' own codes or records (see module docstring)."""
     if agent_code == 0:
         return 0
-    for r in sorted(codes):
-        if codes[r] not in (0, PREEMPTED_EXIT_CODE):
-            return codes[r]
-    if PREEMPTED_EXIT_CODE in codes.values():
+    cause = root_cause(codes)
+    if cause is not None:
+        return cause[1]["code"]
+    if any(s["code"] == PREEMPTED_EXIT_CODE for s in _records(codes).values()):
         return PREEMPTED_EXIT_CODE
     return agent_code if agent_code > 0 else 128 - agent_code
 
@@ -163,6 +212,7 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
     with tempfile.TemporaryDirectory(prefix="mohico-spawn-") as tmp:
         status_dir = Path(tmp)
         child_env[STATUS_DIR_VAR] = str(status_dir)
+        child_env[LAUNCHER_PID_VAR] = str(os.getpid())
         received: list[int] = []
         box: list[subprocess.Popen] = []
 
@@ -214,8 +264,13 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
     if signal.SIGINT in received and result not in (0, PREEMPTED_EXIT_CODE):
         result = 130                      # interrupted (Ctrl-C), like the CLI itself
     if result != 0:
-        detail = ", ".join(f"rank {r}: {c}" for r, c in sorted(codes.items())) or "no rank reported"
-        print(f"[mohico spawn] {nproc} ranks finished with exit code {result} (torchrun {code}; {detail})",
+        detail = ", ".join(f"rank {r}: {s['code']}" for r, s in sorted(codes.items())) or "no rank reported"
+        cause = root_cause(codes)
+        first = ""
+        if cause is not None and cause[1]["code"] == result:
+            r, s = cause
+            first = f": rank {r} stopped first (exit {s['code']})" + (f": {s['line']}" if s.get("line") else "")
+        print(f"[mohico spawn] {nproc} ranks finished with exit code {result}{first} (torchrun {code}; {detail})",
               file=sys.stderr, flush=True)
     return result
 
@@ -227,6 +282,7 @@ def _worker_main(argv: list[str]) -> int:
     rank); SIGUSR1 stays ignored until the trainer installs its pre-emption handler, so an
     early "checkpoint soon" signal cannot kill a rank that is still importing."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_launcher()
     code: object = 1
     try:
         if argv and argv[0] == "--script":    # tests: run a plain script as each rank
@@ -237,6 +293,12 @@ def _worker_main(argv: list[str]) -> int:
                 code = 0
             except SystemExit as e:
                 code = e.code
+            except MohicoError as e:          # as the CLI does
+                from mohico.launcher.cli import report_status
+
+                report_status(e)
+                print(e, file=sys.stderr)
+                code = e.exit_code
         else:
             from mohico.launcher.cli import main
 
@@ -250,13 +312,9 @@ def _worker_main(argv: list[str]) -> int:
         elif not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
+        rank_status.report(code)          # unless the CLI or the watchdog reported the cause already
         status_dir = os.environ.get(STATUS_DIR_VAR)
         if status_dir:
-            rank = os.environ.get("RANK", "0")
-            try:
-                Path(status_dir, f"rank-{rank}").write_text(f"{code}\n")
-            except OSError:
-                pass
             if code == PREEMPTED_EXIT_CODE:
                 _wait_for_peers(Path(status_dir), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # This rank's work is done and its code recorded: let the interpreter finish its exit

@@ -1,7 +1,7 @@
 """Ranks fail together and say why: failure notes and the message a surviving rank prints.
 
     note_failure(run_dir, rank, "stalled: ...")           # a rank that is about to stop
-    raise MohicoError(peer_failure_message(run_dir, rank, exc))   # a peer whose collective broke
+    raise PeerFailureError(peer_failure_message(run_dir, rank, exc))   # a peer whose collective broke
     return failing_together(run_dir, rank, run)                   # both around the training
 
 A rank that stops on its own (an error, the stall watchdog, a signal it could not honour)
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mohico import dist
-from mohico.errors import MohicoError
+from mohico.errors import MohicoError, PeerFailureError
 from mohico.trainer.liveness import (FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, read_peers,
                                      silent_peers)
 from mohico.utils import atomic_write_text
@@ -152,4 +152,4 @@ def failing_together(run_dir, rank: int, run):
         alive.refresh("stopping: a peer rank failed", STOPPING)
         msg = peer_failure_message(run_dir, rank, e)
         log.error("%s", msg)
-        raise MohicoError(msg) from None
+        raise PeerFailureError(msg) from None

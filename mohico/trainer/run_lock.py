@@ -10,11 +10,16 @@ writing one ``metrics.jsonl`` and overwriting each other's checkpoints). ``flock
 with their process, so a stale lock of a crashed or killed run is taken over silently (the old
 holder's details are only a record). :func:`acquire_on_rank0` runs it as a collective: rank 0
 takes the lock and every rank raises the same error if that failed.
+
+A holder that is exiting — on this host, and its process or its `mohico train --nproc N`
+launcher is gone (a SIGKILL'd launcher takes its ranks with it, but their exit takes a moment) —
+is waited for, up to ``EXITING_WAIT_S`` seconds, saying so, instead of refusing the restart.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -24,6 +29,9 @@ from mohico import dist
 from mohico.errors import MohicoError
 
 LOCK_NAME = ".lock"
+LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"     # mirrors mohico.launcher.spawn
+EXITING_WAIT_S = 30.0
+log = logging.getLogger("mohico.trainer")
 
 
 class RunLock:
@@ -40,13 +48,18 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _describe(os.pread(fd, 4096, 0))
-            os.close(fd)
-            raise MohicoError(f"run.dir {self.path.parent} is in use by another training ({holder}); two "
-                              f"trainings on one run.dir would overwrite each other's checkpoints and logs. "
-                              f"Wait for it (or stop it), or use another run.dir.") from None
+            raw = os.pread(fd, 4096, 0)
+            exiting = _exiting(raw)
+            if not exiting or not _wait_for_lock(fd, self.path, _describe(raw), exiting):
+                holder = _describe(os.pread(fd, 4096, 0) or raw)
+                os.close(fd)
+                late = f"; it was exiting ({exiting}) but still held the lock after {EXITING_WAIT_S:g} s" if exiting else ""
+                raise MohicoError(f"run.dir {self.path.parent} is in use by another training ({holder}{late}); two "
+                                  f"trainings on one run.dir would overwrite each other's checkpoints and logs. "
+                                  f"Wait for it (or stop it), or use another run.dir.") from None
+        launcher = os.environ.get(LAUNCHER_PID_VAR, "")
         info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "launcher_pid": int(launcher) if launcher.isdigit() else None}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)
@@ -61,6 +74,52 @@ class RunLock:
             finally:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True
+    stat = Path(f"/proc/{int(pid)}/stat")
+    try:
+        text = stat.read_text()
+        return text[text.rindex(")") + 2] != "Z"      # a zombie has exited
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def _exiting(raw: bytes) -> str:
+    """Why the lock's holder is exiting ('' if it is not known to be): it is on this host and its
+    process, or the launcher that started it, is gone."""
+    try:
+        info = json.loads(raw.decode() or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(info, dict) or info.get("host") != socket.gethostname():
+        return ""
+    if info.get("pid") and not _alive(info["pid"]):
+        return f"pid {info['pid']} is gone"
+    if info.get("launcher_pid") and not _alive(info["launcher_pid"]):
+        return f"its launcher, pid {info['launcher_pid']}, is gone"
+    return ""
+
+
+def _wait_for_lock(fd: int, path: Path, holder: str, why: str) -> bool:
+    """Wait up to EXITING_WAIT_S for an exiting holder to release the lock; True once taken."""
+    log.warning("run.dir %s is locked by a training that is exiting (%s: %s): waiting up to %g s for it to "
+                "release the lock", path.parent, holder, why, EXITING_WAIT_S)
+    deadline = time.monotonic() + EXITING_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            log.info("run.dir %s: the exiting training released the lock", path.parent)
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 def _describe(raw: bytes) -> str:

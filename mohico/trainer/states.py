@@ -112,7 +112,10 @@ class EngineState:
         if module_only:
             log.warning("checkpoint was written at ZeRO %s, this run uses ZeRO %d: loading the weights only "
                         "(optimizer state starts fresh)", saved_zero_stage, self.zero_stage)
-        path, _ = self.engine.load_checkpoint(str(ckdir), tag, load_module_only=module_only,
-                                              load_lr_scheduler_states=False)
+        from mohico.checkpoint_read import only_safe_torch_loads
+
+        with only_safe_torch_loads():     # DeepSpeed's loader would unpickle anything: tensors and plain values only
+            path, _ = self.engine.load_checkpoint(str(ckdir), tag, load_module_only=module_only,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise MohicoError(f"DeepSpeed could not load checkpoint {Path(ckdir) / tag}")

@@ -7,6 +7,10 @@
   and logs with explicit ``step=`` so the curves continue (offline runs make a new folder with
   the same id, merged by ``wandb sync``).
 - Any W&B exception is caught: a warning is logged once and logging is switched off.
+- Secrets: a value set through ``${oc.env:...}`` never reaches W&B (:mod:`mohico.config_secrets`):
+  the config, the tags and the run's name carry the expression instead; ``wandb.project`` and
+  ``wandb.entity`` from the environment are not passed at all (W&B then reads ``WANDB_PROJECT`` /
+  ``WANDB_ENTITY`` itself), with a warning.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import threading
 from pathlib import Path
 
 from mohico.config import to_saved_dict
+from mohico.config_secrets import env_sourced
 from mohico.datasets.load.batch import ClipBatch
 from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
 
@@ -63,10 +68,20 @@ class WandbLogger:
             import wandb
 
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None,
-                                  name=cfg.run.name or Path(run_dir).resolve().name, id=run_id,
+            saved = to_saved_dict(cfg)          # ${oc.env:...} values replaced by their expressions
+            ids = {}
+            for key in ("project", "entity"):
+                if env_sourced(cfg, f"wandb.{key}"):
+                    log.warning("wandb.%s comes from %s: not passed to W&B (values from the environment stay "
+                                "out of what a run writes); set WANDB_%s instead, which W&B reads itself",
+                                key, saved["wandb"][key], key.upper())
+                    ids[key] = None
+                else:
+                    ids[key] = getattr(cfg.wandb, key) or None
+            self.run = wandb.init(project=ids["project"], entity=ids["entity"],
+                                  name=saved["run"]["name"] or Path(run_dir).resolve().name, id=run_id,
                                   resume="allow", dir=str(run_dir), mode=self.mode,
-                                  config=to_saved_dict(cfg), tags=list(cfg.wandb.tags) or None,
+                                  config=saved, tags=list(saved["wandb"]["tags"]) or None,
                                   settings=wandb.Settings(console="off", silent=True))
             log.info("W&B %s run %s (%s)%s", self.mode, run_id, self.run_dir or run_dir,
                      ", resumed" if resumed else "")

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Callable
 
+from mohico import rank_status
+
 log = logging.getLogger("mohico.trainer")
 
 STALLED_EXIT_CODE = 5
@@ -52,6 +54,7 @@ def _die(code: int, message: str, on_die: Callable[[str], None] | None = None) -
     if on_die is not None:
         on_die(message)
     _flush_logs()
+    rank_status.report(code, message)     # under `mohico train --nproc N`: the launcher names this rank's cause
     os._exit(code)
 
 

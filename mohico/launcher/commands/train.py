@@ -7,9 +7,9 @@ starts N local ranks; under torchrun or ``srun`` (RANK / SLURM_PROCID set) this 
 rank. Exit codes: 0 done, 1 runtime failure, 2 usage or config error, 3 checkpointed after a
 preemption signal (requeue me), 4 stopped on NaN/inf losses, 5 stalled (no progress for
 trainer.stall_timeout_s, or a loader worker died), 6 a signal that could not be checkpointed
-within trainer.signal_grace_s (exited unsaved). Resuming loads DeepSpeed's model and optimizer
-files with its own loader, which unpickles them: only resume checkpoints you trust (mohico's
-own files and `mohico export` load tensors only).
+within trainer.signal_grace_s (exited unsaved); with --nproc N, the code of the rank that
+failed first. Resuming loads DeepSpeed's model and optimizer files with weights_only=True
+(tensors and plain values only), like mohico's own files and `mohico export`.
 """
 from __future__ import annotations
 
