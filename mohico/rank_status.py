@@ -21,6 +21,9 @@ from pathlib import Path
 
 STATUS_DIR_VAR = "MOHICO_SPAWN_STATUS_DIR"
 LINE_CHARS = 1000
+MESSAGE_CHARS = 8000      # the whole message too: the launcher prints it once, the ranks do not
+FINAL_ERROR = "mohico_final_error"   # a log record's ``extra`` key: the error this rank stops with, which
+                                     # the launcher prints once (the ranks' consoles drop it, their log files keep it)
 _reported = False
 
 
@@ -34,7 +37,7 @@ def report(code: int, line: str = "", follows_peer: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
     first = (str(line).strip().splitlines() or [""])[0][:LINE_CHARS]
     record = {"code": int(code), "time": time.time(), "line": first, "follows_peer": bool(follows_peer),
-              "pid": os.getpid()}
+              "pid": os.getpid(), "message": str(line).strip()[:MESSAGE_CHARS]}
     try:
         tmp = Path(folder, f".rank-{rank}.{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n")

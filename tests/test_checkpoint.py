@@ -106,6 +106,7 @@ def test_config_mismatch_is_refused_unless_forced(tmp_path):
     msg = str(e.value)
     assert "optim.lr: 0.02 -> 0.05" in msg and "checkpoint.force=true" in msg and str(tmp_path) in msg
     assert "resume=never" not in msg      # it would overwrite the run's checkpoints
+    assert e.value.exit_code == 2         # a config error (README: exit codes), not a runtime failure
     ck.check_config(meta, cfg("optim.lr=0.05"), tmp_path, force=True)      # warns, loads
 
 

@@ -51,7 +51,7 @@ def test_export_round_trip_into_torchvision(name, tmp_path):
 
 
 def test_to_torchvision_refuses_what_torchvision_cannot_hold():
-    with pytest.raises(MohicoError, match="width=8.*--format mohico"):
+    with pytest.raises(UsageError, match="width=8.*--format mohico"):
         to_torchvision(build_backbone("r3d_18", width=8))
     with pytest.raises(MohicoError, match="no torchvision video model.*--format mohico"):
         to_torchvision(build_backbone("tsm_resnet18", width=8))
@@ -112,6 +112,7 @@ def test_export_command(tmp_path, capsys):
     assert "bad.pt: cannot read" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
     thin = save_backbone(tmp_path / "thin.pt", "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))
-    assert main(["export", str(thin), str(tmp_path / "y.pt")]) == 1
-    assert "width=8" in capsys.readouterr().err
+    assert main(["export", str(thin), str(tmp_path / "y.pt")]) == 2      # a usage error, with its fix
+    err = capsys.readouterr().err
+    assert "width=8" in err and "--format mohico" in err
     assert main(["export", str(thin), str(tmp_path / "y.pt"), "--format", "mohico"]) == 0

@@ -66,12 +66,19 @@ def test_preemption_of_two_ranks_exits_3(tmp_path):
     assert "rank 0: 3" in summary(output) and "rank 1: 3" in summary(output), output[-4000:]
 
 
-def test_nonfinite_loss_on_two_ranks_exits_4_with_the_line(tmp_path):
+def test_nonfinite_loss_on_two_ranks_exits_4_with_the_line_printed_once_without_torchruns_report(tmp_path):
     code, output = run_spawn(tmp_path, ["trainer.max_steps=12", "trainer.nonfinite_limit=3"],
                              {"FAKE_NAN_AT": "4", "FAKE_NAN_RANK": "1"})
     line = summary(output)
     assert code == 4, output[-4000:]
     assert "exit code 4" in line and "stopped at step 6" in line, line
+    # issue 28 item 1: the error once (the launcher's line), not once per rank; no torchrun report
+    assert output.count("the loss was NaN/inf for 3 micro-steps in a row") == 1, output[-4000:]
+    for noise in ("Traceback", "ChildFailedError", "closing signal", "failed (exitcode"):
+        assert noise not in output, output[-4000:]
+    # the ranks' log files keep their error
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("train_rank*.log"))
+    assert "the loss was NaN/inf for 3 micro-steps in a row" in logs
 
 
 def test_stall_on_one_of_two_ranks_exits_5_naming_it_not_the_peer_that_followed(tmp_path):

@@ -178,7 +178,7 @@ def test_parse_tasks_per_node():
 def test_strip_nproc_and_torchrun_command():
     assert strip_nproc(["train", "c.yaml", "--nproc", "2", "a=1", "--nproc=4"]) == ["train", "c.yaml", "a=1"]
     cmd = torchrun_command(2, ["train", "c.yaml", "--nproc", "2"], python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    assert cmd == ["py", "-m", "mohico.launcher.agent", "--standalone", "--nproc_per_node=2",
                    "--module", "mohico.launcher.spawn", "train", "c.yaml"]
 
 

@@ -314,7 +314,7 @@ def test_export_reads_the_run_directory(reference, tmp_path):
 def test_checkpoint_of_another_config_is_refused(reference, synth_shards):
     before = (reference / "config.yaml").read_text()
     res = run_train(reference, synth_shards, "optim.lr=0.5", nproc=1)
-    assert res.returncode == 1
+    assert res.returncode == 2                                          # a config error (README's exit codes)
     assert "different config" in res.stderr and "optim.lr: 0.05 -> 0.5" in res.stderr
     assert "checkpoint.force=true" in res.stderr
     assert (reference / "config.yaml").read_text() == before            # nothing of the run changed

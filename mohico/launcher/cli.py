@@ -15,6 +15,7 @@ import logging
 import sys
 
 from mohico.errors import MohicoError
+from mohico.rank_status import FINAL_ERROR
 
 SUBCOMMANDS = ("synth", "shards", "train", "submit", "eval", "export", "inspect")
 
@@ -97,6 +98,23 @@ def report_status(e: MohicoError) -> None:
     rank_status.report(e.exit_code, str(e), follows_peer=isinstance(e, PeerFailureError))
 
 
+class _NotTheFinalError(logging.Filter):
+    """Drops the log record of the error a rank stops with (``extra={FINAL_ERROR: True}``) from
+    the console: under `mohico train --nproc N` the launcher prints it once (the rank's log file
+    keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, FINAL_ERROR, False)
+
+
+def _under_spawn_launcher() -> bool:
+    import os
+
+    from mohico.rank_status import STATUS_DIR_VAR
+
+    return bool(os.environ.get(STATUS_DIR_VAR))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_named_command(argv))
@@ -110,13 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _take_extras(args, extras)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    import os
+
+    args.debug = bool(args.debug) or os.environ.get("MOHICO_DEBUG") == "1"   # a rank of `mohico --debug train --nproc N`
+    quiet_rank = _under_spawn_launcher() and not args.debug   # the launcher prints a rank's error once
+    if quiet_rank:
+        for h in logging.getLogger().handlers:
+            h.addFilter(_NotTheFinalError())
     try:
         return int(args._module.run(args) or 0)
     except MohicoError as e:
         report_status(e)
         if args.debug:
             raise
-        print(f"mohico {args.command}: error: {e}", file=sys.stderr)
+        if not quiet_rank:
+            print(f"mohico {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"mohico {args.command}: interrupted", file=sys.stderr)

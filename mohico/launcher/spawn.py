@@ -48,6 +48,8 @@ from mohico.errors import MohicoError, UsageError
 from mohico import rank_status
 from mohico.rank_status import STATUS_DIR_VAR
 
+DEBUG_VAR = "MOHICO_DEBUG"        # mirrors mohico.launcher.agent.DEBUG_VAR (that module imports torch)
+
 PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
 LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # this process, for the ranks (and run_lock.py)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
@@ -96,7 +98,7 @@ def should_spawn(nproc: int, environ=None) -> bool:
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], python: str = sys.executable) -> list[str]:
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [python, "-m", "mohico.launcher.agent", "--standalone", f"--nproc_per_node={nproc}",
             "--module", "mohico.launcher.spawn", *strip_nproc(argv)]
 
 
@@ -195,11 +197,13 @@ def combine_exit_codes(agent_code: int, codes: dict) -> int:
 
 
 def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable,
-                env: Optional[dict] = None) -> int:
+                env: Optional[dict] = None, debug: bool = False) -> int:
     """Run ``mohico ARGV`` as ``nproc`` local ranks through torchrun; return the exit code.
 
     ``argv`` is what follows ``mohico`` on the command line (``["train", CONFIG, ...]``);
-    ``--nproc`` is removed from it. Blocks until every rank has exited.
+    ``--nproc`` is removed from it. Blocks until every rank has exited. A rank's error is
+    printed once, here, without torchrun's report (:mod:`mohico.launcher.agent`); with
+    ``debug`` (``mohico --debug train``) the ranks print theirs with tracebacks, and torchrun too.
     """
     if nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {nproc}")
@@ -207,6 +211,10 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
     # torchrun must not turn SIGTERM into "kill the workers after 30 s": the parent forwards it.
     child_env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if debug:
+        child_env[DEBUG_VAR] = "1"
+    else:
+        child_env.pop(DEBUG_VAR, None)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
         child_env.pop(var, None)
     with tempfile.TemporaryDirectory(prefix="mohico-spawn-") as tmp:
@@ -270,6 +278,8 @@ def spawn_local(nproc: int, argv: Sequence[str], *, python: str = sys.executable
         if cause is not None and cause[1]["code"] == result:
             r, s = cause
             first = f": rank {r} stopped first (exit {s['code']})" + (f": {s['line']}" if s.get("line") else "")
+            rest = s.get("message", "").strip().splitlines()[1:]   # a message of several lines: the others
+            first += "".join(f"\n  {x}" for x in rest)
         print(f"[mohico spawn] {nproc} ranks finished with exit code {result}{first} (torchrun {code}; {detail})",
               file=sys.stderr, flush=True)
     return result

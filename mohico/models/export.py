@@ -39,17 +39,17 @@ def to_torchvision(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
     tv_name = getattr(backbone, "torchvision_name", None)
     if tv_name not in TORCHVISION_HEADS:
-        raise MohicoError(f"{type(backbone).__name__} has no torchvision video model counterpart "
+        raise UsageError(f"{type(backbone).__name__} has no torchvision video model counterpart "
                           f"(torchvision has {', '.join(TORCHVISION_HEADS)}); export with --format mohico")
     width = getattr(backbone, "width", None)
     if width != 64:
-        raise MohicoError(f"{tv_name} with width={width} cannot be exported to torchvision, whose model has "
+        raise UsageError(f"{tv_name} with width={width} cannot be exported to torchvision, whose model has "
                           "the standard width 64; export with --format mohico")
     if getattr(backbone, "gating", False):
-        raise MohicoError(f"{tv_name} with gating=true (S3D-G) has self-gating layers torchvision's S3D lacks; "
+        raise UsageError(f"{tv_name} with gating=true (S3D-G) has self-gating layers torchvision's S3D lacks; "
                           "export with --format mohico")
     if getattr(backbone, "input", "rgb") != "rgb":
-        raise MohicoError(f"{tv_name} with input={backbone.input!r} is fed residual frames, torchvision's model "
+        raise UsageError(f"{tv_name} with input={backbone.input!r} is fed residual frames, torchvision's model "
                           "takes RGB clips; export with --format mohico")
     with torch.device("meta"):  # names and shapes only: no allocation, no initialisation
         reference = getattr(tvv, tv_name)(weights=None).state_dict()
@@ -87,8 +87,8 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, fmt: str 
         return save_backbone(out, name, options, backbone, prep)
     try:
         state = to_torchvision(backbone)
-    except MohicoError as e:
-        raise MohicoError(f"{ckpt}: {e}") from e
+    except MohicoError as e:      # a usage error (exit 2) stays one: the fix is --format mohico
+        raise type(e)(f"{ckpt}: {e}") from e
     path = save_torch(out, state)
     if prep is not None:   # a plain state_dict has no room for it: OUT.json beside the weights
         atomic_write_text(Path(f"{out}.json"), json.dumps(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mohico import dist
 from mohico.errors import MohicoError, PeerFailureError
+from mohico.rank_status import FINAL_ERROR
 from mohico.trainer.liveness import (FINISHED, REFRESH_S, STALE_S, STARTING, STOPPING, AliveRecord, read_peers,
                                      silent_peers)
 from mohico.utils import atomic_write_text
@@ -142,7 +143,7 @@ def failing_together(run_dir, rank: int, run):
     except MohicoError as e:
         note_failure(run_dir, rank, str(e))
         alive.refresh(f"stopped: {str(e)[:200]}", STOPPING)
-        log.error("%s", e)
+        log.error("%s", e, extra={FINAL_ERROR: True})
         raise
     except Exception as e:
         if not is_peer_failure(e):
@@ -151,5 +152,5 @@ def failing_together(run_dir, rank: int, run):
             raise
         alive.refresh("stopping: a peer rank failed", STOPPING)
         msg = peer_failure_message(run_dir, rank, e)
-        log.error("%s", msg)
+        log.error("%s", msg, extra={FINAL_ERROR: True})
         raise PeerFailureError(msg) from None

@@ -104,7 +104,8 @@ def run(args) -> int:
     from mohico.launcher.spawn import should_spawn, spawn_local
 
     if should_spawn(cfg.trainer.nproc):
-        return spawn_local(cfg.trainer.nproc, ["train", args.config, *overrides])
+        return spawn_local(cfg.trainer.nproc, ["train", args.config, *overrides],
+                           debug=bool(getattr(args, "debug", False)))
 
     from mohico.dist import shutdown
     from mohico.trainer.train import train

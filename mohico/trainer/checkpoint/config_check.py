@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from mohico.errors import MohicoError
+from mohico.errors import ConfigError
 from mohico.config import config_from_dict, config_hash, is_resume_safe, to_dict, trajectory_dict
 from mohico.datasets.load.pipeline_stream import expand_shards
 
@@ -105,7 +105,7 @@ def check_config(meta: dict, cfg, where: Path, force: bool, data_fp: str | None 
         msg = (f"checkpoint {where} was written by a different config (hash {meta.get('config_hash')}, this "
                f"config {config_hash(cfg)}): {shown}")
         if not force:
-            raise MohicoError(msg + ". Resume under the config it was written with (run.dir's config.yaml), "
+            raise ConfigError(msg + ". Resume under the config it was written with (run.dir's config.yaml), "
                               "start over in a new run.dir, or set checkpoint.force=true to load it anyway.")
         log.warning("%s -- loading anyway because checkpoint.force=true", msg)
     for d in allowed:
