@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"
 
+from mohico import library_noise as _library_noise   # noqa: E402 - stdlib only: keeps `import mohico` light
+
+_library_noise.install()   # library messages the user cannot act on, by their exact text (see the module)
+
 
 def load_encoder(path, config=None, device="cpu"):
     """``(backbone, preprocessing)``: the pretrained backbone (eval mode) and the preprocessing

@@ -114,6 +114,9 @@ class MALConfig:
     warmup_weight: float = 2.0         # lambda during warm-up
     weight: float = 1.0                # lambda after
     warmup_epochs: float = 5.0
+    min_cells: int = 9                 # fewer spatial cells (H' x W') in the response map: a warning that MAL
+                                       # cannot tell where the motion is; configs/tiny_cpu.yaml (32-px crops, a
+                                       # 2 x 2 map by design) sets 4. Only the warning: not hashed (resume-safe)
 
 
 @dataclass
@@ -328,7 +331,8 @@ def to_dict(cfg: Config) -> dict:
 RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.test_shards", "finetune.test_clips",
                     "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",
                     "trainer.max_steps", "data.num_workers", "data.shards", "data.allow_commands", "trainer.nonfinite_limit",
-                    "trainer.stall_timeout_s", "trainer.signal_grace_s", "trainer.dist_timeout_s")
+                    "trainer.stall_timeout_s", "trainer.signal_grace_s", "trainer.dist_timeout_s",
+                    "objectives.mcl.mal.min_cells")
 
 
 def to_saved_dict(cfg: Config) -> dict:

@@ -117,7 +117,9 @@ def assert_same_checkpoint(a: Path, b: Path) -> int:
 @pytest.fixture(scope="module")
 def reference(synth_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trainer") / "reference"
-    ok(run_train(run_dir, synth_shards))
+    res = run_train(run_dir, synth_shards)
+    ok(res)
+    (run_dir.parent / "reference.first.out").write_text(res.stderr)   # later tests append to reference.out
     return run_dir
 
 
@@ -309,6 +311,33 @@ def test_export_reads_the_run_directory(reference, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     saved = torch.load(tmp_path / "b.pt")
     assert saved["name"] == "r3d_18" and all(torch.equal(v, state[k]) for k, v in saved["state_dict"].items())
+
+
+def test_a_default_two_rank_tiny_cpu_run_prints_no_warning(reference):
+    """Issue 28 item 2: the shipped config warns about nothing of its own (data.shuffle_buffer, MAL's
+    map), and DeepSpeed's "untested optimizer" and torch's all_gather_into_tensor FutureWarning are
+    filtered at their source (mohico/library_noise.py)."""
+    output = (reference.parent / "reference.first.out").read_text()
+    noisy = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert not noisy, "\n".join(noisy)
+    assert "step 4/4" in output                      # the run's own lines still show
+
+
+def test_export_and_load_encoder_print_no_accelerator_line(reference, tmp_path):
+    """Without DS_ACCELERATOR (a user's shell), DeepSpeed's "Setting accelerator to CPU" is filtered."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    res = subprocess.run([sys.executable, "-m", "mohico", "export", str(reference), str(tmp_path / "b.pt"),
+                          "--format", "mohico"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    load = ("import mohico, torch\n"
+            f"encoder, prep = mohico.load_encoder({str(reference)!r})\n"
+            "import deepspeed.accelerator as a; print('accelerator', a.get_accelerator().device_name())\n")
+    res2 = subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert res2.returncode == 0, res2.stderr[-2000:]
+    assert "accelerator cpu" in res2.stdout              # DeepSpeed did pick its accelerator here
+    for out in (res.stdout + res.stderr, res2.stdout + res2.stderr):
+        assert "Setting accelerator" not in out and "warning" not in out.lower(), out[-2000:]
 
 
 def test_checkpoint_of_another_config_is_refused(reference, synth_shards):

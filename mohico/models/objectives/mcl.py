@@ -207,12 +207,14 @@ class MCL(nn.Module):
         R3D/R(2+1)D late map is 2 x 2 (crop / 16), any non-negative 4-cell map has cosine ~0.9
         with the motion target, and MAL stays flat at ~0.1 whatever the backbone attends to."""
         self._checked_map = True
-        if thw[-1] * thw[-2] < MIN_MAL_CELLS:
+        least = int(getattr(self.cfg.mal, "min_cells", MIN_MAL_CELLS))
+        if thw[-1] * thw[-2] < least:
             log.warning("MCL: the motion alignment loss compares maps of only %s (T', H', W') cells; with "
                         "fewer than %d spatial cells it cannot tell where the motion is (its value stays near 0.1 "
                         "and it barely steers the backbone). Raise data.crop_size (the late map of "
-                        "R3D/R(2+1)D-18 is the crop / 16 per side; the papers use 112 -> 7 x 7).",
-                        "x".join(map(str, thw)), MIN_MAL_CELLS)
+                        "R3D/R(2+1)D-18 is the crop / 16 per side; the papers use 112 -> 7 x 7), or set "
+                        "objectives.mcl.mal.min_cells=%d to accept this map.",
+                        "x".join(map(str, thw)), least, thw[-1] * thw[-2])
 
     def _mal(self, q, k, fmap, motion_q, progress):
         c = self.cfg.mal
