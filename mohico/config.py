@@ -185,6 +185,9 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     warmup_start_factor: float = 0.01  # warm-up starts at lr * this
     min_lr: float = 1e-6               # cosine floor
+    rewarm: bool = False               # a resume that raises trainer.max_steps restarts the cosine from the peak lr
+                                       # (a warm restart) instead of continuing from the old schedule's lr (which,
+                                       # on a finished run, is min_lr); resume-safe: give it with the new max_steps
     grad_clip: float = 0.0             # max grad norm; 0 disables
 
 
@@ -332,7 +335,7 @@ RESUME_SAFE_KEYS = ("run", "wandb", "slurm", "checkpoint", "eval", "finetune.tes
                     "finetune.test_crops", "finetune.test_batch_size", "trainer.log_every", "trainer.nproc",
                     "trainer.max_steps", "data.num_workers", "data.shards", "data.allow_commands", "trainer.nonfinite_limit",
                     "trainer.stall_timeout_s", "trainer.signal_grace_s", "trainer.dist_timeout_s",
-                    "objectives.mcl.mal.min_cells")
+                    "objectives.mcl.mal.min_cells", "optim.rewarm")
 
 
 def to_saved_dict(cfg: Config) -> dict:

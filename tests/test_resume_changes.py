@@ -130,3 +130,35 @@ def test_extending_during_warmup_keeps_the_warmup():
     plan = SchedulePlan.resume(meta_for(a, step=5), b, 1)
     assert [plan.lr(s, b, 1) for s in range(81)] == [lr_at(s, b, 1) for s in range(81)]
     assert plan.progress(5) == pytest.approx(0.1)
+
+
+def test_extending_a_finished_run_says_it_trains_at_min_lr_and_rewarm_restarts_the_cosine(caplog):
+    """Issue 28 item 3: a finished run's extra steps train at optim.min_lr (the schedule had ended):
+    the log line says so with the lr; optim.rewarm=true (resume-safe) restarts the cosine from the peak."""
+    import logging
+
+    from mohico.config import config_hash
+    from mohico.trainer.optim import base_lr
+    from mohico.trainer.states import TrainState
+
+    a = cfg("trainer.max_steps=100", "optim.warmup_epochs=0")
+    b = cfg("trainer.max_steps=200", "optim.warmup_epochs=0")
+    finished = meta_for(a, step=100)
+    with caplog.at_level(logging.INFO, logger="mohico.trainer"):
+        state = TrainState(b, 1)
+        state.load_state_dict(finished)
+    assert state.plan.lr(150, b, 1) == pytest.approx(b.optim.min_lr)
+    assert "trainer.max_steps -> 200: steps 100..200 train at lr 1e-06" in caplog.text
+    assert "the run had finished" in caplog.text and "optim.rewarm=true" in caplog.text
+    caplog.clear()
+
+    r = cfg("trainer.max_steps=200", "optim.warmup_epochs=0", "optim.rewarm=true")
+    assert config_hash(r) == config_hash(b)                     # resume-safe: given with the new max_steps
+    with caplog.at_level(logging.INFO, logger="mohico.trainer"):
+        state = TrainState(r, 1)
+        state.load_state_dict(finished)
+    peak = base_lr(r, 1)
+    assert state.plan.lr(100, r, 1) == pytest.approx(peak)
+    assert state.plan.lr(150, r, 1) == pytest.approx(r.optim.min_lr + (peak - r.optim.min_lr) * 0.5)
+    assert state.plan.lr(200, r, 1) == pytest.approx(r.optim.min_lr)
+    assert "optim.rewarm=true: the cosine restarted" in caplog.text and "had finished" not in caplog.text

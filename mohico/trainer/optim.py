@@ -70,7 +70,8 @@ class SchedulePlan:
     value at ``s`` (as a fraction of the peak) along a half-cosine to ``min_lr`` at the new
     ``max_steps`` (still in warm-up: the warm-up, then the cosine to the new ``max_steps``); the
     progress continues from its value at ``s`` linearly to 1 at the new ``max_steps``. Nothing
-    jumps. The plan is saved in each checkpoint's meta (``schedule``) so chained extensions
+    jumps — so extending a finished run trains the extra steps at ``min_lr``; ``optim.rewarm=true``
+    given with the new ``max_steps`` restarts the cosine from the peak lr at ``s`` instead. The plan is saved in each checkpoint's meta (``schedule``) so chained extensions
     compose.
     """
 
@@ -97,6 +98,8 @@ class SchedulePlan:
         old_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=old.max_steps))
         warmup = min(int(round(cfg.optim.warmup_epochs * cfg.trainer.steps_per_epoch)), old.max_steps)
         frac = None if step < warmup else old.lr(step, old_cfg, world_size) / base_lr(old_cfg, world_size)
+        if frac is not None and getattr(cfg.optim, "rewarm", False):
+            frac = 1.0                  # optim.rewarm: the cosine restarts from the peak lr at the resume step
         return cls(cfg.trainer.max_steps, step, old.progress(step), frac)
 
     def progress(self, step: int) -> float:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from mohico.errors import MohicoError
-from mohico.trainer.optim import SchedulePlan
+from mohico.trainer.optim import SchedulePlan, base_lr
 from mohico.trainer.checkpoint.config_check import data_fingerprint
 from mohico.trainer.rng import RngState  # noqa: F401 - one of the states listed above
 from mohico.trainer.wandb_log import new_run_id
@@ -28,6 +28,23 @@ from mohico.config import config_hash, to_saved_dict
 from mohico.models.bank import MemoryBank
 
 log = logging.getLogger("mohico.trainer")
+
+
+def extension_line(plan: SchedulePlan, step: int, cfg, world_size: int) -> str:
+    """What a resume that changed ``trainer.max_steps`` trains at: the lr at the resume step and at
+    the end, and, when the old schedule had ended (a finished run), that it stays at ``min_lr`` and
+    how to re-warm."""
+    o = cfg.optim
+    start, end = plan.lr(step, cfg, world_size), plan.lr(plan.max_steps, cfg, world_size)
+    line = (f"trainer.max_steps -> {plan.max_steps}: steps {step}..{plan.max_steps} train at lr {start:.3g} "
+            f"falling along a cosine to {end:.3g} (optim.min_lr)")
+    if getattr(o, "rewarm", False):
+        return line + " (optim.rewarm=true: the cosine restarted from the peak lr)"
+    if start <= min(o.min_lr, base_lr(cfg, world_size)) * (1 + 1e-9):
+        line += (f"; the run had finished, so its schedule ended at optim.min_lr={o.min_lr:g} and the extra "
+                 f"steps stay there. To re-warm, resume with optim.rewarm=true (the cosine restarts from the "
+                 f"peak lr {base_lr(cfg, world_size):.3g})")
+    return line
 
 
 class TrainState:
@@ -56,6 +73,8 @@ class TrainState:
         drops it): this run keeps its new id."""
         self.step = int(state["step"])
         self.plan = SchedulePlan.resume(state, self.cfg, self.world_size)
+        if self.plan.start_step == self.step and self.plan.start_lr_frac is not None:
+            log.info("%s", extension_line(self.plan, self.step, self.cfg, self.world_size))
         self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
 
 
