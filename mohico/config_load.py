@@ -26,7 +26,9 @@ def collect(path: Path, sources: list, stack: tuple = ()) -> None:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise ConfigError(f"{path}: inheritance cycle in 'defaults': {chain}")
     if not path.is_file():
-        where = f" (inherited by {stack[-1]})" if stack else ""
+        where = f" (inherited by {stack[-1]})" if stack else (
+            f"; give a YAML path, or the name of a packaged config: {', '.join(packaged_names())} "
+            f"(e.g. `mohico train tiny_cpu`)")
         raise ConfigError(f"config file not found: {path}{where}")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # safe YAML loader
@@ -46,13 +48,30 @@ def collect(path: Path, sources: list, stack: tuple = ()) -> None:
     sources.append((str(path), data))
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_names() -> list[str]:
+    """The names of the configs installed with mohico (``mohico/configs/*.yaml``), without ``.yaml``."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
 def packaged_fallback(path: Path) -> Path:
-    """``configs/NAME.yaml`` that is not in the current directory -> the copy installed with mohico
-    (``mohico/configs/NAME.yaml``, package data of the wheel); any other path unchanged."""
-    if path.exists() or path.is_absolute() or len(path.parts) != 2 or path.parts[0] != "configs":
+    """A config named by what is not a file here -> the file it means: a bare name (``tiny_cpu``,
+    ``tiny_cpu.yaml``) -> ``configs/NAME.yaml`` in the current directory (the repository's), else
+    the copy installed with mohico (``mohico/configs/NAME.yaml``, package data of the wheel);
+    ``configs/NAME[.yaml]`` -> that installed copy too. Any other path unchanged."""
+    if path.is_file() or path.is_absolute():
         return path
-    packaged = Path(__file__).resolve().parent / "configs" / path.name
-    return packaged if packaged.is_file() else path
+    names = [path.name] if path.suffix in (".yaml", ".yml") else [path.name + ".yaml", path.name]
+    bare = len(path.parts) == 1
+    folders = ([Path("configs")] if bare else []) + \
+        ([PACKAGED_CONFIGS] if bare or (len(path.parts) == 2 and path.parts[0] == "configs") else [])
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return path
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

@@ -110,3 +110,32 @@ def test_training_rank_imports_no_eval_stack_nor_torchvision():
     assert "mohico.trainer.train" in loaded and "mohico.trainer.run_log" in loaded
     pulled = sorted(m for m in loaded if any(m == x or m.startswith(x + ".") for x in _NOT_IMPORTED_BY_A_RANK))
     assert not pulled, f"a training rank with online kNN off imports {pulled}"
+
+
+def _parsed(argv: list[str]):
+    """``argv`` parsed as main() does (the command's parser, then key=value extras joined)."""
+    from mohico.launcher.cli import _take_extras, build_parser
+
+    args, extras = build_parser(argv[0]).parse_known_args(argv)
+    _take_extras(args, extras)
+    return args
+
+
+def test_eval_and_inspect_take_positional_overrides_like_train(tmp_path):
+    """Issue 28 item 3: one override syntax: positional key=value for eval and inspect too; --set still works."""
+    from mohico.launcher.commands.eval import parse_target, take_positional_overrides
+
+    odd = tmp_path / "run.lr=0.1"          # an existing path with '=' stays the checkpoint
+    odd.mkdir()
+    for argv, want in [
+        (["eval", "linear", "runs/a", "data.clip_len=8", "--train", "t", "--val", "v", "--set", "data.crop_size=64"],
+         ("linear", "runs/a", ["data.crop_size=64", "data.clip_len=8"])),
+        (["eval", "runs/a", "--train", "t", "--val", "v", "data.clip_len=8"], ("knn", "runs/a", ["data.clip_len=8"])),
+        (["eval", str(odd), "--train", "t", "--val", "v"], ("knn", str(odd), [])),
+    ]:
+        args = _parsed(argv)
+        take_positional_overrides(args)
+        assert (*parse_target(args.target), args.overrides) == want, argv
+    for argv in (["inspect", "s.tar", "data.clip_len=8", "--out", "x.png", "--config", "c.yaml"],
+                 ["inspect", "s.tar", "--out", "x.png", "--config", "c.yaml", "--set", "data.clip_len=8"]):
+        assert _parsed(argv).overrides == ["data.clip_len=8"], argv

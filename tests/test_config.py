@@ -218,3 +218,18 @@ def test_a_dotted_override_inside_a_mapping_sets_one_entry():
     # both forms at once: the whole mapping, then the entry
     assert load_config(cfg, ["model.backbone_options={width: 4}", "model.backbone_options.input=rgb"]
                        ).model.backbone_options == {"width": 4, "input": "rgb"}
+
+
+def test_a_packaged_config_by_bare_name_resolves_and_the_not_found_message_lists_them(tmp_path, monkeypatch):
+    """Issue 28 item 3: `mohico train tiny_cpu` (the repo's configs/ from its root, else mohico/configs/)."""
+    monkeypatch.chdir(ROOT)
+    assert load_config("tiny_cpu").run.dir == load_config(ROOT / "configs" / "tiny_cpu.yaml").run.dir
+    monkeypatch.chdir(tmp_path)                    # elsewhere: the copy installed with mohico
+    assert load_config("tiny_cpu.yaml").model.backbone_options == {"width": 8}
+    assert load_config("configs/tiny_cpu").data.crop_size == 32
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny")
+    assert "config file not found" in str(e.value) and "tiny_cpu" in str(e.value) and "base" in str(e.value)
+    res = subprocess.run([sys.executable, "-m", "mohico", "train", "tiny_cpu", "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert "config file not found" not in res.stderr and "crop_size: 32" in res.stdout, res.stderr[-2000:]

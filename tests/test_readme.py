@@ -140,12 +140,16 @@ def test_readme_shell_commands_run_as_written(workdir, synth_shards, capsys):
 
 
 @pytest.mark.slow     # an R(2+1)D-18 forward at the config's 16 x 224 x 224 clip: ~30-50 s on 2 cores
-def test_readme_python_snippets_run_as_written(workdir):
+def test_readme_python_snippets_run_as_written(workdir, synth_videos):
     use, hub = blocks("python")[:2]
-    frames = np.random.default_rng(0).integers(0, 256, size=(24, 60, 80, 3), dtype=np.uint8)
-    scope = {"frames": frames}
+    import shutil
+
+    shutil.copy(sorted(synth_videos.glob("*.webm"))[0], workdir / "video.webm")   # the video it decodes
+    scope: dict = {}                        # runs as written: nothing defined for it
     exec(compile(use, "README.md (Use the encoder)", "exec"), scope)
+    assert scope["frames"].dtype == np.uint8 and scope["frames"].shape[-1] == 3
     assert scope["embedding"].shape == (1, 512) and torch.isfinite(scope["embedding"]).all()
+    assert not scope["embedding"].requires_grad     # under torch.no_grad(), as the snippet says
     assert "path/to/mohico" in hub
     scope2: dict = {}
     exec(compile(hub.replace("path/to/mohico", str(ROOT)), "README.md (torch.hub)", "exec"), scope2)

@@ -12,6 +12,8 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
+import re
 import sys
 
 from mohico.errors import MohicoError
@@ -65,6 +67,15 @@ def _check_long_options(parser: argparse.ArgumentParser, argv: list[str]) -> Non
             sub.error(unknown_option_message(item, known))
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def is_override(item: str) -> bool:
+    """``section.key=value`` (a dotted key, as every config override has) that is not an existing
+    path: one override syntax for every command (positional ``k=v``; ``--set k=v`` still works)."""
+    return bool(_OVERRIDE.match(item)) and not os.path.exists(item)
+
+
 def _take_extras(args, extras: list[str]) -> None:
     """Arguments argparse left over: ``key=value`` overrides given after flags join the command's
     overrides (``mohico submit CONFIG --nodes 2 run.dir=x``); anything else is a usage error
@@ -108,8 +119,6 @@ class _NotTheFinalError(logging.Filter):
 
 
 def _under_spawn_launcher() -> bool:
-    import os
-
     from mohico.rank_status import STATUS_DIR_VAR
 
     return bool(os.environ.get(STATUS_DIR_VAR))
@@ -128,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _take_extras(args, extras)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    import os
-
     args.debug = bool(args.debug) or os.environ.get("MOHICO_DEBUG") == "1"   # a rank of `mohico --debug train --nproc N`
     quiet_rank = _under_spawn_launcher() and not args.debug   # the launcher prints a rank's error once
     if quiet_rank:

@@ -36,7 +36,7 @@ PROTOCOLS = ("knn", "retrieval", "linear", "finetune")
 def add_arguments(p):
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.usage = "mohico eval [-h] [PROTOCOL] CKPT --train SHARDS --val SHARDS [options]"
-    p.add_argument("target", nargs="+", metavar="[PROTOCOL] CKPT",
+    p.add_argument("target", nargs="+", metavar="[PROTOCOL] CKPT [key=value ...]",
                    help=f"optional protocol ({', '.join(PROTOCOLS)}; default knn), then a run directory, checkpoint "
                         "folder, exported backbone file, torchvision state_dict, or 'random'")
     p.add_argument("--config", default=None,
@@ -57,7 +57,8 @@ def add_arguments(p):
     p.add_argument("--no-wandb", action="store_true", help="do not log the results to W&B")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
-                   help="config override, repeatable, e.g. --set data.clip_len=8 --set data.crop_size=64")
+                   help="config override, repeatable, e.g. --set data.clip_len=8 --set data.crop_size=64; "
+                        "positional key=value (as for train) works too: mohico eval CKPT data.clip_len=8 ...")
     g = p.add_argument_group("knn")
     g.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
     g.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos/T) (default 0.07)")
@@ -86,6 +87,15 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def take_positional_overrides(args) -> None:
+    """``key=value`` items among the positionals (``mohico eval CKPT data.clip_len=8``) join
+    ``--set``'s overrides, as train's and submit's do."""
+    from mohico.launcher.cli import is_override
+
+    args.overrides = list(args.overrides) + [t for t in args.target if is_override(t)]
+    args.target = [t for t in args.target if not is_override(t)]
 
 
 def parse_target(target: list[str]) -> tuple[str, str]:
@@ -119,6 +129,7 @@ def run(args) -> int:
     from mohico.trainer.eval_report import log_wandb, results_table, write_results
     from mohico.trainer.knn_eval import load_eval_backbone
 
+    take_positional_overrides(args)
     protocol, ckpt = parse_target(args.target)
     if protocol == "finetune":
         return run_finetune(args, ckpt)

@@ -18,7 +18,8 @@ def add_arguments(p):
                    help="experiment YAML: run the training sampler on the sample and draw each view's clip "
                         "span, crop box (M: motion-focused, R: random fallback) and flip")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides (with --config), e.g. --set sampling.motion_prob=1.0 data.clip_len=8")
+                   help="config overrides (with --config), e.g. --set sampling.motion_prob=1.0 data.clip_len=8; "
+                        "positional key=value after the shard (as for train) works too")
     p.add_argument("--progress", type=float, default=None,
                    help="training progress in [0, 1] the loader would report (HiCo's delta_max; default 0, "
                         "the start of training); needs --config")
