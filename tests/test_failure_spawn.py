@@ -37,12 +37,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None
         time.sleep(0.1)
 
 
-def run_spawn(tmp_path: Path, overrides, env, signal_after: Path | None = None, timeout: float = 240):
+def run_spawn(tmp_path: Path, overrides, env, signal_after: Path | None = None, timeout: float = 240,
+              spawn: str = SPAWN):
     """``spawn_local(2, ...)`` in a subprocess (output to a file: an orphan must not hold a pipe);
     with ``signal_after``, SIGTERM the launcher once that file exists. Returns (code, output)."""
     out = tmp_path / "spawn.out"
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-c", SPAWN, *fake_cli_args(tmp_path / "run", *overrides)],
+        proc = subprocess.Popen([sys.executable, "-c", spawn, *fake_cli_args(tmp_path / "run", *overrides)],
                                 cwd=ROOT, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
         try:
             if signal_after is not None:
@@ -79,6 +80,16 @@ def test_nonfinite_loss_on_two_ranks_exits_4_with_the_line_printed_once_without_
     # the ranks' log files keep their error
     logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("train_rank*.log"))
     assert "the loss was NaN/inf for 3 micro-steps in a row" in logs
+
+
+def test_debug_shows_the_ranks_tracebacks_and_keeps_the_exit_code(tmp_path):
+    """`mohico --debug train --nproc 2`: the rank's traceback and torchrun's report are shown."""
+    code, output = run_spawn(tmp_path, ["trainer.max_steps=12", "trainer.nonfinite_limit=3"],
+                             {"FAKE_NAN_AT": "4", "FAKE_NAN_RANK": "1"},
+                             spawn=SPAWN.replace("sys.argv[1:])", "sys.argv[1:], debug=True)"))
+    assert code == 4, output[-4000:]
+    assert "Traceback" in output and "NonFiniteError: stopped at step 6" in output, output[-4000:]
+    assert "exit code 4" in summary(output)
 
 
 def test_stall_on_one_of_two_ranks_exits_5_naming_it_not_the_peer_that_followed(tmp_path):

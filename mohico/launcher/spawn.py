@@ -307,6 +307,8 @@ def _worker_main(argv: list[str]) -> int:
                 from mohico.launcher.cli import report_status
 
                 report_status(e)
+                if os.environ.get(DEBUG_VAR) == "1":
+                    raise                     # as `mohico --debug` does: the traceback
                 print(e, file=sys.stderr)
                 code = e.exit_code
         else:
