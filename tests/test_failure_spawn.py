@@ -98,6 +98,7 @@ def test_stall_on_one_of_two_ranks_exits_5_naming_it_not_the_peer_that_followed(
     line = summary(output)
     assert code == 5, output[-4000:]
     assert "exit code 5" in line and "rank 1 stopped first (exit 5): stalled: no progress" in line, line
+    assert output.count("stalled: no progress") == 1, output[-4000:]     # the launcher's line only
 
 
 def test_signal_while_two_ranks_hang_exits_6_naming_the_grace_period(tmp_path):

@@ -50,7 +50,7 @@ def _flush_logs() -> None:
 
 
 def _die(code: int, message: str, on_die: Callable[[str], None] | None = None) -> None:
-    log.error(message)
+    log.error(message, extra={rank_status.FINAL_ERROR: True})   # the launcher prints it once (the log file keeps it)
     if on_die is not None:
         on_die(message)
     _flush_logs()
