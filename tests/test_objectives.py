@@ -356,13 +356,14 @@ def test_mcl_logs_positive_and_negative_similarities():
     assert terms["mcl/neg_sim"].item() == pytest.approx(expect, abs=1e-6)
 
 
-@pytest.mark.parametrize("crop, warns", [(32, True), (64, False)])
-def test_mcl_warns_once_when_the_mal_map_is_too_coarse(crop, warns, caplog):
+@pytest.mark.parametrize("crop, warns, min_cells", [(32, True, 9), (64, False, 9), (32, False, 4)])
+def test_mcl_warns_once_when_the_mal_map_is_too_coarse(crop, warns, min_cells, caplog):
     """At crop 32 the R3D late map is 2 x 2: MAL cannot localise motion there, and the run says so
     once (the motion benchmark's first configs sat at MAL ~0.1 for the whole run); at 64 (4 x 4) it
-    does not."""
+    does not, nor when the config accepts the map (objectives.mcl.mal.min_cells=4, as tiny_cpu does)."""
     torch.manual_seed(0)
     cfg = _cfg(mcl__weight=1.0, mcl__bn="none")
+    cfg.objectives.mcl.mal.min_cells = min_cells
     cfg.data.crop_size = crop
     backbone = build_backbone("r3d_18", width=8)
     mcl = MCL(cfg, backbone)
@@ -376,3 +377,4 @@ def test_mcl_warns_once_when_the_mal_map_is_too_coarse(crop, warns, caplog):
     assert len(hits) == (1 if warns else 0)
     if warns:
         assert "1x2x2" in hits[0].getMessage() and "Raise data.crop_size" in hits[0].getMessage()
+        assert "objectives.mcl.mal.min_cells=4" in hits[0].getMessage()
