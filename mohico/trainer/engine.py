@@ -45,10 +45,13 @@ DEEPSPEED_BUCKET = 500_000_000      # DeepSpeed's reduce/allgather bucket defaul
 
 def bucket_size(params: int | None) -> int:
     """ZeRO 1/2 reduce and allgather bucket size (elements) for a model of ``params`` parameters:
-    ``min(5e8, params)``. DeepSpeed's 5e8 default allocates buckets sized for a 500M-parameter model
+    ``min(5e8, params)``, aligned. DeepSpeed's 5e8 default allocates buckets sized for a 500M-parameter model
     whatever the model (the tiny model took 7.5 GiB on the first GPU run); a bucket never needs to
-    hold more than every gradient once."""
-    return DEEPSPEED_BUCKET if not params else int(min(DEEPSPEED_BUCKET, max(int(params), 1)))
+    hold more than every gradient once. Rounded up to a multiple of 4096: DeepSpeed asserts the
+    allgather bucket is a multiple of its NCCL start alignment (2 elements on CPU/fp32, more in 16 bits)."""
+    if not params:
+        return DEEPSPEED_BUCKET
+    return int(min(DEEPSPEED_BUCKET, -(-int(params) // 4096) * 4096))
 
 
 def ds_config(cfg, world_size: int, load_universal: bool = False, params: int | None = None) -> dict:
