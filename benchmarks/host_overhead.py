@@ -103,17 +103,7 @@ def bare_steps(cfg, batch, steps: int, device: str = "cpu", random: bool = False
             torch.cuda.synchronize()
 
     out: dict = {}
-    if memory and cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss, _ = module(clips, motion, 0.5, video_id=vid)
-        loss.backward()
-        sync()
-        out["activations_mb"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-        opt.zero_grad(set_to_none=True)
-    for _ in range(2):
+    for _ in range(2):                    # warm-up (the banks move to the device on their first use)
         step()
     sync()
     if memory:
@@ -122,11 +112,20 @@ def bare_steps(cfg, batch, steps: int, device: str = "cpu", random: bool = False
         out["params_mb"] = mb(module.parameters())
         out["grads_mb"] = mb(trained)
         out["optimizer_mb"] = mb(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-        out["buffers_mb"] = mb(module.buffers())          # banks, BN statistics, queue pointers
+        out["banks_mb"] = mb(t for b in module.banks().values() for t in (b.keys, b.ids))
+        out["buffers_mb"] = mb(module.buffers())          # BN statistics and the like
         out["params"] = sum(p.numel() for p in module.parameters())
         out["trained_params"] = sum(p.numel() for p in trained)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+    if memory and cuda:       # activations: one forward + backward's peak over what was there, less the grads
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss, _ = module(clips, motion, 0.5, video_id=vid)
+        loss.backward()
+        sync()
+        out["activations_mb"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20 - out["grads_mb"]
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(steps):
         step()
