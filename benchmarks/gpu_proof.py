@@ -71,14 +71,14 @@ def step_config(mode: str, shards: Path, run_dir: Path, steps: int):
 
     if mode == "smoke":
         return load_cfg(ROOT / "configs" / "tiny_cpu.yaml", shards, run_dir, steps,
-                        ["data.device=cpu", "trainer.precision=fp32"])
+                        ["data.device=cpu", "trainer.precision=fp32"], windows=2)
     return load_cfg(ROOT / "configs" / "mcl_r2plus1d_k400.yaml", shards, run_dir, steps, [
         "data.batch_size=32", "data.clip_len=16", "data.crop_size=112", "data.motion_size=14",
         "data.device=gpu", "data.decoder=dali", f"data.num_workers={min(8, os.cpu_count() or 1)}",
         "data.shuffle_buffer=32", "data.reference_fps=30",
         "trainer.precision=bf16", "trainer.zero_stage=1", "bank.size=131072",
         "objectives.mcl.variant=paper", "objectives.hico.weight=1.0", "objectives.hico.use_bank=true", "objectives.hico.tau=0.1",
-        "objectives.hico.visual_hidden=1024"])
+        "objectives.hico.visual_hidden=1024"], windows=3)
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -96,7 +96,7 @@ def stage_step(ctx: dict) -> dict:
     batch = one_batch(cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bare = bare_steps(cfg, batch, steps, device, random=True, memory=True)
+    bare = bare_steps(cfg, batch, steps, device, random=True, memory=True, blocks=1 if mode == "smoke" else 2)
     # FLOPs of one step, counted once: forward + backward of the same module on the same shapes
     from mohico.models.pretrain import PretrainModule
 

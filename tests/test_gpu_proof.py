@@ -56,7 +56,7 @@ def test_the_gpu_runs_config_is_the_production_step(tmp_path):
     assert cfg.trainer.precision == "bf16" and cfg.bank.size == 131072
     assert cfg.objectives.mcl.weight > 0 and cfg.objectives.hico.weight > 0 and cfg.objectives.hico.use_bank
     assert (cfg.data.device, cfg.data.decoder) == ("gpu", "dali")
-    assert (cfg.trainer.max_steps, cfg.trainer.log_every) == (40, 20)
+    assert (cfg.trainer.max_steps, cfg.trainer.log_every) == (60, 20)
 
 
 def test_zero_buckets_follow_the_model_size():
