@@ -51,12 +51,12 @@ def test_a_failing_stage_is_an_error_row_written_at_once(tmp_path, monkeypatch):
 
 
 def test_the_gpu_runs_config_is_the_production_step(tmp_path):
-    cfg = gpu_proof.step_config("gpu", tmp_path / "shards", tmp_path / "run", 20)
+    cfg = gpu_proof.step_config("gpu", tmp_path / "shards", tmp_path / "run", 10)
     assert cfg.model.backbone == "r2plus1d_18" and (cfg.data.clip_len, cfg.data.crop_size) == (16, 112)
     assert cfg.trainer.precision == "bf16" and cfg.bank.size == 131072
     assert cfg.objectives.mcl.weight > 0 and cfg.objectives.hico.weight > 0 and cfg.objectives.hico.use_bank
     assert (cfg.data.device, cfg.data.decoder) == ("gpu", "dali")
-    assert (cfg.trainer.max_steps, cfg.trainer.log_every) == (60, 20)
+    assert (cfg.trainer.max_steps, cfg.trainer.log_every) == (30, 10)
 
 
 def test_zero_buckets_follow_the_model_size():
@@ -67,3 +67,15 @@ def test_zero_buckets_follow_the_model_size():
     assert bucket_size(10 ** 10) == DEEPSPEED_BUCKET == bucket_size(None)
     z = ds_config(load_config(ROOT / "configs" / "tiny_cpu.yaml"), 1, params=1_186_033)["zero_optimization"]
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 1_187_840
+
+
+def test_a_stage_past_the_budget_is_written_as_not_run(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_proof.sh"), "--out", str(tmp_path), "--budget", "0",
+                          "--only", "kernels,ablation", "--shards", str(tmp_path / "unused")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("kernels", "ablation"):
+        r = json.loads((tmp_path / f"{stage}.json").read_text())
+        assert r["status"] == "not run" and "time budget" in r["summary"]
+    assert not (tmp_path / "step.json").exists()
