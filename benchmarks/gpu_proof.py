@@ -5,8 +5,8 @@
 Each stage writes OUT/<stage>.json (atomically) as soon as it ends, so a run cut short keeps what
 was done; then one table is printed (and written to OUT/table.md). Stages, on a CUDA machine:
 
-  step      R(2+1)D-18, 16 x 112 x 112, bf16, MCL (the paper variant: the official one reads 4 views, HiCo 3 others) + HiCo, the papers' bank
-            (K = 131072), batch 32 per GPU, ZeRO-1: the real trainer (mohico.trainer.train, in this
+  step      R(2+1)D-18, 16 x 112 x 112, bf16, MCL (the paper variant: the official one reads 4 views,
+            HiCo 3 others) + HiCo, the papers' bank (K = 131072), batch 32 per GPU, ZeRO-1: the real trainer (mohico.trainer.train, in this
             process) reading synthetic H.264 shards (short side 256) made here, DALI "mixed"; clips/s,
             model FLOP utilisation (FLOPs of one step counted once with torch's FlopCounterMode, against
             989 TFLOP/s bf16 dense on H100/H200; the Triton bank kernel is not counted: ~0.1% of the step),
@@ -78,7 +78,8 @@ def step_config(mode: str, shards: Path, run_dir: Path, steps: int):
         "data.device=gpu", "data.decoder=dali", f"data.num_workers={min(8, os.cpu_count() or 1)}",
         "data.shuffle_buffer=32", "data.reference_fps=30",
         "trainer.precision=bf16", "trainer.zero_stage=1", "bank.size=131072",
-        "objectives.mcl.variant=paper", "objectives.hico.weight=1.0", "objectives.hico.use_bank=true", "objectives.hico.tau=0.1",
+        "objectives.mcl.variant=paper", "objectives.hico.weight=1.0", "objectives.hico.use_bank=true",
+        "objectives.hico.tau=0.1",
         "objectives.hico.visual_hidden=1024"], windows=3)
 
 
@@ -116,7 +117,8 @@ def stage_step(ctx: dict) -> dict:
     clips_per_step = batch.clips.shape[0] * batch.clips.shape[1]
     return {"device": name, "model": cfg.model.backbone, "clip": [cfg.data.clip_len, cfg.data.crop_size,
             cfg.data.crop_size], "batch": cfg.data.batch_size, "views": int(batch.clips.shape[1]),
-            "clips_per_step": clips_per_step, "bank": cfg.bank.size, "precision": resolve_precision(cfg), "shards": str(ctx["step_shards"]), "trainer": tr, "bare": bare,
+            "clips_per_step": clips_per_step, "bank": cfg.bank.size, "precision": resolve_precision(cfg),
+            "shards": str(ctx["step_shards"]), "trainer": tr, "bare": bare,
             "flops_per_step": flops, "peak_tflops": peak, "mfu": mfu,
             "overhead": tr["step_s"] / bare["step_s"],
             "overhead_without_data_wait": tr["step_s"] * (1 - tr["data_wait_frac"]) / bare["step_s"],

@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny_cpu.yaml"))
     ap.add_argument("--steps", type=int, default=10, help="steps per timed window (trainer) or block (bare loop)")
-    ap.add_argument("--windows", type=int, default=4, help="trainer log windows (the first is warm-up); bare blocks: one less")
+    ap.add_argument("--windows", type=int, default=4,
+                    help="trainer log windows (the first is warm-up); bare blocks: one less")
     ap.add_argument("--work", default="/tmp/mohico-host-overhead")
     ap.add_argument("--profile", type=int, default=0, help="also cProfile a trainer run of 2 x N steps")
     args = ap.parse_args(argv)
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
             ("trainer minus data wait", {"step_s": busy, "clips_per_s": tr["clips_per_s"] * tr["step_s"] / busy}),
             ("bare loop", bare)]
     print_table(rows, f"host overhead: {Path(args.config).name}, batch {cfg.data.batch_size} x "
-                      f"{cfg.objectives.num_views} views, {args.windows - 1} timed windows/blocks of {args.steps} steps, torch {torch.__version__}, "
+                      f"{cfg.objectives.num_views} views, {args.windows - 1} timed windows/blocks of {args.steps} steps, "
+                      f"torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads, load average before {load[0]:.2f}")
     print(f"\noverhead = trainer / bare = {tr['step_s'] / bare['step_s']:.3f} "
           f"(without the data wait: {busy / bare['step_s']:.3f}; medians: "
