@@ -9,7 +9,7 @@ DEMO_DIR ?= demo
 # pip prints one harmless "Location ... is ignored" line per package on this machine.
 QUIET_PIP := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: venv demo test test-fast bench gpu-check clean
+.PHONY: venv demo test test-fast bench gpu-check gpu-proof clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,13 @@ bench: venv
 # On a CUDA machine: every GPU path in one command, one table (without a GPU it says so, exit 0).
 gpu-check: venv
 	@PATH=$(VENV)/bin:$$PATH PY=$(PY) bash benchmarks/gpu_check.sh
+
+# On a CUDA machine: the production step (R(2+1)D-18, bf16, MCL + HiCo, DALI mixed) vs a bare loop, memory,
+# decode, kernels; each stage's JSON in $(GPU_PROOF_OUT) as it ends, one table (~6 min on one H100/H200;
+# without a GPU: toy sizes on the CPU, exit 0).
+GPU_PROOF_OUT ?= /tmp/mohico-gpu-proof
+gpu-proof: venv
+	@PATH=$(VENV)/bin:$$PATH PY=$(PY) bash benchmarks/gpu_proof.sh --out $(GPU_PROOF_OUT)
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache

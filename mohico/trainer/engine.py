@@ -40,8 +40,23 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     return env.rank, env.world_size, env.local_rank
 
 
-def ds_config(cfg, world_size: int, load_universal: bool = False) -> dict:
-    """The DeepSpeed config dict for ``cfg`` at ``world_size`` data-parallel ranks."""
+DEEPSPEED_BUCKET = 500_000_000      # DeepSpeed's reduce/allgather bucket default, in elements
+
+
+def bucket_size(params: int | None) -> int:
+    """ZeRO 1/2 reduce and allgather bucket size (elements) for a model of ``params`` parameters:
+    ``min(5e8, params)``, aligned. DeepSpeed's 5e8 default allocates buckets sized for a 500M-parameter model
+    whatever the model (the tiny model took 7.5 GiB on the first GPU run); a bucket never needs to
+    hold more than every gradient once. Rounded up to a multiple of 4096: DeepSpeed asserts the
+    allgather bucket is a multiple of its NCCL start alignment (2 elements on CPU/fp32, more in 16 bits)."""
+    if not params:
+        return DEEPSPEED_BUCKET
+    return int(min(DEEPSPEED_BUCKET, -(-int(params) // 4096) * 4096))
+
+
+def ds_config(cfg, world_size: int, load_universal: bool = False, params: int | None = None) -> dict:
+    """The DeepSpeed config dict for ``cfg`` at ``world_size`` data-parallel ranks; ``params``: the
+    model's parameter count (sizes the ZeRO buckets: :func:`bucket_size`)."""
     t = cfg.trainer
     conf = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -56,7 +71,9 @@ def ds_config(cfg, world_size: int, load_universal: bool = False) -> dict:
     }
     if t.zero_stage in (1, 2):
         conf["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": device_type() == "cuda",
-                                          "reduce_scatter": True, "allgather_partitions": True})
+                                          "reduce_scatter": True, "allgather_partitions": True,
+                                          "reduce_bucket_size": bucket_size(params),
+                                          "allgather_bucket_size": bucket_size(params)})
     if resolve_precision(cfg) == "bf16":
         conf["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return conf
@@ -73,5 +90,6 @@ def build_engine(cfg, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if device_type() == "cuda":
         module = module.cuda()
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           config=ds_config(cfg, world_size, load_universal))
+                                           config=ds_config(cfg, world_size, load_universal,
+                                                            params=sum(p.numel() for p in module.parameters())))
     return engine
