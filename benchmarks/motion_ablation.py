@@ -351,6 +351,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(rows: list[dict]) -> str:
+    """Each trained arm minus the random init of the same seed (every arm of a seed starts from that
+    init), mean +- sample std over the seeds with the per-seed differences: the seed-to-seed spread
+    of the init itself cancels out."""
+    rand = {r["seed"]: r for r in rows if r["arm"] == "random"}
+    lines = ["| arm | seeds | " + " | ".join(f"{p} {m} - random" for p, m in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for arm in ARMS:
+        rs = [r for r in rows if r["arm"] == arm and arm != "random" and r["seed"] in rand]
+        if not rs:
+            continue
+        cells = []
+        for p, m in METRICS:
+            d = [100 * (r[f"{p}/{m}"] - rand[r["seed"]][f"{p}/{m}"]) for r in rs]
+            spread = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
+            cells.append(f"{statistics.mean(d):+.1f}{spread} ({', '.join(f'{x:+.1f}' for x in d)})")
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--_sanity":
         sanity_main(*sys.argv[2:9], [a.split("=", 1)[1] for a in sys.argv[9:]])
@@ -394,6 +413,7 @@ def main() -> None:
                     rows.append({"arm": arm, "seed": seed, "train_seconds": secs,
                                  **{f"{p}/{m}": res[p][m] for p, m in METRICS}})
         print(table(rows))
+        print("\npaired with the random init of the same seed (points):\n" + paired_table(rows))
         if stale:
             print(f"left out, scored by an older evaluation protocol: {', '.join(stale)}; "
                   "run the same command without --table to rescore them (their training is reused)")

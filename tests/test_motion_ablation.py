@@ -125,3 +125,14 @@ def test_videos_of_another_motion_style_are_refused(tmp_path, benchmark_script):
         m.check_videos(videos, 128, "video")
     with pytest.raises(SystemExit, match="at 128 px"):
         m.check_videos(videos, 64, "shot")
+
+
+def test_paired_table_subtracts_the_same_seeds_random_init(benchmark_script):
+    m = benchmark_script("motion_ablation")
+    keys = [f"{p}/{q}" for p, q in m.METRICS]
+    rows = [{"arm": "random", "seed": s, **{k: v for k in keys}} for s, v in ((0, 0.40), (1, 0.50))]
+    rows += [{"arm": "mcl", "seed": s, **{k: v for k in keys}} for s, v in ((0, 0.43), (1, 0.52), (2, 0.90))]
+    text = m.paired_table(rows)
+    line = next(row for row in text.splitlines() if row.startswith("| mcl |"))
+    assert line.startswith("| mcl | 2 | +2.5 ± 0.7 (+3.0, +2.0) |")     # seed 2 has no random init: left out
+    assert "| random |" not in text
