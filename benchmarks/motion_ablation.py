@@ -11,7 +11,11 @@ frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_p
     nce+ts      + MCL's motion-focused temporal sampling
     nce+ts+sc   + MCL's motion-focused spatial crop
     mcl         + the motion alignment loss (full MCL, MCL Table 1's last row)
-    mcl-halves  mcl with the official code's temporal draw (query and key from different halves)
+                (these four with the pool draw, sampling.mcl_temporal=pool: mohico before 2026-12-06)
+    mcl-halves  mcl with the official code's temporal draw (query and key from different halves):
+                the config as shipped
+    mcl-official, -adamw, -noaug, -inbatch, sanity-loader...: one component changed at a time
+                (ARMS; benchmarks/reports/2026-12-06-mcl-positive-pairs.md)
     sanity      in-batch NT-Xent on two different moving clips of a video (the ground truth's),
                 AdamW, on the fixed eval clips: the floor at this budget (motion_sanity.py)
     hico        HiCo alone (visual + topical consistency, gradual sampling)
