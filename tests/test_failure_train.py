@@ -124,3 +124,24 @@ def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, name):
     [(status, kind, msg, code)] = out
     assert (status, kind, code) == ("error", "MohicoError", 1), msg
     assert str(folder / name) in msg and "never loads" in msg, msg
+
+
+def test_disk_full_during_a_checkpoint_stops_both_ranks_at_once_with_exit_1(tmp_path):
+    """Rank 1's DeepSpeed writes of checkpoint 4 fail with ENOSPC (MOHICO_FAULT=enospc:4:1), between
+    DeepSpeed's own barriers: rank 1 says disk full (path, size needed, last intact checkpoint), the
+    partial folder is removed, and rank 0 stops with rank 1's message, both exit 1 long before the
+    stall watchdog (300 s here) -- they used to wait at 'checkpoint step 4 to be written by every rank'."""
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    out = run_fake_train(run, world=2, overrides=["trainer.max_steps=6", "trainer.stall_timeout_s=300"],
+                         env={"MOHICO_FAULT": "enospc:4:1"}, timeout=60)
+    assert time.monotonic() - t0 < 60
+    last = str(run / "checkpoints" / "step_00000002")
+    assert [(o[0], o[-1]) for o in out] == [("error", 1), ("error", 1)], out
+    for rank, (status, kind, msg, code) in enumerate(out):
+        assert "rank 1: disk full while writing checkpoint step 4" in msg, (rank, msg)
+        assert ".tmp-step_00000004" in msg and "MiB (the size of the previous checkpoint)" in msg, msg
+        assert f"the last intact checkpoint is {last}" in msg, msg
+    assert not (run / "checkpoints" / ".tmp-step_00000004").exists()
+    assert ck.complete_tags(run / "checkpoints") == ["step_00000002"]
+    assert ck.read_latest(run / "checkpoints") == "step_00000002"

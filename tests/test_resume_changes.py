@@ -132,6 +132,29 @@ def test_extending_during_warmup_keeps_the_warmup():
     assert plan.progress(5) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("old_max,new_max,step", [(30, 200, 20), (200, 48, 40), (60, 45, 30)])
+def test_resuming_inside_a_warmup_cut_short_follows_the_cosine(old_max, new_max, step):
+    """A warm-up of 50 steps that one of the two max_steps cuts short (the old run's 30; the new
+    one's 48 or 45): the lr continues from the old schedule's value at the resume step along the
+    cosine to min_lr at the new end (README), no warm-up restarted or continued (issue 30)."""
+    over = ["optim.lr=0.1", "optim.warmup_epochs=5", "trainer.steps_per_epoch=10", "optim.min_lr=0.001",
+            "optim.warmup_start_factor=0.01"]
+    a, b = cfg(*over, f"trainer.max_steps={old_max}"), cfg(*over, f"trainer.max_steps={new_max}")
+    w_old = min(50, old_max)
+    lr0 = 0.1 * (0.01 + 0.99 * step / w_old) if step < w_old else None      # float64 reference, old schedule
+    if lr0 is None:
+        lr0 = 0.001 + (0.1 - 0.001) * 0.5 * (1 + math.cos(math.pi * (step - w_old) / (old_max - w_old)))
+    assert lr_at(step, a, 1) == pytest.approx(lr0, rel=1e-12)
+    plan = SchedulePlan.resume(meta_for(a, step=step), b, 1)
+    for s in range(step, new_max + 1):
+        assert plan.lr(s, b, 1) == pytest.approx(_cosine_ref(s, step, lr0, 0.001, new_max), rel=1e-12), s
+    assert all(plan.lr(s + 1, b, 1) <= plan.lr(s, b, 1) for s in range(step, new_max))   # never warms up again
+    # a further change composes: continuous at its resume step
+    c = cfg(*over, f"trainer.max_steps={new_max + 100}")
+    plan_c = SchedulePlan.resume(meta_for(b, step=step + 5, schedule=plan.state_dict()), c, 1)
+    assert plan_c.lr(step + 5, c, 1) == pytest.approx(plan.lr(step + 5, b, 1), rel=1e-12)
+
+
 def test_extending_a_finished_run_says_it_trains_at_min_lr_and_rewarm_restarts_the_cosine(caplog):
     """Issue 28 item 3: a finished run's extra steps train at optim.min_lr (the schedule had ended):
     the log line says so with the lr; optim.rewarm=true (resume-safe) restarts the cosine from the peak."""

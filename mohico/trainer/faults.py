@@ -6,11 +6,14 @@
                                          # files are written, before the others may publish them
 
 ``save:STEP:RANK`` SIGKILLs rank RANK during the save of checkpoint STEP (its files written,
-before the barrier); ``step:STEP:RANK`` right after optimizer step STEP. The test harness gives
+before the barrier); ``step:STEP:RANK`` right after optimizer step STEP; ``enospc:STEP:RANK``
+makes rank RANK's DeepSpeed file writes of checkpoint STEP fail with ``OSError(ENOSPC)`` after a
+few bytes, between DeepSpeed's own barriers, as a full disk does. The test harness gives
 the spec through the environment (``mohico train`` runs in subprocesses).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -20,7 +23,7 @@ from mohico.errors import UsageError
 log = logging.getLogger("mohico.trainer")
 
 ENV = "MOHICO_FAULT"
-POINTS = ("save", "step")
+POINTS = ("save", "step", "enospc")
 
 
 class Faults:
@@ -52,3 +55,19 @@ class Faults:
 
     def mid_save(self, step: int) -> None:
         self._hit("save", step)
+
+    def disk_full(self, step: int, engine) -> None:
+        """``enospc:STEP``: the DeepSpeed ``engine``'s checkpoint writes at ``step`` fail with ENOSPC."""
+        if self.where != "enospc" or self.step != step:
+            return
+        ce = getattr(engine, "checkpoint_engine", None)
+        if ce is None:
+            return
+        log.warning("%s: this rank's checkpoint writes at step %d fail with ENOSPC", ENV, step)
+
+        def full(state_dict, path, *a, **k):
+            with open(path, "wb") as f:
+                f.write(b"x" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        ce.save = full

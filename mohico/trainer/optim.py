@@ -68,7 +68,8 @@ class SchedulePlan:
     A fresh run follows :func:`lr_at` and ``progress = step / max_steps``. Resuming at step ``s``
     with another ``max_steps`` re-plans from ``s``: the lr continues from the old schedule's
     value at ``s`` (as a fraction of the peak) along a half-cosine to ``min_lr`` at the new
-    ``max_steps`` (still in warm-up: the warm-up, then the cosine to the new ``max_steps``); the
+    ``max_steps`` (still in a warm-up that neither ``max_steps`` cuts short: the warm-up, then the
+    cosine to the new ``max_steps``; a warm-up either one cuts short is not resumed); the
     progress continues from its value at ``s`` linearly to 1 at the new ``max_steps``. Nothing
     jumps — so extending a finished run trains the extra steps at ``min_lr``; ``optim.rewarm=true``
     given with the new ``max_steps`` restarts the cosine from the peak lr at ``s`` instead. The plan is saved in each checkpoint's meta (``schedule``) so chained extensions
@@ -96,8 +97,13 @@ class SchedulePlan:
             return old
         step = int(meta["step"])
         old_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=old.max_steps))
-        warmup = min(int(round(cfg.optim.warmup_epochs * cfg.trainer.steps_per_epoch)), old.max_steps)
-        frac = None if step < warmup else old.lr(step, old_cfg, world_size) / base_lr(old_cfg, world_size)
+        warmup = int(round(cfg.optim.warmup_epochs * cfg.trainer.steps_per_epoch))
+        old_warmup, new_warmup = min(warmup, old.max_steps), min(warmup, cfg.trainer.max_steps)
+        # Inside a warm-up that both max_steps leave whole (and that no earlier re-plan replaced), the
+        # same warm-up goes on; a warm-up either max_steps cuts short is not continued nor restarted:
+        # the lr goes on from its value at the resume step along the cosine (README, issue 30).
+        keep_warmup = old.start_lr_frac is None and step < old_warmup == new_warmup
+        frac = None if keep_warmup else old.lr(step, old_cfg, world_size) / base_lr(old_cfg, world_size)
         if frac is not None and getattr(cfg.optim, "rewarm", False):
             frac = 1.0                  # optim.rewarm: the cosine restarts from the peak lr at the resume step
         return cls(cfg.trainer.max_steps, step, old.progress(step), frac)

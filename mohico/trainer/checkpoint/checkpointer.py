@@ -73,7 +73,25 @@ class Checkpointer:
         dist.barrier()
 
     def save(self, states: dict) -> Path:
-        """Write the checkpoint of ``states`` at ``states["train"]``'s step (collective) and publish it."""
+        """Write the checkpoint of ``states`` at ``states["train"]``'s step (collective) and publish it.
+
+        A rank whose write fails (disk full, I/O error, quota) removes the partial folder and raises
+        at once, naming the path, the space needed and the last intact checkpoint; a peer whose
+        collective then breaks removes the folder too (it may have written into it since; a peer killed
+        from outside leaves it to the restart) and stops naming that rank (``peer_failure``): every
+        rank exits 1 in seconds, not at the watchdog."""
+        try:
+            return self._save(states)
+        except Exception as e:
+            from mohico.trainer.peer_failure import is_peer_failure, peer_failure_message, read_notes
+            if is_peer_failure(e):
+                peer_failure_message(self.dir.parent, self.rank, e, world=self.world_size)   # waits for a note
+                if read_notes(self.dir.parent, self.rank):   # a peer stopped on an error (its write failed)
+                    shutil.rmtree(self.dir / (TMP_PREFIX + tag_for(int(states["train"].step))), ignore_errors=True)
+                # a peer killed from outside leaves its partial folder to the restart (remove_partial)
+            raise
+
+    def _save(self, states: dict) -> Path:
         meta = {**states["train"].state_dict(), "format": FORMAT}
         step = int(meta["step"])
         rank_state = {"rank": self.rank, **{name: state.state_dict() for name, state in states.items()
@@ -88,6 +106,8 @@ class Checkpointer:
         dist.barrier()
         own = tmp / client_file(self.rank)
         digests, error = {}, ""
+        if self.faults is not None:
+            self.faults.disk_full(step, getattr(states["engine"], "engine", None))
         try:
             states["engine"].save(self.dir, tmp_tag, client_state={"mohico": meta})
             torch.save(rank_state, own)
@@ -96,9 +116,15 @@ class Checkpointer:
             for f in mine:        # flush what this rank wrote before the others may publish it
                 _fsync_file(f)
             digests = file_digests(mine)
-        except (OSError, RuntimeError) as e:   # disk full, I/O error: every rank stops below
-            error = write_failure_message(e, tmp, self.dir, step, read_latest(self.dir),
-                                          folder_bytes(self.dir / read_latest(self.dir)) if read_latest(self.dir) else 0)
+        except (OSError, RuntimeError) as e:   # disk full, I/O error: this rank stops now
+            # No collective from here: the other ranks may be inside DeepSpeed's save, waiting at a
+            # barrier this rank will never reach. This rank removes the partial folder, raises (its
+            # note names the cause) and exits; their collective then breaks on the closed connection
+            # and each names this rank and its message (peer_failure), in seconds, not at the watchdog.
+            from mohico.trainer.peer_failure import is_peer_failure
+            if is_peer_failure(e):    # a collective inside DeepSpeed's save broke: a peer stopped (save() cleans up)
+                raise
+            raise self._write_failed(e, tmp, step) from None
         if self.faults is not None:
             self.faults.mid_save(step)
         digests = gather_digests(digests, error, tmp if self.rank == 0 else None)   # every rank has written
@@ -106,13 +132,28 @@ class Checkpointer:
         if self.rank == 0:
             if final.exists():    # left by a run that crashed after the rename but before 'latest'
                 shutil.rmtree(final)
-            atomic_write_json(tmp / META, {**meta, "files": digests})
-            os.rename(tmp, final)
+            try:
+                atomic_write_json(tmp / META, {**meta, "files": digests})
+                os.rename(tmp, final)
+            except OSError as e:          # the others wait at the barrier below: stop now, as above
+                raise self._write_failed(e, tmp, step) from None
             _fsync_dir(self.dir)
             atomic_write_text(self.dir / LATEST, tag)
             self._prune(keep_tag=tag)
         dist.barrier()
         return final
+
+    def _write_failed(self, e: BaseException, tmp: Path, step: int) -> MohicoError:
+        """The error for this rank's failed write of checkpoint ``step``; the partial ``tmp`` is removed."""
+        if isinstance(e, FileNotFoundError) and not tmp.exists():
+            # another rank's write failed and it removed the partial folder: name that rank, not this echo
+            from mohico.errors import PeerFailureError
+            from mohico.trainer.peer_failure import peer_failure_message
+            return PeerFailureError(peer_failure_message(self.dir.parent, self.rank, e, world=self.world_size))
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = read_latest(self.dir)
+        msg = write_failure_message(e, tmp, self.dir, step, latest, folder_bytes(self.dir / latest) if latest else 0)
+        return MohicoError(f"rank {self.rank}: {msg}")
 
     def load(self, states: dict, resume) -> None:
         """Load ``states`` from ``resume`` (:class:`mohico.trainer.checkpoint.resume.Resume`; nothing
