@@ -113,9 +113,10 @@ class MCL(nn.Module):
                 video_id: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One MCL step.
 
-        ``emb: (B, 1, D)`` backbone embeddings of the query clips (view 0); ``keys`` the key
-        encoder's keys of the ``key_views`` (:meth:`project_keys`: ``(B, d)``, or ``(3B, 2d)`` for
-        the official variant); ``fmap: (N, C', T', H', W')``
+        ``emb: (B, 1, D)`` backbone embeddings of the query clips (view 0; ``(B, 2, D)`` views 0 and 1
+        with in-batch negatives); ``keys`` the key encoder's keys of the ``key_views``
+        (:meth:`project_keys`: ``(B, d)``, or ``(3B, 2d)`` for the official variant; None in-batch);
+        ``fmap: (N, C', T', H', W')``
         the late feature map of the backbone batch that produced ``emb``, whose first ``B``
         rows are the query clips' (the batch may hold more views; needed when MAL is on);
         ``motion: (B, V, T, Hm, Wm)`` the views' motion targets (MAL reads view 0);
