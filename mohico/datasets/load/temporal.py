@@ -179,7 +179,7 @@ def mcl_half_starts(tmotion: np.ndarray, clip_len: int, stride: float, rng: np.r
     query = int(rng.choice(halves[0]))
     keys: list[int] = []
     for _ in range(int(n_keys)):
-        free = np.array([s for s in halves[1] if all(abs(int(s) - k) >= span for k in keys)], dtype=np.int64)
+        free = halves[1][np.all(np.abs(halves[1][:, None] - np.array(keys, np.int64)[None]) >= span, axis=1)]
         keys.append(int(rng.choice(free if len(free) else halves[1])))
     return np.array([query, *keys], dtype=np.int64), focused
 
