@@ -126,6 +126,39 @@ def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, name):
     assert str(folder / name) in msg and "never loads" in msg, msg
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 160 KiB tmpfs: the fake run's checkpoint takes ~68 KiB and its run dir ~84 KiB after step 2, so
+    step 2 fits and, with checkpoint.keep=2, a later one cannot (two kept + one being written > 160 KiB);
+    skipped, saying why, where mounting is not allowed."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({(res.stderr or res.stdout).strip()[:120]}); the injected "
+                    "ENOSPC test covers the mechanism")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_both_ranks_with_exit_1_and_keeps_the_last_checkpoint(small_tmpfs):
+    """The same probe on a real small tmpfs (issue 30): the disk fills at some checkpoint; no hang,
+    exit 1 on both ranks naming disk full and the last intact checkpoint, the partial folder
+    removed, the intact checkpoints kept and `latest` the newest of them."""
+    run = small_tmpfs / "run"
+    out = run_fake_train(run, world=2, overrides=["trainer.max_steps=40", "trainer.stall_timeout_s=300"], timeout=90)
+    assert [(o[0], o[-1]) for o in out] == [("error", 1), ("error", 1)], out
+    tags = ck.complete_tags(run / "checkpoints")
+    assert tags and ck.read_latest(run / "checkpoints") == tags[-1], tags
+    assert any("disk full" in o[2] and f"the last intact checkpoint is {run / 'checkpoints' / tags[-1]}" in o[2]
+               for o in out), out
+    assert not list((run / "checkpoints").glob(".tmp-step_*"))
+
+
 def test_disk_full_during_a_checkpoint_stops_both_ranks_at_once_with_exit_1(tmp_path):
     """Rank 1's DeepSpeed writes of checkpoint 4 fail with ENOSPC (MOHICO_FAULT=enospc:4:1), between
     DeepSpeed's own barriers: rank 1 says disk full (path, size needed, last intact checkpoint), the
