@@ -87,7 +87,6 @@ ARMS: dict[str, list[str] | None] = {
     "sanity-loader": [HALVES, *IN_BATCH, NO_MAL, *ADAMW, *FLIP_ONLY],
     "sanity-loader+aug": [HALVES, *IN_BATCH, NO_MAL, *ADAMW],
     "sanity-loader+aug+bank": [HALVES, NO_MAL, *ADAMW],
-    "sanity-loader+aug+bank+sgd": [HALVES, NO_MAL],
     "sanity": [],                  # not `mohico train`: motion_sanity.train_sanity on the eval clips
     "hico": ["objectives.mcl.weight=0.0", "objectives.hico.weight=1.0"],
     "mcl+hico": ["objectives.hico.weight=1.0"],
