@@ -28,7 +28,8 @@ Two variants (``objectives.mcl.variant``):
 in-batch NT-Xent: the online encoder embeds both views, each clip's positive is the other view
 of its video and its negatives every other clip of the batch (clips of the same video excluded,
 ``video_id``), at ``tau``. No bank, no key encoder, no EMA update: the label-free floor the motion
-benchmark's sanity arm trains, run through the real loader (``benchmarks/RESULTS.md``).
+benchmark's sanity arm trains, run through the real loader
+(``benchmarks/reports/2026-12-06-mcl-positive-pairs.md``).
 ``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
 map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
 the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
