@@ -5,16 +5,14 @@ checked while loading, in :mod:`mohico.config_load`); each message names the key
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mohico.config_backbones import check_backbone
 from mohico.errors import ConfigError
 
-if TYPE_CHECKING:
-    from mohico.config import Config
+# The rules take a ``mohico.config.Config`` without importing it: config.py imports this module
+# (load_config validates), and the floors allow no import cycle (tests/test_floors.py).
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg) -> None:
     """Rules that span fields; each message names the key to change."""
     def need(cond: bool, key: str, msg: str):
         if not cond:
