@@ -44,13 +44,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mohico.errors import MohicoError, UsageError
+from mohico.errors import ExitCode, MohicoError, UsageError
 from mohico import rank_status
 from mohico.rank_status import STATUS_DIR_VAR
 
 DEBUG_VAR = "MOHICO_DEBUG"        # mirrors mohico.launcher.agent.DEBUG_VAR (that module imports torch)
 
-PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
+PREEMPTED_EXIT_CODE = ExitCode.PREEMPTED.value   # the table's (mohico.errors), as the trainer's
 LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # this process, for the ranks (and run_lock.py)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
