@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from mohico.config import Config
-from mohico.errors import ConfigError
 from mohico.models.bank import MemoryBank
 from mohico.models.heads import MCLProjection
 from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
@@ -74,14 +73,11 @@ class MCL(nn.Module):
         self.in_batch = self.cfg.negatives == "batch"
         self.online_views = (0, 1) if self.in_batch else (0,)       # the query (and its pair, in-batch)
         self.key_views = (1, 2, 3) if self.official else (1,)     # same clip, other half x 2 | the key
-        if cfg.bank.size <= 0 and not self.in_batch:
-            raise ConfigError("'bank.size': MCL's NCE needs a memory bank of negatives; set bank.size > 0 "
-                              "(e.g. 65536) or disable MCL with objectives.mcl.weight=0")
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         if self.official:
             self.intra = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
-        self.bank = None if self.in_batch else MemoryBank(cfg.bank.size, cfg.bank.dim)
+        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if cfg.keeps_bank("mcl") else None
         self._checked_map = False
 
     @property
