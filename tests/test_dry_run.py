@@ -214,6 +214,14 @@ def test_a_checkpoint_whose_config_hash_refuses_this_config_is_refused(capsys, t
     assert code == 0
 
 
+def test_starting_fresh_over_checkpoints_is_refused(capsys, tmp_path):
+    ck = _checkpoint(tmp_path)
+    code, err = dry(capsys, tmp_path, "checkpoint.resume=never")
+    assert code == 2 and f"checkpoint.resume=never, but run.dir {tmp_path / 'run'} already holds checkpoints " \
+                         f"({ck.name})" in err and "Use a new run.dir" in err
+    assert dry(capsys, tmp_path, "checkpoint.resume=never", "checkpoint.force=true")[0] == 0
+
+
 def test_a_checkpoint_of_another_layout_is_refused(capsys, tmp_path):
     ck = _checkpoint(tmp_path)
     meta = json.loads((ck / "mohico_meta.json").read_text())
@@ -270,7 +278,8 @@ def test_every_problem_is_reported_together_in_seconds(capsys, tmp_path, monkeyp
                  "wandb.mode=online", "data.num_workers=2", "--nproc", "2", "--dry-run"])
     seconds = time.perf_counter() - t0
     err = capsys.readouterr().err
-    print(f"dry run with 4 problems: {seconds:.2f} s")
+    with capsys.disabled():
+        print(f"dry run with 4 problems: {seconds:.2f} s")
     assert code == 2 and "mohico train: error: 4 problems a run would stop on:" in err
     problems = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(problems) == 4 and "'data.crop_size'" in problems[0]
@@ -286,7 +295,8 @@ def test_a_good_config_passes_and_says_what_it_would_run(capsys, tmp_path, synth
     code = main(["train", str(TINY), f"run.dir={tmp_path / 'run'}", f"data.shards={synth_shards}", "--dry-run"])
     seconds = time.perf_counter() - t0
     out, err = capsys.readouterr()
-    print(f"dry run of a good config: {seconds:.2f} s")
+    with capsys.disabled():
+        print(f"dry run of a good config: {seconds:.2f} s")
     assert code == 0 and seconds < 10
     assert f"shards: {synth_shards}" in out and "crop_size: 32" in out            # the resolved config
     assert "1 local rank(s)" in err and "start fresh (no checkpoint yet)" in err and "300 steps" in err

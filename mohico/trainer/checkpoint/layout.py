@@ -39,6 +39,19 @@ def check_format(meta: dict, where) -> None:
                           f"reads its weights)")
 
 
+def fresh_start_problem(ckdir, force: bool) -> str | None:
+    """Why ``checkpoint.resume=never`` may not start fresh in the run whose checkpoints folder is
+    ``ckdir`` (it holds checkpoints that a fresh run would overwrite and rotation delete), unless
+    ``force``; None if it may."""
+    tags = complete_tags(ckdir)
+    if not tags or force:
+        return None
+    return (f"checkpoint.resume=never, but run.dir {ckdir.parent} already holds checkpoints ({', '.join(tags)}): "
+            f"a fresh run would overwrite them and rotation would delete them. Use a new run.dir, resume "
+            f"with checkpoint.resume=auto (or checkpoint.resume={ckdir / tags[-1]}), or set "
+            f"checkpoint.force=true to start over here and let rotation delete them.")
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
