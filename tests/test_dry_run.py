@@ -214,12 +214,15 @@ def test_a_checkpoint_whose_config_hash_refuses_this_config_is_refused(capsys, t
     assert code == 0
 
 
-def test_starting_fresh_over_checkpoints_is_refused(capsys, tmp_path):
+def test_starting_fresh_over_checkpoints_or_from_a_missing_one_is_refused(capsys, tmp_path):
     ck = _checkpoint(tmp_path)
     code, err = dry(capsys, tmp_path, "checkpoint.resume=never")
     assert code == 2 and f"checkpoint.resume=never, but run.dir {tmp_path / 'run'} already holds checkpoints " \
                          f"({ck.name})" in err and "Use a new run.dir" in err
     assert dry(capsys, tmp_path, "checkpoint.resume=never", "checkpoint.force=true")[0] == 0
+    code, err = dry(capsys, tmp_path, f"checkpoint.resume={tmp_path / 'elsewhere'}")    # a checkpoint that is not there
+    assert code == 2 and f"checkpoint.resume={tmp_path / 'elsewhere'}: no checkpoint at {tmp_path / 'elsewhere'}" in err
+    assert dry(capsys, tmp_path, f"checkpoint.resume={ck}")[0] == 0
 
 
 def test_a_checkpoint_of_another_layout_is_refused(capsys, tmp_path):

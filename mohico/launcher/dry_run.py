@@ -114,13 +114,18 @@ def resume_problem(cfg) -> str | None:
     """Why the checkpoint the run would resume from refuses this config (its layout, or a config
     whose differences change the trajectory: exactly the resume's refusal), or why
     ``checkpoint.resume=never`` may not start fresh in run.dir; None if neither."""
-    from mohico.checkpoint_read import META, read_meta
+    from mohico.checkpoint_read import META, read_meta, resolve_checkpoint
     from mohico.errors import MohicoError
     from mohico.trainer.checkpoint.config_check import check_config, data_fingerprint
     from mohico.trainer.checkpoint.layout import check_format, fresh_start_problem
 
     if cfg.checkpoint.resume == "never":
         return fresh_start_problem(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.force)
+    if cfg.checkpoint.resume != "auto":
+        try:
+            resolve_checkpoint(cfg.checkpoint.resume)         # what the resume resolves first
+        except MohicoError as e:
+            return f"checkpoint.resume={cfg.checkpoint.resume}: {e}"
     target = resume_target(cfg)[1]
     if target is None:
         return None
