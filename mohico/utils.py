@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes."""
+"""Small shared helpers: atomic writes; whether a folder can be written (:func:`unwritable_dir`)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +41,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def unwritable_dir(path: str | os.PathLike, key: str) -> str | None:
+    """Why folder ``path`` (config key ``key``) cannot be created or written, as an error message
+    naming the key and the fix; None if it can. Checked without writing anything: the folder, or
+    its nearest existing parent, must be a folder this user may write, on a read-write file system."""
+    target = Path(path).absolute()
+    probe = target
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    why = None
+    if not probe.is_dir():
+        why = f"{probe} is not a folder" + ("" if probe == target else " (a parent of it)")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable by this user"
+    else:
+        try:
+            if os.statvfs(probe).f_flag & os.ST_RDONLY:
+                why = f"{probe} is on a read-only file system"
+        except OSError as e:
+            why = f"{probe} cannot be read ({e})"
+    if why is None:
+        return None
+    return f"'{key}': {path} cannot be {'written' if probe == target else 'created'}: {why}. Set {key} to a folder you can write"

@@ -51,6 +51,15 @@ def synth_shards(synth_videos, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def demo_shards(tmp_path) -> Path:
+    """tiny_cpu's ``data.shards`` (``demo/shards``) under the test's ``tmp_path``, for tests that
+    stand there: shards its `--dry-run` accepts (tests/_fake_shards.py: not decodable)."""
+    from tests._fake_shards import fake_shards
+
+    return fake_shards(tmp_path / "demo" / "shards", [[40, 40], [40, 40]])
+
+
 @pytest.fixture(scope="session")
 def benchmark_script():
     """``load(name)``: ``benchmarks/{name}.py`` imported as a module (the benchmarks are scripts,

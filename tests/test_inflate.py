@@ -211,8 +211,10 @@ def test_model_init_config_rules():
 def test_dry_run_reads_the_init_file(tmp_path, capsys, weights_file):
     from mohico.launcher.cli import main
 
-    base = ["train", str(TINY), f"run.dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'none'}",
-            "model.backbone_options={}"]
+    from tests._fake_shards import fake_shards
+
+    shards = fake_shards(tmp_path / "shards", [[40, 40], [40, 40]])            # what the dry run reads of them
+    base = ["train", str(TINY), f"run.dir={tmp_path / 'run'}", f"data.shards={shards}", "model.backbone_options={}"]
     assert main([*base, f"model.init={tmp_path / 'missing.pt'}", "--dry-run"]) == 2
     assert "'model.init'" in capsys.readouterr().err
     assert main([*base, f"model.init={weights_file}", "--dry-run"]) == 0

@@ -330,7 +330,7 @@ def _sbatch_lines(script: str) -> list[str]:
     return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH")]
 
 
-def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
+def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch, demo_shards):
     monkeypatch.chdir(tmp_path)
     cfg = ROOT / "configs" / "tiny_cpu.yaml"
     code, out, err = _submit(str(cfg), "run.dir=runs/a b", "optim.lr=0.1", "--nodes", "2", "--gpus-per-node", "4",
@@ -353,7 +353,7 @@ def test_submit_dry_run_renders_the_job(tmp_path, capsys, monkeypatch):
     assert subprocess.run(["bash", "-n"], input=out, text=True).returncode == 0
 
 
-def test_submit_cpu_cluster_and_config_defaults(tmp_path, capsys, monkeypatch):
+def test_submit_cpu_cluster_and_config_defaults(tmp_path, capsys, monkeypatch, demo_shards):
     monkeypatch.chdir(tmp_path)
     cfg = ROOT / "configs" / "tiny_cpu.yaml"
     code, out, err = _submit(str(cfg), "slurm.nodes=3", "slurm.gpus_per_node=0", "slurm.tasks_per_node=2",
@@ -370,7 +370,7 @@ def test_submit_cpu_cluster_and_config_defaults(tmp_path, capsys, monkeypatch):
     assert code == 0 and "--nodes=1" in _sbatch_lines(out) and "--ntasks-per-node=2" in _sbatch_lines(out)
 
 
-def test_rendered_script_is_the_template_plus_header_and_args(tmp_path, capsys, monkeypatch):
+def test_rendered_script_is_the_template_plus_header_and_args(tmp_path, capsys, monkeypatch, demo_shards):
     """Only the #SBATCH lines and the marked block change: the template stays the one source."""
     monkeypatch.chdir(tmp_path)
     code, out, _ = _submit(str(ROOT / "configs" / "tiny_cpu.yaml"), "--dry-run", capsys=capsys)

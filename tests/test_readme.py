@@ -1,8 +1,10 @@
 """README's commands run as written: every command of its ```bash and ```python blocks is
 extracted and run (`mohico train`/`submit` with --dry-run appended, `make` with -n, `python -c`
 with this interpreter; the paths
-that stand for large data point at small fabricated data: /data/shards -> the synthetic shards,
-runs/mcl -> a fabricated run of the README's config)."""
+that stand for large data point at small fabricated data: /data/shards -> the synthetic shards
+(for `mohico train`/`submit`, whose dry runs check the shards against the paper config's 224 px
+crops and 4 nodes x 8 GPUs: tests/_fake_shards.py's paper-scale stand-ins), runs/mcl -> a
+fabricated run of the README's config)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests._fake_shards import paper_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -69,10 +73,13 @@ def fabricate_run(run_dir: Path, config: str, shards: Path) -> None:
 
     cfg = load_config(ROOT / config, [f"run.dir={run_dir}", f"data.shards={shards}"])
     net = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
+    from mohico.trainer.checkpoint.layout import FORMAT
+
     tag = run_dir / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
     torch.save({"module": {f"backbone.{k}": v for k, v in net.state_dict().items()}}, tag / "mp_rank_00_model_states.pt")
-    (tag / "mohico_meta.json").write_text(json.dumps({"step": 1, "world_size": 1, "config": to_dict(cfg)}))
+    (tag / "mohico_meta.json").write_text(json.dumps({"step": 1, "world_size": 1, "config": to_dict(cfg),
+                                                      "format": FORMAT}))
     (tag.parent / "latest").write_text(tag.name)
 
 
@@ -81,7 +88,7 @@ def workdir(tmp_path, monkeypatch, synth_shards):
     """A fresh directory (the README's paths are relative to where a user stands) with runs/mcl
     fabricated, and an sinfo that reports a 'gpu' partition of 128-CPU nodes."""
     monkeypatch.chdir(tmp_path)
-    fabricate_run(tmp_path / "runs" / "mcl", "configs/mcl_r2plus1d_k400.yaml", synth_shards)
+    fabricate_run(tmp_path / "runs" / "mcl", "configs/mcl_r2plus1d_k400.yaml", paper_shards(tmp_path / "paper-shards"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sinfo").write_text('#!/bin/bash\ncase "$*" in *--partition=gpu*) echo "gpu 128";; '
@@ -94,7 +101,8 @@ def workdir(tmp_path, monkeypatch, synth_shards):
 def run_mohico(argv: list[str], synth_shards: Path, capsys) -> tuple[int, str, str]:
     from mohico.launcher.cli import main
 
-    argv = [str(synth_shards) + a[len("/data/shards"):] if a.startswith("/data/shards") else a for a in argv]
+    shards = Path("paper-shards").absolute() if argv[1] in ("train", "submit") else synth_shards   # (workdir's)
+    argv = [a.replace("/data/shards", str(shards), 1) if "/data/shards" in a else a for a in argv]
     if argv[1] in ("train", "submit"):
         argv.append("--dry-run")
     code = main(argv[1:])

@@ -17,6 +17,7 @@ import pytest
 from mohico.config import load_config, to_dict
 from mohico.errors import ConfigError
 from mohico.launcher.cli import main
+from tests._fake_shards import fake_shards, paper_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,9 +51,10 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 def test_overrides_after_flags_as_in_the_readme(fake_slurm, capsys):
+    shards = paper_shards(fake_slurm / "data" / "shards")          # /data/shards, as the dry run reads it
     code, out, err = _submit(str(ROOT / "configs" / "mcl_r2plus1d_k400.yaml"), "--nodes", "4", "--gpus-per-node", "8",
                              "--time", "48:00:00", "--partition", "gpu", "run.dir=/scratch/runs/mcl",
-                             "data.shards=/data/shards", "--dry-run", capsys=capsys)
+                             f"data.shards={shards}", "--dry-run", capsys=capsys)
     assert code == 0, err
     assert any(line.startswith("#SBATCH --output=") and "/scratch/runs/mcl/slurm-%j.out" in line
                for line in out.splitlines())
@@ -108,7 +110,7 @@ def test_submit_snapshots_the_config_and_the_job_trains_from_it(fake_slurm, caps
     assert (fake_slurm / "runs" / "x" / "slurm-4242.sbatch").read_text() == script
 
 
-def test_cpus_per_task_from_the_partition_or_fail_fast(fake_slurm, capsys):
+def test_cpus_per_task_from_the_partition_or_fail_fast(fake_slurm, capsys, demo_shards):
     tiny = str(ROOT / "configs" / "tiny_cpu.yaml")
     code, out, err = _submit(tiny, "--gpus-per-node", "4", "--dry-run", capsys=capsys)      # default partition: 6 CPUs
     assert code == 0 and "#SBATCH --cpus-per-task=1" in out, err
@@ -121,7 +123,7 @@ def test_cpus_per_task_from_the_partition_or_fail_fast(fake_slurm, capsys):
     assert code == 2 and "no nodes in partition 'nope'" in err
 
 
-def test_cpus_per_task_without_sinfo_is_left_to_slurm(tmp_path, capsys, monkeypatch):
+def test_cpus_per_task_without_sinfo_is_left_to_slurm(tmp_path, capsys, monkeypatch, demo_shards):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
     code, out, err = _submit(str(ROOT / "configs" / "tiny_cpu.yaml"), "--dry-run", capsys=capsys)
@@ -130,7 +132,7 @@ def test_cpus_per_task_without_sinfo_is_left_to_slurm(tmp_path, capsys, monkeypa
     assert code == 0 and "#SBATCH --cpus-per-task=3" in out
 
 
-def test_sinfo_without_a_controller_only_warns(tmp_path, capsys, monkeypatch):
+def test_sinfo_without_a_controller_only_warns(tmp_path, capsys, monkeypatch, demo_shards):
     monkeypatch.chdir(tmp_path)
     _tool(tmp_path, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1')
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
@@ -163,7 +165,7 @@ def test_the_wheel_carries_configs_and_the_sbatch_template(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     work = tmp_path / "elsewhere"
-    work.mkdir()
+    fake_shards(work / "demo" / "shards", [[40, 40], [40, 40]])      # tiny_cpu's data.shards, from there
     _tool(tmp_path, "sinfo", 'echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1')
     # sinfo as without a controller: the live local cluster of test_slurm (2-CPU nodes) may be up
     env = {**os.environ, "PYTHONPATH": str(site), "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}

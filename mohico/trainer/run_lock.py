@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from mohico import dist
-from mohico.errors import MohicoError
+from mohico.errors import ConfigError, MohicoError
+from mohico.utils import unwritable_dir
 
 LOCK_NAME = ".lock"
 LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"     # mirrors mohico.launcher.spawn
@@ -43,8 +44,12 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:      # (the rule `mohico train --dry-run` checks: mohico.utils.unwritable_dir)
+            raise ConfigError(unwritable_dir(self.path.parent, "run.dir")
+                              or f"'run.dir': cannot write {self.path} ({e}). Set run.dir to a folder you can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -1,8 +1,7 @@
 """Weights & Biases logging from rank 0 that never stops training.
 
-- Mode: ``wandb.mode=auto`` is online with an API key (``WANDB_API_KEY`` or a netrc entry for
-  api.wandb.ai) and offline without one; the environment's ``WANDB_MODE`` (e.g. ``disabled``)
-  wins over the config. Files go to ``run.dir/wandb/``.
+- Mode: :func:`mohico.trainer.wandb_mode.resolve_mode` (``wandb.mode=auto`` is online with an API
+  key, offline without one; the environment's ``WANDB_MODE`` wins). Files go to ``run.dir/wandb/``.
 - Resume: the run id lives in the checkpoint; a resumed run calls ``wandb.init(id=..., resume="allow")``
   and logs with explicit ``step=`` so the curves continue (offline runs make a new folder with
   the same id, merged by ``wandb sync``).
@@ -15,7 +14,6 @@
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import secrets
 import string
@@ -26,6 +24,7 @@ from mohico.config import to_saved_dict
 from mohico.config_secrets import env_sourced
 from mohico.datasets.load.batch import ClipBatch
 from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
+from mohico.trainer.wandb_mode import resolve_mode
 
 log = logging.getLogger("mohico.trainer")
 
@@ -34,24 +33,6 @@ def new_run_id() -> str:
     """An 8-character run id (W&B's own alphabet)."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def resolve_mode(cfg_mode: str) -> str:
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("disabled", "offline", "online", "dryrun"):
-        return "offline" if env == "dryrun" else env
-    if cfg_mode != "auto":
-        return cfg_mode
-    return "online" if _have_api_key() else "offline"
-
-
-def _have_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 class WandbLogger:

@@ -46,12 +46,11 @@ from torch.utils.data import IterableDataset
 
 from mohico.config_validate import shuffle_buffer_advice
 from mohico.datasets.load.batch import ClipBatch
-from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
+from mohico.datasets.load.loader_checks import loader_start_problems, no_usable_data_message
 from mohico.datasets.load.loader_workers import worker_process_options
 from mohico.datasets.load.pipeline_stream import expand_shards
 from mohico.datasets.load.pipeline_worker import ProgressSchedule, WorkerSpec, worker_items
-from mohico.datasets.load.shard_geometry import check_crop_resolution
-from mohico.errors import MohicoError
+from mohico.errors import ConfigError, MohicoError
 
 STATE_VERSION = 1
 PREFETCH = 2
@@ -352,10 +351,12 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
     """The loader for ``rank`` of ``world_size``; ``shards`` defaults to ``cfg.data.shards``.
 
     Raises ConfigError when the shards' short side is too small for ``data.crop_size``
-    (:mod:`mohico.datasets.load.shard_geometry`)."""
+    (:mod:`mohico.datasets.load.shard_geometry`) or hold fewer samples than loader streams
+    (:func:`mohico.datasets.load.loader_checks.loader_start_problems`)."""
     urls = expand_shards(shards if shards else cfg.data.shards, allow_commands=cfg.data.allow_commands)
-    check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
-    check_enough_samples(urls, int(world_size), max(1, cfg.data.num_workers))
+    problems = loader_start_problems(cfg, urls, world_size)    # crops must not upsample; a sample per stream
+    if problems:
+        raise ConfigError(problems[0])
     mcl, hico = "mcl" in cfg.objectives.enabled, "hico" in cfg.objectives.enabled
     if not (mcl or hico):
         mcl = True        # config validation forbids this; keep the loader usable standalone

@@ -73,6 +73,8 @@ def expand_shards(shards: Union[str, os.PathLike, Sequence], allow_commands: boo
     urls: list[str] = []
     for item in items:
         item = str(item)
+        if not item.strip():          # (Path("") is the current folder)
+            continue
         p = Path(item)
         if p.is_dir():
             found = sorted(glob.glob(str(p / "*.tar")))
@@ -94,7 +96,8 @@ def expand_shards(shards: Union[str, os.PathLike, Sequence], allow_commands: boo
                 f"give the shards as files, a folder or http(s) URLs.")
         urls.extend(new)
     if not urls:
-        raise ConfigError("data.shards: no shards given (a brace pattern, directory or list file)")
+        raise ConfigError("data.shards: no shards given: set data.shards to the folder `mohico shards` wrote "
+                          "(or a brace pattern, or a list file of shard URLs)")
     for u in urls:
         if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
             raise ConfigError(f"data.shards: shard {u} does not exist (check the pattern/folder)")

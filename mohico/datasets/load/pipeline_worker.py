@@ -20,18 +20,9 @@ from mohico.datasets.load.loader_checks import BadRun
 from mohico.datasets.load.pipeline_cpu import transform_clip
 from mohico.datasets.load.pipeline_stream import SampleStream
 from mohico.datasets.load.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
+from mohico.datasets.load.sample_meta import BadSample, sample_meta
 from mohico.datasets.load.sampling import ClipSampler, sample_rng, stable_hash
 from mohico.errors import MohicoError
-
-VIDEO_EXTS = ("webm", "mp4", "mkv", "avi", "mov")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; ``reason`` is a short counter name."""
-
-    def __init__(self, reason: str, msg: str):
-        super().__init__(msg)
-        self.reason = reason
 
 
 class ProgressSchedule:
@@ -116,19 +107,7 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
     """Validate one raw sample, draw its views, remux (DALI) or decode+transform (PyAV) them."""
     key = sample["__key__"]
     name = f"{sample.get('__url__', '?')}:{key}"
-    try:
-        meta = json.loads(sample["json"])
-        for f in ("num_frames", "fps", "width", "height"):
-            meta[f] = float(meta[f]) if f == "fps" else int(meta[f])
-        if meta["num_frames"] < 1 or meta["fps"] <= 0:
-            raise ValueError("num_frames/fps out of range")
-    except KeyError as e:
-        raise BadSample("bad_json", f"{name}: metadata json missing or lacks {e}") from None
-    except (ValueError, TypeError) as e:
-        raise BadSample("bad_json", f"{name}: unreadable metadata json ({e})") from None
-    ext = next((e for e in VIDEO_EXTS if e in sample), None)
-    if ext is None:
-        raise BadSample("missing_video", f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
+    meta, ext = sample_meta(sample, name)
     motion = None
     if "motion.npy" in sample:
         try:

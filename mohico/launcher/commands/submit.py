@@ -38,14 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", help="job name (default: run.name or the run directory's name)")
     p.add_argument("--python", help="python with mohico installed on the compute nodes (default: this one)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the job script instead of submitting it (writes nothing)")
+                   help="print the job script instead of submitting it (writes nothing), and check the shards, "
+                        "the checkpoint it would resume, W&B and run.dir as the job's start-up would (exit 2 "
+                        "naming each problem)")
 
 
 def run(args) -> int:
     from mohico.config import load_config
     from mohico.launcher.partition import resolve_cpus_per_task
     from mohico.launcher.snapshot import snapshot_path, write_snapshot
-    from mohico.launcher.submit import SubmitOptions, render_sbatch, run_dir_of, sbatch, validate
+    from mohico.launcher.submit import SubmitOptions, render_sbatch, run_dir_of, sbatch, tasks_per_node, validate
 
     cfg = load_config(args.config, args.overrides)
     opts = SubmitOptions.from_config(
@@ -58,9 +60,16 @@ def run(args) -> int:
     snapshot = snapshot_path(run_dir)
     script = render_sbatch(cfg, snapshot, [], opts)
     if args.dry_run:
+        from mohico.launcher.dry_run import dry_run_checks, refuse
+
         print(script, end="")
         print(f"mohico submit: dry run; a submit writes the config snapshot {snapshot}"
               + ("" if opts.cpus_per_task else " and sizes --cpus-per-task from sinfo"), file=sys.stderr)
+        per_node = tasks_per_node(opts)       # the job's ranks: what its start-up checks see
+        lines, errors = dry_run_checks(cfg, opts.nodes * per_node, per_node, on_this_machine=False)
+        for line in lines:
+            print(f"mohico submit: dry run: {line}", file=sys.stderr)
+        refuse(errors)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)       # sbatch does not create the log's folder
     write_snapshot(cfg, snapshot, args.config, args.overrides)

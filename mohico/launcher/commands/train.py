@@ -31,8 +31,9 @@ def add_arguments(p):
     p.add_argument("--nproc", type=int, default=None,
                    help="local ranks to start (default: trainer.nproc); ignored under torchrun/SLURM")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the config and overrides, print the resolved config and where the run would "
-                        "resume from; start nothing")
+                   help="check the config, the shards, the checkpoint it would resume, W&B and run.dir as "
+                        "start-up would (exit 2 naming each problem); print the resolved config and where the "
+                        "run would resume from; start nothing")
     p.set_defaults(_parser=p)   # REMAINDER swallows a --help given after CONFIG: run() prints it
 
 
@@ -61,22 +62,21 @@ def _split_nproc(items: list[str]) -> tuple[list[str], int | None]:
 
 def _dry_run(cfg) -> int:
     """Print the resolved config (stdout) and what a real run would do (stderr): where it resumes
-    from, the memory banks per rank, clips against the shards' videos (:mod:`mohico.launcher.dry_run`).
-    A problem the run would certainly hit raises ConfigError (exit 2)."""
+    from, and every check of :mod:`mohico.launcher.dry_run` (the shards, the checkpoint's config,
+    W&B, run.dir, the memory banks per rank). The problems a run would certainly stop on raise one
+    ConfigError (exit 2) naming them all."""
     from omegaconf import OmegaConf
 
     from mohico.config import to_dict
-    from mohico.errors import ConfigError
-    from mohico.launcher.dry_run import dry_run_checks, resume_line
+    from mohico.launcher.dry_run import dry_run_checks, refuse, resume_line
 
     print(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))), end="")
     print(f"mohico train: dry run: {cfg.trainer.nproc} local rank(s) (under torchrun/SLURM: one per process), "
           f"run.dir={cfg.run.dir}, {resume_line(cfg)}, {cfg.trainer.max_steps} steps", file=sys.stderr)
-    lines, error = dry_run_checks(cfg)
+    lines, errors = dry_run_checks(cfg)
     for line in lines:
         print(f"mohico train: dry run: {line}", file=sys.stderr)
-    if error:
-        raise ConfigError(error)
+    refuse(errors)
     return 0
 
 

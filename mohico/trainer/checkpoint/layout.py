@@ -19,6 +19,7 @@ Under ``run.dir/checkpoints/``::
 """
 from __future__ import annotations
 
+from mohico.errors import MohicoError
 # the readers live on the bottom floor (models read checkpoints too): re-exported here with the names
 from mohico.checkpoint_read import (LATEST, META, MODEL_STATES, TAG_RE, checkpoint_dir,  # noqa: F401
                                     complete_tags, read_latest, read_meta, resolve_checkpoint)
@@ -26,6 +27,29 @@ from mohico.checkpoint_read import (LATEST, META, MODEL_STATES, TAG_RE, checkpoi
 TMP_PREFIX = ".tmp-"
 FORMAT = 2                          # meta["format"]: this layout of states (resume refuses others)
 GLOBAL_STATES = ("engine", "train")  # written once (DeepSpeed's files, the meta); the other states per rank
+
+
+def check_format(meta: dict, where) -> None:
+    """Refuse (MohicoError) a checkpoint whose ``meta`` (read from ``where``, its meta file) is of
+    another layout than :data:`FORMAT`: its per-rank states are stored differently."""
+    if meta.get("format") != FORMAT:
+        raise MohicoError(f"{where} is a checkpoint of layout {meta.get('format', 1)}, this mohico "
+                          f"reads layout {FORMAT} (the per-rank states are stored differently): resume it with "
+                          f"the mohico release that wrote it, or start over in a new run.dir (`mohico export` still "
+                          f"reads its weights)")
+
+
+def fresh_start_problem(ckdir, force: bool) -> str | None:
+    """Why ``checkpoint.resume=never`` may not start fresh in the run whose checkpoints folder is
+    ``ckdir`` (it holds checkpoints that a fresh run would overwrite and rotation delete), unless
+    ``force``; None if it may."""
+    tags = complete_tags(ckdir)
+    if not tags or force:
+        return None
+    return (f"checkpoint.resume=never, but run.dir {ckdir.parent} already holds checkpoints ({', '.join(tags)}): "
+            f"a fresh run would overwrite them and rotation would delete them. Use a new run.dir, resume "
+            f"with checkpoint.resume=auto (or checkpoint.resume={ckdir / tags[-1]}), or set "
+            f"checkpoint.force=true to start over here and let rotation delete them.")
 
 
 def tag_for(step: int) -> str:

@@ -35,8 +35,8 @@ from mohico import dist
 from mohico.errors import ConfigError, MohicoError
 from mohico.trainer.checkpoint.checkpointer import Checkpointer
 from mohico.trainer.checkpoint.config_check import check_config
-from mohico.trainer.checkpoint.layout import (FORMAT, LATEST, META, TAG_RE, complete_tags, read_latest, read_meta,
-                                              resolve_checkpoint)
+from mohico.trainer.checkpoint.layout import (LATEST, META, TAG_RE, check_format, complete_tags, fresh_start_problem,
+                                              read_latest, read_meta, resolve_checkpoint)
 from mohico.trainer.checkpoint.universal import universal_form
 from mohico.trainer.checkpoint.verify import verify_checkpoint
 from mohico.utils import atomic_write_text
@@ -147,13 +147,9 @@ def set_aside_newer(ckpt: Checkpointer, step: int) -> list[Path]:
 
 def _decide(ckpt: Checkpointer, resume: str, force: bool) -> tuple[Path, str] | None:
     if resume == "never":
-        tags = complete_tags(ckpt.dir)
-        if tags and not force:
-            raise MohicoError(
-                f"checkpoint.resume=never, but run.dir {ckpt.dir.parent} already holds checkpoints ({', '.join(tags)}): "
-                f"a fresh run would overwrite them and rotation would delete them. Use a new run.dir, resume "
-                f"with checkpoint.resume=auto (or checkpoint.resume={ckpt.dir / tags[-1]}), or set "
-                f"checkpoint.force=true to start over here and let rotation delete them.")
+        problem = fresh_start_problem(ckpt.dir, force)
+        if problem:
+            raise MohicoError(problem)
         return None
     if resume == "auto":
         return _auto(ckpt)
@@ -211,11 +207,7 @@ def find_resume(ckpt: Checkpointer, cfg, data_fp: str | None) -> Resume:
         return Resume()
     ckdir, tag = source
     meta = read_meta(ckdir, tag)
-    if meta.get("format") != FORMAT:
-        raise MohicoError(f"{ckdir / tag / META} is a checkpoint of layout {meta.get('format', 1)}, this mohico "
-                          f"reads layout {FORMAT} (the per-rank states are stored differently): resume it with "
-                          f"the mohico release that wrote it, or start over in a new run.dir (`mohico export` still "
-                          f"reads its weights)")
+    check_format(meta, ckdir / tag / META)
     check_config(meta, cfg, ckdir / tag, cfg.checkpoint.force, data_fp=data_fp)
     set_aside_newer(ckpt, int(meta["step"]))   # never overwrite or rotate away a newer checkpoint
     if ckdir.resolve() != ckpt.dir.resolve():   # another run's checkpoint: this run logs to a new W&B run
