@@ -83,7 +83,7 @@ def clip_moving(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray]:
 
 def knn_and_centroid(train: np.ndarray, ytr: np.ndarray, test: np.ndarray, yte: np.ndarray, classes: int) -> tuple:
     """Top-1 of the ablation's kNN (cosine, k=20, T=0.07) and of a nearest class centroid (L2)."""
-    from mohico.trainer.knn_eval import knn_scores
+    from mohico.eval.knn import knn_scores
 
     s = knn_scores(torch.from_numpy(train).float(), torch.from_numpy(ytr), torch.from_numpy(test).float(), classes)
     knn = float((s.argmax(1).numpy() == yte).mean())
@@ -201,7 +201,7 @@ def shot_attributes(sources: np.ndarray, folder: Path, cfg, clips: int) -> dict[
     """Per eval clip ``(V * clips,)``: the pattern and shape of the first object of the shot
     holding the clip's middle frame, and the video index (the objects change at every cut; the scene is one per video)."""
     from mohico.datasets.load.sampling import clip_frames
-    from mohico.trainer.knn_eval import eval_starts
+    from mohico.eval.knn import eval_starts
 
     out: dict[str, list] = {"pattern": [], "shape": [], "video": []}
     for i, src in enumerate(sources):
@@ -226,8 +226,8 @@ def spread(z: np.ndarray) -> dict[str, float]:
 
 
 def run_features(work: Path, args, cfg, xtr, xte) -> dict:
-    from mohico.trainer.eval_features import embed_views
-    from mohico.trainer.knn_eval import LabelledVideo, load_eval_backbone
+    from mohico.eval.features import embed_views
+    from mohico.eval.knn import LabelledVideo, load_eval_backbone
 
     runs = {}
     for seed in args.seeds:                          # the random init of each seed, embedded here

@@ -14,8 +14,8 @@ from torch import nn
 
 from mohico.config import load_config
 from mohico.errors import MohicoError
-from mohico.trainer import eval_protocols as P
-from mohico.trainer import knn_eval as K
+from mohico.eval import protocols as P
+from mohico.eval import knn as K
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -90,7 +90,7 @@ def test_knn_scores_match_numpy_reference(k):
 def test_knn_top1_top5_match_the_weighted_knn_definition(k):
     """knn() on FeatureSets against the float64 definition: ranked voted classes, ties to the lower index.
     With exclusion (the same set as both: leave-one-out) and without."""
-    from mohico.trainer.eval_features import FeatureSet
+    from mohico.eval.features import FeatureSet
 
     g = np.random.default_rng(10 + k)
     classes = 7
@@ -121,7 +121,7 @@ def test_knn_top1_top5_match_the_weighted_knn_definition(k):
 def test_knn_top5_with_one_neighbour_and_five_classes_is_not_full_by_construction():
     """k = 1, 5 classes, features without class signal: one class gets a vote, so top-5 = top-1
     (about 1/5 here); counting the 4 classes nobody voted for made top-5 100% whatever the features."""
-    from mohico.trainer.eval_features import FeatureSet
+    from mohico.eval.features import FeatureSet
 
     g = np.random.default_rng(4)
     tr_y, te_y = np.arange(100) % 5, np.arange(50) % 5

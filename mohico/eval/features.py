@@ -1,8 +1,8 @@
 """Frozen-backbone features of labelled shards, extracted once and cached (the input of every
-evaluation protocol: :mod:`mohico.trainer.eval_protocols`).
+evaluation protocol: :mod:`mohico.eval.protocols`).
 
 Per video: ``clips_per_video`` deterministic temporal clips (centred in equal segments) x
-``spatial_crops`` squares of the short side (:func:`mohico.trainer.knn_eval.crop_boxes`), each
+``spatial_crops`` squares of the short side (:func:`mohico.eval.knn.crop_boxes`), each
 embedded by the backbone and L2-normalised: ``FeatureSet.feats: (V, C, D)`` float32 with
 ``C = clips_per_video * spatial_crops`` views, clip-major.
 
@@ -33,7 +33,7 @@ from torch import nn
 from mohico.datasets.load.pipeline_stream import expand_shards
 from mohico.datasets.write.shards_inputs import label_for
 from mohico.errors import MohicoError
-from mohico.trainer.knn_eval import iter_labelled
+from mohico.eval.knn import iter_labelled
 from mohico.utils import atomic_write_bytes
 
 CACHE_VERSION = 1
@@ -108,7 +108,7 @@ def _count_videos(shards) -> Optional[int]:
 @torch.no_grad()
 def embed_views(backbone: nn.Module, videos, device: torch.device, batch_size: int = 16,
                 progress: bool = False, desc: str = "features", total: Optional[int] = None) -> FeatureSet:
-    """Embed every view of every :class:`~mohico.trainer.knn_eval.LabelledVideo` of ``videos``,
+    """Embed every view of every :class:`~mohico.eval.knn.LabelledVideo` of ``videos``,
     batched over views; returns raw labels (None where the shards have none)."""
     from tqdm import tqdm
 

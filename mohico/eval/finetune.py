@@ -36,9 +36,9 @@ from mohico.datasets.load.pipeline_stream import expand_shards
 from mohico.datasets.load.sampling import stable_hash
 from mohico.datasets.write.shards_inputs import label_for, load_labels
 from mohico.models.backbones import build_backbone
-from mohico.trainer.eval_features import class_index
-from mohico.trainer.eval_report import log_wandb, results_table, write_results
-from mohico.trainer.knn_eval import iter_labelled, load_eval_backbone, topk_accuracy
+from mohico.eval.features import class_index
+from mohico.eval.report import log_wandb, results_table, write_results
+from mohico.eval.knn import iter_labelled, load_eval_backbone, topk_accuracy
 
 log = logging.getLogger("mohico.trainer")
 IGNORE = -100

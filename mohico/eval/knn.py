@@ -26,7 +26,7 @@ video whose key is also in the train set is not its own neighbour (leave-one-out
 shards can be given as both sets.
 
 This module holds the pieces the protocols build on (the vote, the labelled-video reader, the
-backbone of a checkpoint); :func:`mohico.trainer.eval_protocols.knn_eval` runs the whole kNN
+backbone of a checkpoint); :func:`mohico.eval.protocols.knn_eval` runs the whole kNN
 evaluation (features of both sets, then the vote).
 """
 from __future__ import annotations
