@@ -143,9 +143,10 @@ class FinetuneModule(nn.Module):
 
 
 @torch.no_grad()
-def finetune_test(cfg, progress: bool = False) -> dict:
+def finetune_test(cfg, progress: bool = False, open_run=None) -> dict:
     """Multi-clip test accuracy of the run's latest checkpoint (module docstring); writes
-    ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run."""
+    ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run, opened by
+    ``open_run`` (:func:`mohico.eval.report.log_wandb`; None: no W&B)."""
     from tqdm import tqdm
 
 
@@ -196,5 +197,6 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     print(f"fine-tuned {cfg.model.backbone} on {len(ys)} test videos, {ft.test_clips} clip(s) x {ft.test_crops} "
           f"crop(s): top-1 {100 * acc['top1']:.2f}%  top-5 {100 * acc['top5']:.2f}%")
     write_results(res, run_dir / "finetune_test.json")
-    log_wandb(cfg, res, run_dir, None)
+    if open_run is not None:
+        log_wandb(res, run_dir, None, open_run)
     return res

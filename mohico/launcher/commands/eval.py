@@ -177,7 +177,9 @@ def run(args) -> int:
     if args.out:
         print(f"results: {write_results(res, args.out)}")
     if not args.no_wandb:
-        run_id = log_wandb(cfg, res, ckpt, args.out)
+        from mohico.trainer.wandb_log import run_opener
+
+        run_id = log_wandb(res, ckpt, args.out, run_opener(cfg))
         if run_id:
             print(f"W&B run {run_id}: eval/{protocol}/*")
     return 0

@@ -122,6 +122,7 @@ def finetune_test_after(cfg, code: int) -> int:
     if code != 0 or not cfg.finetune.backbone or not cfg.finetune.test_shards or os.environ.get("RANK", "0") != "0":
         return code
     from mohico.eval.finetune import finetune_test
+    from mohico.trainer.wandb_log import run_opener
 
-    finetune_test(cfg, progress=sys.stderr.isatty())
+    finetune_test(cfg, progress=sys.stderr.isatty(), open_run=run_opener(cfg))
     return 0
