@@ -89,7 +89,8 @@ def test_hmdb51_split_markers(tmp_path):
 
 @pytest.mark.slow
 def test_layout_shards_carry_class_labels_and_eval_reads_a_torchvision_state_dict(ucf_shards, tmp_path):
-    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.shard_list import expand_shards
+    from mohico.datasets.load.pipeline_stream import iter_shard
     from mohico.models.backbones import build_backbone
     from mohico.models.backbone_file import save_backbone
     from mohico.models.export import to_torchvision

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.write.shards_inputs import label_for
 from mohico.errors import MohicoError
 from mohico.eval.knn import iter_labelled

@@ -32,7 +32,7 @@ from torch import nn
 
 from mohico.errors import ConfigError, MohicoError
 from mohico.checkpoint_read import load_module_state
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.load.sampling import stable_hash
 from mohico.datasets.write.shards_inputs import label_for, load_labels
 from mohico.models.backbones import build_backbone

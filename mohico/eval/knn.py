@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from mohico.datasets.load.pipeline_cpu import transform_clip
-from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+from mohico.datasets.shard_list import expand_shards
+from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.datasets.load.remux import ClipRemuxer, decode_frames
 from mohico.datasets.load.sampling import clip_frames, clip_span, max_start, video_stride
 from mohico.errors import MohicoError

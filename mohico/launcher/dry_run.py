@@ -87,7 +87,7 @@ def resume_line(cfg) -> str:
 def dry_run_checks(cfg) -> tuple[list[str], str | None]:
     """``(lines for stderr, error message or None)``: the bank's memory, the ``model.init`` file (a
     fresh run) and the clips' length against the shards' videos (warnings among the lines; the first certain problem as the error)."""
-    from mohico.datasets.load.pipeline_stream import expand_shards
+    from mohico.datasets.shard_list import expand_shards
     from mohico.datasets.load.shard_geometry import clip_length_problem
     from mohico.errors import MohicoError
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mohico.trainer.rng import preserved_rng
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.write.shards_inputs import load_labels
 from mohico.eval.protocols import features, knn
 

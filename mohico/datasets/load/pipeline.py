@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset
 from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
 from mohico.datasets.load.loader_workers import worker_process_options
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.load.pipeline_worker import ProgressSchedule, WorkerSpec, worker_items
 from mohico.datasets.load.shard_geometry import check_crop_resolution
 from mohico.errors import MohicoError
