@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mohico.datasets.shard_list import expand_shards
-from mohico.datasets.write.shards_inputs import label_for
+from mohico.datasets.sample_schema import sample_label
 from mohico.errors import MohicoError
 from mohico.eval.knn import iter_labelled
 from mohico.utils import atomic_write_bytes
@@ -61,10 +61,7 @@ class FeatureSet:
         if not labels:
             return self
 
-        new = []
-        for key, src, old in zip(self.keys, self.sources, self.labels):
-            lab = label_for(labels, src) if src else None
-            new.append(lab if lab is not None else labels.get(key, old))
+        new = [sample_label(labels, src, key, old) for key, src, old in zip(self.keys, self.sources, self.labels)]
         return replace(self, labels=new)
 
     def labelled(self, where: str = "shards") -> "FeatureSet":

@@ -31,7 +31,6 @@ evaluation (features of both sets, then the vote).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -45,6 +44,7 @@ from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.datasets.load.remux import ClipRemuxer, decode_frames
 from mohico.datasets.load.sampling import clip_frames, clip_span, max_start, video_stride
+from mohico.datasets.sample_schema import JSON_MEMBER, VIDEO_EXTS, parse_meta, video_member
 from mohico.errors import MohicoError
 from mohico.models.backbone_file import load_checkpoint_state
 from mohico.models.backbones import build_backbone
@@ -52,7 +52,6 @@ from mohico.models.torchvision_import import torchvision_backbone_state, torchvi
 
 IDENTITY_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
                 "blur_sigma": 0.0, "flip": False}
-VIDEO_EXTS = ("webm", "mkv", "mp4")
 
 
 # --------------------------------------------------------------------------- kNN math
@@ -170,9 +169,8 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
         for sample in iter_shard(url, errors):
             name = f"{url}:{sample['__key__']}"
             try:
-                meta = json.loads(sample["json"])
-                num_frames, fps = int(meta["num_frames"]), float(meta["fps"])
-                width, height = int(meta["width"]), int(meta["height"])
+                meta = parse_meta(sample[JSON_MEMBER])
+                num_frames, fps, width, height = meta["num_frames"], meta["fps"], meta["width"], meta["height"]
             except (KeyError, ValueError, TypeError) as e:
                 raise MohicoError(f"{name}: no readable metadata json ({type(e).__name__}: {e})") from None
             label = meta.get("label")
@@ -180,7 +178,7 @@ def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shar
                 raise MohicoError(f"{name}: the {where} carry no labels (json 'label' is missing or null); "
                                   f"write them with `mohico shards SRC OUT --labels LABELS.json` or give "
                                   f"them at eval time with `--labels LABELS.json`")
-            ext = next((e for e in VIDEO_EXTS if e in sample), None)
+            ext = video_member(sample)
             if ext is None:
                 raise MohicoError(f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
             boxes = crop_boxes(width, height, spatial_crops)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import multiprocessing as mp
 from dataclasses import dataclass
 
@@ -21,9 +20,8 @@ from mohico.datasets.load.pipeline_cpu import transform_clip
 from mohico.datasets.load.pipeline_stream import SampleStream
 from mohico.datasets.load.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
 from mohico.datasets.load.sampling import ClipSampler, sample_rng, stable_hash
+from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, VIDEO_EXTS, parse_meta, video_member
 from mohico.errors import MohicoError
-
-VIDEO_EXTS = ("webm", "mp4", "mkv", "avi", "mov")
 
 
 class BadSample(Exception):
@@ -117,22 +115,20 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
     key = sample["__key__"]
     name = f"{sample.get('__url__', '?')}:{key}"
     try:
-        meta = json.loads(sample["json"])
-        for f in ("num_frames", "fps", "width", "height"):
-            meta[f] = float(meta[f]) if f == "fps" else int(meta[f])
+        meta = parse_meta(sample[JSON_MEMBER])
         if meta["num_frames"] < 1 or meta["fps"] <= 0:
             raise ValueError("num_frames/fps out of range")
     except KeyError as e:
         raise BadSample("bad_json", f"{name}: metadata json missing or lacks {e}") from None
     except (ValueError, TypeError) as e:
         raise BadSample("bad_json", f"{name}: unreadable metadata json ({e})") from None
-    ext = next((e for e in VIDEO_EXTS if e in sample), None)
+    ext = video_member(sample)
     if ext is None:
         raise BadSample("missing_video", f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
     motion = None
-    if "motion.npy" in sample:
+    if MOTION_MEMBER in sample:
         try:
-            motion = np.load(io.BytesIO(sample["motion.npy"]), allow_pickle=False)
+            motion = np.load(io.BytesIO(sample[MOTION_MEMBER]), allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - numpy raises several types on bad bytes
             raise BadSample("bad_motion", f"{name}: unreadable motion.npy ({e})") from None
         if motion.ndim != 3 or motion.dtype != np.uint8 or motion.shape[0] < 1:
@@ -179,8 +175,8 @@ def draws_per_read(sample: dict, samples_per_read: int, seconds_per_sample: floa
     if R <= 1 or seconds_per_sample <= 0:
         return max(R, 1)
     try:
-        meta = json.loads(sample["json"])
-        duration = float(meta["num_frames"]) / float(meta["fps"])
+        meta = parse_meta(sample[JSON_MEMBER], ("num_frames", "fps"))
+        duration = meta["num_frames"] / meta["fps"]
     except Exception:  # noqa: BLE001 - bad json: prepare_sample counts it
         return 1
     if not np.isfinite(duration) or duration <= 0:
