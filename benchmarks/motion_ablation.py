@@ -245,7 +245,7 @@ def eval_clips(shards: Path, cfg, clips: int) -> list:
     once and kept beside the shards: every backbone of the ablation embeds the same clips."""
     import torch
 
-    from mohico.eval.knn import iter_labelled
+    from mohico.datasets.load.eval_clips import iter_labelled
 
     d = cfg.data
     path = shards.parent / f"{shards.name}.evalclips-{clips}x{d.clip_len}x{d.frame_stride}x{d.crop_size}.pt"

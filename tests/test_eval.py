@@ -15,6 +15,7 @@ from torch import nn
 from mohico.config import load_config
 from mohico.errors import MohicoError
 from mohico.eval import protocols as P
+from mohico.datasets.load import eval_clips as C
 from mohico.eval import knn as K
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,11 +166,11 @@ def test_topk_accuracy_and_self_exclusion():
 
 
 def test_eval_starts_and_center_box():
-    assert K.eval_starts(100, 4, 2, 1) == [46]                   # span 7, centred on frame 50 - 3.5
-    starts = K.eval_starts(100, 4, 2, 4)
+    assert C.eval_starts(100, 4, 2, 1) == [46]                   # span 7, centred on frame 50 - 3.5
+    starts = C.eval_starts(100, 4, 2, 4)
     assert starts == sorted(starts) and starts[0] >= 0 and starts[-1] <= 100 - 7
-    assert K.eval_starts(5, 4, 2, 3) == [0, 0, 0]                # too short: clamped (frames clamp too)
-    assert K.center_box(160, 112) == (24, 0, 112, 112)
+    assert C.eval_starts(5, 4, 2, 3) == [0, 0, 0]                # too short: clamped (frames clamp too)
+    assert C.center_box(160, 112) == (24, 0, 112, 112)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def labelled_shards(synth_videos, tmp_path_factory) -> Path:
 
 def test_clips_are_deterministic_and_labelled(labelled_shards, synth_videos):
     cfg = load_config(CONFIG)
-    a = list(K.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
-    b = list(K.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
+    a = list(C.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
+    b = list(C.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
     labels = json.loads((synth_videos / "labels.json").read_text())
     assert len(a) == len(labels) == 6
     assert sorted(v.label for v in a) == sorted(labels.values())

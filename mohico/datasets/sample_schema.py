@@ -47,6 +47,11 @@ def video_member(sample) -> Optional[str]:
     return next((e for e in VIDEO_EXTS if e in sample), None)
 
 
+def no_video_member(name: str) -> str:
+    """The message for sample ``name`` without a video member (it lists :data:`VIDEO_EXTS`)."""
+    return f"{name}: no video member ({'/'.join(VIDEO_EXTS)})"
+
+
 def missing_meta_fields(meta) -> list[str]:
     """The :data:`META_FIELDS` that ``meta`` lacks (all of them when it is not a JSON object)."""
     return [f for f in META_FIELDS if not isinstance(meta, dict) or f not in meta]

@@ -2,7 +2,7 @@
 evaluation protocol: :mod:`mohico.eval.protocols`).
 
 Per video: ``clips_per_video`` deterministic temporal clips (centred in equal segments) x
-``spatial_crops`` squares of the short side (:func:`mohico.eval.knn.crop_boxes`), each
+``spatial_crops`` squares of the short side (:func:`mohico.datasets.load.eval_clips.crop_boxes`), each
 embedded by the backbone and L2-normalised: ``FeatureSet.feats: (V, C, D)`` float32 with
 ``C = clips_per_video * spatial_crops`` views, clip-major.
 
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from mohico.datasets.shard_list import expand_shards
+from mohico.datasets.load.eval_clips import iter_labelled
 from mohico.datasets.sample_schema import sample_label
 from mohico.errors import MohicoError
-from mohico.eval.knn import iter_labelled
 from mohico.utils import atomic_write_bytes
 
 CACHE_VERSION = 1
@@ -105,7 +105,7 @@ def _count_videos(shards) -> Optional[int]:
 @torch.no_grad()
 def embed_views(backbone: nn.Module, videos, device: torch.device, batch_size: int = 16,
                 progress: bool = False, desc: str = "features", total: Optional[int] = None) -> FeatureSet:
-    """Embed every view of every :class:`~mohico.eval.knn.LabelledVideo` of ``videos``,
+    """Embed every view of every :class:`~mohico.datasets.load.eval_clips.LabelledVideo` of ``videos``,
     batched over views; returns raw labels (None where the shards have none)."""
     from tqdm import tqdm
 

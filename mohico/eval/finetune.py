@@ -30,13 +30,14 @@ from torch import nn
 
 from mohico.errors import ConfigError, MohicoError
 from mohico.checkpoint_read import load_module_state
+from mohico.datasets.load.eval_clips import iter_labelled
 from mohico.datasets.load.sampling import stable_hash
 from mohico.datasets.sample_schema import sample_label, scan_labels
 from mohico.datasets.write.shards_inputs import load_labels
 from mohico.models.backbones import build_backbone
 from mohico.eval.features import class_index
 from mohico.eval.report import log_wandb, results_table, write_results
-from mohico.eval.knn import iter_labelled, load_eval_backbone, topk_accuracy
+from mohico.eval.knn import load_eval_backbone, topk_accuracy
 
 log = logging.getLogger("mohico.trainer")
 IGNORE = -100

@@ -20,7 +20,7 @@ from mohico.datasets.load.pipeline_cpu import transform_clip
 from mohico.datasets.load.pipeline_stream import SampleStream
 from mohico.datasets.load.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
 from mohico.datasets.load.sampling import ClipSampler, sample_rng, stable_hash
-from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, VIDEO_EXTS, parse_meta, video_member
+from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, no_video_member, parse_meta, video_member
 from mohico.errors import MohicoError
 
 
@@ -124,7 +124,7 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
         raise BadSample("bad_json", f"{name}: unreadable metadata json ({e})") from None
     ext = video_member(sample)
     if ext is None:
-        raise BadSample("missing_video", f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
+        raise BadSample("missing_video", no_video_member(name))
     motion = None
     if MOTION_MEMBER in sample:
         try:
