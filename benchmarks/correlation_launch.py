@@ -1,6 +1,6 @@
 """Launch configuration of the Triton correlation kernels on a GPU: pixels per program (BLOCK_P)
 x warps, for several channel counts. Every variant's outputs are checked against the default
-launch; the row ``_launch_cfg`` picks is marked. Needs a CUDA GPU.
+launch; the row ``launch_cfg`` picks is marked. Needs a CUDA GPU.
 
     .venv/bin/python benchmarks/correlation_launch.py [--channels 32,64,128] [--n 128] [--size 28] [--radius 7]
 """
@@ -20,7 +20,7 @@ def sweep(C: int, N: int, S: int, R: int, blocks, warps, sigma=5.0, temperature=
     from triton.testing import do_bench
 
     from mohico.kernels import correlation_triton as ct
-    from mohico.kernels.correlation import _backward_torch, _stats_torch
+    from mohico.kernels.correlation import backward_torch, stats_torch
 
     g = torch.Generator().manual_seed(C)
     f1 = F.normalize(torch.randn(N, C, S, S, generator=g), dim=1).cuda()
@@ -28,14 +28,14 @@ def sweep(C: int, N: int, S: int, R: int, blocks, warps, sigma=5.0, temperature=
     gout = torch.randn(N, 3, S, S, generator=g).cuda()
     ref = ct.correlation_forward_triton(f1, f2, R, sigma, temperature)
     dref = ct.correlation_backward_triton(f1, f2, *ref, gout, R, sigma, temperature)
-    picked = ct._launch_cfg(f1, R)
+    picked = ct.launch_cfg(f1, R)
     block_c = picked[4]
     sc = (C, S, S, 1.0 / (2 * sigma * sigma), float(temperature))
     args = (f1, f2, *ref[:3], ref[3].to(torch.int32), ref[4], gout)
     ms = lambda fn: do_bench(fn, warmup=5, rep=30)  # noqa: E731
-    st = _stats_torch(f1, f2, R, sigma, temperature)
-    rows = [dict(C=C, cfg="streaming torch", fwd=ms(lambda: _stats_torch(f1, f2, R, sigma, temperature)),
-                 bwd_f1=ms(lambda: _backward_torch(f1, f2, *st, gout, R, sigma, temperature)), bwd_f2=0.0, ok=True,
+    st = stats_torch(f1, f2, R, sigma, temperature)
+    rows = [dict(C=C, cfg="streaming torch", fwd=ms(lambda: stats_torch(f1, f2, R, sigma, temperature)),
+                 bwd_f1=ms(lambda: backward_torch(f1, f2, *st, gout, R, sigma, temperature)), bwd_f2=0.0, ok=True,
                  picked=False)]
     for bp in blocks:
         for nw in warps:
@@ -43,9 +43,9 @@ def sweep(C: int, N: int, S: int, R: int, blocks, warps, sigma=5.0, temperature=
             launch = dict(R=R, BLOCK_C=block_c, BLOCK_P=bp, num_warps=nw)
             o = [torch.empty_like(x) for x in ref]
             d1, d2 = torch.empty_like(f1), torch.empty_like(f2)
-            fw = lambda: ct._corr_fwd_kernel[grid](f1, f2, *o, *sc, **launch)  # noqa: E731
-            b1 = lambda: ct._corr_bwd_f1_kernel[grid](*args, d1, *sc, **launch)  # noqa: E731
-            b2 = lambda: ct._corr_bwd_f2_kernel[grid](*args, d2, *sc, **launch)  # noqa: E731
+            fw = lambda: ct.corr_fwd_kernel[grid](f1, f2, *o, *sc, **launch)  # noqa: E731
+            b1 = lambda: ct.corr_bwd_f1_kernel[grid](*args, d1, *sc, **launch)  # noqa: E731
+            b2 = lambda: ct.corr_bwd_f2_kernel[grid](*args, d2, *sc, **launch)  # noqa: E731
             fw(), b1(), b2()
             torch.cuda.synchronize()
             ok = (all(torch.allclose(a.float(), b.float(), atol=1e-5) for a, b in zip(o, ref))

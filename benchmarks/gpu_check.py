@@ -188,7 +188,8 @@ def loader_cfg(device: str, decoder: str, workers: int = 2, crop_size: int = 112
     return cfg
 
 
-def _batches(cfg, shards: Path, n: int):
+def timed_batches(cfg, shards: Path, n: int):
+    """``(batches, clips/s)``: one warm-up batch, then ``n`` timed batches of ``build_loader(cfg)``."""
     import torch
 
     from mohico.datasets.load.pipeline import build_loader
@@ -216,9 +217,9 @@ def check_decode(work: Path, codec: str, device: str, baseline: str, batches: in
     cand_cfg = loader_cfg(device, "dali", workers, crop_size)
     base_cfg = loader_cfg("cpu", "pyav" if baseline == "pyav" else "auto", workers, crop_size)
     _peak_reset("cuda" if device == "gpu" else "cpu")
-    got, rate = _batches(cand_cfg, shards, batches)
+    got, rate = timed_batches(cand_cfg, shards, batches)
     peak = _peak_mb("cuda" if device == "gpu" else "cpu")
-    ref, base_rate = _batches(base_cfg, shards, batches)
+    ref, base_rate = timed_batches(base_cfg, shards, batches)
     same_draws = all(a.key == b.key and bool((a.frames == b.frames).all())
                      and bool((a.boxes == b.boxes).all()) for a, b in zip(got, ref))
     diff = max(float((a.clips.cpu() - b.clips).abs().mean()) * 0.225 * 255 for a, b in zip(got, ref))

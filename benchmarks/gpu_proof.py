@@ -157,7 +157,7 @@ def stage_memory(ctx: dict) -> dict:
 
 
 def stage_decode(ctx: dict) -> dict:
-    from gpu_check import _batches, loader_cfg
+    from gpu_check import loader_cfg, timed_batches
 
     mode = ctx["mode"]
     rows = {}
@@ -174,7 +174,7 @@ def stage_decode(ctx: dict) -> dict:
             cfg = loader_cfg(dev, dec, workers if dev == "cpu" else min(4, workers),
                              112 if mode == "gpu" else ctx["smoke_crop"])
             cfg.data.batch_size, cfg.data.shuffle_buffer = batch, batch
-            _, rate = _batches(cfg, shards, batches)
+            _, rate = timed_batches(cfg, shards, batches)
             res[backend] = rate
         rows[f"{codec}-{side or 'test'}"] = res
     step = ctx["results"].get("step") or {}

@@ -34,7 +34,8 @@ way resumes from its last checkpoint.
 
 500 test videos (the default since 2026-11-26; 100 before): one backbone's top-1 on N test videos
 carries a binomial noise of about sqrt(p (1 - p) / N), +-5 points at 100 and +-2.2 at 500, and at
-100 it was as large as the effects the ablation looks for (benchmarks/RESULTS.md).
+100 it was as large as the effects the ablation looks for
+(benchmarks/reports/2026-11-26-motion-benchmark-500-test-videos.md).
 
 A work dir holds one benchmark version at one size (checked: another is refused). On 2 idle
 cores a run takes ~3.5 min and an evaluation ~20 s; ``--jobs 1`` keeps the runs from slowing
@@ -45,10 +46,11 @@ same work dir: ``upper`` (the backbone trained *supervised* on the labels at thi
 budget) bounds what any arm can reach; ``flow`` shows whether the clips carry the motion at all;
 ``features`` whether pretraining moved the backbone and towards what. On RGB clips (v2 benchmark,
 64 px crops) the supervised upper bound of this R3D-18 is at chance while flow statistics reach
-74% (benchmarks/RESULTS.md, "Motion benchmark v2"); the config therefore feeds the backbone
-residual frames (``model.backbone_options.input: residual``), on which the same net learns the
-labels supervised and its random init is already well above chance ("Motion benchmark: residual
-input"): the bar every arm has to clear. ``upper --input diff`` is the supervised bound there.
+74% (benchmarks/reports/2026-11-26-motion-benchmark-v2.md); the config therefore feeds the
+backbone residual frames (``model.backbone_options.input: residual``), on which the same net learns
+the labels supervised and its random init is already well above chance
+(benchmarks/reports/2026-11-26-motion-benchmark-residual-input.md): the bar every arm has to clear.
+``upper --input diff`` is the supervised bound there.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from motion_diagnostics import knn_and_centroid
+from motion_scores import knn_and_centroid
 from motion_sanity import MOVING, nt_xent_logits, optimiser, random_flip, step as opt_step  # noqa: F401 (nt_xent_logits: public here too)
 
 

@@ -51,6 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from motion_ablation import CONFIG, eval_clips, features_name  # noqa: E402  (the ablation's clips and config)
+from motion_scores import knn_and_centroid  # noqa: E402
 from motion_sanity import moving_fractions, optimiser, random_flip, step as opt_step  # noqa: E402
 
 
@@ -79,17 +80,6 @@ def clip_moving(work: Path, args, cfg) -> tuple[np.ndarray, np.ndarray]:
         out.append(np.array([moving_fractions(json.loads((work / f"videos-{split}-{n}" / Path(v.source).with_suffix(
             ".json").name).read_text()), cfg.data, args.clips) for v in eval_clips(work / f"shards-{split}-{n}", cfg, args.clips)]))
     return out[0], out[1]
-
-
-def knn_and_centroid(train: np.ndarray, ytr: np.ndarray, test: np.ndarray, yte: np.ndarray, classes: int) -> tuple:
-    """Top-1 of the ablation's kNN (cosine, k=20, T=0.07) and of a nearest class centroid (L2)."""
-    from mohico.eval.knn import knn_scores
-
-    s = knn_scores(torch.from_numpy(train).float(), torch.from_numpy(ytr), torch.from_numpy(test).float(), classes)
-    knn = float((s.argmax(1).numpy() == yte).mean())
-    cen = np.stack([train[ytr == c].mean(0) for c in range(classes)])
-    pred = ((test[:, None] - cen[None]) ** 2).sum(-1).argmin(1)
-    return knn, float((pred == yte).mean())
 
 
 # --------------------------------------------------------------------------- (b) hand-crafted motion

@@ -1,6 +1,6 @@
 """Motion-map throughput and agreement: DIS (and Farneback) against TV-L1, side by side in one run.
 
-For each real clip (cockatoo.mp4, bikes.mp4; fetched and cached by tests/_videos.py) the frames are
+For each real clip (cockatoo.mp4, bikes.mp4; fetched and cached by mohico.datasets.sample_clips) the frames are
 brought to the shard form (CFR 15 fps, short side N) once, then every flow method computes the
 motion maps of mohico.datasets.write.motion (flow -> motion boundaries -> 8x8 block means) on one
 thread. Reported per method:
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def shard_frames(path: Path, short_side: int, fps: int, max_frames: int) -> list[np.ndarray]:
@@ -108,7 +108,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="*", default=["dis", "dis-fast", "farneback", "tvl1"])
     args = ap.parse_args()
     cv2.setNumThreads(1)
-    from _videos import fetch_clip
+    from mohico.datasets.sample_clips import fetch_clip
 
     have_tvl1 = hasattr(cv2, "optflow")
     methods = [m for m in args.methods if m != "tvl1" or have_tvl1]

@@ -158,10 +158,17 @@ class ObjectivesConfig:
     hico: HiCoConfig = field(default_factory=HiCoConfig)
 
     @property
+    def enabled(self) -> tuple[str, ...]:
+        """The objectives that are on (``objectives.<name>.weight > 0``), in field order (``mcl``,
+        ``hico``: the registry's, mohico.models.objectives.OBJECTIVES). The one place this is
+        decided; an empty tuple is refused by mohico.config_validate.check_objectives."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name).weight > 0)
+
+    @property
     def num_views(self) -> int:
         """Clips the loader draws per video: the most any enabled objective reads (3 with HiCo,
         else 2; v_i / v_j double as MCL's query / key). The one place this number is said."""
-        return max([c.views for c in (self.mcl, self.hico) if c.weight > 0] or [self.mcl.views])
+        return max([getattr(self, name).views for name in self.enabled] or [self.mcl.views])
 
 
 @dataclass
@@ -280,6 +287,23 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def keeps_bank(self, objective: str) -> bool:
+        """Whether objective ``objective`` (``mcl`` or ``hico``, on or off) keeps a memory bank of
+        ``bank.size`` keys: MCL unless its negatives are in-batch (``objectives.mcl.negatives=batch``;
+        with a bank it needs ``bank.size > 0``, mohico.config_validate.check_objectives), HiCo with
+        ``objectives.hico.use_bank`` and ``bank.size > 0``. The one place this is said: the
+        objectives build their banks by it and ``mohico train --dry-run`` sizes them."""
+        if objective == "mcl":
+            return self.objectives.mcl.negatives == "bank"
+        if objective == "hico":
+            return self.objectives.hico.use_bank and self.bank.size > 0
+        raise KeyError(f"no objective {objective!r} (objectives: mcl, hico)")
+
+    @property
+    def bank_objectives(self) -> tuple[str, ...]:
+        """The enabled objectives that keep a memory bank (:meth:`keeps_bank`), in registry order."""
+        return tuple(name for name in self.objectives.enabled if self.keeps_bank(name))
 
 
 # --------------------------------------------------------------------------- loading

@@ -5,38 +5,23 @@ checked while loading, in :mod:`mohico.config_load`); each message names the key
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mohico.config_backbones import check_backbone
 from mohico.errors import ConfigError
 
-if TYPE_CHECKING:
-    from mohico.config import Config
+# The rules take a ``mohico.config.Config`` without importing it: config.py imports this module
+# (load_config validates), and the floors allow no import cycle (tests/test_floors.py).
 
 
-def validate(cfg: Config) -> None:
+def need(cond: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("'key': msg")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"'{key}': {msg}")
+
+
+def validate(cfg) -> None:
     """Rules that span fields; each message names the key to change."""
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"'{key}': {msg}")
-
-    o = cfg.objectives
-    need(o.mcl.weight >= 0 and o.hico.weight >= 0, "objectives.*.weight", "weights must be >= 0 (0 disables)")
-    need(o.mcl.weight > 0 or o.hico.weight > 0, "objectives",
-         "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
-    for key, tau in (("mcl.tau", o.mcl.tau), ("mcl.tau_intra", o.mcl.tau_intra), ("hico.tau", o.hico.tau)):
-        need(tau > 0, f"objectives.{key}", "must be > 0")
-    need(not (o.mcl.variant == "official" and o.mcl.negatives == "batch"), "objectives.mcl.negatives",
-         "the official variant's positives are keys of the EMA encoder against the bank; in-batch negatives "
-         "(negatives=batch) go with variant=paper")
-    need(not (o.mcl.weight > 0 and o.mcl.variant == "official" and o.hico.weight > 0), "objectives.mcl.variant",
-         "the official MCL variant reads 4 views per video (query, query re-augmented, two clips of the other half) "
-         "and HiCo reads 3 others (v_i, v_j, v_k); with HiCo on use objectives.mcl.variant=paper")
-    need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
-    need(0.0 <= o.hico.momentum < 1.0, "objectives.hico.momentum", "must lie in [0, 1)")
-    if o.mcl.weight > 0 and o.mcl.mal_enabled:
-        need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
-             "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")
+    check_bank(cfg)
+    check_objectives(cfg)
     need(cfg.trainer.zero_stage in (0, 1, 2), "trainer.zero_stage",
          "must be 0, 1 or 2: MCL's motion alignment loss needs double backprop and its key encoder is an "
          "EMA of the parameters, neither of which works with ZeRO-3's parameter partitioning")
@@ -77,9 +62,6 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.sampling.crop_percentile < 100, "sampling.crop_percentile", "must lie in [0, 100)")
     need(0 <= cfg.sampling.motion_prob <= 1, "sampling.motion_prob", "must lie in [0, 1]")
     need(cfg.sampling.delta > 0, "sampling.delta", "must be > 0 seconds")
-    need(cfg.bank.size >= 0, "bank.size", f"must be >= 0 keys (0: no bank, HiCo only), got {cfg.bank.size}")
-    need(cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
-         f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
     check_backbone(cfg.model.backbone, cfg.model.backbone_options)
@@ -89,3 +71,62 @@ def validate(cfg: Config) -> None:
              f"{cfg.model.backbone!r} (set model.init='' for a random init)")
         need(not cfg.finetune.backbone, "model.init",
              "a fine-tuning run takes its weights from finetune.backbone; set model.init='' there")
+
+
+def check_objectives(cfg) -> None:
+    """The objectives' rules (``objectives.*``): at least one is on (``cfg.objectives.enabled``),
+    temperatures and momenta in range, the variants that go together. :func:`validate` runs it,
+    and :func:`check_pretrain` for a config built in code."""
+    o = cfg.objectives
+    need(o.mcl.weight >= 0 and o.hico.weight >= 0, "objectives.*.weight", "weights must be >= 0 (0 disables)")
+    need(bool(o.enabled), "objectives",
+         "no objective is enabled: set objectives.mcl.weight or objectives.hico.weight > 0")
+    for key, tau in (("mcl.tau", o.mcl.tau), ("mcl.tau_intra", o.mcl.tau_intra), ("hico.tau", o.hico.tau)):
+        need(tau > 0, f"objectives.{key}", "must be > 0")
+    need(not (o.mcl.variant == "official" and o.mcl.negatives == "batch"), "objectives.mcl.negatives",
+         "the official variant's positives are keys of the EMA encoder against the bank; in-batch negatives "
+         "(negatives=batch) go with variant=paper")
+    need(not ("mcl" in o.enabled and o.mcl.variant == "official" and "hico" in o.enabled), "objectives.mcl.variant",
+         "the official MCL variant reads 4 views per video (query, query re-augmented, two clips of the other half) "
+         "and HiCo reads 3 others (v_i, v_j, v_k); with HiCo on use objectives.mcl.variant=paper")
+    need(0.0 <= o.mcl.momentum < 1.0, "objectives.mcl.momentum", "must lie in [0, 1)")
+    need(0.0 <= o.hico.momentum < 1.0, "objectives.hico.momentum", "must lie in [0, 1)")
+    if "mcl" in o.enabled and o.mcl.mal_enabled:
+        need(o.mcl.mal.st or o.mcl.mal.s or o.mcl.mal.t, "objectives.mcl.mal",
+             "MAL is enabled but st, s and t are all false (set objectives.mcl.mal_enabled=false instead)")
+
+
+def check_pretrain(cfg) -> None:
+    """The rules of building the pretraining module (``PretrainModule`` runs it): the objectives'
+    (:func:`check_objectives`) and MCL's bank. Not checked at load: a fine-tuning config inherits a
+    pretraining config's objectives (their view count) and sets ``bank.size: 0``
+    (configs/finetune_ucf101.yaml)."""
+    check_objectives(cfg)
+    need("mcl" not in cfg.objectives.enabled or not cfg.keeps_bank("mcl") or cfg.bank.size > 0, "bank.size",
+         "MCL's NCE needs a memory bank of negatives; set bank.size > 0 (e.g. 65536) or disable MCL with "
+         "objectives.mcl.weight=0")
+
+
+def check_bank(cfg) -> None:
+    """The memory bank's config rules (``bank.*``), run by :func:`validate`. MCL's need of a bank is
+    in :func:`check_pretrain`, a bank's split over the ranks in ``mohico.models.bank.MemoryBank``
+    (the world size is not in the config)."""
+    need(cfg.bank.size >= 0, "bank.size", f"must be >= 0 keys (0: no bank, HiCo only), got {cfg.bank.size}")
+    need(cfg.bank.dim == cfg.model.proj_dim, "bank.dim",
+         f"must equal model.proj_dim ({cfg.model.proj_dim}): the bank stores projected keys")
+
+
+def shuffle_buffer_advice(data) -> str | None:
+    """A warning when ``data.shuffle_buffer`` (``data``: the config's ``DataConfig``) is too small
+    to keep the ``data.samples_per_read`` samples of one video read out of one batch, else None.
+    Not an error (a small buffer only makes it possible); the loader logs it when it is built.
+
+    Bound: each of the <= B - 1 videos already in a batch of B has at most R - 1 entries left in
+    the buffer, so a buffer of ``(B - 1) * (R - 1) + 1`` entries always holds another video
+    (mohico.datasets.load.pipeline_stream)."""
+    bound = (data.batch_size - 1) * (data.samples_per_read - 1) + 1
+    if data.samples_per_read > 1 and data.shuffle_buffer < bound:
+        return (f"data.shuffle_buffer={data.shuffle_buffer} < (batch_size - 1) * (samples_per_read - 1) + 1 = "
+                f"{bound}: a video read {data.samples_per_read} times may give two samples of one batch; raise "
+                f"data.shuffle_buffer to {bound} to rule it out")
+    return None

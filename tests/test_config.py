@@ -233,3 +233,26 @@ def test_a_packaged_config_by_bare_name_resolves_and_the_not_found_message_lists
     res = subprocess.run([sys.executable, "-m", "mohico", "train", "tiny_cpu", "--dry-run"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert "config file not found" not in res.stderr and "crop_size: 32" in res.stdout, res.stderr[-2000:]
+
+
+def test_the_enabled_objectives_and_the_shuffle_buffer_rule_are_said_once_in_the_config():
+    """``objectives.enabled`` (which objectives are on, what the model, loader, dry run and the
+    rules read) and the shuffle buffer's bound (the loader's warning) from the config side."""
+    from mohico.config_validate import shuffle_buffer_advice
+
+    cfg = load_config(ROOT / "configs" / "base.yaml")
+    assert cfg.objectives.enabled == tuple(n for n in ("mcl", "hico")
+                                           if getattr(cfg.objectives, n).weight > 0) and cfg.objectives.enabled
+    both = load_config(ROOT / "configs" / "base.yaml", ["objectives.hico.weight=0.5"])
+    assert both.objectives.enabled == ("mcl", "hico") and both.objectives.num_views == 3
+    hico = load_config(ROOT / "configs" / "base.yaml", ["objectives.hico.weight=1", "objectives.mcl.weight=0"])
+    assert hico.objectives.enabled == ("hico",)
+    d = cfg.data
+    d.batch_size, d.samples_per_read = 4, 3                     # bound (4 - 1) * (3 - 1) + 1 = 7
+    d.shuffle_buffer = 6
+    assert "data.shuffle_buffer=6" in shuffle_buffer_advice(d) and "raise data.shuffle_buffer to 7" in shuffle_buffer_advice(d)
+    d.shuffle_buffer = 7
+    assert shuffle_buffer_advice(d) is None
+    d.shuffle_buffer, d.samples_per_read = 1, 1                 # one sample per read: nothing to keep apart
+    assert shuffle_buffer_advice(d) is None
+

@@ -37,7 +37,7 @@ def test_architecture_shows_write_shards_real_signature():
 
 
 def test_readme_says_what_the_tests_download():
-    from _videos import CACHE, _FETCH
+    from mohico.datasets.sample_clips import CACHE, FETCH as _FETCH
 
     assert "Nothing is downloaded" not in README
     for clip in _FETCH:

@@ -50,6 +50,14 @@ def test_a_large_bank_is_warned_with_its_memory_per_rank(capsys, tmp_path, host_
     assert code == 0 and "warning" not in err and "bank:" in err
 
 
+def test_an_in_batch_mcl_is_counted_without_a_bank(capsys, tmp_path, host_memory):
+    """MCL with in-batch negatives keeps no bank (its module builds none): the dry run counted one."""
+    code, err = dry(capsys, tmp_path, "objectives.mcl.negatives=batch", "objectives.hico.weight=0")
+    assert code == 0 and "bank: none" in err, err
+    code, err = dry(capsys, tmp_path, "objectives.mcl.negatives=batch")          # HiCo's bank only
+    assert code == 0 and "in 1 bank(s) (HiCo)" in err, err
+
+
 def _shards(folder: Path, frames: list[list[int]], fps: float = 15.0) -> Path:
     """Tars of sample jsons only (what the check reads), one list of frame counts per shard."""
     folder.mkdir()

@@ -115,7 +115,8 @@ def test_module_learns_constant_colour_classes(synth_shards, synth_videos):
     id, dropout, the config's optimizer over ``param_groups`` and the ``lr_at`` schedule) learn a
     task whose label is a clip's colour: the train loss falls far below ln(C) and held-out clips
     are all classified right. Guards against a flat loss from plumbing (a part missing from the
-    optimizer, lr 0, labels not aligned with the clips), benchmarks/RESULTS.md motion findings."""
+    optimizer, lr 0, labels not aligned with the clips): the motion findings of
+    benchmarks/reports/2026-11-25-motion-benchmark-ablation.md."""
     from mohico.trainer.optim import build_optimizer, lr_at, set_lr
 
     steps = 40

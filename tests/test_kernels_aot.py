@@ -70,8 +70,8 @@ for arch in (90, 80):
     sig = dict(F1=f"*{dt}", F2=f"*{dt}", DX=f"*{dt}", DY=f"*{dt}", CONF=f"*{dt}", IDX="*i32", DENOM=f"*{dt}",
                GOUT=f"*{dt}", DF1=f"*{dt}", DF2=f"*{dt}", C="i32", H="i32", W="i32", sigma_sq2_inv="fp32",
                temperature="fp32")
-    _, _, _, _, block_c, block_p, num_warps, _ = ct._launch_cfg(torch.empty((2, 64, 28, 28)), 7)
-    for kern in (ct._corr_fwd_kernel, ct._corr_bwd_f1_kernel, ct._corr_bwd_f2_kernel):
+    _, _, _, _, block_c, block_p, num_warps, _ = ct.launch_cfg(torch.empty((2, 64, 28, 28)), 7)
+    for kern in (ct.corr_fwd_kernel, ct.corr_bwd_f1_kernel, ct.corr_bwd_f2_kernel):
         compile_one(kern, sig, dict(R=7, BLOCK_C=block_c, BLOCK_P=block_p), num_warps, arch)
 print(json.dumps(results))
 '''

@@ -53,6 +53,27 @@ def test_registry():
     assert OBJECTIVES == {"mcl": MCL, "hico": HiCo}
 
 
+@pytest.mark.parametrize("negatives,use_bank,bank_size", [("bank", True, 32), ("batch", False, 0), ("batch", True, 32)])
+def test_both_objectives_are_objectives_and_keep_a_bank_as_the_config_says(negatives, use_bank, bank_size):
+    """The Objective protocol (what PretrainModule calls) holds for MCL and HiCo, and each keeps a
+    bank exactly when ``Config.keeps_bank`` says so (the dry run counts banks by the same fact)."""
+    from mohico.models.objectives import Objective
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.backbone_options, cfg.model.proj_dim = "r3d_18", {"width": 8}, 16
+    cfg.bank.size, cfg.bank.dim = bank_size, 16
+    cfg.objectives.mcl.negatives, cfg.objectives.hico.use_bank = negatives, use_bank
+    cfg.objectives.mcl.weight = cfg.objectives.hico.weight = 1.0
+    backbone = build_backbone("r3d_18", width=8)
+    for name, cls in OBJECTIVES.items():
+        obj = cls(cfg, backbone)
+        assert isinstance(obj, Objective), name
+        assert (obj.bank is not None) == cfg.keeps_bank(name), name
+        assert (obj.key_head is not None) == (name == "mcl" and negatives == "bank" or obj.bank is not None), name
+    assert cfg.bank_objectives == tuple(n for n in ("mcl", "hico") if cfg.keeps_bank(n))
+    assert not isinstance(backbone, Objective)
+
+
 @pytest.mark.parametrize("with_bank", [False, True])
 def test_visual_consistency_matches_numpy(with_bank):
     z = _z(4, 8, 0)

@@ -14,6 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_job_scripts_exit_codes_are_the_tables():
+    """The script names its codes once, at the top, as mohico.errors.ExitCode does; every ``exit``
+    and ``-eq`` of it goes through those names (only ``exit 0`` and srun's own code are literal)."""
+    import re
+
+    from mohico.errors import ExitCode
+
+    text = (ROOT / "slurm" / "pretrain.sbatch").read_text()
+    named = dict(re.findall(r"^([A-Z_]+)=(\d+)\s+#", text, flags=re.M))
+    assert named and {k: int(v) for k, v in named.items()} == {k: ExitCode[k].value for k in named}, named
+    assert {"PREEMPTED", "SIGNALLED_UNSAVED"} <= set(named)
+    code_lines = [line.split("#")[0] for line in text.splitlines() if not line.lstrip().startswith("#")]
+    literal = [line for line in code_lines if re.search(r"\bexit\s+[1-9]|-eq\s+[0-9]|exited [0-9]", line)]
+    assert not literal, literal
+
+
 @pytest.mark.parametrize("code,requeued", [(0, False), (1, False), (3, True), (4, False), (5, False), (6, True)])
 def test_job_script_requeues_after_a_signal_whether_or_not_the_ranks_saved(tmp_path, code, requeued):
     bindir = tmp_path / "bin"

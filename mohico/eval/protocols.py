@@ -169,7 +169,8 @@ def linear(train: FeatureSet, test: FeatureSet, lrs: Sequence[float] = LINEAR_LR
 
     Why folds: with one held-out part of 40 videos the scores moved in 2.5-point steps, and the same
     saved features, probed again with another thread count, got another lr for 2 of 9 motion-benchmark
-    backbones, moving their test top-1 by up to about 4 points (benchmarks/RESULTS.md, 2026-11-26)."""
+    backbones, moving their test top-1 by up to about 4 points
+    (benchmarks/reports/2026-11-26-motion-benchmark-500-test-videos.md)."""
     from tqdm import tqdm
 
     classes, (ty, qy) = class_index(train.labels, test.labels)

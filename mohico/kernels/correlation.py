@@ -84,8 +84,10 @@ def _shifted(f2p: torch.Tensor, iy: int, ix: int, H: int, W: int) -> torch.Tenso
     return f2p[:, :, iy:iy + H, ix:ix + W]
 
 
-def _stats_torch(f1, f2, radius, sigma, temperature):
-    """Two streaming passes over the window: max/argmax, then the Gaussian-masked softmax."""
+def stats_torch(f1, f2, radius, sigma, temperature):
+    """The streaming PyTorch forward: two passes over the window, max/argmax, then the
+    Gaussian-masked softmax. ``f1, f2: (B, C, H, W)`` -> ``(dx, dy, conf, idx, denom)``, each
+    ``(B, H, W)`` (``idx`` int64: the argmax displacement, row-major in the ``2r+1`` window)."""
     B, C, H, W = f1.shape
     k = 2 * radius + 1
     f2p = F.pad(f2, (radius, radius, radius, radius))
@@ -126,7 +128,7 @@ class _CorrelationSoftArgmax(torch.autograd.Function):
 
             dx, dy, conf, idx, denom = correlation_forward_triton(f1, f2, radius, sigma, temperature)
         else:
-            dx, dy, conf, idx, denom = _stats_torch(f1, f2, radius, sigma, temperature)
+            dx, dy, conf, idx, denom = stats_torch(f1, f2, radius, sigma, temperature)
         ctx.save_for_backward(f1, f2, dx, dy, conf, idx, denom, f1_in, f2_in)
         ctx.args = (radius, sigma, temperature, impl)
         return torch.stack([dx, dy, conf], dim=1)
@@ -149,12 +151,13 @@ class _CorrelationSoftArgmax(torch.autograd.Function):
             df1, df2 = correlation_backward_triton(f1, f2, dx, dy, conf, idx, denom, gout,
                                                    radius, sigma, temperature)
         else:
-            df1, df2 = _backward_torch(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature)
+            df1, df2 = backward_torch(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature)
         return df1, df2, None, None, None, None
 
 
-def _backward_torch(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature):
-    """dL/ds(x,p) = T g s'(p) w (gdx (px/r - dx) + gdy (py/r - dy)) + gconf [p = argmax] [s > 0]."""
+def backward_torch(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature):
+    """The streaming PyTorch backward from :func:`stats_torch`'s statistics and ``gout: (B, 3, H, W)``
+    -> ``(df1, df2)`` shaped like ``f1, f2``. dL/ds(x,p) = T g s'(p) w (gdx (px/r - dx) + gdy (py/r - dy)) + gconf [p = argmax] [s > 0]."""
     B, C, H, W = f1.shape
     k = 2 * radius + 1
     gdx, gdy, gconf = gout[:, 0], gout[:, 1], gout[:, 2]

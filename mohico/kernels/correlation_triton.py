@@ -28,8 +28,8 @@ MAX_C = 512  # all channels of a pixel block are held in registers
 
 
 @triton.jit
-def _corr_fwd_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, C, H, W, sigma_sq2_inv, temperature,
-                     R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def corr_fwd_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, C, H, W, sigma_sq2_inv, temperature,
+                    R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     pid = tl.program_id(1)
     HW = H * W
@@ -87,7 +87,7 @@ def _corr_fwd_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, C, H, W, sigma_sq2_inv, t
 @triton.jit
 def _ds(i, raw, idx, conf, denom, dx, dy, gdx, gdy, gconf, sigma_sq2_inv, temperature,
         R: tl.constexpr):
-    """dL/ds for displacement i at pixels with saved statistics (see correlation._backward_torch)."""
+    """dL/ds for displacement i at pixels with saved statistics (see correlation.backward_torch)."""
     KS: tl.constexpr = 2 * R + 1
     py = tl.zeros_like(raw) + (i // KS - R)  # in the data's float dtype
     px = tl.zeros_like(raw) + (i % KS - R)
@@ -102,8 +102,8 @@ def _ds(i, raw, idx, conf, denom, dx, dy, gdx, gdy, gconf, sigma_sq2_inv, temper
 
 
 @triton.jit
-def _corr_bwd_f1_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF1, C, H, W, sigma_sq2_inv,
-                        temperature, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def corr_bwd_f1_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF1, C, H, W, sigma_sq2_inv,
+                       temperature, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     pid = tl.program_id(1)
     HW = H * W
@@ -140,8 +140,8 @@ def _corr_bwd_f1_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF1, C, H, W, si
 
 
 @triton.jit
-def _corr_bwd_f2_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF2, C, H, W, sigma_sq2_inv,
-                        temperature, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def corr_bwd_f2_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF2, C, H, W, sigma_sq2_inv,
+                       temperature, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     pid = tl.program_id(1)
     HW = H * W
@@ -178,7 +178,9 @@ def _corr_bwd_f2_kernel(F1, F2, DX, DY, CONF, IDX, DENOM, GOUT, DF2, C, H, W, si
     tl.store(DF2 + base + cc[:, None] * HW + pix[None, :], acc, mask=mask_cp)
 
 
-def _launch_cfg(f1: torch.Tensor, radius: int):
+def launch_cfg(f1: torch.Tensor, radius: int):
+    """The launch of the three kernels for ``f1: (B, C, H, W)``: ``(B, C, H, W, BLOCK_C, BLOCK_P,
+    num_warps, grid)``; raises on shapes or dtypes the kernels do not take."""
     B, C, H, W = f1.shape
     if C > MAX_C:
         raise ValueError(f"triton correlation holds all channels in registers: C={C} > {MAX_C}; "
@@ -202,7 +204,7 @@ def _launch_cfg(f1: torch.Tensor, radius: int):
 def correlation_forward_triton(f1, f2, radius, sigma, temperature, out=None):
     """Returns (dx, dy, conf, idx, denom), each (B, H, W); ``out`` may pass those buffers."""
     f1, f2 = f1.contiguous(), f2.contiguous()
-    B, C, H, W, block_c, block_p, num_warps, grid = _launch_cfg(f1, radius)
+    B, C, H, W, block_c, block_p, num_warps, grid = launch_cfg(f1, radius)
     if out is None:
         dx, dy, conf, denom = (torch.empty((B, H, W), dtype=f1.dtype, device=f1.device) for _ in range(4))
         idx = torch.empty((B, H, W), dtype=torch.int32, device=f1.device)
@@ -210,7 +212,7 @@ def correlation_forward_triton(f1, f2, radius, sigma, temperature, out=None):
         dx, dy, conf, idx, denom = out
     if B * H * W:
         with launch_env(INTERPRETED):
-            _corr_fwd_kernel[grid](f1, f2, dx, dy, conf, idx, denom, C, H, W,
+            corr_fwd_kernel[grid](f1, f2, dx, dy, conf, idx, denom, C, H, W,
                                    1.0 / (2.0 * sigma * sigma), float(temperature),
                                    R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return dx, dy, conf, idx, denom
@@ -219,7 +221,7 @@ def correlation_forward_triton(f1, f2, radius, sigma, temperature, out=None):
 def correlation_backward_triton(f1, f2, dx, dy, conf, idx, denom, gout, radius, sigma, temperature,
                                 out=None):
     """Returns (df1, df2), each (B, C, H, W); ``out`` may pass those buffers."""
-    B, C, H, W, block_c, block_p, num_warps, grid = _launch_cfg(f1, radius)
+    B, C, H, W, block_c, block_p, num_warps, grid = launch_cfg(f1, radius)
     df1, df2 = out if out is not None else (torch.empty_like(f1), torch.empty_like(f2))
     gout = gout.to(f1.dtype).contiguous()
     if B * H * W:
@@ -227,6 +229,6 @@ def correlation_backward_triton(f1, f2, dx, dy, conf, idx, denom, gout, radius, 
         scal = (C, H, W, 1.0 / (2.0 * sigma * sigma), float(temperature))
         with launch_env(INTERPRETED):
             launch = dict(R=int(radius), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
-            _corr_bwd_f1_kernel[grid](*args, df1, *scal, **launch)
-            _corr_bwd_f2_kernel[grid](*args, df2, *scal, **launch)
+            corr_bwd_f1_kernel[grid](*args, df1, *scal, **launch)
+            corr_bwd_f2_kernel[grid](*args, df2, *scal, **launch)
     return df1, df2

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from mohico.errors import ExitCode
+
 DEBUG_VAR = "MOHICO_DEBUG"
 
 
@@ -28,11 +30,11 @@ def main(argv: list[str]) -> int:
     try:
         torchrun(argv)
     except ChildFailedError:             # a rank failed: the launcher reports its own line and code
-        return 1
+        return ExitCode.FAILED.value
     except Exception as e:  # noqa: BLE001 - torchrun's own failure (rendezvous, ports): one line
         print(f"[mohico spawn] torchrun failed: {type(e).__name__}: {e} (mohico --debug train ... "
               f"shows its traceback)", file=sys.stderr, flush=True)
-        return 1
+        return ExitCode.FAILED.value
     return 0
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from mohico.errors import MohicoError
+from mohico.errors import ExitCode, MohicoError
 from mohico.rank_status import FINAL_ERROR
 
 SUBCOMMANDS = ("synth", "shards", "train", "submit", "eval", "export", "inspect")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(unknown_option_message(extras[0], option_strings(parser)) if extras[0].startswith("-")
                          else f"unknown command {extras[0]!r}")
         parser.print_help()
-        return 2
+        return ExitCode.CONFIG.value
     _take_extras(args, extras)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     args.debug = bool(args.debug) or os.environ.get("MOHICO_DEBUG") == "1"   # a rank of `mohico --debug train --nproc N`
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print(f"mohico {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED.value
 
 
 if __name__ == "__main__":

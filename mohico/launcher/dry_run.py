@@ -33,9 +33,8 @@ def _size(n: float) -> str:
 def bank_bytes_per_rank(cfg, world: int) -> tuple[int, list[str]]:
     """``(bytes, names)``: the memory banks one rank of ``world`` holds (``bank.size / world``
     keys of ``bank.dim`` float32 plus an int64 video id each) and whose banks they are."""
-    o = cfg.objectives
-    names = [n for n, on in (("MCL", o.mcl.weight > 0), ("HiCo", o.hico.weight > 0 and o.hico.use_bank)) if on]
-    if cfg.bank.size <= 0:
+    names = [{"mcl": "MCL", "hico": "HiCo"}[n] for n in cfg.bank_objectives]
+    if not names:
         return 0, []
     per_bank = -(-int(cfg.bank.size) // max(int(world), 1)) * (int(cfg.bank.dim) * 4 + 8)
     return per_bank * len(names), names

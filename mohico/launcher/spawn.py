@@ -44,13 +44,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mohico.errors import MohicoError, UsageError
+from mohico.errors import ExitCode, MohicoError, UsageError
 from mohico import rank_status
 from mohico.rank_status import STATUS_DIR_VAR
 
 DEBUG_VAR = "MOHICO_DEBUG"        # mirrors mohico.launcher.agent.DEBUG_VAR (that module imports torch)
 
-PREEMPTED_EXIT_CODE = 3           # mirrors mohico.trainer.preemption.PREEMPTED_EXIT_CODE
+PREEMPTED_EXIT_CODE = ExitCode.PREEMPTED.value   # the table's (mohico.errors), as the trainer's
 LAUNCHER_PID_VAR = "MOHICO_SPAWN_LAUNCHER_PID"   # this process, for the ranks (and run_lock.py)
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -293,7 +293,7 @@ def _worker_main(argv: list[str]) -> int:
     early "checkpoint soon" signal cannot kill a rank that is still importing."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_launcher()
-    code: object = 1
+    code: object = ExitCode.FAILED.value
     try:
         if argv and argv[0] == "--script":    # tests: run a plain script as each rank
 
@@ -323,7 +323,7 @@ def _worker_main(argv: list[str]) -> int:
             code = 0
         elif not isinstance(code, int):
             print(code, file=sys.stderr)
-            code = 1
+            code = ExitCode.FAILED.value
         rank_status.report(code)          # unless the CLI or the watchdog reported the cause already
         status_dir = os.environ.get(STATUS_DIR_VAR)
         if status_dir:

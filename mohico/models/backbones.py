@@ -27,9 +27,10 @@ convolution). They are computed inside ``forward`` from the same normalised RGB 
 loader, the motion targets and every eval path are unchanged and the option travels with the
 backbone's name and options (checkpoints, backbone files). Under ``residual`` still content (a
 static background) differences to zero: the net sees what moves; a thin net that cannot learn
-motion from RGB at a CPU budget learns it from residual frames (benchmarks/RESULTS.md, "Motion
-benchmark: residual input"). ``residual`` adds no parameters (the ``state_dict`` is the RGB
-net's); either mode exports as ``--format mohico`` only, torchvision's models taking RGB.
+motion from RGB at a CPU budget learns it from residual frames
+(benchmarks/reports/2026-11-26-motion-benchmark-residual-input.md). ``residual`` adds no
+parameters (the ``state_dict`` is the RGB net's); either mode exports as ``--format mohico`` only,
+torchvision's models taking RGB.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ module (docs/DEPENDENCIES.md, DeepSpeed: it fails on tensors that leave the engi
 Views: ``clips: (B, V, C, T, H, W)`` with ``V = cfg.objectives.num_views`` (said once, in the
 config: 2 with MCL alone (query, key), 4 with MCL's official variant (query, query re-augmented,
 two keys), 3 with HiCo (v_i, v_j, v_k; v_i / v_j double as MCL's query / key)). Each objective
-declares what it reads: ``online_views`` (views the online backbone encodes for it),
+(the :class:`~mohico.models.objectives.base.Objective` protocol) declares what it reads: ``online_views`` (views the online backbone encodes for it),
 ``key_views`` and ``key_head`` (the views and the online head whose EMA copy makes its keys),
 ``needs_features`` (the late feature map and motion, for MAL). The online backbone runs once on the union of the online views, concatenated view-major (``V' * B`` clips,
 one set of BN statistics), with the late feature map when an objective needs it. The model's
@@ -33,6 +33,7 @@ from torch import nn
 
 from mohico import dist
 from mohico.config import Config
+from mohico.config_validate import check_pretrain
 from mohico.errors import ConfigError, MohicoError
 from mohico.models.backbones import build_backbone
 from mohico.models.bank import MemoryBank
@@ -56,10 +57,8 @@ class PretrainModule(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        enabled = [name for name in OBJECTIVES if getattr(cfg.objectives, name).weight > 0]
-        if not enabled:
-            raise ConfigError("'objectives': no objective is enabled: set objectives.mcl.weight or "
-                              "objectives.hico.weight > 0")
+        check_pretrain(cfg)                     # a config built in code: at least one objective, MCL's bank
+        enabled = cfg.objectives.enabled
         self.weights = {name: float(getattr(cfg.objectives, name).weight) for name in enabled}
         self.num_views = cfg.objectives.num_views
         backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_options)
@@ -158,7 +157,7 @@ class PretrainModule(nn.Module):
     # ------------------------------------------------------------------ memory banks
     def banks(self) -> dict[str, MemoryBank]:
         """The memory banks by objective name (``mcl``, ``hico``)."""
-        return {name: obj.bank for name, obj in self.objectives.items() if getattr(obj, "bank", None) is not None}
+        return {name: obj.bank for name, obj in self.objectives.items() if obj.bank is not None}
 
 
 _PRE_KEY_ENCODER_NAMES = (("objectives.mcl.key_backbone.", "key_encoder.backbone."),

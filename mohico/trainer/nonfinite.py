@@ -21,11 +21,11 @@ import logging
 import torch
 
 from mohico import dist
-from mohico.errors import MohicoError
+from mohico.errors import ExitCode, MohicoError
 
 log = logging.getLogger("mohico.trainer")
 
-NONFINITE_EXIT_CODE = 4
+NONFINITE_EXIT_CODE = ExitCode.NONFINITE.value
 
 
 class NonFiniteError(MohicoError):

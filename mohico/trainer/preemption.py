@@ -19,10 +19,11 @@ import subprocess
 import torch
 
 from mohico import dist
+from mohico.errors import ExitCode
 
 log = logging.getLogger("mohico.trainer")
 
-PREEMPTED_EXIT_CODE = 3     # "checkpointed after a preemption signal; requeue me"
+PREEMPTED_EXIT_CODE = ExitCode.PREEMPTED.value     # "checkpointed after a preemption signal; requeue me"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -33,11 +33,12 @@ import time
 from typing import Callable
 
 from mohico import rank_status
+from mohico.errors import ExitCode
 
 log = logging.getLogger("mohico.trainer")
 
-STALLED_EXIT_CODE = 5
-SIGNAL_TIMEOUT_EXIT_CODE = 6
+STALLED_EXIT_CODE = ExitCode.STALLED.value
+SIGNAL_TIMEOUT_EXIT_CODE = ExitCode.SIGNALLED_UNSAVED.value
 GRACE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -44,6 +44,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from mohico.config_validate import shuffle_buffer_advice
 from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.loader_checks import check_enough_samples, no_usable_data_message
 from mohico.datasets.load.loader_workers import worker_process_options
@@ -355,8 +356,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
     urls = expand_shards(shards if shards else cfg.data.shards, allow_commands=cfg.data.allow_commands)
     check_crop_resolution(cfg.data, cfg.sampling, urls)     # crops must not upsample the shards' frames
     check_enough_samples(urls, int(world_size), max(1, cfg.data.num_workers))
-    mcl = cfg.objectives.mcl.weight > 0
-    hico = cfg.objectives.hico.weight > 0
+    mcl, hico = "mcl" in cfg.objectives.enabled, "hico" in cfg.objectives.enabled
     if not (mcl or hico):
         mcl = True        # config validation forbids this; keep the loader usable standalone
     spec = WorkerSpec(urls=urls, seed=cfg.trainer.seed, rank=int(rank), world_size=int(world_size),
@@ -364,10 +364,7 @@ def build_loader(cfg, shards: Union[str, Sequence[str], None] = None, rank: int 
                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                       data=cfg.data, sampling=cfg.sampling, mcl=mcl, hico=hico, views=cfg.objectives.num_views,
                       device=_device(cfg), decoder=cfg.data.decoder)
-    bound = (cfg.data.batch_size - 1) * (cfg.data.samples_per_read - 1) + 1
-    if cfg.data.samples_per_read > 1 and cfg.data.shuffle_buffer < bound:
-        logging.getLogger("mohico.data").warning(
-            "data.shuffle_buffer=%d < (batch_size - 1) * (samples_per_read - 1) + 1 = %d: a video read %d times "
-            "may give two samples of one batch; raise data.shuffle_buffer to %d to rule it out",
-            cfg.data.shuffle_buffer, bound, cfg.data.samples_per_read, bound)
+    advice = shuffle_buffer_advice(cfg.data)
+    if advice:
+        logging.getLogger("mohico.data").warning("%s", advice)
     return VideoLoader(spec, cfg.data.num_workers)

@@ -18,8 +18,8 @@ moving regions finds there only the motion style and short-lived actors.
 ``style_per="shot"`` (``mohico synth --motion-style shot``) draws a new :class:`MotionStyle` at
 every cut instead, with the shot's new actors: two clips of one video from different shots then
 share only the scene and the class, and the per-video style is no longer a label-independent cue
-for instance discrimination to learn (benchmarks/RESULTS.md, "Motion benchmark, session 9": it was
-not what held MCL's kNN back).
+for instance discrimination to learn (it was not what held MCL's kNN back:
+benchmarks/reports/2026-11-26-motion-benchmark-style-width-oracle.md).
 
 Classes (``MOTION_CLASSES``; each is invariant to a horizontal flip, the training augmentation):
 

@@ -159,8 +159,7 @@ class HiCo(nn.Module):
         self.visual = HiCoVisualHead(d_in, self.cfg.visual_hidden or None, d)
         self.topical = TopicalHead(d_in, self.cfg.visual_hidden or None, d)
         self.classifier = PairClassifier(d, 256)
-        use_bank = self.cfg.use_bank and cfg.bank.size > 0
-        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if use_bank else None
+        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if cfg.keeps_bank("hico") else None
 
     @property
     def key_head(self) -> nn.Module | None:

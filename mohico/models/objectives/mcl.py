@@ -28,7 +28,8 @@ Two variants (``objectives.mcl.variant``):
 in-batch NT-Xent: the online encoder embeds both views, each clip's positive is the other view
 of its video and its negatives every other clip of the batch (clips of the same video excluded,
 ``video_id``), at ``tau``. No bank, no key encoder, no EMA update: the label-free floor the motion
-benchmark's sanity arm trains, run through the real loader (``benchmarks/RESULTS.md``).
+benchmark's sanity arm trains, run through the real loader
+(``benchmarks/reports/2026-12-06-mcl-positive-pairs.md``).
 ``L_MAL`` (``mal.py``) compares a Grad-CAM style response map of the backbone's late feature
 map with the query's motion target; its gradient ``g = d(q . k+)/dA`` is taken here, inside
 the forward, with ``torch.autograd.grad(..., create_graph=True)`` (double backprop must
@@ -46,7 +47,6 @@ import torch
 from torch import nn
 
 from mohico.config import Config
-from mohico.errors import ConfigError
 from mohico.models.bank import MemoryBank
 from mohico.models.heads import MCLProjection
 from mohico.models.objectives.mal import mal_loss, mal_weight, needs_gradient, pool_motion, response_map
@@ -73,14 +73,11 @@ class MCL(nn.Module):
         self.in_batch = self.cfg.negatives == "batch"
         self.online_views = (0, 1) if self.in_batch else (0,)       # the query (and its pair, in-batch)
         self.key_views = (1, 2, 3) if self.official else (1,)     # same clip, other half x 2 | the key
-        if cfg.bank.size <= 0 and not self.in_batch:
-            raise ConfigError("'bank.size': MCL's NCE needs a memory bank of negatives; set bank.size > 0 "
-                              "(e.g. 65536) or disable MCL with objectives.mcl.weight=0")
         self.epoch_of_progress = cfg.trainer.max_steps / cfg.trainer.steps_per_epoch
         self.proj = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
         if self.official:
             self.intra = MCLProjection(backbone.out_dim, cfg.model.proj_hidden or None, cfg.model.proj_dim)
-        self.bank = None if self.in_batch else MemoryBank(cfg.bank.size, cfg.bank.dim)
+        self.bank = MemoryBank(cfg.bank.size, cfg.bank.dim) if cfg.keeps_bank("mcl") else None
         self._checked_map = False
 
     @property
