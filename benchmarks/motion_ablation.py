@@ -4,7 +4,7 @@ Makes the motion benchmark (`mohico synth --task motion`: label = how objects mo
 scene per video, new random objects at every cut, still stretches between motions) as labelled train / test shards, pretrains
 configs/motion_bench_cpu.yaml's thin R3D-18 on the train shards (labels unused) in each arm with
 the same budget and seeds, and evaluates every backbone (and the random init of each seed) on
-frozen features with kNN, retrieval and the linear probe (`mohico.trainer.eval_protocols`):
+frozen features with kNN, retrieval and the linear probe (`mohico.eval.protocols`):
 
     random      no pretraining (the seed's random init)
     nce         MoCo-style NCE with a memory bank, random clips, random resized crops (no MAL)
@@ -247,7 +247,7 @@ def eval_clips(shards: Path, cfg, clips: int) -> list:
     once and kept beside the shards: every backbone of the ablation embeds the same clips."""
     import torch
 
-    from mohico.trainer.knn_eval import iter_labelled
+    from mohico.datasets.load.eval_clips import iter_labelled
 
     d = cfg.data
     path = shards.parent / f"{shards.name}.evalclips-{clips}x{d.clip_len}x{d.frame_stride}x{d.crop_size}.pt"
@@ -262,7 +262,7 @@ def eval_clips(shards: Path, cfg, clips: int) -> list:
 def saved_feature_sets(saved, feats: dict | None = None) -> tuple:
     """``(train, test)`` FeatureSets of a saved ``features-test{N}.npz`` (``feats``: other features
     ``{"train": (N, D), "test": (M, D)}`` of the same videos, in its order)."""
-    from mohico.trainer.eval_features import FeatureSet
+    from mohico.eval.features import FeatureSet
 
     feats = feats or {s: saved[s] for s in ("train", "test")}
     return tuple(FeatureSet(list(map(str, saved[f"{s}_keys"])), list(map(str, saved[f"{s}_sources"])),
@@ -276,9 +276,9 @@ def evaluate(run: Path, ckpt: str, seed: int, train_shards: Path, test_shards: P
     import torch
 
     from mohico.config import load_config
-    from mohico.trainer import eval_protocols as ep
-    from mohico.trainer.eval_features import embed_views
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval import protocols as ep
+    from mohico.eval.features import embed_views
+    from mohico.eval.knn import load_eval_backbone
     from mohico.utils import atomic_write_json
 
     import numpy as np

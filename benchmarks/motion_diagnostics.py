@@ -191,7 +191,7 @@ def shot_attributes(sources: np.ndarray, folder: Path, cfg, clips: int) -> dict[
     """Per eval clip ``(V * clips,)``: the pattern and shape of the first object of the shot
     holding the clip's middle frame, and the video index (the objects change at every cut; the scene is one per video)."""
     from mohico.datasets.load.sampling import clip_frames
-    from mohico.trainer.knn_eval import eval_starts
+    from mohico.datasets.load.eval_clips import eval_starts
 
     out: dict[str, list] = {"pattern": [], "shape": [], "video": []}
     for i, src in enumerate(sources):
@@ -216,8 +216,9 @@ def spread(z: np.ndarray) -> dict[str, float]:
 
 
 def run_features(work: Path, args, cfg, xtr, xte) -> dict:
-    from mohico.trainer.eval_features import embed_views
-    from mohico.trainer.knn_eval import LabelledVideo, load_eval_backbone
+    from mohico.eval.features import embed_views
+    from mohico.datasets.load.eval_clips import LabelledVideo
+    from mohico.eval.knn import load_eval_backbone
 
     runs = {}
     for seed in args.seeds:                          # the random init of each seed, embedded here

@@ -6,7 +6,7 @@ here changes one of those choices for the runs of an ablation work dir, so that 
 arms can be told apart from a property of the protocol. They read the ablation's own eval clips
 and saved features; none retrains anything.
 
-    knn-norm   the ablation's kNN (cosine, k 20, T 0.07, :func:`mohico.trainer.eval_protocols.knn`)
+    knn-norm   the ablation's kNN (cosine, k 20, T 0.07, :func:`mohico.eval.protocols.knn`)
                on the saved video features as they are (``raw``), centred on the train videos'
                mean (``centred``) and standardised per dimension by the train videos' mean and
                std (``standardised``) before the L2 normalisation; mean +- sample std per arm.
@@ -51,7 +51,7 @@ def normalised(train: np.ndarray, test: np.ndarray, norm: str) -> dict[str, np.n
 
 
 def run_knn_norm(work: Path, test_videos: int) -> dict:
-    from mohico.trainer import eval_protocols as ep
+    from mohico.eval import protocols as ep
 
     rows: dict[tuple[str, str], list[float]] = {}
     paths = sorted((work / "runs").glob(f"*/{features_name(test_videos)}"))
@@ -127,8 +127,8 @@ def run_and_clips(work: Path, name: str, args) -> tuple:
 
 
 def score(backbone, train_videos, test_videos, linear: bool, seed: int) -> dict[str, float]:
-    from mohico.trainer import eval_protocols as ep
-    from mohico.trainer.eval_features import embed_views
+    from mohico.eval import protocols as ep
+    from mohico.eval.features import embed_views
 
     cpu = torch.device("cpu")
     tr = embed_views(backbone, train_videos, cpu).labelled("train eval clips")
@@ -140,7 +140,7 @@ def score(backbone, train_videos, test_videos, linear: bool, seed: int) -> dict[
 
 
 def run_backbone(work: Path, args) -> dict:
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval.knn import load_eval_backbone
 
     res = {}
     for name in args.runs:
@@ -159,7 +159,7 @@ def run_backbone(work: Path, args) -> dict:
 
 
 def run_curve(work: Path, args) -> dict:
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval.knn import load_eval_backbone
 
     res = {}
     for name in args.runs:

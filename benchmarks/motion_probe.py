@@ -15,7 +15,7 @@ def motion_probe(features: Path, videos: tuple[Path, Path], cfg, clips: int) -> 
     import numpy as np
     import torch
 
-    from mohico.trainer.knn_eval import knn_scores
+    from mohico.eval.knn import knn_scores
     from motion_sanity import moving_fractions
 
     f = np.load(features)

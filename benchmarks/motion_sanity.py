@@ -74,7 +74,7 @@ def moving_fractions(gt: dict, data_cfg, clips: int) -> list[float]:
     ``mohico synth --task motion``'s json), at the stride the eval and training clips use:
     ``data.frame_stride`` frames at ``data.reference_fps`` on a video at ``gt["fps"]``."""
     from mohico.datasets.load.sampling import clip_frames, video_stride
-    from mohico.trainer.knn_eval import eval_starts
+    from mohico.datasets.load.eval_clips import eval_starts
 
     mv, n = np.asarray(gt["moving"], np.float64), int(gt["num_frames"])
     stride = video_stride(data_cfg.frame_stride, data_cfg.reference_fps, float(gt["fps"]))

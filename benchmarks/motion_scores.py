@@ -10,7 +10,7 @@ import torch
 def knn_and_centroid(train: np.ndarray, ytr: np.ndarray, test: np.ndarray, yte: np.ndarray, classes: int) -> tuple:
     """Top-1 of the ablation's kNN (cosine, k=20, T=0.07) and of a nearest class centroid (L2).
     ``train: (N, D)``, ``ytr: (N,)`` class indices, ``test: (M, D)``, ``yte: (M,)`` -> ``(knn, centroid)``."""
-    from mohico.trainer.knn_eval import knn_scores
+    from mohico.eval.knn import knn_scores
 
     s = knn_scores(torch.from_numpy(train).float(), torch.from_numpy(ytr), torch.from_numpy(test).float(), classes)
     knn = float((s.argmax(1).numpy() == yte).mean())

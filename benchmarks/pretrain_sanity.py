@@ -56,7 +56,8 @@ def main() -> None:
     from mohico.config import load_config
     from mohico.datasets.write.shards import write_shards
     from mohico.datasets.synthetic.synth import synthesize
-    from mohico.trainer.knn_eval import iter_labelled, load_eval_backbone
+    from mohico.datasets.load.eval_clips import iter_labelled
+    from mohico.eval.knn import load_eval_backbone
 
     work = Path(args.work)
     shards, run = work / f"shards-{args.videos}", work / f"run-{args.videos}-{args.steps}"

@@ -247,7 +247,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning (mohico.trainer.finetune): set ``backbone`` to fine-tune instead of pretraining."""
+    """Fine-tuning (mohico.eval.finetune): set ``backbone`` to fine-tune instead of pretraining."""
     backbone: str = ""                 # "": pretrain; a run dir / checkpoint / backbone file / torchvision file / "random"
     labels: str = ""                   # labels file overriding the shards' (JSON {source: label} or TSV)
     num_classes: int = 0               # 0: from the train shards' labels

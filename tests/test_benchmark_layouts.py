@@ -89,11 +89,12 @@ def test_hmdb51_split_markers(tmp_path):
 
 @pytest.mark.slow
 def test_layout_shards_carry_class_labels_and_eval_reads_a_torchvision_state_dict(ucf_shards, tmp_path):
-    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.shard_list import expand_shards
+    from mohico.datasets.load.pipeline_stream import iter_shard
     from mohico.models.backbones import build_backbone
     from mohico.models.backbone_file import save_backbone
     from mohico.models.export import to_torchvision
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval.knn import load_eval_backbone
 
     labels = json.loads((ucf_shards / "labels.json").read_text())
     metas = [json.loads(s["json"]) for u in expand_shards(ucf_shards / "test") for s in iter_shard(u, [])]
@@ -129,8 +130,8 @@ def test_layout_shards_carry_class_labels_and_eval_reads_a_torchvision_state_dic
 
 def test_linear_on_layout_shards_with_eval_time_labels(ucf_shards, tmp_path):
     """Eval-time labels replace the shards' (here: a coarser 2-class grouping) without re-encoding."""
-    from mohico.trainer import eval_protocols as P
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval import protocols as P
+    from mohico.eval.knn import load_eval_backbone
 
     cfg = load_config(CONFIG)
     net = load_eval_backbone("random", cfg)
@@ -144,7 +145,7 @@ def test_linear_on_layout_shards_with_eval_time_labels(ucf_shards, tmp_path):
     res = P.linear(train, test, lrs=(0.1,), weight_decays=(0.0,), epochs=5)
     assert res["num_classes"] == 2 and res["train_views"] == 36
     # the reference: top-1 from the same probe recomputed in numpy
-    from mohico.trainer.linear_probe import fit_linear
+    from mohico.eval.linear_probe import fit_linear
     classes = ["A", "B"]
     ty = np.repeat([classes.index(c) for c in train.labels], 6)
     probe = fit_linear(train.feats.reshape(-1, train.feats.shape[2]), ty, 2, 0.1, 0.0, 5, 256)

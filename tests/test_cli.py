@@ -93,8 +93,10 @@ RunLog(cfg, run_dir, 0, 1, "cpu", object(), None, 0).close()
 print(json.dumps(sorted(sys.modules)))
 """
 _NOT_IMPORTED_BY_A_RANK = ("torchvision", "cv2", "wandb", "nvidia.dali", "av", "mohico.trainer.online_knn",
-                           "mohico.trainer.eval_features", "mohico.trainer.eval_protocols", "mohico.trainer.eval_report",
-                           "mohico.trainer.knn_eval", "mohico.trainer.linear_probe", "mohico.trainer.finetune",
+                           "mohico.eval",      # the whole floor: features, protocols, report, knn, linear_probe, finetune
+                           "mohico.eval.features", "mohico.eval.protocols", "mohico.eval.report",
+                           "mohico.eval.knn", "mohico.eval.linear_probe", "mohico.eval.finetune",
+                           "mohico.datasets.load.eval_clips",
                            "mohico.models.torchvision_import", "mohico.models.export",
                            *(f"mohico.launcher.commands.{c}" for c in SUBCOMMANDS if c != "train"))
 

@@ -14,8 +14,9 @@ from torch import nn
 
 from mohico.config import load_config
 from mohico.errors import MohicoError
-from mohico.trainer import eval_protocols as P
-from mohico.trainer import knn_eval as K
+from mohico.eval import protocols as P
+from mohico.datasets.load import eval_clips as C
+from mohico.eval import knn as K
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -90,7 +91,7 @@ def test_knn_scores_match_numpy_reference(k):
 def test_knn_top1_top5_match_the_weighted_knn_definition(k):
     """knn() on FeatureSets against the float64 definition: ranked voted classes, ties to the lower index.
     With exclusion (the same set as both: leave-one-out) and without."""
-    from mohico.trainer.eval_features import FeatureSet
+    from mohico.eval.features import FeatureSet
 
     g = np.random.default_rng(10 + k)
     classes = 7
@@ -121,7 +122,7 @@ def test_knn_top1_top5_match_the_weighted_knn_definition(k):
 def test_knn_top5_with_one_neighbour_and_five_classes_is_not_full_by_construction():
     """k = 1, 5 classes, features without class signal: one class gets a vote, so top-5 = top-1
     (about 1/5 here); counting the 4 classes nobody voted for made top-5 100% whatever the features."""
-    from mohico.trainer.eval_features import FeatureSet
+    from mohico.eval.features import FeatureSet
 
     g = np.random.default_rng(4)
     tr_y, te_y = np.arange(100) % 5, np.arange(50) % 5
@@ -165,11 +166,11 @@ def test_topk_accuracy_and_self_exclusion():
 
 
 def test_eval_starts_and_center_box():
-    assert K.eval_starts(100, 4, 2, 1) == [46]                   # span 7, centred on frame 50 - 3.5
-    starts = K.eval_starts(100, 4, 2, 4)
+    assert C.eval_starts(100, 4, 2, 1) == [46]                   # span 7, centred on frame 50 - 3.5
+    starts = C.eval_starts(100, 4, 2, 4)
     assert starts == sorted(starts) and starts[0] >= 0 and starts[-1] <= 100 - 7
-    assert K.eval_starts(5, 4, 2, 3) == [0, 0, 0]                # too short: clamped (frames clamp too)
-    assert K.center_box(160, 112) == (24, 0, 112, 112)
+    assert C.eval_starts(5, 4, 2, 3) == [0, 0, 0]                # too short: clamped (frames clamp too)
+    assert C.center_box(160, 112) == (24, 0, 112, 112)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,8 @@ def labelled_shards(synth_videos, tmp_path_factory) -> Path:
 
 def test_clips_are_deterministic_and_labelled(labelled_shards, synth_videos):
     cfg = load_config(CONFIG)
-    a = list(K.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
-    b = list(K.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
+    a = list(C.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
+    b = list(C.iter_labelled(labelled_shards, cfg.data, clips_per_video=2))
     labels = json.loads((synth_videos / "labels.json").read_text())
     assert len(a) == len(labels) == 6
     assert sorted(v.label for v in a) == sorted(labels.values())

@@ -18,9 +18,9 @@ from torch import nn
 
 from mohico.config import load_config
 from mohico.errors import MohicoError
-from mohico.trainer import eval_protocols as P
-from mohico.trainer.eval_features import FeatureSet, extract_features
-from mohico.trainer.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
+from mohico.eval import protocols as P
+from mohico.eval.features import FeatureSet, extract_features
+from mohico.eval.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -117,7 +117,7 @@ def test_retrieval_defaults_to_coclr_centring_and_no_center_turns_it_off():
     assert default["retrieval_protocol"] == "coclr-centred" and recalls(default) == pytest.approx(centred, abs=1e-12)
     off = P.retrieval(train, test, ks=ks, center=False)
     assert off["retrieval_protocol"] == "uncentred" and recalls(off) == pytest.approx(plain, abs=1e-12)
-    from mohico.trainer.eval_report import results_table
+    from mohico.eval.report import results_table
     for res in (default, off):                                    # the printed table names the protocol too
         assert re.search(rf"^retrieval_protocol +\| +{res['retrieval_protocol']}$",
                          results_table({"protocol": "retrieval", **res}), flags=re.M)

@@ -67,7 +67,7 @@ def _pipe_list(tmp_path, synth_shards):
 
 def test_shard_list_with_a_command_is_refused(tmp_path, synth_shards):
     from mohico.datasets.load.pipeline import build_loader
-    from mohico.datasets.load.pipeline_stream import expand_shards
+    from mohico.datasets.shard_list import expand_shards
     from mohico.errors import ConfigError
 
     listing, marker, _ = _pipe_list(tmp_path, synth_shards)
@@ -87,7 +87,8 @@ def test_shard_list_with_a_command_is_refused(tmp_path, synth_shards):
 
 def test_shard_list_with_a_command_runs_when_allowed(tmp_path, synth_shards):
     from mohico.datasets.load.pipeline import build_loader
-    from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
+    from mohico.datasets.shard_list import expand_shards
+    from mohico.datasets.load.pipeline_stream import iter_shard
 
     listing, marker, first = _pipe_list(tmp_path, synth_shards)
     assert load_config(CONFIG).data.allow_commands is False

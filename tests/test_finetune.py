@@ -18,7 +18,8 @@ from mohico.errors import MohicoError
 from mohico.datasets.synthetic.benchmark_synth import synth_benchmark
 from mohico.datasets.load.sampling import stable_hash
 from mohico.errors import ConfigError
-from mohico.trainer.finetune import IGNORE, FinetuneModule, scan_labels
+from mohico.datasets.sample_schema import scan_labels
+from mohico.eval.finetune import IGNORE, FinetuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "finetune_tiny_cpu.yaml"

@@ -142,7 +142,7 @@ def shards_checks(cfg, world: int) -> tuple[list[str], list[str]]:
     """``(lines, errors)`` for ``data.shards`` at ``world`` ranks: they expand to files, the files
     give usable samples, the loader's start-up checks pass and the videos are as long as a clip."""
     from mohico.datasets.load.loader_checks import loader_start_problems, manifest_counts, shards_content_problem
-    from mohico.datasets.load.pipeline_stream import expand_shards
+    from mohico.datasets.shard_list import expand_shards
     from mohico.datasets.load.shard_geometry import clip_length_problem
     from mohico.errors import MohicoError
 

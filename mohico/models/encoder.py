@@ -29,7 +29,7 @@ from torch import nn
 
 from mohico.checkpoint_read import META, read_meta, resolve_checkpoint
 from mohico.config import load_config, to_dict
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.errors import MohicoError
 from mohico.models.backbone_file import BACKBONE_FORMAT, find_run_config, load_backbone, torch_load_cpu
 

@@ -2,7 +2,7 @@
 steps rank 0 embeds a small labelled shard set with the *current* online backbone and logs kNN
 top-1/top-5 (``knn/top1``, ``knn/top5``, ``knn/time_s``) to W&B and ``metrics.jsonl``.
 
-Cheap and side-effect free: deterministic centre clips (:func:`mohico.trainer.eval_protocols.features`,
+Cheap and side-effect free: deterministic centre clips (:func:`mohico.eval.protocols.features`,
 no augmentation, no cache), ``torch.no_grad``, the backbone in eval mode (BatchNorm statistics are
 read, not updated) and put back in its previous mode, no optimiser state touched, and the CPU
 RNG streams saved and restored around it -- a run with the monitor on follows the same
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mohico.trainer.rng import preserved_rng
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.write.shards_inputs import load_labels
-from mohico.trainer.eval_protocols import features, knn
+from mohico.eval.protocols import features, knn
 
 log = logging.getLogger("mohico.trainer")
 

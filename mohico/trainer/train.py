@@ -83,7 +83,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def _default_module(cfg):
     if cfg.finetune.backbone:            # fine-tuning: backbone + new head on labelled clips
-        from mohico.trainer.finetune import FinetuneModule   # (the eval stack: imported only to fine-tune)
+        from mohico.eval.finetune import FinetuneModule   # (the eval stack: imported only to fine-tune)
 
         return FinetuneModule(cfg)
 

@@ -131,3 +131,10 @@ class WandbLogger:
         elif errors:
             self.run = run
             self._fail(errors[0])
+
+
+def run_opener(cfg):
+    """``open_run(run_dir, run_id) -> WandbLogger`` on rank 0 for :func:`mohico.eval.report.log_wandb`:
+    resumes run ``run_id``, or starts a new run when it is None."""
+    return lambda run_dir, run_id: WandbLogger(cfg, run_dir, run_id or new_run_id(), rank=0,
+                                               resumed=run_id is not None)

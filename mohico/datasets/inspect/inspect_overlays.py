@@ -18,6 +18,7 @@ import numpy as np
 
 from mohico.datasets.load.pipeline import build_loader
 from mohico.datasets.load.sampling import ClipSampler, SampleDraw, sample_rng
+from mohico.datasets.sample_schema import typed_meta
 
 COLORS = [(255, 80, 80), (80, 200, 255), (120, 255, 120)]
 
@@ -58,9 +59,7 @@ def draw_sample(cfg, shard, sample: dict, progress: float = 0.0, epoch: int = 0,
     The seed is ``cfg.trainer.seed``; ``progress`` is the loader's training progress in [0, 1].
     """
     spec = worker_spec(cfg, shard, rank, max(int(world_size), int(rank) + 1))
-    meta = dict(sample["meta"])
-    for f in ("num_frames", "fps", "width", "height"):      # as prepare_sample normalises them
-        meta[f] = float(meta[f]) if f == "fps" else int(meta[f])
+    meta = typed_meta(sample["meta"])                     # as prepare_sample normalises them
     progress = min(max(float(progress), 0.0), 1.0)
     sampler = ClipSampler(spec.sampling, spec.data, spec.mcl, spec.hico, spec.views)
     rng = sample_rng(spec.seed, epoch, spec.rank, sample["key"])

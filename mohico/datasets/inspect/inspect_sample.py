@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, missing_meta_fields, split_name, video_member
 from mohico.errors import MohicoError
 from mohico.utils import atomic_write_bytes
 
@@ -39,8 +40,7 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
             for m in tar:
                 if not m.isreg():
                     continue
-                base = m.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
+                k, ext = split_name(m.name.rsplit("/", 1)[-1])
                 if key is not None and k != key:
                     seen[k] = None
                     continue
@@ -64,19 +64,19 @@ def read_sample(shard: str | os.PathLike, key: str | None = None) -> dict:
         raise MohicoError(f"{shard} has no sample {key!r}; its keys: {listed}")
     k = order[0]
     parts = files[k]
-    video_ext = next((e for e in ("webm", "mp4", "mkv") if e in parts), None)
-    if video_ext is None or "json" not in parts or "motion.npy" not in parts:
+    video_ext = video_member(parts)
+    if video_ext is None or JSON_MEMBER not in parts or MOTION_MEMBER not in parts:
         raise MohicoError(f"sample {k} in {shard} lacks a video, json or motion.npy member (has {sorted(parts)})")
     damaged = "the shard is damaged or was not written by `mohico shards` (rewrite it with `mohico shards`)"
     try:
-        meta = json.loads(parts["json"])
+        meta = json.loads(parts[JSON_MEMBER])
     except ValueError as e:
         raise MohicoError(f"sample {k} in {shard}: member {k}.json is not valid JSON ({e}); {damaged}") from None
-    missing = [f for f in ("fps", "num_frames", "width", "height") if not isinstance(meta, dict) or f not in meta]
+    missing = missing_meta_fields(meta)
     if missing:
         raise MohicoError(f"sample {k} in {shard}: member {k}.json lacks {', '.join(missing)}; {damaged}")
     try:
-        motion = np.load(io.BytesIO(parts["motion.npy"]), allow_pickle=False)
+        motion = np.load(io.BytesIO(parts[MOTION_MEMBER]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise MohicoError(f"sample {k} in {shard}: member {k}.motion.npy is not a numpy array ({e}); {damaged}") from None
     if motion.ndim != 3 or motion.shape[0] < 1:

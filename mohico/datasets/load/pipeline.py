@@ -48,7 +48,7 @@ from mohico.config_validate import shuffle_buffer_advice
 from mohico.datasets.load.batch import ClipBatch
 from mohico.datasets.load.loader_checks import loader_start_problems, no_usable_data_message
 from mohico.datasets.load.loader_workers import worker_process_options
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.load.pipeline_worker import ProgressSchedule, WorkerSpec, worker_items
 from mohico.errors import ConfigError, MohicoError
 

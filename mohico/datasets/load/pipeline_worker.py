@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import multiprocessing as mp
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from mohico.datasets.load.pipeline_stream import SampleStream
 from mohico.datasets.load.remux import DALI_CPU_CODECS, ClipRemuxer, decode_frames
 from mohico.datasets.load.sample_meta import BadSample, sample_meta
 from mohico.datasets.load.sampling import ClipSampler, sample_rng, stable_hash
+from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, parse_meta
 from mohico.errors import MohicoError
 
 
@@ -109,9 +109,9 @@ def prepare_sample(sample: dict, spec: WorkerSpec, sampler: ClipSampler, progres
     name = f"{sample.get('__url__', '?')}:{key}"
     meta, ext = sample_meta(sample, name)
     motion = None
-    if "motion.npy" in sample:
+    if MOTION_MEMBER in sample:
         try:
-            motion = np.load(io.BytesIO(sample["motion.npy"]), allow_pickle=False)
+            motion = np.load(io.BytesIO(sample[MOTION_MEMBER]), allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - numpy raises several types on bad bytes
             raise BadSample("bad_motion", f"{name}: unreadable motion.npy ({e})") from None
         if motion.ndim != 3 or motion.dtype != np.uint8 or motion.shape[0] < 1:
@@ -158,8 +158,8 @@ def draws_per_read(sample: dict, samples_per_read: int, seconds_per_sample: floa
     if R <= 1 or seconds_per_sample <= 0:
         return max(R, 1)
     try:
-        meta = json.loads(sample["json"])
-        duration = float(meta["num_frames"]) / float(meta["fps"])
+        meta = parse_meta(sample[JSON_MEMBER], ("num_frames", "fps"))
+        duration = meta["num_frames"] / meta["fps"]
     except Exception:  # noqa: BLE001 - bad json: prepare_sample counts it
         return 1
     if not np.isfinite(duration) or duration <= 0:

@@ -11,9 +11,9 @@ only the video member's presence counts, never its bytes).
 """
 from __future__ import annotations
 
-import json
+from mohico.datasets.sample_schema import JSON_MEMBER, VIDEO_EXTS, no_video_member, parse_meta, video_member
 
-VIDEO_EXTS = ("webm", "mp4", "mkv", "avi", "mov")
+__all__ = ["BadSample", "VIDEO_EXTS", "sample_meta"]
 
 
 class BadSample(Exception):
@@ -27,16 +27,14 @@ class BadSample(Exception):
 def sample_meta(sample: dict, name: str) -> tuple[dict, str]:
     """``(meta, video extension)`` of raw ``sample`` (``name``: where it is, for the messages)."""
     try:
-        meta = json.loads(sample["json"])
-        for f in ("num_frames", "fps", "width", "height"):
-            meta[f] = float(meta[f]) if f == "fps" else int(meta[f])
+        meta = parse_meta(sample[JSON_MEMBER])
         if meta["num_frames"] < 1 or meta["fps"] <= 0:
             raise ValueError("num_frames/fps out of range")
     except KeyError as e:
         raise BadSample("bad_json", f"{name}: metadata json missing or lacks {e}") from None
     except (ValueError, TypeError) as e:
         raise BadSample("bad_json", f"{name}: unreadable metadata json ({e})") from None
-    ext = next((e for e in VIDEO_EXTS if e in sample), None)
+    ext = video_member(sample)
     if ext is None:
-        raise BadSample("missing_video", f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
+        raise BadSample("missing_video", no_video_member(name))
     return meta, ext

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from mohico.datasets.load.crops import min_crop_side
 from mohico.datasets.load.pipeline_stream import iter_shard
 from mohico.datasets.load.sampling import clip_span, video_stride
+from mohico.datasets.sample_schema import JSON_MEMBER, json_members, parse_meta
 from mohico.errors import ConfigError
 
 
@@ -46,11 +47,11 @@ def shards_short_side(urls: Sequence[str]) -> Optional[tuple[int, str]]:
         except (KeyError, ValueError, TypeError, OSError):
             pass                                    # fall back to the first sample's json
     for sample in iter_shard(first):
-        if "json" not in sample:
+        if JSON_MEMBER not in sample:
             continue
         try:
-            meta = json.loads(sample["json"])
-            return min(int(meta["width"]), int(meta["height"])), f"{first}:{sample['__key__']}"
+            meta = parse_meta(sample[JSON_MEMBER], ("width", "height"))
+            return min(meta["width"], meta["height"]), f"{first}:{sample['__key__']}"
         except (KeyError, ValueError, TypeError):
             continue
     return None
@@ -84,15 +85,12 @@ def video_lengths(urls: Sequence[str], max_shards: int = 8) -> tuple[list[tuple[
         if not Path(url).is_file():
             continue
         try:
-            with tarfile.open(url) as tar:
-                for m in tar:
-                    if not (m.isfile() and m.name.endswith(".json")):
-                        continue
-                    try:
-                        meta = json.loads(tar.extractfile(m).read())
-                        out.append((int(meta["num_frames"]), float(meta["fps"])))
-                    except (KeyError, ValueError, TypeError):
-                        continue
+            for _, raw in json_members(url):
+                try:
+                    meta = parse_meta(raw, ("num_frames", "fps"))
+                    out.append((meta["num_frames"], meta["fps"]))
+                except (KeyError, ValueError, TypeError):
+                    continue
             read += 1
         except (tarfile.TarError, OSError):
             continue

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mohico.datasets.sample_schema import JSON_MEMBER, MOTION_MEMBER, label_for
 from mohico.datasets.write.motion import (CUT_FRACTION, FLOW_METHODS, SCALE_PERCENTILE, MotionMapper, make_flow,
                                           quantise)
 from mohico.datasets.write.shard_defaults import (DEFAULT_CODEC, DEFAULT_FLOW, DEFAULT_FPS,  # noqa: F401
                                                   DEFAULT_GOP, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MIN_FRAMES,
                                                   DEFAULT_SHORT_SIDE)
-from mohico.datasets.write.shards_inputs import (check_labels, file_sha256, label_for, list_inputs, load_labels,  # noqa: F401
+from mohico.datasets.write.shards_inputs import (check_labels, file_sha256, list_inputs, load_labels,  # noqa: F401
                                                  sample_key)
 from mohico.datasets.write.shards_tar import ShardTar, index_text
 from mohico.datasets.write.transcode import CODECS, SkipVideo, transcode
@@ -97,8 +98,8 @@ def make_sample(task: dict) -> dict:
     npy = io.BytesIO()
     np.save(npy, q, allow_pickle=False)
     res["files"] = [(f"{key}.{tc.ext}", tc.data),
-                    (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
-                    (f"{key}.motion.npy", npy.getvalue())]
+                    (f"{key}.{JSON_MEMBER}", json.dumps(meta, sort_keys=True).encode()),
+                    (f"{key}.{MOTION_MEMBER}", npy.getvalue())]
     res["frames"] = tc.num_frames
     return res
 

@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+from mohico.datasets.sample_schema import label_for
 from mohico.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -126,14 +127,6 @@ def check_labels(labels: dict, sources: list[str], where: str) -> int:
         log.warning("labels file %s gives no label to %d of the %d input videos (their label is None, e.g. %r); "
                     "%d of its labels name no input video", where, len(missing), len(sources), missing[0], len(unused))
     return len(labelled)
-
-
-def label_for(labels: dict, source: str):
-    """Exact source name, then file name, then file stem."""
-    for k in (source, Path(source).name, Path(source).stem):
-        if k in labels:
-            return labels[k]
-    return None
 
 
 def sample_key(source: str) -> str:

@@ -14,6 +14,8 @@ import os
 import tarfile
 from pathlib import Path
 
+from mohico.datasets.sample_schema import split_name
+
 BLOCK = tarfile.BLOCKSIZE            # 512
 RECORD = tarfile.RECORDSIZE          # 10240: tarfile pads the archive to a multiple of this
 INDEX_VERSION = "v1.2"
@@ -21,12 +23,6 @@ INDEX_VERSION = "v1.2"
 
 def _padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``"dir/abc.motion.npy"`` -> ``("dir/abc", "motion.npy")``: the key ends at the first dot of the basename."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return name[:dot], name[dot + 1:]
 
 
 class ShardTar:

@@ -125,9 +125,9 @@ def run(args) -> int:
 
     from mohico.config import load_config
     from mohico.datasets.write.shards_inputs import load_labels
-    from mohico.trainer.eval_protocols import run_protocol
-    from mohico.trainer.eval_report import log_wandb, results_table, write_results
-    from mohico.trainer.knn_eval import load_eval_backbone
+    from mohico.eval.protocols import run_protocol
+    from mohico.eval.report import log_wandb, results_table, write_results
+    from mohico.eval.knn import load_eval_backbone
 
     take_positional_overrides(args)
     protocol, ckpt = parse_target(args.target)
@@ -177,7 +177,9 @@ def run(args) -> int:
     if args.out:
         print(f"results: {write_results(res, args.out)}")
     if not args.no_wandb:
-        run_id = log_wandb(cfg, res, ckpt, args.out)
+        from mohico.trainer.wandb_log import run_opener
+
+        run_id = log_wandb(res, ckpt, args.out, run_opener(cfg))
         if run_id:
             print(f"W&B run {run_id}: eval/{protocol}/*")
     return 0
@@ -206,7 +208,7 @@ def run_finetune(args, ckpt: str) -> int:
     code = train_cmd.run(ns)
     result = Path(cfg.run.dir) / "finetune_test.json"
     if code == 0 and args.out and result.is_file():
-        from mohico.trainer.eval_report import write_results
+        from mohico.eval.report import write_results
 
         print(f"results: {write_results(json.loads(result.read_text()), args.out)}")
     return code

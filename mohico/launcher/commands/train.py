@@ -121,7 +121,8 @@ def finetune_test_after(cfg, code: int) -> int:
     """After a completed fine-tuning run, rank 0 measures multi-clip test accuracy (finetune.test_shards)."""
     if code != 0 or not cfg.finetune.backbone or not cfg.finetune.test_shards or os.environ.get("RANK", "0") != "0":
         return code
-    from mohico.trainer.finetune import finetune_test
+    from mohico.eval.finetune import finetune_test
+    from mohico.trainer.wandb_log import run_opener
 
-    finetune_test(cfg, progress=sys.stderr.isatty())
+    finetune_test(cfg, progress=sys.stderr.isatty(), open_run=run_opener(cfg))
     return 0

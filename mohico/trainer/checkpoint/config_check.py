@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mohico.errors import ConfigError
 from mohico.config import config_from_dict, config_hash, is_resume_safe, to_dict, trajectory_dict
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.shard_list import expand_shards
 
 log = logging.getLogger("mohico.trainer")
 

@@ -1,6 +1,6 @@
 """Evaluation protocols on frozen features: kNN, retrieval and linear probe (``mohico eval PROTOCOL``).
 
-Python API (stable; every protocol takes two labelled :class:`~mohico.trainer.eval_features.FeatureSet`
+Python API (stable; every protocol takes two labelled :class:`~mohico.eval.features.FeatureSet`
 and returns a JSON-able dict):
 
 - ``features(backbone, cfg, shards, labels=None, clips_per_video=1, spatial_crops=1, cache_dir=None, ...)``
@@ -21,9 +21,9 @@ test video queries the train videos by cosine similarity; recall@k is the fracti
 video of their class among the k nearest. ``center=False`` (``--no-center``) skips the centring:
 plain cosine of the video features. The result names which (``"retrieval_protocol"``:
 ``"coclr-centred"`` or ``"uncentred"``). CoCLR averages its clips' raw features; here the views are
-L2-normalised before the mean. **kNN**: :mod:`mohico.trainer.knn_eval` (a class no neighbour voted
+L2-normalised before the mean. **kNN**: :mod:`mohico.eval.knn` (a class no neighbour voted
 for is never a top-5 hit; ties to the lower class index). **Linear**: a linear classifier trained on
-every view of the train videos (:func:`mohico.trainer.linear_probe.fit_linear`), its learning rate and weight decay
+every view of the train videos (:func:`mohico.eval.linear_probe.fit_linear`), its learning rate and weight decay
 picked by stratified k-fold cross-validation on train (video-level top-1 pooled over the folds;
 ``folds=1``: one stratified held-out part), then refit on all of train;
 test top-1/top-5 from the softmax averaged over a video's views. In every protocol a test video
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from mohico.errors import MohicoError
-from mohico.trainer.eval_features import FeatureSet, class_index, extract_features
-from mohico.trainer.knn_eval import knn_vote, ranked_classes, topk_accuracy
-from mohico.trainer.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
+from mohico.eval.features import FeatureSet, class_index, extract_features
+from mohico.eval.knn import knn_vote, ranked_classes, topk_accuracy
+from mohico.eval.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
 PROTOCOLS = ("knn", "retrieval", "linear")
 RECALL_KS = (1, 5, 10, 20, 50)
@@ -82,7 +82,7 @@ def _common(train: FeatureSet, test: FeatureSet, classes) -> dict:
 # --------------------------------------------------------------------------- kNN
 def knn(train: FeatureSet, test: FeatureSet, k: int = 20, temperature: float = 0.07) -> dict:
     """Weighted kNN top-1/top-5 of ``test`` videos voted by ``train`` videos (video features ``(V, D)``;
-    :mod:`mohico.trainer.knn_eval`): a hit when the label is among the first n classes by descending
+    :mod:`mohico.eval.knn`): a hit when the label is among the first n classes by descending
     score (ties to the lower class index) of the classes that got a vote; ``pred`` is the first."""
     classes, (ty, qy) = class_index(train.labels, test.labels)
     exclude = _self_pairs(test, train)

@@ -1,8 +1,8 @@
 """Frozen-backbone features of labelled shards, extracted once and cached (the input of every
-evaluation protocol: :mod:`mohico.trainer.eval_protocols`).
+evaluation protocol: :mod:`mohico.eval.protocols`).
 
 Per video: ``clips_per_video`` deterministic temporal clips (centred in equal segments) x
-``spatial_crops`` squares of the short side (:func:`mohico.trainer.knn_eval.crop_boxes`), each
+``spatial_crops`` squares of the short side (:func:`mohico.datasets.load.eval_clips.crop_boxes`), each
 embedded by the backbone and L2-normalised: ``FeatureSet.feats: (V, C, D)`` float32 with
 ``C = clips_per_video * spatial_crops`` views, clip-major.
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mohico.datasets.load.pipeline_stream import expand_shards
-from mohico.datasets.write.shards_inputs import label_for
+from mohico.datasets.shard_list import expand_shards
+from mohico.datasets.load.eval_clips import iter_labelled
+from mohico.datasets.sample_schema import sample_label
 from mohico.errors import MohicoError
-from mohico.trainer.knn_eval import iter_labelled
 from mohico.utils import atomic_write_bytes
 
 CACHE_VERSION = 1
@@ -61,10 +61,7 @@ class FeatureSet:
         if not labels:
             return self
 
-        new = []
-        for key, src, old in zip(self.keys, self.sources, self.labels):
-            lab = label_for(labels, src) if src else None
-            new.append(lab if lab is not None else labels.get(key, old))
+        new = [sample_label(labels, src, key, old) for key, src, old in zip(self.keys, self.sources, self.labels)]
         return replace(self, labels=new)
 
     def labelled(self, where: str = "shards") -> "FeatureSet":
@@ -108,7 +105,7 @@ def _count_videos(shards) -> Optional[int]:
 @torch.no_grad()
 def embed_views(backbone: nn.Module, videos, device: torch.device, batch_size: int = 16,
                 progress: bool = False, desc: str = "features", total: Optional[int] = None) -> FeatureSet:
-    """Embed every view of every :class:`~mohico.trainer.knn_eval.LabelledVideo` of ``videos``,
+    """Embed every view of every :class:`~mohico.datasets.load.eval_clips.LabelledVideo` of ``videos``,
     batched over views; returns raw labels (None where the shards have none)."""
     from tqdm import tqdm
 

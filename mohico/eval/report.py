@@ -3,18 +3,19 @@
 W&B: when the checkpoint is a run directory (or one of its checkpoints) whose checkpoint meta
 records a ``wandb_run_id``, the results go to that pretraining run (``wandb.init(id=..., resume=
 "allow")`` in ``RUN_DIR/wandb``) at the checkpoint's step; otherwise to a new run of their own in
-the output file's folder. Keys are ``eval/<protocol>/<metric>``. Mode follows ``wandb.mode`` /
-``WANDB_MODE`` like training (offline without an API key); failures only warn.
+the output file's folder. Keys are ``eval/<protocol>/<metric>``. The caller opens the run
+(``open_run``, e.g. :func:`mohico.trainer.wandb_log.run_opener`: mode from ``wandb.mode`` /
+``WANDB_MODE`` like training, offline without an API key; failures only warn), so evaluation
+never imports the trainer.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mohico.checkpoint_read import read_meta, resolve_checkpoint
-from mohico.trainer.wandb_log import WandbLogger, new_run_id
 from mohico.utils import atomic_write_bytes
 
 SCALARS_HIDDEN = ("per_video", "search", "ks")
@@ -78,18 +79,20 @@ def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
     return Path(ckdir).parent, str(run_id), int(meta.get("step", 0))
 
 
-def log_wandb(cfg, results: dict, ckpt, out: Optional[str]) -> Optional[str]:
-    """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used."""
+def log_wandb(results: dict, ckpt, out: Optional[str], open_run: Callable) -> Optional[str]:
+    """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used.
+    ``open_run(run_dir, run_id)`` opens the run (``run_id`` None: a new one) and returns a logger with
+    ``run`` (None when W&B is off or failed), ``run_id``, ``log(metrics, step)`` and ``finish()``."""
     protocol = results.get("protocol", "eval")
     found = pretraining_run(ckpt)
     if found is not None:
         run_dir, run_id, step = found
     else:
         run_dir = Path(out).resolve().parent if out else Path.cwd()
-        run_id, step = new_run_id(), 0
-    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=found is not None)
+        run_id, step = None, 0
+    logger = open_run(run_dir, run_id)
     if logger.run is None:
         return None
     logger.log({f"eval/{protocol}/{k}": v for k, v in scalar_metrics(results).items()}, step=step)
     logger.finish()
-    return run_id
+    return logger.run_id

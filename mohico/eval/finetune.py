@@ -20,9 +20,7 @@ printed as a table and logged to the run's W&B run (``eval/finetune/*``).
 """
 from __future__ import annotations
 
-import json
 import logging
-import tarfile
 from pathlib import Path
 from typing import Optional
 
@@ -32,43 +30,17 @@ from torch import nn
 
 from mohico.errors import ConfigError, MohicoError
 from mohico.checkpoint_read import load_module_state
-from mohico.datasets.load.pipeline_stream import expand_shards
+from mohico.datasets.load.eval_clips import iter_labelled
 from mohico.datasets.load.sampling import stable_hash
-from mohico.datasets.write.shards_inputs import label_for, load_labels
+from mohico.datasets.sample_schema import sample_label, scan_labels
+from mohico.datasets.write.shards_inputs import load_labels
 from mohico.models.backbones import build_backbone
-from mohico.trainer.eval_features import class_index
-from mohico.trainer.eval_report import log_wandb, results_table, write_results
-from mohico.trainer.knn_eval import iter_labelled, load_eval_backbone, topk_accuracy
+from mohico.eval.features import class_index
+from mohico.eval.report import log_wandb, results_table, write_results
+from mohico.eval.knn import load_eval_backbone, topk_accuracy
 
 log = logging.getLogger("mohico.trainer")
 IGNORE = -100
-
-
-def scan_labels(shards, labels: Optional[dict] = None) -> dict[str, object]:
-    """``{key: label}`` of every sample of ``shards`` (its json ``label``, or ``labels`` by source
-    name / file name / stem / key), reading only the json members; unlabelled samples are absent."""
-
-    out: dict[str, object] = {}
-    for url in expand_shards(shards):
-        try:
-            with tarfile.open(url) as tar:
-                for m in tar:
-                    if not m.name.endswith(".json") or "." in m.name[:-5].split("/")[-1]:
-                        continue
-                    key = m.name[:-5].split("/")[-1]
-                    meta = json.loads(tar.extractfile(m).read())
-                    lab = None
-                    if labels:
-                        src = str(meta.get("source", ""))
-                        lab = (label_for(labels, src) if src else None)
-                        lab = lab if lab is not None else labels.get(key)
-                    if lab is None:
-                        lab = meta.get("label")
-                    if lab is not None:
-                        out[key] = lab
-        except (OSError, tarfile.TarError, ValueError) as e:
-            raise MohicoError(f"{url}: cannot read the labels of the shard ({type(e).__name__}: {e})") from e
-    return out
 
 
 def sorted_classes(values) -> list:
@@ -143,9 +115,10 @@ class FinetuneModule(nn.Module):
 
 
 @torch.no_grad()
-def finetune_test(cfg, progress: bool = False) -> dict:
+def finetune_test(cfg, progress: bool = False, open_run=None) -> dict:
     """Multi-clip test accuracy of the run's latest checkpoint (module docstring); writes
-    ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run."""
+    ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run, opened by
+    ``open_run`` (:func:`mohico.eval.report.log_wandb`; None: no W&B)."""
     from tqdm import tqdm
 
 
@@ -166,10 +139,7 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     videos = iter_labelled(ft.test_shards, cfg.data, ft.test_clips, "finetune.test_shards", ft.test_crops,
                            require_label=False)
     for v in tqdm(videos, desc="finetune test", unit="video", disable=not progress, dynamic_ncols=True):
-        lab = v.label
-        if labels:
-            lab = label_for(labels, v.source) if v.source else None
-            lab = lab if lab is not None else labels.get(v.key, v.label)
+        lab = sample_label(labels, v.source, v.key, v.label)
         if lab is None:
             skipped += 1
             continue
@@ -196,5 +166,6 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     print(f"fine-tuned {cfg.model.backbone} on {len(ys)} test videos, {ft.test_clips} clip(s) x {ft.test_crops} "
           f"crop(s): top-1 {100 * acc['top1']:.2f}%  top-5 {100 * acc['top5']:.2f}%")
     write_results(res, run_dir / "finetune_test.json")
-    log_wandb(cfg, res, run_dir, None)
+    if open_run is not None:
+        log_wandb(res, run_dir, None, open_run)
     return res

@@ -12,46 +12,30 @@ The top-n prediction is the first n classes by descending score, ties to the low
 among the classes that got at least one vote: a class none of the ``k`` neighbours voted for is
 never a hit (with k = 1, top-5 = top-1), as in solo-learn's ``WeightedKNNClassifier``.
 
-A video's embedding is the mean of the L2-normalised pooled backbone embeddings of
-``clips_per_video`` clips (``data.clip_len`` frames at ``data.frame_stride``, centred in equal
-segments of the video; one clip = the centre clip), each a centre square crop of the short side
-resized to ``data.crop_size`` and normalised with ``data.mean`` / ``data.std`` -- deterministic,
-no augmentation. Clips are cut with :class:`mohico.datasets.load.remux.ClipRemuxer`, decoded by
-:func:`mohico.datasets.load.remux.decode_frames` and transformed by
-:func:`mohico.datasets.load.pipeline_cpu.transform_clip` (the training pipeline's PyAV path).
+A video's embedding is the mean of the L2-normalised pooled backbone embeddings of its
+deterministic evaluation clips (``clips_per_video`` clips centred in equal segments of the video,
+each a centre square crop, no augmentation), which :mod:`mohico.datasets.load.eval_clips` builds.
 
 Labels are the shard json's ``label`` field (``mohico shards --labels``); integer or string
 labels are mapped to class indices in sorted order of the union of train and val labels. A val
 video whose key is also in the train set is not its own neighbour (leave-one-out), so the same
 shards can be given as both sets.
 
-This module holds the pieces the protocols build on (the vote, the labelled-video reader, the
-backbone of a checkpoint); :func:`mohico.trainer.eval_protocols.knn_eval` runs the whole kNN
+This module holds the pieces the protocols build on (the vote, the backbone of a checkpoint); :func:`mohico.eval.protocols.knn_eval` runs the whole kNN
 evaluation (features of both sets, then the vote).
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from mohico.datasets.load.pipeline_cpu import transform_clip
-from mohico.datasets.load.pipeline_stream import expand_shards, iter_shard
-from mohico.datasets.load.remux import ClipRemuxer, decode_frames
-from mohico.datasets.load.sampling import clip_frames, clip_span, max_start, video_stride
 from mohico.errors import MohicoError
 from mohico.models.backbone_file import load_checkpoint_state
 from mohico.models.backbones import build_backbone
 from mohico.models.torchvision_import import torchvision_backbone_state, torchvision_name
-
-IDENTITY_AUG = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "grayscale": False,
-                "blur_sigma": 0.0, "flip": False}
-VIDEO_EXTS = ("webm", "mkv", "mp4")
 
 
 # --------------------------------------------------------------------------- kNN math
@@ -123,78 +107,6 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         hit = (order[:, :kk] == labels[:, None]).any(dim=1) & ok
         out[f"top{k}"] = int(hit.sum()) / max(n, 1)
     return out
-
-
-# --------------------------------------------------------------------------- deterministic clips
-def eval_starts(num_frames: int, clip_len: int, stride: float, clips: int) -> list[int]:
-    """Start frames of ``clips`` clips centred in equal segments of the video (1: the centre clip)."""
-    span, hi = clip_span(clip_len, stride), max_start(num_frames, clip_len, stride)
-    return [int(min(max(round((i + 0.5) * num_frames / clips - span / 2), 0), hi)) for i in range(clips)]
-
-
-def center_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred square of the short side, ``(x, y, w, h)`` whole pixels."""
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side, side
-
-
-def crop_boxes(width: int, height: int, crops: int = 1) -> list[tuple[int, int, int, int]]:
-    """``crops`` squares of the short side spread evenly along the long side (1: the centre square;
-    3: left/centre/right, or top/centre/bottom for portrait frames -- the 3-crop test protocol)."""
-    if crops < 1:
-        raise MohicoError(f"spatial crops must be >= 1, got {crops}")
-    if crops == 1:
-        return [center_box(width, height)]
-    side = min(width, height)
-    slack_x, slack_y = width - side, height - side
-    return [(round(i * slack_x / (crops - 1)), round(i * slack_y / (crops - 1)), side, side) for i in range(crops)]
-
-
-@dataclass
-class LabelledVideo:
-    key: str
-    label: object            # None when the shards carry no label (only with require_label=False)
-    clips: np.ndarray        # (clips_per_video * spatial_crops, 3, T, S, S) float32, normalised; clip-major
-    source: str = ""
-
-
-def iter_labelled(shards, data_cfg, clips_per_video: int = 1, where: str = "shards", spatial_crops: int = 1,
-                  require_label: bool = True) -> Iterator[LabelledVideo]:
-    """Every sample of ``shards`` (pattern, folder or list file) as deterministic clips + label:
-    ``clips_per_video`` temporal clips x ``spatial_crops`` crops (:func:`crop_boxes`) each.
-    Raises MohicoError for a sample that cannot be read, and (``require_label``) for one without
-    a ``label``."""
-    for url in expand_shards(shards, allow_commands=getattr(data_cfg, "allow_commands", False)):
-        errors: list[str] = []
-        for sample in iter_shard(url, errors):
-            name = f"{url}:{sample['__key__']}"
-            try:
-                meta = json.loads(sample["json"])
-                num_frames, fps = int(meta["num_frames"]), float(meta["fps"])
-                width, height = int(meta["width"]), int(meta["height"])
-            except (KeyError, ValueError, TypeError) as e:
-                raise MohicoError(f"{name}: no readable metadata json ({type(e).__name__}: {e})") from None
-            label = meta.get("label")
-            if label is None and require_label:
-                raise MohicoError(f"{name}: the {where} carry no labels (json 'label' is missing or null); "
-                                  f"write them with `mohico shards SRC OUT --labels LABELS.json` or give "
-                                  f"them at eval time with `--labels LABELS.json`")
-            ext = next((e for e in VIDEO_EXTS if e in sample), None)
-            if ext is None:
-                raise MohicoError(f"{name}: no video member ({'/'.join(VIDEO_EXTS)})")
-            boxes = crop_boxes(width, height, spatial_crops)
-            out = []
-            stride = video_stride(data_cfg.frame_stride, data_cfg.reference_fps, fps)   # same seconds as training
-            with ClipRemuxer(sample[ext], fps, name) as rem:
-                for start in eval_starts(num_frames, data_cfg.clip_len, stride, clips_per_video):
-                    fr = clip_frames(start, data_cfg.clip_len, stride, num_frames)
-                    cut = rem.cut(int(fr.min()), int(fr.max()))
-                    frames = decode_frames(cut.data, fr - cut.key_frame, name)
-                    out.extend(transform_clip(frames, box, IDENTITY_AUG, data_cfg.crop_size, data_cfg.mean,
-                                              data_cfg.std) for box in boxes)
-            yield LabelledVideo(str(sample["__key__"]), label, np.stack(out), str(meta.get("source", "")))
-        if errors:
-            raise MohicoError(f"{url}: cannot read the shard to its end: {errors[0]}")
 
 
 # --------------------------------------------------------------------------- backbone from a checkpoint
