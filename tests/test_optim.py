@@ -33,6 +33,22 @@ def test_warmup_cosine_schedule_points():
     assert all(a < b for a, b in zip(lr[:10], lr[1:11])) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
 
 
+def test_warmup_from_an_absolute_start_lr():
+    """HiCo's warm-up (SlowFast ``lr_policy.get_lr_at_epoch``): linear from ``WARMUP_START_LR`` (0.001,
+    not scaled with the batch) to the peak; ``warmup_start_lr: 0`` keeps ``lr * warmup_start_factor``."""
+    common = ("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=32", "optim.warmup_epochs=2",
+              "trainer.steps_per_epoch=5", "trainer.max_steps=30", "optim.min_lr=0.0")
+    cfg = cfg_with(*common, "optim.warmup_start_lr=0.001")
+    peak = 0.3 * 8 * 32 / 256
+    for s in range(10):
+        assert lr_at(s, cfg, world_size=8) == pytest.approx(0.001 + (peak - 0.001) * s / 10, rel=1e-12)
+    assert lr_at(10, cfg, world_size=8) == pytest.approx(peak, rel=1e-12)
+    factor = cfg_with(*common, "optim.warmup_start_factor=0.1")
+    assert factor.optim.warmup_start_lr == 0.0
+    assert lr_at(0, factor, world_size=8) == pytest.approx(0.1 * peak, rel=1e-12)
+    assert lr_at(5, factor, world_size=8) == pytest.approx(peak * (0.1 + 0.9 * 0.5), rel=1e-12)
+
+
 def test_lr_scales_with_global_batch():
     cfg = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=8", "trainer.grad_accum=2")
     assert base_lr(cfg, world_size=4) == pytest.approx(0.3 * 64 / 256)
@@ -145,6 +161,61 @@ def test_lars_matches_float64_reference():
     for p, r in zip(params, ref):
         np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-5, atol=1e-6)
     assert any(flags) and not all(flags)
+
+
+def nesterov_lars_reference(ws, grads, lr, mom, wd, eta, lars_flags, eps=1e-8):
+    """float64 numpy LARS with Nesterov momentum, from the definition (Sutskever et al. 2013, in
+    PyTorch's form): ``v_t = mom v_{t-1} + d_t`` (``v_1 = d_1``), ``w_t = w_{t-1} - lr (d_t + mom v_t)``,
+    i.e. the step looks ahead along the updated velocity."""
+    ws = [w.astype(np.float64).copy() for w in ws]
+    vs = [np.zeros_like(w) for w in ws]
+    for t, step_grads in enumerate(grads):
+        for i, (w, g) in enumerate(zip(ws, step_grads)):
+            g = g.astype(np.float64)
+            d = g
+            if lars_flags[i]:
+                wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+                trust = eta * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
+                d = (g + wd * w) * trust
+            vs[i] = d if t == 0 else mom * vs[i] + d
+            ws[i] = w - lr * (d + mom * vs[i])
+    return ws
+
+
+def test_lars_nesterov_matches_float64_reference():
+    torch.manual_seed(0)
+    net = Net()
+    cfg = cfg_with("optim.name=lars", "optim.weight_decay=0.01", "optim.lars_eta=0.02", "optim.momentum=0.9",
+                   "optim.nesterov=true")
+    opt = build_optimizer(cfg, net)
+    set_lr(opt, 0.5)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    flags = [g["lars"] for g in opt.param_groups]
+    w0 = [p.detach().numpy().copy() for p in params]
+    rng = np.random.default_rng(1)
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(4)]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.from_numpy(g)
+        opt.step()
+    ref = nesterov_lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags)
+    plain = lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags)
+    for p, r, q in zip(params, ref, plain):
+        np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-5, atol=1e-6)
+        assert np.abs(r - q).max() > 1e-3                     # Nesterov is not the plain momentum step
+    # SGD gets the flag too (PyTorch's own Nesterov)
+    sgd = build_optimizer(cfg_with("optim.name=sgd", "optim.nesterov=true"), Net())
+    assert all(g["nesterov"] for g in sgd.param_groups)
+
+
+@pytest.mark.parametrize("overrides,key", [(("optim.name=adamw", "optim.nesterov=true"), "optim.nesterov"),
+                                           (("optim.momentum=0", "optim.nesterov=true"), "optim.nesterov"),
+                                           (("optim.warmup_start_lr=-0.1",), "optim.warmup_start_lr")])
+def test_bad_nesterov_or_start_lr_is_refused_naming_the_key(overrides, key):
+    from mohico.config_validate import validate
+    from mohico.errors import ConfigError
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg_with(*overrides))
 
 
 def _partitioned_worker(rank, world):
