@@ -1,8 +1,10 @@
-"""MCL motion-crop scale: the area distribution of `motion_crop_box`, before vs after the official rule.
+"""MCL motion-crop scale: the area distribution of `motion_crop_box` (the percentile rule), before vs after
+its sizes were tried in the order drawn.
 
 Before (commit c7978db and earlier): the random sizes were sorted smallest first, so the box was
 almost always the smallest size that reached the coverage. After: sizes in the order drawn, the
-first box reaching the coverage, else the best-coverage box seen (MCL's official code). Both run
+first box reaching the coverage, else the best-coverage box seen (as MCL's official code orders them;
+its full rule is `crop_rule: official`, `mohico.datasets.load.crops.official_crop_box`). Both run
 side by side in one process on the same maps with the same seeds; "before" is the function as it
 was at ``--before`` (read from git history, so the comparison stays reproducible).
 

@@ -14,6 +14,8 @@ frozen features with kNN, retrieval and the linear probe (`mohico.eval.protocols
                 (these four with the pool draw, sampling.mcl_temporal=pool: mohico before 2026-12-06)
     mcl-halves  mcl with the official code's temporal draw (query and key from different halves):
                 the config as shipped
+    mcl-halves-ocrop  mcl-halves with the released code's spatial crop (sampling.crop_rule=official: the top
+                cells of a 7 x 7 grid) instead of the percentile rule; everything else equal
     mcl-official, -adamw, -noaug, -inbatch, sanity-loader...: one component changed at a time
                 (ARMS; benchmarks/reports/2026-12-06-mcl-positive-pairs.md)
     sanity      in-batch NT-Xent on two different moving clips of a video (the ground truth's),
@@ -79,6 +81,7 @@ ARMS: dict[str, list[str] | None] = {
     "nce+ts+sc": [NO_MAL, POOL],
     "mcl": [POOL],
     "mcl-halves": ["sampling.mcl_temporal=halves"],
+    "mcl-halves-ocrop": [HALVES, "sampling.crop_rule=official"],   # mcl-halves with the official code's crop rule
     "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
     "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],
     "mcl-halves-adamw": [HALVES, *ADAMW],

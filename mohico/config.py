@@ -80,9 +80,12 @@ class SamplingConfig:
     delta: float = 1.0                 # Delta (seconds, centre to centre) reached at the end of training
     gradual: bool = True               # delta_max = progress * Delta; False: always Delta
     far_min_gap: float = 0.0           # v_k at least this many seconds from v_i (0: anywhere)
-    # MCL motion-focused spatial cropping
-    crop_percentile: float = 90.0
-    crop_coverage: float = 0.8
+    # MCL motion-focused spatial cropping (docs/METHODS.md section 1.2)
+    crop_rule: Literal["percentile", "official"] = "percentile"   # percentile: the paper's text (a share of
+                                       # the cells above crop_percentile, crop_coverage); official: the released
+                                       # code (the top 4 cells of a 7 x 7 grid, coverage 0.9 / 0.8 / 0.7 by size)
+    crop_percentile: float = 90.0      # percentile rule only
+    crop_coverage: float = 0.8         # percentile rule only
     crop_area: list[float] = field(default_factory=lambda: [0.2, 1.0])
     crop_aspect: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     crop_max_sizes: int = 20
@@ -190,7 +193,10 @@ class OptimConfig:
     decay_norm_and_bias: bool = False  # True: every parameter decays (MCL's official SGD); False: BN/bias exempt (HiCo, MoCo v3)
     lars_eta: float = 0.001
     warmup_epochs: float = 5.0
-    warmup_start_factor: float = 0.01  # warm-up starts at lr * this
+    warmup_start_factor: float = 0.01  # warm-up starts at lr * this (unless warmup_start_lr > 0)
+    warmup_start_lr: float = 0.0       # > 0: warm-up starts at this lr, as given (not scaled with the batch;
+                                       # HiCo's OPTIMIZER.WARMUP_START_LR); 0: lr * warmup_start_factor
+    nesterov: bool = False             # Nesterov momentum (sgd, lars; HiCo's LARS: OPTIMIZER.NESTEROV)
     min_lr: float = 1e-6               # cosine floor
     rewarm: bool = False               # a resume that raises trainer.max_steps restarts the cosine from the peak lr
                                        # (a warm restart) instead of continuing from the old schedule's lr (which,

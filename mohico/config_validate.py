@@ -63,6 +63,11 @@ def validate(cfg) -> None:
     need(0 <= cfg.sampling.motion_prob <= 1, "sampling.motion_prob", "must lie in [0, 1]")
     need(cfg.sampling.delta > 0, "sampling.delta", "must be > 0 seconds")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.warmup_start_lr >= 0, "optim.warmup_start_lr",
+         "must be >= 0 (0: the warm-up starts at optim.lr * optim.warmup_start_factor)")
+    need(not cfg.optim.nesterov or (cfg.optim.name in ("sgd", "lars") and cfg.optim.momentum > 0), "optim.nesterov",
+         f"Nesterov momentum needs optim.name sgd or lars and optim.momentum > 0 (got {cfg.optim.name!r}, "
+         f"momentum {cfg.optim.momentum}); set optim.nesterov=false")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs 2 values")
     check_backbone(cfg.model.backbone, cfg.model.backbone_options)
     if cfg.model.init:

@@ -43,6 +43,14 @@ def test_paper_hyperparameters():
     assert (hico.objectives.hico.focal_gamma, hico.sampling.delta, hico.data.frame_stride) == (0.5, 1.0, 4)
     assert hico.sampling.crop_area == [0.324, 0.576]
     assert hico.data.augment.color_jitter == [0.8, 0.8, 0.8, 0.2]
+    # official pt-k400f/s3dg-hico-l.yaml (alibaba-mmai-research/HiCo): global-batch negatives, 500 epochs
+    # with 50 warm-up epochs from lr 0.001, LARS with Nesterov; its blur is a 1 x 1 kernel, the identity
+    assert not hico.objectives.hico.use_bank
+    assert hico.trainer.max_steps == 500 * hico.trainer.steps_per_epoch and hico.optim.warmup_epochs == 50
+    assert (hico.optim.warmup_start_lr, hico.optim.nesterov) == (0.001, True)
+    assert hico.data.augment.blur_prob == 0.0
+    assert mcl.sampling.crop_rule == "official" and mcl.model.init == ""
+    assert load_config(ROOT / "configs" / "base.yaml").sampling.crop_rule == "percentile"
     ms = load_config(ROOT / "configs" / "msnet_r50.yaml")
     assert ms.model.backbone == "msnet_resnet50"
     assert ms.model.backbone_options["radius"] == 7 and ms.model.backbone_options["temperature"] == 100.0

@@ -156,6 +156,20 @@ def test_a_moco_v2_checkpoint_gives_its_query_encoder(net2d, tmp_path):
     torch.testing.assert_close(r3d.stem[0].weight[:, :, 1], sd["conv1.weight"] / 3)
 
 
+def test_a_resnet50_checkpoint_is_refused_not_mixed_in(tmp_path):
+    """The fault: the released MoCo v2 checkpoint (a ResNet-50, what MCL's official code starts from)
+    given to model.init loaded 80 tensors whose names and shapes happened to match R(2+1)D-18 (BNs,
+    some 3x3 convs) and left the rest random: a silent mix. A bottleneck ResNet is refused."""
+    from torchvision.models import resnet50
+
+    sd = resnet50().state_dict()
+    path = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in sd.items()}}, path)
+    with pytest.raises(ConfigError, match=r"'model.init': .*moco_v2_200ep_pretrain.pth.tar holds a bottleneck ResNet "
+                                          r"\(ResNet-50 or deeper.*layer1.0.conv3.weight.*ResNet-18"):
+        read_2d_state(path)
+
+
 class _NotATensor:
     pass
 

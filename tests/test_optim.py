@@ -33,6 +33,22 @@ def test_warmup_cosine_schedule_points():
     assert all(a < b for a, b in zip(lr[:10], lr[1:11])) and all(a >= b for a, b in zip(lr[10:], lr[11:]))
 
 
+def test_warmup_from_an_absolute_start_lr():
+    """HiCo's warm-up (SlowFast ``lr_policy.get_lr_at_epoch``): linear from ``WARMUP_START_LR`` (0.001,
+    not scaled with the batch) to the peak; ``warmup_start_lr: 0`` keeps ``lr * warmup_start_factor``."""
+    common = ("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=32", "optim.warmup_epochs=2",
+              "trainer.steps_per_epoch=5", "trainer.max_steps=30", "optim.min_lr=0.0")
+    cfg = cfg_with(*common, "optim.warmup_start_lr=0.001")
+    peak = 0.3 * 8 * 32 / 256
+    for s in range(10):
+        assert lr_at(s, cfg, world_size=8) == pytest.approx(0.001 + (peak - 0.001) * s / 10, rel=1e-12)
+    assert lr_at(10, cfg, world_size=8) == pytest.approx(peak, rel=1e-12)
+    factor = cfg_with(*common, "optim.warmup_start_factor=0.1")
+    assert factor.optim.warmup_start_lr == 0.0
+    assert lr_at(0, factor, world_size=8) == pytest.approx(0.1 * peak, rel=1e-12)
+    assert lr_at(5, factor, world_size=8) == pytest.approx(peak * (0.1 + 0.9 * 0.5), rel=1e-12)
+
+
 def test_lr_scales_with_global_batch():
     cfg = cfg_with("optim.lr=0.3", "optim.scale_lr_with_batch=true", "data.batch_size=8", "trainer.grad_accum=2")
     assert base_lr(cfg, world_size=4) == pytest.approx(0.3 * 64 / 256)
@@ -109,8 +125,11 @@ def test_build_optimizer_and_set_lr(name, cls):
     assert all(g["lr"] == 0.123 for g in opt.param_groups)
 
 
-def lars_reference(ws, grads, lr, mom, wd, eta, lars_flags, eps=1e-8):
-    """float64 numpy LARS: per layer trust = eta |w| / (|g| + wd |w| + eps), momentum SGD."""
+def lars_reference(ws, grads, lr, mom, wd, eta, lars_flags, eps=1e-8, nesterov=False):
+    """float64 numpy LARS: per layer trust = eta |w| / (|g| + wd |w| + eps), momentum SGD. With
+    ``nesterov``, Nesterov momentum from its definition (Sutskever et al. 2013, PyTorch's form): the
+    velocity ``v_t = mom v_{t-1} + d_t`` (``v_1 = d_1``) and the step ``w_t = w_{t-1} - lr (d_t + mom v_t)``,
+    a look-ahead along the updated velocity."""
     ws = [w.astype(np.float64).copy() for w in ws]
     bufs = [None] * len(ws)
     for step_grads in grads:
@@ -122,29 +141,48 @@ def lars_reference(ws, grads, lr, mom, wd, eta, lars_flags, eps=1e-8):
                 trust = eta * wn / (gn + wd * wn + eps) if wn > 0 and gn > 0 else 1.0
                 d = (g + wd * w) * trust
             bufs[i] = d.copy() if bufs[i] is None else mom * bufs[i] + d
-            ws[i] = w - lr * bufs[i]
+            ws[i] = w - lr * (d + mom * bufs[i] if nesterov else bufs[i])
     return ws
 
 
-def test_lars_matches_float64_reference():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_matches_float64_reference(nesterov):
     torch.manual_seed(0)
     net = Net()
     opt = build_optimizer(cfg_with("optim.name=lars", "optim.weight_decay=0.01", "optim.lars_eta=0.02",
-                                   "optim.momentum=0.9"), net)
+                                   "optim.momentum=0.9", f"optim.nesterov={str(nesterov).lower()}"), net)
     set_lr(opt, 0.5)
     params = [p for g in opt.param_groups for p in g["params"]]
     flags = [g["lars"] for g in opt.param_groups]
     w0 = [p.detach().numpy().copy() for p in params]
     rng = np.random.default_rng(0)
-    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(3)]
+    grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params] for _ in range(4)]
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = torch.from_numpy(g)
         opt.step()
-    ref = lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags)
-    for p, r in zip(params, ref):
+    ref = lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags, nesterov=nesterov)
+    other = lars_reference(w0, grads, 0.5, 0.9, 0.01, 0.02, flags, nesterov=not nesterov)
+    for p, r, q in zip(params, ref, other):
         np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-5, atol=1e-6)
+        assert np.abs(r - q).max() > 1e-3                     # the two momentum forms differ here
     assert any(flags) and not all(flags)
+
+
+def test_sgd_takes_the_nesterov_flag():
+    """PyTorch's SGD has Nesterov momentum of its own: the key reaches it."""
+    assert all(g["nesterov"] for g in build_optimizer(cfg_with("optim.name=sgd", "optim.nesterov=true"), Net()).param_groups)
+    assert not any(g["nesterov"] for g in build_optimizer(cfg_with("optim.name=sgd"), Net()).param_groups)
+
+
+@pytest.mark.parametrize("overrides,key", [(("optim.name=adamw", "optim.nesterov=true"), "optim.nesterov"),
+                                           (("optim.momentum=0", "optim.nesterov=true"), "optim.nesterov"),
+                                           (("optim.warmup_start_lr=-0.1",), "optim.warmup_start_lr")])
+def test_bad_nesterov_or_start_lr_is_refused_naming_the_key(overrides, key):
+    from mohico.config_validate import validate
+    from mohico.errors import ConfigError
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg_with(*overrides))
 
 
 def _partitioned_worker(rank, world):

@@ -286,7 +286,11 @@ def _inside(box, gt):
     return iw * ih / (gt[2] * gt[3])
 
 
-def test_motion_crop_box_covers_the_moving_object(synth_shards, synth_videos):
+@pytest.mark.parametrize("rule", ["percentile", "official"])
+def test_motion_crop_box_covers_the_moving_object(synth_shards, synth_videos, rule):
+    from mohico.datasets.load.crops import official_crop_box
+
+    crop = official_crop_box if rule == "official" else (lambda m, rng: S.motion_crop_box(m, rng=rng))
     ious = {"motion": [], "random": []}
     inside = {"motion": [], "random": []}
     rng = np.random.default_rng(0)
@@ -307,13 +311,13 @@ def test_motion_crop_box_covers_the_moving_object(synth_shards, synth_videos):
             x1, y1 = (boxes[:, 0] + boxes[:, 2]).max() * sx, (boxes[:, 1] + boxes[:, 3]).max() * sy
             gt_box = (x0, y0, x1 - x0, y1 - y0)
             for _ in range(20):
-                box, method = S.motion_crop_box(motion[frames].mean(axis=0), rng=rng)
+                box, method = crop(motion[frames].mean(axis=0), rng)
                 if method == "motion":
                     px = [v * stride for v in box]
                     ious["motion"].append(_iou(px, gt_box))
                     inside["motion"].append(_inside(px, gt_box))
-                    # the same size anywhere in the frame: the crop's scale is random (MCL's
-                    # official rule), so its focus is judged against boxes of its own size
+                    # the same size anywhere in the frame: the crop's scale is random (both
+                    # rules), so its focus is judged against boxes of its own size
                     w, h = min(px[2], meta["width"]), min(px[3], meta["height"])
                     rb = (rng.uniform(0, meta["width"] - w), rng.uniform(0, meta["height"] - h), w, h)
                     ious["random"].append(_iou(rb, gt_box))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mohico.config import Config
+from mohico.datasets.load import crops as C
 from mohico.datasets.load import sampling as S
 
 
@@ -223,6 +224,146 @@ def test_motion_crop_box_takes_the_first_drawn_box_that_covers():
         np.testing.assert_allclose(box, cands[np.flatnonzero(ref >= 0.8 - 1e-9)[0]])
 
 
+# ---------------------------------------------------------------- MCL's crop, the official rule
+def grid_map(cells, value=1.0, n=7, k=2, noise=0.0, seed=0):
+    """An ``(n k) x (n k)`` S-motion map: ``value`` on the given cells of the n x n grid (each k x k map
+    cells), ``noise`` x U(0, 1) elsewhere."""
+    m = noise * np.random.default_rng(seed).random((n * k, n * k))
+    for r, c in cells:
+        m[r * k:(r + 1) * k, c * k:(c + 1) * k] = value
+    return m
+
+
+def replay_official(shape, seed, area=(0.2, 1.0), aspect=(3 / 4, 4 / 3), sizes=20, positions=40):
+    """The official rule's candidate boxes, replayed from the seed: the first drawn size that fits
+    (the whole map allowed) and its positions, in the order tried (None: no size fits)."""
+    H, W = shape
+    r = rng(seed)
+    a = r.uniform(area[0], area[1], size=sizes) * H * W
+    ar = np.exp(r.uniform(np.log(aspect[0]), np.log(aspect[1]), size=sizes))
+    for w, h in zip(np.sqrt(a * ar), np.sqrt(a / ar)):
+        if w <= W + 1e-9 and h <= H + 1e-9:
+            w, h = min(w, W), min(h, H)
+            xy = r.random((positions, 2)) * np.array([W - w, H - h])
+            return [(x, y, w, h) for x, y in xy]
+    return None
+
+
+def area_inside(target, box):
+    """Fraction of ``target``'s area inside ``box`` (two rectangles: the overlap's width x height)."""
+    tx, ty, tw, th = target
+    x, y, w, h = box
+    ow = max(0.0, min(tx + tw, x + w) - max(tx, x))
+    oh = max(0.0, min(ty + th, y + h) - max(ty, y))
+    return ow * oh / (tw * th)
+
+
+def test_pool_grid_is_the_area_mean():
+    m = rng(1).random((14, 14))
+    np.testing.assert_allclose(C.pool_grid(m), m.reshape(7, 2, 7, 2).mean(axis=(1, 3)), atol=1e-12)
+    # 10 x 12 cells onto 7 x 7: each map cell split in 7 x 7 pieces, then 10 x 12 blocks of pieces
+    m = rng(2).random((10, 12))
+    up = np.kron(m, np.ones((7, 7)))
+    np.testing.assert_allclose(C.pool_grid(m), up.reshape(7, 10, 7, 12).mean(axis=(1, 3)), atol=1e-12)
+    np.testing.assert_allclose(C.pool_grid(np.full((3, 4), 2.5)), np.full((7, 7), 2.5))   # coarser than the grid
+
+
+@pytest.mark.parametrize("cells,box,need", [
+    ([(0, 0), (0, 1), (1, 0), (1, 1)], (0, 0, 2, 2), 0.9),          # 4 cells: a 2 x 2 box
+    ([(6, 6), (6, 5), (5, 6), (4, 6)], (5, 4, 2, 3), 0.8),          # bottom-right corner, 2 x 3 = 6 cells
+    ([(3, 1), (3, 4), (5, 2), (4, 3)], (1, 3, 4, 3), 0.7),          # 4 x 3 = 12 cells
+    ([(0, 0), (0, 6), (6, 0), (6, 6)], (0, 0, 7, 7), 0.0),          # the four corners: 49 cells
+    ([(2, 0), (2, 1), (2, 5), (2, 6)], (0, 2, 7, 1), 0.8),          # a 7 x 1 row: 7 cells
+])
+def test_top_cell_box_and_the_coverage_it_needs(cells, box, need):
+    grid = 0.01 * rng(3).random((7, 7))
+    for i, (r, c) in enumerate(cells):
+        grid[r, c] = 1.0 + 0.1 * i
+    got, want = C.top_cell_box(grid)
+    assert got == box and want == need
+
+
+def test_top_cell_box_ties_take_the_later_cells_first():
+    """As ``np.argsort(...)[::-1]`` in the official code: on a flat grid, the last 4 cells."""
+    assert C.top_cell_box(np.ones((7, 7))) == ((3.0, 6.0, 4.0, 1.0), 0.9)
+
+
+def test_rect_coverage_is_the_target_area_inside():
+    r = rng(4)
+    target = (3.0, 2.0, 4.0, 6.0)
+    boxes = np.column_stack([r.uniform(0, 8, (50, 2)), r.uniform(0.5, 8, (50, 2))])
+    ref = [area_inside(target, b) for b in boxes]
+    np.testing.assert_allclose(C.rect_coverage(target, boxes), ref, atol=1e-12)
+    # and against a supersampled count of the target's area (k x k points)
+    k = 400
+    yy, xx = (np.mgrid[0:k, 0:k] + 0.5) / k
+    xx, yy = 3.0 + 4.0 * xx, 2.0 + 6.0 * yy
+    for b, want in zip(boxes[:10], C.rect_coverage(target, boxes[:10])):
+        x, y, w, h = b
+        assert abs(((xx >= x) & (xx < x + w) & (yy >= y) & (yy < y + h)).mean() - want) < 0.006
+
+
+@pytest.mark.parametrize("corner", [(0, 0), (5, 5), (0, 5)])
+def test_official_crop_covers_a_corner_block_at_0_9(corner):
+    """Motion in a 2 x 2 block of grid cells in a corner: the box to cover is that block, at 0.9.
+    The crop taken is the first replayed position that covers 0.9 of it, else the best position."""
+    r0, c0 = corner
+    cells = [(r0, c0), (r0, c0 + 1), (r0 + 1, c0), (r0 + 1, c0 + 1)]
+    m = grid_map(cells, noise=0.05, seed=r0 + c0)
+    target = (2.0 * c0, 2.0 * r0, 4.0, 4.0)             # 2 map cells per grid cell
+    taken, first = [], []
+    for seed in range(60):
+        box, method = C.official_crop_box(m, rng(seed))
+        cands = replay_official(m.shape, seed)
+        cov = np.array([area_inside(target, c) for c in cands])
+        assert method == "motion"
+        want = int(np.flatnonzero(cov >= 0.9)[0]) if (cov >= 0.9).any() else int(np.argmax(cov))
+        np.testing.assert_allclose(box, cands[want], atol=1e-9)
+        x, y, w, h = box
+        assert x >= -1e-9 and y >= -1e-9 and x + w <= 14 + 1e-9 and y + h <= 14 + 1e-9
+        taken.append(area_inside(target, box))
+        first.append(cov[0])                            # a plain random position of the same size
+    taken, first = np.array(taken), np.array(first)
+    assert (taken >= 0.9).mean() >= 0.25 and taken.mean() > first.mean() + 0.3, (taken.mean(), first.mean())
+
+
+def test_official_crop_motion_over_more_than_12_cells_is_a_plain_random_crop():
+    m = grid_map([(0, 0), (0, 6), (6, 0), (6, 6)], noise=0.05)
+    for seed in range(20):
+        box, method = C.official_crop_box(m, rng(seed))
+        assert method == "random"
+        np.testing.assert_allclose(box, S.random_resized_crop(14, 14, rng(seed), attempts=20))
+    assert C.official_crop_box(np.zeros((14, 14)), rng(0))[1] == "random"      # a flat map: no motion
+
+
+def test_official_crop_allows_the_full_frame():
+    """A size of the whole map is a candidate (the percentile rule never takes the whole frame)."""
+    m = grid_map([(3, 3), (3, 4), (4, 3), (4, 4)], noise=0.05)
+    box, method = C.official_crop_box(m, rng(0), area=(1.0, 1.0), aspect=(1.0, 1.0))
+    assert method == "motion"
+    np.testing.assert_allclose(box, (0.0, 0.0, 14.0, 14.0), atol=1e-9)
+    assert S.motion_crop_box(m, 90, 0.8, rng(0), area=(1.0, 1.0), aspect=(1.0, 1.0))[1] == "random"
+
+
+def test_official_crop_when_no_size_fits_spans_the_motion_box_from_a_corner():
+    """No drawn size fits (aspect 2 at the full area on a square map): the official
+    ``crop_from_corners``, a box inside the map that holds the whole top-cell box."""
+    m = grid_map([(2, 3), (2, 4), (3, 3), (3, 4)], noise=0.05)
+    target = (6.0, 4.0, 4.0, 4.0)
+    for seed in range(30):
+        (x, y, w, h), method = C.official_crop_box(m, rng(seed), area=(0.9, 1.0), aspect=(2.0, 2.0))
+        assert method == "motion"
+        assert x >= 0 and y >= 0 and x + w <= 14 + 1e-9 and y + h <= 14 + 1e-9
+        assert area_inside(target, (x, y, w, h)) == 1.0
+
+
+def test_official_crop_is_deterministic_with_a_seeded_rng():
+    m = blob_map(box=(3, 15, 6, 5), seed=1)
+    a = [C.official_crop_box(m, rng(s)) for s in range(10)]
+    b = [C.official_crop_box(m, rng(s)) for s in range(10)]
+    assert a == b and len({x[0] for x in a}) == 10
+
+
 def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov statistic (numpy)."""
     a, b = np.sort(a), np.sort(b)
@@ -373,3 +514,28 @@ def test_cut_free_starts_reference_and_fallback():
     assert cs.candidates(meta) is None
     d = cs.sample(meta, None, rng(3))
     assert (d.frames < 60).all() and d.frames.shape == (3, 8)
+
+
+@pytest.mark.parametrize("rule", ["official", "percentile"])
+def test_clip_sampler_crops_by_the_configured_rule(rule):
+    """``sampling.crop_rule`` picks the box function; the sampled pixel boxes are its map boxes in
+    pixels, and they hold the moving blob (rows 5-8, columns 12-16 of the 15 x 20 grid)."""
+    cfg = Config()
+    cfg.data.clip_len, cfg.data.frame_stride, cfg.data.motion_size = 8, 2, 7
+    cfg.sampling.crop_rule = rule
+    cs = S.ClipSampler(cfg.sampling, cfg.data, mcl=True, hico=False)
+    meta, motion = meta_with_shots()
+    m = motion[120].astype(np.float64)
+    area, aspect = cfg.sampling.crop_area, cfg.sampling.crop_aspect
+    ref = ((lambda s, r: C.official_crop_box(s, r, area, aspect)) if rule == "official"
+           else (lambda s, r: S.motion_crop_box(s, 90, 0.8, r, area, aspect)))
+    for seed in range(5):
+        assert cs.motion_crop(m, rng(seed)) == ref(m, rng(seed))
+    blob = (12 * 8, 5 * 8, 5 * 8, 4 * 8)                   # in pixels (8-pixel cells)
+    inside = []
+    for i in range(100):
+        d = cs.sample(meta, motion, S.sample_rng(0, 0, 0, f"r{i}"))
+        for v in range(2):
+            if d.crop_methods[v] == "motion" and d.frames[v].min() >= 100 and d.frames[v].max() < 200:
+                inside.append(area_inside(blob, d.boxes[v]))
+    assert len(inside) >= 50 and np.mean(inside) > 0.8, (len(inside), np.mean(inside))

@@ -11,6 +11,9 @@ Files (read with ``torch.load(weights_only=True)``: tensors and plain values, ne
 - a MoCo v2 checkpoint ``{'state_dict': {'module.encoder_q.conv1.weight': ...}}``: the query
   encoder's keys, prefix stripped (``encoder_k``, ``queue`` and the ``fc`` MLP head are dropped).
 
+A bottleneck ResNet (ResNet-50 and deeper, ``layerL.B.conv3``: the released MoCo v2 checkpoints) is
+refused: only some of its tensors would fit a ResNet-18 by name and shape.
+
 Inflation (I3D, Carreira & Zisserman 2017): a 2D kernel ``W: (O, I, kh, kw)`` becomes the 3D
 kernel ``W3[:, :, t] = W / kt`` for each of the ``kt`` time taps, so on a clip of identical
 frames the 3D conv gives the 2D conv's output at every frame away from the clip's ends (where
@@ -89,6 +92,12 @@ def read_2d_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ConfigError(f"'model.init': {path} is not a ResNet state_dict (no 'conv1.weight' among its keys, "
                           f"e.g. {keys[:4]}); give torchvision.models.resnet18().state_dict() saved with "
                           f"torch.save, or a MoCo v2 checkpoint")
+    bottleneck = sorted(k for k in out if re.fullmatch(r"layer\d+\.\d+\.conv3\.weight", k))
+    if bottleneck:
+        raise ConfigError(f"'model.init': {path} holds a bottleneck ResNet (ResNet-50 or deeper: {bottleneck[0]!r}); "
+                          f"model.init inflates ResNet-18 weights into r3d_18 / r2plus1d_18, and a ResNet-50's "
+                          f"layers would only partly fit (the released MoCo v2 checkpoints are ResNet-50s): give a "
+                          f"ResNet-18 state_dict or MoCo v2 ResNet-18 checkpoint, or model.init='' for a random init")
     return out
 
 

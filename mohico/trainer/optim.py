@@ -46,16 +46,17 @@ def base_lr(cfg, world_size: int) -> float:
 
 
 def lr_at(step: int, cfg, world_size: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up from
-    ``lr * warmup_start_factor`` over ``warmup_epochs * steps_per_epoch`` steps, then a half-cosine
-    from ``lr`` down to ``min_lr`` at ``trainer.max_steps``."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up from ``start`` over
+    ``warmup_epochs * steps_per_epoch`` steps, then a half-cosine from ``lr`` down to ``min_lr`` at
+    ``trainer.max_steps``. ``start`` is ``optim.warmup_start_lr`` as given when it is > 0 (HiCo's
+    ``WARMUP_START_LR``: 0.001 whatever the batch), else ``lr * warmup_start_factor``."""
     peak = base_lr(cfg, world_size)
     o, t = cfg.optim, cfg.trainer
     warmup = int(round(o.warmup_epochs * t.steps_per_epoch))
     warmup = min(warmup, t.max_steps)
     if step < warmup:
-        f = o.warmup_start_factor
-        return peak * (f + (1.0 - f) * step / warmup)
+        start = o.warmup_start_lr if o.warmup_start_lr > 0 else peak * o.warmup_start_factor
+        return start + (peak - start) * step / warmup
     span = max(1, t.max_steps - warmup)
     frac = min(1.0, (step - warmup) / span)
     floor = min(o.min_lr, peak)
@@ -136,15 +137,20 @@ class LARS(torch.optim.Optimizer):
 
     For a group with ``lars=True`` (one layer): ``trust = eta * |w| / (|g| + wd * |w| + eps)``
     (1 if either norm is 0), ``d = (g + wd * w) * trust``; groups with ``lars=False`` (biases,
-    norms) use ``d = g`` with no decay. Then ``buf = momentum * buf + d``; ``w -= lr * buf``.
+    norms) use ``d = g`` with no decay. Then ``buf = momentum * buf + d``; ``w -= lr * buf``, or with
+    ``nesterov`` ``w -= lr * (d + momentum * buf)`` (PyTorch's SGD form; HiCo's LARS, ``models/utils/lars.py``
+    of alibaba-mmai-research/HiCo, folds the lr into ``d``, the same update at a constant lr).
 
     ``partitioned=True``: each group holds this rank's slice of one layer (ZeRO 1/2 flat
     partitions); the squared norms are summed over the default process group before use.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001, eps: float = 1e-8, partitioned: bool = False):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, lars=True)
+                 eta: float = 0.001, eps: float = 1e-8, partitioned: bool = False, nesterov: bool = False):
+        if nesterov and momentum <= 0:
+            raise ConfigError("'optim.nesterov': Nesterov momentum needs optim.momentum > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, lars=True,
+                        nesterov=nesterov)
         super().__init__(params, defaults)
         self.partitioned = partitioned
 
@@ -185,7 +191,7 @@ class LARS(torch.optim.Optimizer):
                         buf = state["momentum_buffer"] = d.detach().clone()
                     else:
                         buf.mul_(mom).add_(d)
-                    d = buf
+                    d = d.add(buf, alpha=mom) if group["nesterov"] else buf
                 p.add_(d, alpha=-lr)
         return loss
 
@@ -225,11 +231,12 @@ def build_optimizer(cfg, module: torch.nn.Module, partitioned: bool = False) -> 
     every = o.decay_norm_and_bias
     if o.name == "sgd":
         return torch.optim.SGD(param_groups(module, o.weight_decay, decay_norm_and_bias=every), lr=o.lr,
-                               momentum=o.momentum)
+                               momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "adamw":
         return torch.optim.AdamW(param_groups(module, o.weight_decay, decay_norm_and_bias=every), lr=o.lr,
                                  betas=tuple(o.betas))
     if o.name == "lars":
         return LARS(param_groups(module, o.weight_decay, per_parameter=True, decay_norm_and_bias=every), lr=o.lr,
-                    momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta, partitioned=partitioned)
+                    momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_eta, partitioned=partitioned,
+                    nesterov=o.nesterov)
     raise ConfigError(f"'optim.name': unknown optimizer {o.name!r} (sgd, adamw, lars)")

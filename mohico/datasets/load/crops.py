@@ -5,6 +5,11 @@ cells for :func:`motion_crop_box`, pixels for :func:`random_resized_crop` on a f
 :func:`pixel_box` rounds a cell box to whole stored-frame pixels. ``area`` ranges are fractions of
 the map's (frame's) area, ``aspect`` ranges are w / h. :func:`min_crop_side` is the shortest side
 any of these crops can have, which the loader compares with ``data.crop_size``.
+
+MCL's crop comes in two rules (``sampling.crop_rule``, docs/METHODS.md section 1.2):
+:func:`official_crop_box` (the released code's rule: the top cells of a 7 x 7 grid give a box that
+the crop must cover in part) and :func:`motion_crop_box` (the percentile rule: the crop must hold
+a share of the cells above a percentile of the map).
 """
 from __future__ import annotations
 
@@ -97,7 +102,7 @@ def motion_crop_box(s_motion: np.ndarray, percentile: float = 90.0, coverage: fl
                     area: Sequence[float] = (0.2, 1.0), aspect: Sequence[float] = (3 / 4, 4 / 3),
                     max_sizes: int = 20, max_positions: int = 40, allow_full: bool = False
                     ) -> tuple[tuple[float, float, float, float], str]:
-    """MCL's motion-focused crop (docs/METHODS.md section 1.2) on an S-motion map, the official rule.
+    """MCL's motion-focused crop (docs/METHODS.md section 1.2) on an S-motion map, the percentile rule.
 
     s_motion: ``(H, W)`` map (cells assumed square in pixels). The candidates of
     :func:`motion_crop_candidates` (``max_sizes`` random sizes in the order drawn, ``max_positions``
@@ -106,7 +111,8 @@ def motion_crop_box(s_motion: np.ndarray, percentile: float = 90.0, coverage: fl
     best coverage (the first of equals). The crop's scale therefore keeps its random draw: on a
     map whose hot cells any box covers, the area is ~U(area) (restricted to sizes that fit). The
     whole frame is never a candidate unless ``allow_full``. A flat map (no hot cells) or no size
-    that fits gives a plain random resized crop.
+    that fits gives a plain random resized crop. (The released code tries the positions of the
+    first size that fits only, and scores them on the box of its top cells: :func:`official_crop_box`.)
 
     Returns ``((x, y, w, h), method)`` with method ``"motion"`` or ``"random"``; the box is in
     the map's coordinates (floats, cell units).
@@ -123,6 +129,107 @@ def motion_crop_box(s_motion: np.ndarray, percentile: float = 90.0, coverage: fl
             k = int(good[0]) if len(good) else int(np.argmax(cov))
             return tuple(float(v) for v in boxes.reshape(-1, 4)[k]), "motion"
     return random_resized_crop(H, W, rng, area, aspect), "random"
+
+
+# --------------------------------------------------------------------------- the official rule
+OFFICIAL_GRID = 7              # the official code's S-motion grid (7 x 7 over the frame)
+OFFICIAL_TOP_FRACTION = 0.1    # its hot cells: the top floor(7 * 7 * 0.1) = 4 cells
+OFFICIAL_COVERAGE = ((4, 0.9), (8, 0.8), (12, 0.7))   # (top-cell box area in cells <=, coverage needed)
+
+
+def pool_grid(s_motion: np.ndarray, rows: int = OFFICIAL_GRID, cols: int = OFFICIAL_GRID) -> np.ndarray:
+    """Area-weighted block means of an ``(H, W)`` map on a ``rows x cols`` grid over the same extent.
+
+    Output cell ``(i, j)`` is the mean of the map over ``[j W / cols, (j + 1) W / cols) x
+    [i H / rows, (i + 1) H / rows)``, input cells counted by the fraction of them inside (so any
+    ``H, W`` works, smaller than the grid too). Returns ``(rows, cols)`` float64.
+    """
+    s = np.asarray(s_motion, dtype=np.float64)
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:      # (n_out, n_in): overlap of out cell i with in cell k
+        edges = np.arange(n_out + 1) * (n_in / n_out)
+        k = np.arange(n_in)
+        w = np.clip(np.minimum(edges[1:, None], k + 1.0) - np.maximum(edges[:-1, None], k), 0.0, None)
+        return w / w.sum(axis=1, keepdims=True)
+
+    return weights(s.shape[0], rows) @ s @ weights(s.shape[1], cols).T
+
+
+def top_cell_box(grid: np.ndarray, fraction: float = OFFICIAL_TOP_FRACTION
+                 ) -> tuple[tuple[float, float, float, float], float]:
+    """The official code's motion box and the coverage it asks for (``get_cor``).
+
+    grid: ``(h, w)`` pooled S-motion. Its top ``floor(h * w * fraction)`` cells (ties: the later cell
+    in row-major order first, as ``argsort(...)[::-1]``) span a bounding box of ``c`` cells; the
+    coverage needed is 0.9 / 0.8 / 0.7 for ``c <= 4 / 8 / 12`` and 0 (no motion box: a plain random
+    resized crop) above. Returns ``((x, y, w, h), coverage)``, the box in grid cells.
+    """
+    g = np.asarray(grid, dtype=np.float64)
+    h, w = g.shape
+    k = max(1, int(math.floor(h * w * fraction)))
+    idx = np.argsort(g.reshape(-1), kind="stable")[::-1][:k]
+    rows, cols = idx // w, idx % w
+    x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+    cells = int((x1 - x0) * (y1 - y0))
+    need = next((cov for limit, cov in OFFICIAL_COVERAGE if cells <= limit), 0.0)
+    return (float(x0), float(y0), float(x1 - x0), float(y1 - y0)), need
+
+
+def rect_coverage(target: Sequence[float], boxes: np.ndarray) -> np.ndarray:
+    """Fraction of the ``target`` rectangle's area inside each box (the official ``ratio_row *
+    ratio_col``). target ``(x, y, w, h)``; boxes ``(..., 4)``; returns ``boxes.shape[:-1]``."""
+    tx, ty, tw, th = (float(v) for v in target)
+    b = np.asarray(boxes, dtype=np.float64)
+    ox = np.clip(np.minimum(b[..., 0] + b[..., 2], tx + tw) - np.maximum(b[..., 0], tx), 0.0, None)
+    oy = np.clip(np.minimum(b[..., 1] + b[..., 3], ty + th) - np.maximum(b[..., 1], ty), 0.0, None)
+    return (ox / tw) * (oy / th)
+
+
+def official_crop_box(s_motion: np.ndarray, rng: np.random.Generator,
+                      area: Sequence[float] = (0.2, 1.0), aspect: Sequence[float] = (3 / 4, 4 / 3),
+                      max_sizes: int = 20, max_positions: int = 40
+                      ) -> tuple[tuple[float, float, float, float], str]:
+    """MCL's motion-focused crop as the released code draws it (``ClipRandomResizedCropMotion``).
+
+    s_motion: ``(H, W)`` S-motion map (cells assumed square in pixels). It is pooled to the 7 x 7
+    grid (:func:`pool_grid`); :func:`top_cell_box` gives the box of its top 4 cells and the coverage
+    needed. Up to ``max_sizes`` sizes are drawn (area fraction ~ U(area), log-uniform aspect); the
+    first that fits the map (the whole map included) gets up to ``max_positions`` uniform positions,
+    and the first position whose crop covers the needed fraction of the top-cell box is taken, else
+    the best of those positions (the first of equals). Later sizes are drawn only while a size does
+    not fit. No size fits: a box from a random point up-left of the top-cell box to its far corner,
+    or from its near corner to a random point down-right (a fair coin; ``crop_from_corners``).
+    A top-cell box of more than 12 cells, or a flat map (no motion), gives a plain random resized crop.
+
+    Returns ``((x, y, w, h), method)`` with method ``"motion"`` or ``"random"``, the box in map cells.
+    """
+    s = np.asarray(s_motion, dtype=np.float64)
+    H, W = s.shape
+    if not s.max() > s.min():
+        return random_resized_crop(H, W, rng, area, aspect), "random"
+    (gx, gy, gw, gh), need = top_cell_box(pool_grid(s))
+    if need == 0.0:
+        return random_resized_crop(H, W, rng, area, aspect, attempts=max_sizes), "random"
+    sx, sy = W / OFFICIAL_GRID, H / OFFICIAL_GRID
+    target = (gx * sx, gy * sy, gw * sx, gh * sy)
+    a = rng.uniform(area[0], area[1], size=max_sizes) * H * W
+    ar = np.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1]), size=max_sizes))
+    ws, hs = np.sqrt(a * ar), np.sqrt(a / ar)
+    fits = np.flatnonzero((ws <= W + 1e-9) & (hs <= H + 1e-9))
+    if len(fits):
+        w, h = min(float(ws[fits[0]]), W), min(float(hs[fits[0]]), H)
+        pos = rng.random((max_positions, 2)) * np.array([W - w, H - h])
+        boxes = np.column_stack([pos, np.full(max_positions, w), np.full(max_positions, h)])
+        cov = rect_coverage(target, boxes)
+        good = np.flatnonzero(cov >= need - 1e-12)
+        k = int(good[0]) if len(good) else int(np.argmax(cov))
+        return tuple(float(v) for v in boxes[k]), "motion"
+    x0, y0, x1, y1 = target[0], target[1], target[0] + target[2], target[1] + target[3]
+    if rng.random() < 0.5:
+        x0, y0 = rng.uniform(0.0, x0), rng.uniform(0.0, y0)
+    else:
+        x1, y1 = rng.uniform(x1, W), rng.uniform(y1, H)
+    return (float(x0), float(y0), float(x1 - x0), float(y1 - y0)), "motion"
 
 
 def min_crop_side(short_side: float, area: Sequence[float], aspect: Sequence[float]) -> float:

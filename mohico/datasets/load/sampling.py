@@ -36,7 +36,8 @@ from mohico.datasets.load.temporal import (clip_frames, clip_offsets, clip_score
                                            cut_free_starts, gradual_delta, hico_starts, high_motion_starts,
                                            max_start, mcl_half_starts, mcl_starts, top_ranked, video_stride)
 from mohico.datasets.load.crops import (box_coverage, crop_resize_maps, hot_mask, min_crop_side,  # noqa: F401
-                                        motion_crop_box, motion_crop_candidates, pixel_box, random_resized_crop)
+                                        motion_crop_box, motion_crop_candidates, official_crop_box, pixel_box,
+                                        random_resized_crop)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -173,6 +174,17 @@ class ClipSampler:
         starts = rng.choice(every, size=1 + self.views // 2).astype(np.int64)
         return (np.concatenate([starts[:1], starts]) if self.views == 4 else starts), False, dmax
 
+    def motion_crop(self, s_motion: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[tuple[float, float, float, float], str]:
+        """MCL's crop box on one clip's ``(gh, gw)`` S-motion map, by ``sampling.crop_rule``
+        (``((x, y, w, h)`` in map cells, ``"motion"`` or ``"random"``)."""
+        s = self.s
+        if s.crop_rule == "official":
+            return official_crop_box(s_motion, rng, s.crop_area, s.crop_aspect, s.crop_max_sizes,
+                                     s.crop_max_positions)
+        return motion_crop_box(s_motion, s.crop_percentile, s.crop_coverage, rng, s.crop_area, s.crop_aspect,
+                               s.crop_max_sizes, s.crop_max_positions)
+
     def sample(self, meta: dict, motion: Optional[np.ndarray], rng: np.random.Generator,
                progress: Optional[float] = None) -> SampleDraw:
         """All views of one video.
@@ -200,10 +212,7 @@ class ClipSampler:
                 idx = np.minimum(frames[v], motion.shape[0] - 1)
                 maps_all = motion[idx].astype(np.float32) * (scale / 255.0)      # (T, gh, gw)
             if self.mcl and self.s.motion_crop and maps_all is not None:   # MCL's crop; HiCo alone: random
-                box, method = motion_crop_box(
-                    maps_all.mean(axis=0), self.s.crop_percentile, self.s.crop_coverage, rng,
-                    self.s.crop_area, self.s.crop_aspect, self.s.crop_max_sizes,
-                    self.s.crop_max_positions)
+                box, method = self.motion_crop(maps_all.mean(axis=0), rng)
             else:
                 box, method = None, "random"
             if method == "random":     # plain random resized crop over the whole frame, in pixels
