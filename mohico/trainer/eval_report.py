@@ -1,10 +1,12 @@
 """Reporting an evaluation: a table on stdout, a JSON file, and W&B.
 
-W&B: when the checkpoint is a run directory (or one of its checkpoints) whose checkpoint meta
-records a ``wandb_run_id``, the results go to that pretraining run (``wandb.init(id=..., resume=
-"allow")`` in ``RUN_DIR/wandb``) at the checkpoint's step; otherwise to a new run of their own in
-the output file's folder. Keys are ``eval/<protocol>/<metric>``. Mode follows ``wandb.mode`` /
-``WANDB_MODE`` like training (offline without an API key); failures only warn.
+W&B: every evaluation is a run of its own (a new id, ``job_type="eval"``). When the checkpoint is a
+run directory (or one of its checkpoints) whose checkpoint meta records a ``wandb_run_id``, the
+run is in that run's group (``group=<its id>``), named ``<run>-eval-<protocol>-step<N>``, kept in
+``RUN_DIR/wandb`` and logged at the checkpoint's step (not into the pretraining run itself: W&B
+drops what a resumed run logs at a step below its last, e.g. an earlier checkpoint's results);
+otherwise it is kept in the output file's folder, at step 0. Keys are ``eval/<protocol>/<metric>``.
+Mode follows ``wandb.mode`` / ``WANDB_MODE`` like training (offline without an API key); failures only warn.
 """
 from __future__ import annotations
 
@@ -79,15 +81,18 @@ def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
 
 
 def log_wandb(cfg, results: dict, ckpt, out: Optional[str]) -> Optional[str]:
-    """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used."""
+    """Log ``results``' scalars to a new W&B eval run (in the pretraining run's group when ``ckpt`` is
+    a run); returns the eval run's id."""
     protocol = results.get("protocol", "eval")
     found = pretraining_run(ckpt)
+    run_id, name, group = new_run_id(), None, None
     if found is not None:
-        run_dir, run_id, step = found
+        run_dir, group, step = found
+        name = f"{run_dir.resolve().name}-eval-{protocol}-step{step}"
     else:
         run_dir = Path(out).resolve().parent if out else Path.cwd()
-        run_id, step = new_run_id(), 0
-    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=found is not None)
+        step = 0
+    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=False, name=name, group=group, job_type="eval")
     if logger.run is None:
         return None
     logger.log({f"eval/{protocol}/{k}": v for k, v in scalar_metrics(results).items()}, step=step)
