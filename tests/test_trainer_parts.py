@@ -350,3 +350,32 @@ def test_an_eval_is_a_wandb_run_of_its_own_in_the_run_group(monkeypatch, tmp_pat
     assert got == kw["id"] != "pre12345" and kw["group"] == "pre12345" and kw["job_type"] == "eval"
     assert kw["dir"] == str(tmp_path / "run") and kw["name"] == "run-eval-knn-step6"
     assert rows == {6: {"eval/knn/top1": 0.5}}
+
+
+def test_fused_grad_norm_is_deepspeeds_bitwise(monkeypatch):
+    """Issue 31: the global gradient norm in one fused call equals DeepSpeed ZeRO's own
+    per-parameter loop bit for bit, a non-finite gradient masked to -1 and no gradient 0 alike
+    (one rank: the all-reduce over the ranks, the same call in both, is left out)."""
+    import types
+
+    from deepspeed import comm as ds_comm
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from mohico.trainer.grad_norm import fuse_grad_norm
+
+    monkeypatch.setattr(ds_comm, "all_reduce", lambda tensor, **kwargs: tensor)
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 7, 7), (8,), (128, 64), (64,), (1,), (3, 5, 2)]
+    grads = [torch.randn(s) * 10.0 ** (i % 5 - 3) for i, s in enumerate(shapes * 7)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    got = []
+    for gs in (grads, [*grads[:-1], torch.full_like(grads[-1], float("inf"))], []):
+        fake = types.SimpleNamespace(model_parallel_rank=0, model_parallel_group=None, dp_process_group=None,
+                                     device=torch.device("cpu"), _model_parallel_all_reduce=lambda **kw: None)
+        deepspeed_own = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake, gs, params[:len(gs)])
+        fake.get_grad_norm_direct = lambda *a, **k: None       # the fused form must not fall back here
+        fuse_grad_norm(fake)
+        got.append((deepspeed_own, fake.get_grad_norm_direct(gs, params[:len(gs)])))
+    (a, b), (inf_a, inf_b), (none_a, none_b) = got
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and 0 < float(a) < float("inf")
+    assert float(inf_a) == float(inf_b) == -1.0 and float(none_a) == float(none_b) == 0.0
