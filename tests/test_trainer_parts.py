@@ -350,6 +350,12 @@ def test_an_eval_is_a_wandb_run_of_its_own_in_the_run_group(monkeypatch, tmp_pat
     assert got == kw["id"] != "pre12345" and kw["group"] == "pre12345" and kw["job_type"] == "eval"
     assert kw["dir"] == str(tmp_path / "run") and kw["name"] == "run-eval-knn-step6"
     assert rows == {6: {"eval/knn/top1": 0.5}}
+    # a fine-tune run's own test result goes into that run (its id, resumed), at its step
+    calls.clear()
+    assert log_wandb(cfg("wandb.mode=offline"), {"protocol": "finetune", "top1": 0.7}, tmp_path / "run", None,
+                     into_run=True) == "pre12345"
+    assert calls[0]["id"] == "pre12345" and calls[0]["group"] is None and calls[0]["job_type"] is None
+    assert rows[6] == {"eval/knn/top1": 0.5, "eval/finetune/top1": 0.7}
 
 
 def test_fused_grad_norm_is_deepspeeds_bitwise(monkeypatch):

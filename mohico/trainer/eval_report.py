@@ -5,7 +5,8 @@ run directory (or one of its checkpoints) whose checkpoint meta records a ``wand
 run is in that run's group (``group=<its id>``), named ``<run>-eval-<protocol>-step<N>``, kept in
 ``RUN_DIR/wandb`` and logged at the checkpoint's step (not into the pretraining run itself: W&B
 drops what a resumed run logs at a step below its last, e.g. an earlier checkpoint's results);
-otherwise it is kept in the output file's folder, at step 0. Keys are ``eval/<protocol>/<metric>``.
+otherwise it is kept in the output file's folder, at step 0. A fine-tune run's own test
+(:mod:`mohico.trainer.finetune`) goes into that run, at its last step (``into_run``). Keys are ``eval/<protocol>/<metric>``.
 Mode follows ``wandb.mode`` / ``WANDB_MODE`` like training (offline without an API key); failures only warn.
 """
 from __future__ import annotations
@@ -80,19 +81,24 @@ def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
     return Path(ckdir).parent, str(run_id), int(meta.get("step", 0))
 
 
-def log_wandb(cfg, results: dict, ckpt, out: Optional[str]) -> Optional[str]:
+def log_wandb(cfg, results: dict, ckpt, out: Optional[str], into_run: bool = False) -> Optional[str]:
     """Log ``results``' scalars to a new W&B eval run (in the pretraining run's group when ``ckpt`` is
-    a run); returns the eval run's id."""
+    a run); ``into_run``: into the run of ``ckpt`` itself (a fine-tune run's own test, at its last
+    step). Returns the id of the W&B run logged to."""
     protocol = results.get("protocol", "eval")
     found = pretraining_run(ckpt)
-    run_id, name, group = new_run_id(), None, None
-    if found is not None:
+    run_id, name, group, job_type = new_run_id(), None, None, "eval"
+    if found is not None and into_run:
+        run_dir, run_id, step = found
+        job_type = None
+    elif found is not None:
         run_dir, group, step = found
         name = f"{run_dir.resolve().name}-eval-{protocol}-step{step}"
     else:
         run_dir = Path(out).resolve().parent if out else Path.cwd()
         step = 0
-    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=False, name=name, group=group, job_type="eval")
+    logger = WandbLogger(cfg, run_dir, run_id, rank=0, resumed=into_run and found is not None, name=name,
+                         group=group, job_type=job_type)
     if logger.run is None:
         return None
     logger.log({f"eval/{protocol}/{k}": v for k, v in scalar_metrics(results).items()}, step=step)

@@ -196,5 +196,5 @@ def finetune_test(cfg, progress: bool = False) -> dict:
     print(f"fine-tuned {cfg.model.backbone} on {len(ys)} test videos, {ft.test_clips} clip(s) x {ft.test_crops} "
           f"crop(s): top-1 {100 * acc['top1']:.2f}%  top-5 {100 * acc['top5']:.2f}%")
     write_results(res, run_dir / "finetune_test.json")
-    log_wandb(cfg, res, run_dir, None)
+    log_wandb(cfg, res, run_dir, None, into_run=True)     # the run's own result, at its last step
     return res

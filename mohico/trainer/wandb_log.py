@@ -11,7 +11,8 @@
   uploads them in time order into one run.
 - Evaluations (:mod:`mohico.trainer.eval_report`) are runs of their own (``job_type="eval"``, grouped
   with the pretraining run): W&B drops what a resumed run logs at a step below its last one, so the
-  results of an earlier checkpoint could not go into the pretraining run itself.
+  results of an earlier checkpoint could not go into the pretraining run itself. A fine-tune run's
+  own test result (at its last step) goes into that run.
 - Any W&B exception is caught: a warning is logged once and logging is switched off.
 - Secrets: a value set through ``${oc.env:...}`` never reaches W&B (:mod:`mohico.config_secrets`):
   the config, the tags and the run's name carry the expression instead; ``wandb.project`` and
