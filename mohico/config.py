@@ -405,6 +405,14 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(to_saved_dict(cfg))))
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML for the log, compact (a mapping of scalars on one flow-style line),
+    ``${oc.env:...}`` values as their expressions (:func:`to_saved_dict`)."""
+    import yaml
+
+    return yaml.safe_dump(to_saved_dict(cfg), default_flow_style=None, sort_keys=False, width=120)
+
+
 def config_from_dict(data: dict, origin: str = "dict") -> Config:
     """Rebuild a validated Config from :func:`to_dict` output (e.g. a checkpoint's copy)."""
     check_keys(data, Config, (), origin)

@@ -141,7 +141,10 @@ def all_reduce_(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
 
 def any_rank(flag: bool, device: str | torch.device = "cpu", group=None) -> bool:
     """True on every rank if ``flag`` is true on any rank ("did any rank see X?"). ``device``:
-    where the one-element tensor lives (the backend's device: CUDA for NCCL)."""
+    where the one-element tensor lives (the backend's device: CUDA for NCCL). One rank: ``flag``
+    itself, without a tensor (it is asked every step)."""
+    if not is_distributed(group):
+        return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     return bool(all_reduce_(t, "max", group).item())
 

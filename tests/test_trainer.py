@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _console import missing_from_line
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -178,6 +180,12 @@ def test_two_ranks_zero1_reference_run(reference, synth_shards):
     assert len(runs) == 1 and (runs[0] / f"run-{meta['wandb_run_id']}.wandb").stat().st_size > 0
     log = (reference / "logs" / "train_rank0.log").read_text()
     assert "clips/s" in log and "wait=" in log and "mem=" in log
+    # the console (issue 28): the resolved config once at the start, then a line per window with the ETA
+    # and every metric W&B got in the window (metrics.jsonl holds W&B's rows)
+    assert log.count("config (resolved") == 1 and "max_steps: 4" in log and "log_every: 2" in log
+    for s, window in ((2, (1, 2)), (4, (3, 4))):
+        (line,) = [x for x in log.splitlines() if f"] step {s}/4 eta " in x]
+        assert missing_from_line(line, [rows[w] for w in window]) == [], line
 
 
 def test_exact_resume_after_sigkill_and_interrupted_save(reference, synth_shards, tmp_path):

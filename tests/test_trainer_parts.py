@@ -14,6 +14,7 @@ from mohico.config import load_config
 from mohico.trainer import preemption, wandb_log
 from mohico.trainer.wandb_log import WandbLogger, batch_picture, resolve_mode
 from _batches import make_batch
+from _console import missing_from_line
 from _dist import run_gloo
 
 
@@ -221,3 +222,167 @@ def test_env_values_stay_out_of_the_offline_wandb_files(monkeypatch, tmp_path, c
     assert not leaked, f"the token is in {leaked}"
     assert any(b"${oc.env:MY_TOKEN}" in p.read_bytes() for p in files if p.name.endswith(".wandb"))
     assert "wandb.entity comes from ${oc.env:MY_TOKEN}" in caplog.text
+
+
+def test_format_eta_and_window_summary():
+    from mohico.trainer.metric_window import MetricWindow, format_eta
+
+    assert [format_eta(s) for s in (0, 45.4, 192, 3723, float("nan"))] == ["0s", "45s", "3m12s", "1h02m03s", "?"]
+    w = MetricWindow()
+    w.add({"loss": 1.0, "lr": 0.1, "optim/nonfinite_steps": 0, "batch": object()})
+    w.add({"loss": 2.0, "lr": 0.2, "optim/nonfinite_steps": 1, "knn/top1": 0.5})
+    # the mean over the window; the last value for the learning rate and running counts; no pictures
+    assert w.summary() == {"loss": 1.5, "lr": 0.2, "optim/nonfinite_steps": 1, "knn/top1": 0.5}
+    assert w.summary() == {}
+
+
+class _Run:
+    """A W&B run that keeps what it is given: ``rows[step]`` merges every log call of that step."""
+
+    def __init__(self, rows):
+        self.rows, self.dir = rows, "."
+
+    def log(self, metrics, step):
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def finish(self, **kwargs):
+        pass
+
+
+def test_console_window_line_shows_every_metric_wandb_got_and_the_eta(monkeypatch, tmp_path, caplog):
+    """Issue 28: every scalar W&B gets during a window is on that window's console line (means over
+    the window, the last lr), ``loss`` goes to W&B every step like ``lr``, metrics.jsonl holds the
+    same rows, the online kNN reaches the console, and the line ends in an ETA."""
+    import json
+    import logging
+    import types
+
+    import wandb
+
+    from mohico.trainer import run_log as run_log_module
+    from mohico.trainer.run_log import RunLog
+    from mohico.trainer.train_step import StepResult
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    rows: dict[int, dict] = {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: _Run(rows))
+    clock = [1000.0]
+    monkeypatch.setattr(run_log_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    c = cfg("wandb.mode=offline", "trainer.max_steps=4", "trainer.log_every=2", "wandb.image_every=0")
+    (tmp_path / "logs").mkdir()
+
+    class Loader:
+        def stats(self):
+            return {"skipped": 0, "bytes_read": 100}
+
+    class Module:
+        backbone = None
+
+        def banks(self):
+            return {}
+
+    class Knn:          # the online kNN monitor, due at step 3 (between two windows)
+        def due(self, step):
+            return step == 3
+
+        def run(self, backbone):
+            return {"knn/top1": 0.25, "knn/top5": 0.75, "knn/time_s": 0.5}
+
+    logger = WandbLogger(c, tmp_path, "abcd1234", rank=0, resumed=False)
+    log = RunLog(c, tmp_path, 0, 1, "cpu", Loader(), logger, 0)
+    log.monitor = Knn()
+    caplog.set_level(logging.INFO, logger="mohico.trainer")
+    for step in (1, 2, 3, 4):
+        clock[0] += 10.0                                   # 10 s of wall time per step
+        result = StepResult(float(step), {"loss": float(step), "mcl/loss": step / 2}, 12, 0.5, None)
+        health = {"lr": 0.1 * step, "optim/grad_norm": 2.0 * step, "optim/nonfinite_steps": 0}
+        log.step(step, result, 1.0, 0.1 * step, health, Module(), 0)
+    log.close()
+    # W&B: loss and lr at every step; the window's averages at 2 and 4 (its loss as window/loss)
+    assert all({"loss", "lr", "optim/grad_norm"} <= rows[s].keys() for s in (1, 2, 3, 4))
+    assert rows[2]["window/loss"] == 1.5 and rows[4]["window/loss"] == 3.5 and rows[3]["knn/top1"] == 0.25
+    assert "window/loss" not in rows[1] and "knn/top1" not in rows[4]
+    # metrics.jsonl: the same rows, with the step
+    written = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.pop("step") for r in written] == [1, 2, 3, 4] and written == [rows[s] for s in (1, 2, 3, 4)]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 3, lines
+    first, knn_line, second = lines
+    # the eta: 2 steps left at 10 s per step; none left at the end
+    assert first.startswith("step 2/4 eta 20s ") and second.startswith("step 4/4 eta 0s ")
+    assert knn_line.startswith("step 3/4 online kNN ") and "knn/top1=0.25" in knn_line
+    assert missing_from_line(first, [rows[1], rows[2]]) == [] and missing_from_line(second, [rows[3], rows[4]]) == []
+    # means over the window, the last learning rate
+    assert " loss=1.5 " in first and " optim/grad_norm=3 " in first and " lr=0.2 " in first
+    assert " loss=3.5 " in second and " lr=0.4 " in second and " knn/top1=0.25" in second
+
+
+def test_config_text_is_the_saved_config_with_secrets_as_expressions(monkeypatch):
+    import yaml
+
+    from mohico.config import config_text, to_saved_dict
+
+    monkeypatch.setenv("MY_TOKEN", "tok-5e1d")
+    c = cfg("wandb.entity=${oc.env:MY_TOKEN}")
+    text = config_text(c)
+    assert "tok-5e1d" not in text and yaml.safe_load(text) == to_saved_dict(c)
+    assert yaml.safe_load(text)["wandb"]["entity"] == "${oc.env:MY_TOKEN}"
+
+
+def test_an_eval_is_a_wandb_run_of_its_own_in_the_run_group(monkeypatch, tmp_path):
+    """Issue 28: an evaluation of a run's checkpoint gets its own W&B run (job type eval, grouped with
+    the pretraining run, in RUN_DIR/wandb) rather than resuming the pretraining run."""
+    import json
+
+    import wandb
+
+    from mohico.eval.report import log_wandb
+    from mohico.trainer.wandb_log import run_opener
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    calls, rows = [], {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or _Run(rows))
+    tag = tmp_path / "run" / "checkpoints" / "step_00000006"
+    tag.mkdir(parents=True)
+    (tag / "mohico_meta.json").write_text(json.dumps({"step": 6, "wandb_run_id": "pre12345"}))
+    (tag.parent / "latest").write_text(tag.name)
+    got = log_wandb({"protocol": "knn", "top1": 0.5}, tmp_path / "run", None, run_opener(cfg("wandb.mode=offline")))
+    (kw,) = calls
+    assert got == kw["id"] != "pre12345" and kw["group"] == "pre12345" and kw["job_type"] == "eval"
+    assert kw["dir"] == str(tmp_path / "run") and kw["name"] == "run-eval-knn-step6"
+    assert rows == {6: {"eval/knn/top1": 0.5}}
+    # a fine-tune run's own test result goes into that run (its id, resumed), at its step
+    calls.clear()
+    assert log_wandb({"protocol": "finetune", "top1": 0.7}, tmp_path / "run", None,
+                     run_opener(cfg("wandb.mode=offline")), into_run=True) == "pre12345"
+    assert calls[0]["id"] == "pre12345" and calls[0]["group"] is None and calls[0]["job_type"] is None
+    assert rows[6] == {"eval/knn/top1": 0.5, "eval/finetune/top1": 0.7}
+
+
+def test_fused_grad_norm_is_deepspeeds_bitwise(monkeypatch):
+    """Issue 31: the global gradient norm in one fused call equals DeepSpeed ZeRO's own
+    per-parameter loop bit for bit, a non-finite gradient masked to -1 and no gradient 0 alike
+    (one rank: the all-reduce over the ranks, the same call in both, is left out)."""
+    import types
+
+    from deepspeed import comm as ds_comm
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from mohico.trainer.grad_norm import fuse_grad_norm
+
+    monkeypatch.setattr(ds_comm, "all_reduce", lambda tensor, **kwargs: tensor)
+    torch.manual_seed(0)
+    shapes = [(8, 3, 3, 7, 7), (8,), (128, 64), (64,), (1,), (3, 5, 2)]
+    grads = [torch.randn(s) * 10.0 ** (i % 5 - 3) for i, s in enumerate(shapes * 7)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    got = []
+    for gs in (grads, [*grads[:-1], torch.full_like(grads[-1], float("inf"))], []):
+        fake = types.SimpleNamespace(model_parallel_rank=0, model_parallel_group=None, dp_process_group=None,
+                                     device=torch.device("cpu"), _model_parallel_all_reduce=lambda **kw: None)
+        deepspeed_own = DeepSpeedZeroOptimizer.get_grad_norm_direct(fake, gs, params[:len(gs)])
+        fake.get_grad_norm_direct = lambda *a, **k: None       # the fused form must not fall back here
+        fuse_grad_norm(fake)
+        got.append((deepspeed_own, fake.get_grad_norm_direct(gs, params[:len(gs)])))
+    (a, b), (inf_a, inf_b), (none_a, none_b) = got
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and 0 < float(a) < float("inf")
+    assert float(inf_a) == float(inf_b) == -1.0 and float(none_a) == float(none_b) == 0.0

@@ -167,5 +167,5 @@ def finetune_test(cfg, progress: bool = False, open_run=None) -> dict:
           f"crop(s): top-1 {100 * acc['top1']:.2f}%  top-5 {100 * acc['top5']:.2f}%")
     write_results(res, run_dir / "finetune_test.json")
     if open_run is not None:
-        log_wandb(res, run_dir, None, open_run)
+        log_wandb(res, run_dir, None, open_run, into_run=True)     # the run's own result, at its last step
     return res

@@ -1,12 +1,15 @@
 """Reporting an evaluation: a table on stdout, a JSON file, and W&B.
 
-W&B: when the checkpoint is a run directory (or one of its checkpoints) whose checkpoint meta
-records a ``wandb_run_id``, the results go to that pretraining run (``wandb.init(id=..., resume=
-"allow")`` in ``RUN_DIR/wandb``) at the checkpoint's step; otherwise to a new run of their own in
-the output file's folder. Keys are ``eval/<protocol>/<metric>``. The caller opens the run
+W&B: every evaluation is a run of its own (``job_type="eval"``). When the checkpoint is a run
+directory (or one of its checkpoints) whose checkpoint meta records a ``wandb_run_id``, the run is in
+that run's group (``group=<its id>``), named ``<run>-eval-<protocol>-step<N>``, kept in ``RUN_DIR/wandb``
+and logged at the checkpoint's step (not into the pretraining run itself: W&B drops what a resumed run
+logs at a step below its last, e.g. an earlier checkpoint's results); otherwise it is kept in the output
+file's folder, at step 0. A fine-tune run's own test (:mod:`mohico.eval.finetune`) goes into that run, at
+its last step (``into_run``). Keys are ``eval/<protocol>/<metric>``. The caller opens the run
 (``open_run``, e.g. :func:`mohico.trainer.wandb_log.run_opener`: mode from ``wandb.mode`` /
-``WANDB_MODE`` like training, offline without an API key; failures only warn), so evaluation
-never imports the trainer.
+``WANDB_MODE`` like training, offline without an API key; failures only warn), so evaluation never
+imports the trainer.
 """
 from __future__ import annotations
 
@@ -79,18 +82,25 @@ def pretraining_run(ckpt) -> Optional[tuple[Path, str, int]]:
     return Path(ckdir).parent, str(run_id), int(meta.get("step", 0))
 
 
-def log_wandb(results: dict, ckpt, out: Optional[str], open_run: Callable) -> Optional[str]:
-    """Log ``results``' scalars to the pretraining run's W&B run or a new one; returns the run id used.
-    ``open_run(run_dir, run_id)`` opens the run (``run_id`` None: a new one) and returns a logger with
-    ``run`` (None when W&B is off or failed), ``run_id``, ``log(metrics, step)`` and ``finish()``."""
+def log_wandb(results: dict, ckpt, out: Optional[str], open_run: Callable, into_run: bool = False) -> Optional[str]:
+    """Log ``results``' scalars to a new W&B eval run (in the pretraining run's group when ``ckpt`` is
+    a run); ``into_run``: into the run of ``ckpt`` itself (a fine-tune run's own test, at its last
+    step). ``open_run(run_dir, run_id, resumed, name=, group=, job_type=)`` opens the run (``run_id``
+    None: a new id) and returns a logger with ``run`` (None when W&B is off or failed), ``run_id``,
+    ``log(metrics, step)`` and ``finish()``. Returns the id of the W&B run logged to."""
     protocol = results.get("protocol", "eval")
     found = pretraining_run(ckpt)
-    if found is not None:
+    run_id, name, group, job_type = None, None, None, "eval"
+    if found is not None and into_run:
         run_dir, run_id, step = found
+        job_type = None
+    elif found is not None:
+        run_dir, group, step = found
+        name = f"{run_dir.resolve().name}-eval-{protocol}-step{step}"
     else:
         run_dir = Path(out).resolve().parent if out else Path.cwd()
-        run_id, step = None, 0
-    logger = open_run(run_dir, run_id)
+        step = 0
+    logger = open_run(run_dir, run_id, into_run and found is not None, name=name, group=group, job_type=job_type)
     if logger.run is None:
         return None
     logger.log({f"eval/{protocol}/{k}": v for k, v in scalar_metrics(results).items()}, step=step)

@@ -2,7 +2,6 @@
 
     data, batch = next_batch(data, loader)      # a finite epoch that ends starts the next one
     loader_report(loader)                        # "loader counters {...}, last loader error: ..."
-    skip_counts(row)                             # " skipped=3 nonfinite=1" for the console line
 """
 from __future__ import annotations
 
@@ -39,11 +38,3 @@ def loader_report(loader) -> str:
     except Exception as e:  # noqa: BLE001 - called from a watchdog thread
         return f"loader state unavailable ({type(e).__name__}: {e})"
     return f"loader counters {stats or 'all zero'}, last loader error: {last or 'none'}"
-
-
-def skip_counts(row: dict) -> str:
-    """`` skipped=N read_errors=M nonfinite=K`` for the console line (only what is non-zero)."""
-    parts = [(name, row.get(key, 0)) for name, key in (("skipped", "data/skipped"), ("read_errors", "data/read_error"),
-                                                        ("duplicated", "data/duplicated"),
-                                                        ("nonfinite", "optim/nonfinite_skipped"))]
-    return "".join(f" {name}={int(v)}" for name, v in parts if v)

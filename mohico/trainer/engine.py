@@ -6,6 +6,7 @@
   DeepSpeed's ``torch_autocast`` (fp32 weights, optimizer and memory bank; bf16 matmuls and
   convolutions), because DeepSpeed's ``bf16`` mode casts the whole module, BatchNorm running
   statistics and the bank buffers included (and fails on CPU with BatchNorm: docs/DEPENDENCIES.md).
+- ZeRO 1/2's per-step global gradient norm runs fused (:mod:`mohico.trainer.grad_norm`).
 - Backend: NCCL with CUDA, gloo otherwise. The ``deepspeed_shm_comm`` op (used only by
   inference all-reduce) is not JIT-compiled on CPU (38-49 s the first time).
 """
@@ -16,6 +17,7 @@ import logging
 import torch
 
 from mohico import dist
+from mohico.trainer.grad_norm import fuse_grad_norm
 
 log = logging.getLogger("mohico.trainer")
 
@@ -92,4 +94,6 @@ def build_engine(cfg, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            config=ds_config(cfg, world_size, load_universal,
                                                             params=sum(p.numel() for p in module.parameters())))
+    if cfg.trainer.zero_stage in (1, 2) and hasattr(engine.optimizer, "get_grad_norm_direct"):
+        fuse_grad_norm(engine.optimizer)      # the per-step global gradient norm in one call
     return engine

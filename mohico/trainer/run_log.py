@@ -4,25 +4,32 @@
     run_log.step(step, result, lr, health_row, module, nonfinite_total)   # after optimizer step ``step``
     run_log.close()
 
-- every step: W&B gets ``lr``, ``optim/*`` and ``perf/seconds_since_last_step``
-  (:class:`~mohico.trainer.step_metrics.StepHealth`); rank 0's ``logs/metrics.jsonl`` gets a row
-  (``loss`` = this step's loss on rank 0); a terminal shows a tqdm bar.
+One row per step goes to W&B and, with ``"step"`` added, to rank 0's ``logs/metrics.jsonl``: the
+same keys at the same steps in both.
+
+- every step: ``loss`` (this step's loss on rank 0), ``lr``, ``optim/*`` and
+  ``perf/seconds_since_last_step`` (:class:`~mohico.trainer.step_metrics.StepHealth`); a terminal
+  shows a tqdm bar.
 - every ``trainer.log_every`` steps and at the last one (a *window*): the objective terms averaged
-  and the loader counters summed over the ranks (:func:`~mohico.trainer.step_metrics.reduce_metrics`,
-  collective), step time, clips/s, data wait, memory, bank fill, storage reads
-  (:class:`~mohico.trainer.io_meter.IOMeter`) to W&B and metrics.jsonl (W&B's window ``loss`` is
-  ``window/loss`` there), and a console line when there is no bar.
-- every ``eval.every_steps`` (rank 0): the online kNN monitor; every ``wandb.image_every``: a batch picture.
+  over the window and the ranks (the loss as ``window/loss``) and the loader counters summed over the
+  ranks (:func:`~mohico.trainer.step_metrics.reduce_metrics`, collective), step time, clips/s, data
+  wait, memory, bank fill, storage reads (:class:`~mohico.trainer.io_meter.IOMeter`).
+- every ``eval.every_steps`` (rank 0): the online kNN monitor (``knn/*``); every ``wandb.image_every``: a batch picture.
+- the console, at each window: ``step N/MAX eta 3m12s`` (remaining steps at the window's measured
+  steps/s), the step time, clips/s, data wait and memory, then every other scalar W&B got during the
+  window (:class:`~mohico.trainer.metric_window.MetricWindow`: the mean over the window, the last
+  value for the learning rate and running counts). A kNN result between windows also gets a line of its own.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
-from mohico.trainer.batches import skip_counts
 from mohico.trainer.io_meter import IOMeter
+from mohico.trainer.metric_window import format_eta, format_metrics
 from mohico.trainer.step_metrics import bank_fills, memory_mb, reduce_metrics
 from mohico.trainer.train_step import StepResult
 
@@ -49,6 +56,7 @@ class RunLog:
     def _new_window(self) -> None:
         self.time, self.wait, self.steps, self.clips = 0.0, 0.0, 0, 0
         self.terms: dict[str, float] = {}
+        self.window_start = time.perf_counter()
 
     def step(self, step: int, result: StepResult, seconds: float, lr: float, health_row: dict, module,
              nonfinite_total: int) -> None:
@@ -58,28 +66,31 @@ class RunLog:
         self.clips += result.clips
         for k, v in result.terms.items():
             self.terms[k] = self.terms.get(k, 0.0) + v
-        self.wandb.log(health_row, step=step)     # every step: lr, grad norm, non-finite steps, seconds since the last
-        row = {"step": step, "loss": result.loss, **health_row}
+        row = {"loss": result.loss, **health_row}     # every step: loss, lr, grad norm, non-finite steps, timing
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
-        if step % t.log_every == 0 or step == t.max_steps:
-            window = self._window_row(step, lr, module, nonfinite_total)
-            # metrics.jsonl keeps "loss" = this step's loss on rank 0; W&B's "loss" (the mean over the
-            # window and the ranks) is "window/loss" there, every other key is W&B's.
-            row.update({("window/loss" if k == "loss" else k): v for k, v in window.items()})
+        window = step % t.log_every == 0 or step == t.max_steps
+        if window:   # the mean over the window and the ranks of the loss is "window/loss"
+            row.update({("window/loss" if k == "loss" else k): v
+                        for k, v in self._window_row(step, lr, module, nonfinite_total).items()})
+        knn_row = None
         if self.monitor is not None and self.monitor.due(step):      # online kNN: no state or RNG touched
             knn_row = self.monitor.run(module.backbone)
-            self.wandb.log(knn_row, step=step)
             row.update(knn_row)
+        self.wandb.log(row, step=step)
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(json.dumps({"step": step, **row}) + "\n")
             self.file.flush()
+        if window:
+            self._console(step, row)
+        elif knn_row is not None and self.rank == 0:
+            self._print("step %d/%d online kNN %s", step, t.max_steps, format_metrics(knn_row))
         if cfg.wandb.image_every > 0 and step % cfg.wandb.image_every == 0:
             self.wandb.log_batch_images(result.batch, step, cfg.data.mean, cfg.data.std)
 
     def _window_row(self, step: int, lr: float, module, nonfinite_total: int) -> dict:
-        """The window's averages over the ranks (collective), logged to W&B and the console."""
+        """The window's averages over the ranks (collective); starts the next window."""
         n, t = self.steps, self.cfg.trainer
         counters = {k: float(v) for k, v in (self.loader.stats() or {}).items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -93,14 +104,30 @@ class RunLog:
                "perf/clips_per_s": self.clips / max(self.time, 1e-9),
                "perf/memory_mb": memory_mb(), **bank_fills(module),
                **self.io_meter.totals(avg, self.clips, self.time)}
-        self.wandb.log(row, step=step)
-        if self.bar is None:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in avg.items() if k == "loss" or k.endswith("/loss"))
-            log.info("step %d/%d %s lr=%.3g %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB%s",
-                     step, t.max_steps, shown, lr, row["perf/step_time_s"], row["perf/clips_per_s"],
-                     100 * row["perf/data_wait_frac"], row["perf/memory_mb"], skip_counts(row))
+        self.eta_s = (t.max_steps - step) * (time.perf_counter() - self.window_start) / n   # wall time per step
         self._new_window()
         return row
+
+    def _console(self, step: int, row: dict) -> None:
+        """Rank 0's window line: the headline, then every other scalar W&B got in the window."""
+        seen = self.wandb.window.summary()
+        if self.rank != 0:
+            return
+        headline = {"perf/step_time_s", "perf/clips_per_s", "perf/data_wait_frac", "perf/memory_mb"}
+        losses = {k: v for k, v in seen.items() if k == "loss" or k.endswith("/loss")}
+        rest = {k: v for k, v in seen.items() if k not in headline and k not in losses}
+        self._print("step %d/%d eta %s %s %.2f s/step %.1f clips/s wait=%.0f%% mem=%.0f MB | %s",
+                    step, self.cfg.trainer.max_steps, format_eta(self.eta_s), format_metrics(losses),
+                    row["perf/step_time_s"], row["perf/clips_per_s"], 100 * row["perf/data_wait_frac"],
+                    row["perf/memory_mb"], format_metrics(rest))
+
+    def _print(self, fmt: str, *args) -> None:
+        """A console (and train_rank0.log) line; with a tqdm bar, written above it."""
+        if self.bar is None:
+            log.info(fmt, *args)
+        else:
+            with self.bar.external_write_mode():
+                log.info(fmt, *args)
 
     def close(self) -> None:
         for thing in (self.bar, self.file):

@@ -51,7 +51,7 @@ from mohico.trainer.step_metrics import StepHealth
 from mohico.trainer.train_step import Batches, StepContext, train_step
 from mohico.trainer.wandb_log import WandbLogger
 from mohico.trainer.watchdog import Watchdog
-from mohico.config import save_config
+from mohico.config import config_text, save_config
 from mohico.datasets.load.pipeline import build_loader
 from mohico.models.pretrain import PretrainModule, without_init
 
@@ -125,6 +125,8 @@ def _train(cfg, build_module, build_loader, rank, world, device, run_dir, faults
     resume = find_resume(ckpt, cfg, train_state.data_fingerprint)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
+        log.info("config (resolved; environment values as their ${oc.env:...} expressions):\n%s",
+                 config_text(cfg).rstrip())
 
     # ---- model, optimizer, engine (identical initial weights on every rank), data
     seed_everything(cfg.trainer.seed)

@@ -7,7 +7,8 @@ Per micro-batch: the next :class:`~mohico.datasets.load.batch.ClipBatch` (a fini
 over), moved to the device, ``engine(clips, motion, progress, video_id)`` -> ``(loss, terms)``; a NaN/inf loss on any rank skips the micro-step on every rank
 (:class:`~mohico.trainer.nonfinite.NonFiniteGuard`); else ``engine.backward(loss)`` and
 ``engine.step()`` (DeepSpeed steps the optimizer at the accumulation boundary). The loss and
-every term come back to the host in one transfer per micro-step.
+every term come back to the host in one transfer per micro-step, right after the guard's check
+(which already waited for the forward), before the backward is queued.
 """
 from __future__ import annotations
 
@@ -70,13 +71,14 @@ def train_step(engine, batches: Batches, progress: float, ctx: StepContext, step
         if not ctx.guard.finite(loss, ctx.device):   # NaN/inf on any rank: every rank skips it
             ctx.guard.skipped(step)
             continue
+        # one device-to-host transfer for the loss and every term (not one sync per term), here where
+        # the guard has just waited for the forward: after the step it would wait for backward + step too
+        host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=ctx.device).reshape(())
+                            for v in (loss.detach(), *terms.values())]).tolist()
         engine.backward(loss)
         norm0 = ctx.health.norm_before_step(engine) if micro == ctx.grad_accum - 1 else None
         engine.step()
         n_ok += 1
-        # one device-to-host transfer for the loss and every term (not one sync per term)
-        host = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=ctx.device).reshape(())
-                            for v in (loss.detach(), *terms.values())]).tolist()
         loss_sum += host[0]
         for k, v in zip(terms, host[1:]):
             terms_sum[k] = terms_sum.get(k, 0.0) + v / ctx.grad_accum

@@ -1,10 +1,18 @@
 """Weights & Biases logging from rank 0 that never stops training.
 
-- Mode: :func:`mohico.trainer.wandb_mode.resolve_mode` (``wandb.mode=auto`` is online with an API
-  key, offline without one; the environment's ``WANDB_MODE`` wins). Files go to ``run.dir/wandb/``.
-- Resume: the run id lives in the checkpoint; a resumed run calls ``wandb.init(id=..., resume="allow")``
-  and logs with explicit ``step=`` so the curves continue (offline runs make a new folder with
-  the same id, merged by ``wandb sync``).
+- Mode: :func:`mohico.trainer.wandb_mode.resolve_mode`: ``wandb.mode=auto`` is online with an API
+  key (``WANDB_API_KEY`` or a netrc entry for api.wandb.ai) and offline without one; the
+  environment's ``WANDB_MODE`` (e.g. ``disabled``) wins over the config. Files go to ``run.dir/wandb/``.
+- Resume: the run id lives in the checkpoint (the train state); a resumed run calls
+  ``wandb.init(id=..., resume="allow")`` and logs with explicit ``step=`` so the curves continue.
+  Offline, W&B writes each process's session to a folder of its own (``offline-run-<time>-<id>``:
+  it never reopens a folder, ``wandb.init`` adds a suffix rather than reuse one), so every attempt of
+  a run lies in ``run.dir/wandb/`` under the same id, and ``wandb sync run.dir/wandb/offline-run-*``
+  uploads them in time order into one run.
+- Evaluations (:mod:`mohico.eval.report`) are runs of their own (``job_type="eval"``, grouped
+  with the pretraining run): W&B drops what a resumed run logs at a step below its last one, so the
+  results of an earlier checkpoint could not go into the pretraining run itself. A fine-tune run's
+  own test result (at its last step) goes into that run.
 - Any W&B exception is caught: a warning is logged once and logging is switched off.
 - Secrets: a value set through ``${oc.env:...}`` never reaches W&B (:mod:`mohico.config_secrets`):
   the config, the tags and the run's name carry the expression instead; ``wandb.project`` and
@@ -25,6 +33,7 @@ from mohico.config_secrets import env_sourced
 from mohico.datasets.load.batch import ClipBatch
 from mohico.trainer.batch_picture import COLOURS, batch_picture  # noqa: F401 - the picture lives there
 from mohico.trainer.wandb_mode import resolve_mode
+from mohico.trainer.metric_window import MetricWindow
 
 log = logging.getLogger("mohico.trainer")
 
@@ -38,11 +47,13 @@ def new_run_id() -> str:
 class WandbLogger:
     """Rank 0's W&B run. On other ranks, or when disabled or broken, every method is a no-op."""
 
-    def __init__(self, cfg, run_dir: str | os.PathLike, run_id: str, rank: int, resumed: bool):
+    def __init__(self, cfg, run_dir: str | os.PathLike, run_id: str, rank: int, resumed: bool,
+                 name: str | None = None, group: str | None = None, job_type: str | None = None):
         self.run = None
         self.run_id = run_id
         self.mode = resolve_mode(cfg.wandb.mode)
         self._warned = False
+        self.window = MetricWindow()    # every scalar logged since the console's last summary (run_log)
         if rank != 0 or self.mode == "disabled":
             return
         try:
@@ -60,8 +71,8 @@ class WandbLogger:
                 else:
                     ids[key] = getattr(cfg.wandb, key) or None
             self.run = wandb.init(project=ids["project"], entity=ids["entity"],
-                                  name=saved["run"]["name"] or Path(run_dir).resolve().name, id=run_id,
-                                  resume="allow", dir=str(run_dir), mode=self.mode,
+                                  name=name or saved["run"]["name"] or Path(run_dir).resolve().name, id=run_id,
+                                  resume="allow", dir=str(run_dir), mode=self.mode, group=group, job_type=job_type,
                                   config=saved, tags=list(saved["wandb"]["tags"]) or None,
                                   settings=wandb.Settings(console="off", silent=True))
             log.info("W&B %s run %s (%s)%s", self.mode, run_id, self.run_dir or run_dir,
@@ -83,6 +94,8 @@ class WandbLogger:
         self.run = None
 
     def log(self, metrics: dict, step: int) -> None:
+        """Log ``metrics`` at ``step``; the scalars also go to :attr:`window` (on every rank, W&B on or off)."""
+        self.window.add(metrics)
         if self.run is None:
             return
         try:
@@ -134,7 +147,7 @@ class WandbLogger:
 
 
 def run_opener(cfg):
-    """``open_run(run_dir, run_id) -> WandbLogger`` on rank 0 for :func:`mohico.eval.report.log_wandb`:
-    resumes run ``run_id``, or starts a new run when it is None."""
-    return lambda run_dir, run_id: WandbLogger(cfg, run_dir, run_id or new_run_id(), rank=0,
-                                               resumed=run_id is not None)
+    """``open_run(run_dir, run_id, resumed, name=, group=, job_type=) -> WandbLogger`` on rank 0 for
+    :func:`mohico.eval.report.log_wandb`: run ``run_id`` (a new id when None), resumed or not."""
+    return lambda run_dir, run_id, resumed, **kw: WandbLogger(cfg, run_dir, run_id or new_run_id(), rank=0,
+                                                              resumed=resumed, **kw)
