@@ -247,19 +247,24 @@ def sanity_main(run, seed, train_shards, work, train_videos, clips, steps, extra
 
 def eval_clips(shards: Path, cfg, clips: int) -> list:
     """The deterministic eval clips of every video of ``shards`` (``LabelledVideo`` list), decoded
-    once and kept beside the shards: every backbone of the ablation embeds the same clips."""
-    import torch
+    once and kept beside the shards: every backbone of the ablation embeds the same clips. The cache
+    holds plain arrays and strings (``numpy.savez``), not pickled classes, so it outlives a move of
+    the class that holds them (a pickle of ``mohico.trainer.knn_eval.LabelledVideo`` did not)."""
+    import numpy as np
 
-    from mohico.datasets.load.eval_clips import iter_labelled
+    from mohico.datasets.load.eval_clips import LabelledVideo, iter_labelled
 
     d = cfg.data
-    path = shards.parent / f"{shards.name}.evalclips-{clips}x{d.clip_len}x{d.frame_stride}x{d.crop_size}.pt"
+    path = shards.parent / f"{shards.name}.evalclips-{clips}x{d.clip_len}x{d.frame_stride}x{d.crop_size}.npz"
     if not path.exists():
         videos = list(iter_labelled(str(shards), d, clips, where=str(shards)))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(videos, tmp)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, keys=np.array([v.key for v in videos]), labels=np.array([str(v.label) for v in videos]),
+                 sources=np.array([v.source for v in videos]), clips=np.stack([v.clips for v in videos]))
         os.replace(tmp, path)
-    return torch.load(path, weights_only=False)
+    with np.load(path, allow_pickle=False) as z:
+        return [LabelledVideo(str(k), str(lab), c, str(src))
+                for k, lab, src, c in zip(z["keys"], z["labels"], z["sources"], z["clips"])]
 
 
 def saved_feature_sets(saved, feats: dict | None = None) -> tuple:

@@ -136,3 +136,31 @@ def test_paired_table_subtracts_the_same_seeds_random_init(benchmark_script):
     line = next(row for row in text.splitlines() if row.startswith("| mcl |"))
     assert line.startswith("| mcl | 2 | +2.5 ± 0.7 (+3.0, +2.0) |")     # seed 2 has no random init: left out
     assert "| random |" not in text
+
+
+def test_eval_clips_cache_round_trips_without_pickle(tmp_path, monkeypatch, benchmark_script):
+    """The ablation's eval-clip cache holds arrays and strings, not pickled classes: it is read back
+    with pickles refused and gives the decoded clips bit for bit (a pickle of the class broke every
+    cached work dir when the class moved from mohico.trainer.knn_eval to mohico.datasets)."""
+    import numpy as np
+
+    import mohico.datasets.load.eval_clips as ec
+    from mohico.config import load_config
+
+    m = benchmark_script("motion_ablation")
+    rng = np.random.default_rng(0)
+    made = [ec.LabelledVideo(f"v{i}", lab, rng.standard_normal((4, 3, 8, 64, 64)).astype(np.float32), f"s{i}.avi")
+            for i, lab in enumerate(["horizontal", "circle", "horizontal"])]
+    calls = []
+    monkeypatch.setattr(ec, "iter_labelled", lambda *a, **k: calls.append(a) or iter(made))
+    cfg = load_config(m.CONFIG)
+    shards = tmp_path / "shards-train-3"
+    first = m.eval_clips(shards, cfg, 4)
+    again = m.eval_clips(shards, cfg, 4)
+    assert len(calls) == 1                                   # decoded once, then read from the cache
+    (cache,) = tmp_path.glob("shards-train-3.evalclips-*")
+    with np.load(cache, allow_pickle=False) as z:            # no pickled object inside
+        assert sorted(z.files) == ["clips", "keys", "labels", "sources"]
+    for got in (first, again):
+        assert [(v.key, v.label, v.source) for v in got] == [(v.key, v.label, v.source) for v in made]
+        assert all(np.array_equal(g.clips, v.clips) for g, v in zip(got, made))
