@@ -12,7 +12,8 @@
   collective), step time, clips/s, data wait, memory, bank fill, storage reads
   (:class:`~mohico.trainer.io_meter.IOMeter`) to W&B and metrics.jsonl (W&B's window ``loss`` is
   ``window/loss`` there), and a console line when there is no bar.
-- every ``eval.every_steps`` (rank 0): the online kNN monitor; every ``wandb.image_every``: a batch picture.
+- every ``eval.every_steps`` (rank 0): the online kNN monitor (fine-tuning: validation top-1), to W&B,
+  metrics.jsonl and a console line; every ``wandb.image_every``: a batch picture.
 """
 from __future__ import annotations
 
@@ -29,14 +30,23 @@ from mohico.trainer.train_step import StepResult
 log = logging.getLogger("mohico.trainer")
 
 
+def periodic_eval(cfg, device):
+    """Rank 0's evaluation every ``eval.every_steps``: the fine-tuned module's validation top-1
+    (``finetune/val_*``) in a fine-tuning run, else the online kNN of the backbone (``knn/*``). The
+    eval stack is imported only here. A fine-tuning run without held-out shards (``eval.val_shards``,
+    ``finetune.test_shards``) has none, like its final test."""
+    if cfg.finetune.backbone and not (cfg.eval.val_shards or cfg.finetune.test_shards):
+        log.info("no validation top-1: no held-out shards (finetune.test_shards or eval.val_shards)")
+        return None
+    from mohico.trainer.online_knn import FinetuneVal, OnlineKnn
+
+    return (FinetuneVal if cfg.finetune.backbone else OnlineKnn)(cfg, device)
+
+
 class RunLog:
     def __init__(self, cfg, run_dir: Path, rank: int, world: int, device, loader, wandb, start_step: int):
         self.cfg, self.rank, self.world, self.loader, self.wandb = cfg, rank, world, loader, wandb
-        self.monitor = None
-        if rank == 0 and cfg.eval.every_steps > 0:   # the eval stack is imported only for the monitor
-            from mohico.trainer.online_knn import OnlineKnn
-
-            self.monitor = OnlineKnn(cfg, device)
+        self.monitor = periodic_eval(cfg, device) if rank == 0 and cfg.eval.every_steps > 0 else None
         self.io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
         self.file = open(Path(run_dir) / "logs" / "metrics.jsonl", "a") if rank == 0 else None
         self.bar = None
@@ -68,10 +78,11 @@ class RunLog:
             # metrics.jsonl keeps "loss" = this step's loss on rank 0; W&B's "loss" (the mean over the
             # window and the ranks) is "window/loss" there, every other key is W&B's.
             row.update({("window/loss" if k == "loss" else k): v for k, v in window.items()})
-        if self.monitor is not None and self.monitor.due(step):      # online kNN: no state or RNG touched
-            knn_row = self.monitor.run(module.backbone)
-            self.wandb.log(knn_row, step=step)
-            row.update(knn_row)
+        if self.monitor is not None and self.monitor.due(step):      # no state or RNG touched
+            eval_row = self.monitor.run(module)
+            self.wandb.log(eval_row, step=step)
+            row.update(eval_row)
+            log.info("step %d/%d %s", step, t.max_steps, " ".join(f"{k}={v:.4g}" for k, v in eval_row.items()))
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
