@@ -110,11 +110,12 @@ def test_validation_top1_matches_an_independent_argmax_and_touches_no_state(synt
 @pytest.mark.slow
 def test_readme_finetune_learns_logs_validation_top1_and_resumes(tmp_path):
     """The README's UCF101 commands as written (synth -> shards -> `mohico eval finetune random`,
-    issue 28: the train loss stayed at chance, ln 3, at batch 2): the train loss falls below chance,
-    validation top-1 every eval.every_steps reaches >= 4/6 (chance 1/3; 5/6-6/6 on trainer seeds
-    0-4 and tree seeds 0-2) on the console, in metrics.jsonl and in W&B, and the multi-clip test
-    too. Then it resumes to 4 more steps (same W&B run) with validation every 2 steps, bitwise the
-    same trajectory and checkpoint as a copy resumed without it; the fine-tuned backbone exports."""
+    issue 28: the train loss stayed at chance, ln 3, at batch 2, which fails the loss check here): the
+    train loss falls below chance, validation top-1 every eval.every_steps ends >= 4/6 (chance 1/3;
+    5/6-6/6 on trainer seeds 0-4 and tree seeds 0-2) on the console, in metrics.jsonl and in W&B,
+    and the multi-clip test >= 5/6 (6/6 on those seeds). Then it resumes to 4 more steps (same W&B
+    run) with validation every 2 steps, bitwise the same trajectory and checkpoint as a copy resumed
+    without it; the fine-tuned backbone exports."""
     import shutil
 
     from test_readme import self_contained_block, shell_commands
@@ -141,7 +142,7 @@ def test_readme_finetune_learns_logs_validation_top1_and_resumes(tmp_path):
     assert test["clips_per_video"] == 2 and test["spatial_crops"] == 3
     hits = [r["label"] == r["pred"] for r in test["per_video"]]
     assert test["top1"] == pytest.approx(np.mean(hits)) and test["top5"] == 1.0
-    assert test["top1"] >= 4 / 6, test["per_video"]
+    assert test["top1"] >= 5 / 6, test["per_video"]
     rows = [json.loads(r) for r in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     window = [r["window/loss"] for r in rows if "window/loss" in r]
     assert np.mean(window[-3:]) < 0.9 * np.log(3), window                   # learns: below chance
