@@ -240,9 +240,10 @@ class WandbConfig:
 
 @dataclass
 class EvalConfig:
-    """Online kNN monitor during pretraining (mohico.trainer.online_knn); off by default."""
-    every_steps: int = 0               # 0: off; N: a kNN on val_shards every N steps (rank 0)
-    val_shards: str = ""               # a small labelled shard set (folder, pattern or list file)
+    """Online kNN monitor during pretraining (mohico.trainer.online_knn), validation top-1 while fine-tuning
+    (mohico.trainer.online_knn.FinetuneVal); off by default."""
+    every_steps: int = 0               # 0: off; N: a kNN (fine-tuning: top-1) on val_shards every N steps (rank 0)
+    val_shards: str = ""               # a small labelled shard set (folder, pattern or list file); fine-tuning: "" = finetune.test_shards
     train_shards: str = ""             # the voters; "" = val_shards itself (leave-one-out)
     labels: str = ""                   # labels file overriding the shards' (JSON {source: label} or TSV)
     k: int = 20

@@ -34,13 +34,13 @@ def validate(cfg) -> None:
         need(getattr(cfg.trainer, key) >= 0, f"trainer.{key}", "must be >= 0 seconds (0 turns it off)")
     need(cfg.trainer.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0 seconds")
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
-    need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN)")
+    need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no online kNN / validation top-1)")
     ft = cfg.finetune
     need(0 <= ft.dropout < 1 and 0 <= ft.label_smoothing < 1, "finetune.dropout",
          "finetune.dropout and finetune.label_smoothing must lie in [0, 1)")
     need(ft.num_classes >= 0 and ft.test_clips >= 1 and ft.test_crops >= 1 and ft.test_batch_size >= 1,
          "finetune.test_clips", "finetune.num_classes >= 0; test_clips, test_crops, test_batch_size >= 1")
-    need(cfg.eval.every_steps == 0 or bool(cfg.eval.val_shards), "eval.val_shards",
+    need(cfg.eval.every_steps == 0 or bool(cfg.eval.val_shards) or bool(ft.backbone), "eval.val_shards",
          "the online kNN (eval.every_steps > 0) needs a small labelled shard set: eval.val_shards=PATH")
     need(cfg.eval.k >= 1 and cfg.eval.temperature > 0 and cfg.eval.clips_per_video >= 1 and cfg.eval.batch_size >= 1,
          "eval.k", "eval.k, eval.clips_per_video and eval.batch_size must be >= 1 and eval.temperature > 0")

@@ -13,7 +13,8 @@ which the trainer already passes to the module). Videos without a label are igno
 when set, must match).
 
 Loss: cross-entropy (``finetune.label_smoothing``) of ``head(dropout(backbone(clip)))``; terms
-``loss``, ``finetune/top1`` (train-batch accuracy) and ``finetune/unlabelled_frac``. After the last step rank 0 runs :func:`finetune_test`:
+``loss``, ``finetune/top1`` (train-batch accuracy) and ``finetune/unlabelled_frac``. Every ``eval.every_steps``
+rank 0 logs validation top-1 (``mohico.trainer.online_knn.FinetuneVal``: ``finetune/val_top1``). After the last step rank 0 runs :func:`finetune_test`:
 ``finetune.test_clips`` temporal clips x ``finetune.test_crops`` spatial crops per test video
 (``finetune.test_shards``), softmax averaged -> top-1/top-5, written to ``RUN_DIR/finetune_test.json``,
 printed as a table and logged to the run's W&B run (``eval/finetune/*``).
@@ -115,12 +116,40 @@ class FinetuneModule(nn.Module):
 
 
 @torch.no_grad()
+def video_scores(module: FinetuneModule, videos, labels: Optional[dict], batch_size: int, device, where: str):
+    """Softmax of ``module.logits`` averaged over each labelled video's clips: ``(scores (N, C), ys (N,),
+    keys, unlabelled count)``; ``videos`` yields :class:`~mohico.datasets.load.eval_clips.LabelledVideo`
+    (clips ``(V, C, T, H, W)``); labels as :func:`~mohico.datasets.sample_schema.sample_label`. The
+    caller sets eval mode. A label no train video has raises MohicoError naming ``where``."""
+    index = {c: i for i, c in enumerate(module.classes)}
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    probs, ys, keys, skipped = [], [], [], 0
+    for v in videos:
+        lab = sample_label(labels, v.source, v.key, v.label)
+        if lab is None:
+            skipped += 1
+            continue
+        if lab not in index:
+            raise MohicoError(f"{where}: video {v.source or v.key} has label {lab!r}, which no train "
+                              f"video has (classes: {module.classes[:8]}...)")
+        p = []
+        for s in range(0, len(v.clips), batch_size):
+            x = torch.from_numpy(v.clips[s:s + batch_size]).to(device, dtype)
+            p.append(torch.softmax(module.logits(x).float(), dim=1).cpu())
+        probs.append(torch.cat(p).mean(dim=0))
+        ys.append(index[lab])
+        keys.append(v.key)
+    if not probs:
+        raise MohicoError(f"{where}: no labelled video")
+    return torch.stack(probs), torch.tensor(ys), keys, skipped
+
+
+@torch.no_grad()
 def finetune_test(cfg, progress: bool = False, open_run=None) -> dict:
     """Multi-clip test accuracy of the run's latest checkpoint (module docstring); writes
     ``RUN_DIR/finetune_test.json`` and logs ``eval/finetune/*`` to the run's W&B run, opened by
     ``open_run`` (:func:`mohico.eval.report.log_wandb`; None: no W&B)."""
     from tqdm import tqdm
-
 
     ft = cfg.finetune
     run_dir = Path(cfg.run.dir)
@@ -134,34 +163,17 @@ def finetune_test(cfg, progress: bool = False, open_run=None) -> dict:
     module.eval().to(device)
 
     labels = load_labels(ft.labels) if ft.labels else None
-    index = {c: i for i, c in enumerate(module.classes)}
-    probs, ys, keys, skipped = [], [], [], 0
     videos = iter_labelled(ft.test_shards, cfg.data, ft.test_clips, "finetune.test_shards", ft.test_crops,
                            require_label=False)
-    for v in tqdm(videos, desc="finetune test", unit="video", disable=not progress, dynamic_ncols=True):
-        lab = sample_label(labels, v.source, v.key, v.label)
-        if lab is None:
-            skipped += 1
-            continue
-        if lab not in index:
-            raise MohicoError(f"finetune.test_shards: video {v.source or v.key} has label {lab!r}, which no train "
-                              f"video has (classes: {module.classes[:8]}...)")
-        p = []
-        for s in range(0, len(v.clips), ft.test_batch_size):
-            x = torch.from_numpy(v.clips[s:s + ft.test_batch_size]).to(device)
-            p.append(torch.softmax(module.logits(x).float(), dim=1).cpu())
-        probs.append(torch.cat(p).mean(dim=0))
-        ys.append(index[lab])
-        keys.append(v.key)
-    if not probs:
-        raise MohicoError(f"finetune.test_shards {ft.test_shards}: no labelled test video")
-    scores = torch.stack(probs)
-    acc = topk_accuracy(scores, torch.tensor(ys), (1, 5))
+    videos = tqdm(videos, desc="finetune test", unit="video", disable=not progress, dynamic_ncols=True)
+    scores, ys, keys, skipped = video_scores(module, videos, labels, ft.test_batch_size, device,
+                                             f"finetune.test_shards {ft.test_shards}")
+    acc = topk_accuracy(scores, ys, (1, 5))
     res = {"protocol": "finetune", **acc, "num_test": len(ys), "unlabelled_test": skipped,
            "num_classes": len(module.classes), "clips_per_video": ft.test_clips, "spatial_crops": ft.test_crops,
            "step": int(meta.get("step", 0)), "run_dir": str(run_dir),
            "per_video": [{"key": k, "label": module.classes[y], "pred": module.classes[int(s.argmax())]}
-                         for k, y, s in zip(keys, ys, scores)]}
+                         for k, y, s in zip(keys, ys.tolist(), scores)]}
     print(results_table(res))
     print(f"fine-tuned {cfg.model.backbone} on {len(ys)} test videos, {ft.test_clips} clip(s) x {ft.test_crops} "
           f"crop(s): top-1 {100 * acc['top1']:.2f}%  top-5 {100 * acc['top5']:.2f}%")

@@ -10,6 +10,9 @@ trajectory, bit for bit, as one with it off, and resumes exactly. Voters: ``eval
 or ``eval.val_shards`` itself with each video excluded from its own vote (leave-one-out).
 Labels: the shards' or ``eval.labels`` (a labels file). A failing evaluation logs a warning and
 training goes on (``knn/failed`` = 1 in that row).
+
+A fine-tuning run (``finetune.backbone`` set) gets :class:`FinetuneVal` instead, with the same
+guarantees: top-1 of the whole module (backbone + head) on held-out videos (``finetune/val_*``).
 """
 from __future__ import annotations
 
@@ -22,13 +25,19 @@ from torch import nn
 from mohico.trainer.rng import preserved_rng
 from mohico.datasets.shard_list import expand_shards
 from mohico.datasets.write.shards_inputs import load_labels
+from mohico.datasets.load.eval_clips import iter_labelled
+from mohico.eval.finetune import video_scores
+from mohico.eval.knn import topk_accuracy
 from mohico.eval.protocols import features, knn
 
 log = logging.getLogger("mohico.trainer")
 
 
 class OnlineKnn:
-    """``due(step)`` -> bool; ``run(backbone) -> {"knn/top1", "knn/top5", "knn/time_s"}``."""
+    """``due(step)`` -> bool; ``run(module) -> {"knn/top1", "knn/top5", "knn/time_s"}`` of
+    ``evaluated(module)`` (the training module's backbone)."""
+
+    prefix, name = "knn/", "online kNN"      # the row's keys; the warning's subject
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.ev, self.device = cfg, cfg.eval, torch.device(device)
@@ -41,19 +50,23 @@ class OnlineKnn:
     def due(self, step: int) -> bool:
         return self.ev.every_steps > 0 and step % self.ev.every_steps == 0
 
+    def evaluated(self, module: nn.Module) -> nn.Module:
+        return module.backbone
+
     @torch.no_grad()
-    def run(self, backbone: nn.Module) -> dict[str, float]:
+    def run(self, module: nn.Module) -> dict[str, float]:
         t0 = time.perf_counter()
-        was_training = backbone.training
+        net = self.evaluated(module)
+        was_training = net.training
         try:
             with preserved_rng():
-                row = self._evaluate(backbone)
+                row = self._evaluate(net)
         except Exception as e:  # noqa: BLE001 - a monitor must not stop training
-            log.warning("online kNN failed (%s: %s); training continues", type(e).__name__, e)
-            row = {"knn/failed": 1.0}
+            log.warning("%s failed (%s: %s); training continues", self.name, type(e).__name__, e)
+            row = {f"{self.prefix}failed": 1.0}
         finally:
-            backbone.train(was_training)
-        row["knn/time_s"] = time.perf_counter() - t0
+            net.train(was_training)
+        row[f"{self.prefix}time_s"] = time.perf_counter() - t0
         return row
 
     def _evaluate(self, backbone: nn.Module) -> dict[str, float]:
@@ -64,3 +77,29 @@ class OnlineKnn:
                                                               where="eval.train_shards", **common)
         res = knn(train, val, k=self.ev.k, temperature=self.ev.temperature)
         return {"knn/top1": res["top1"], "knn/top5": res["top5"]}
+
+
+class FinetuneVal(OnlineKnn):
+    """Validation top-1 while fine-tuning (rank 0, every ``eval.every_steps``): ``eval.clips_per_video``
+    centre clips of every video of ``eval.val_shards`` (else ``finetune.test_shards``), softmax averaged
+    -> ``finetune/val_top1``, ``finetune/val_top5``, ``finetune/val_time_s``. Same guarantees as the
+    online kNN it extends (eval mode restored, no grad, RNG streams restored, a failure only warns)."""
+
+    prefix, name = "finetune/val_", "validation top-1"
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.ev, self.device = cfg, cfg.eval, torch.device(device)
+        self.val = self.ev.val_shards or cfg.finetune.test_shards
+        self.where = f"{'eval.val_shards' if self.ev.val_shards else 'finetune.test_shards'} {self.val}"
+        expand_shards(self.val, allow_commands=cfg.data.allow_commands)        # a wrong path fails at start-up
+        labels = self.ev.labels or cfg.finetune.labels
+        self.labels = load_labels(labels) if labels else None
+
+    def evaluated(self, module: nn.Module) -> nn.Module:
+        return module                                                          # backbone + head
+
+    def _evaluate(self, module: nn.Module) -> dict[str, float]:
+        module.eval()
+        videos = iter_labelled(self.val, self.cfg.data, self.ev.clips_per_video, self.where, require_label=False)
+        scores, ys, _, _ = video_scores(module, videos, self.labels, self.ev.batch_size, self.device, self.where)
+        return {f"{self.prefix}{k}": v for k, v in topk_accuracy(scores, ys, (1, 5)).items()}

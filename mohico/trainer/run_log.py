@@ -14,11 +14,12 @@ same keys at the same steps in both.
   over the window and the ranks (the loss as ``window/loss``) and the loader counters summed over the
   ranks (:func:`~mohico.trainer.step_metrics.reduce_metrics`, collective), step time, clips/s, data
   wait, memory, bank fill, storage reads (:class:`~mohico.trainer.io_meter.IOMeter`).
-- every ``eval.every_steps`` (rank 0): the online kNN monitor (``knn/*``); every ``wandb.image_every``: a batch picture.
+- every ``eval.every_steps`` (rank 0): the online kNN monitor (``knn/*``; fine-tuning: validation
+  top-1, ``finetune/val_*``); every ``wandb.image_every``: a batch picture.
 - the console, at each window: ``step N/MAX eta 3m12s`` (remaining steps at the window's measured
   steps/s), the step time, clips/s, data wait and memory, then every other scalar W&B got during the
   window (:class:`~mohico.trainer.metric_window.MetricWindow`: the mean over the window, the last
-  value for the learning rate and running counts). A kNN result between windows also gets a line of its own.
+  value for the learning rate and running counts). An online evaluation between windows also gets a line of its own.
 """
 from __future__ import annotations
 
@@ -36,14 +37,23 @@ from mohico.trainer.train_step import StepResult
 log = logging.getLogger("mohico.trainer")
 
 
+def periodic_eval(cfg, device):
+    """Rank 0's evaluation every ``eval.every_steps``: the fine-tuned module's validation top-1
+    (``finetune/val_*``) in a fine-tuning run, else the online kNN of the backbone (``knn/*``). The
+    eval stack is imported only here. A fine-tuning run without held-out shards (``eval.val_shards``,
+    ``finetune.test_shards``) has none, like its final test."""
+    if cfg.finetune.backbone and not (cfg.eval.val_shards or cfg.finetune.test_shards):
+        log.info("no validation top-1: no held-out shards (finetune.test_shards or eval.val_shards)")
+        return None
+    from mohico.trainer.online_knn import FinetuneVal, OnlineKnn
+
+    return (FinetuneVal if cfg.finetune.backbone else OnlineKnn)(cfg, device)
+
+
 class RunLog:
     def __init__(self, cfg, run_dir: Path, rank: int, world: int, device, loader, wandb, start_step: int):
         self.cfg, self.rank, self.world, self.loader, self.wandb = cfg, rank, world, loader, wandb
-        self.monitor = None
-        if rank == 0 and cfg.eval.every_steps > 0:   # the eval stack is imported only for the monitor
-            from mohico.trainer.online_knn import OnlineKnn
-
-            self.monitor = OnlineKnn(cfg, device)
+        self.monitor = periodic_eval(cfg, device) if rank == 0 and cfg.eval.every_steps > 0 else None
         self.io_meter = IOMeter(rank, loader.stats() if hasattr(loader, "stats") else None)
         self.file = open(Path(run_dir) / "logs" / "metrics.jsonl", "a") if rank == 0 else None
         self.bar = None
@@ -74,18 +84,19 @@ class RunLog:
         if window:   # the mean over the window and the ranks of the loss is "window/loss"
             row.update({("window/loss" if k == "loss" else k): v
                         for k, v in self._window_row(step, lr, module, nonfinite_total).items()})
-        knn_row = None
-        if self.monitor is not None and self.monitor.due(step):      # online kNN: no state or RNG touched
-            knn_row = self.monitor.run(module.backbone)
-            row.update(knn_row)
+        eval_row = None
+        if self.monitor is not None and self.monitor.due(step):      # online kNN / validation: no state or RNG touched
+            eval_row = self.monitor.run(module)
+            row.update(eval_row)
         self.wandb.log(row, step=step)
         if self.file is not None:
             self.file.write(json.dumps({"step": step, **row}) + "\n")
             self.file.flush()
         if window:
             self._console(step, row)
-        elif knn_row is not None and self.rank == 0:
-            self._print("step %d/%d online kNN %s", step, t.max_steps, format_metrics(knn_row))
+        elif eval_row is not None and self.rank == 0:
+            what = "online kNN" if any(k.startswith("knn/") for k in eval_row) else "validation"
+            self._print("step %d/%d %s %s", step, t.max_steps, what, format_metrics(eval_row))
         if cfg.wandb.image_every > 0 and step % cfg.wandb.image_every == 0:
             self.wandb.log_batch_images(result.batch, step, cfg.data.mean, cfg.data.std)
 
