@@ -219,6 +219,7 @@ def test_informative_embeddings_beat_chance(labelled_shards):
     assert P.knn_eval(noise, cfg, labelled_shards, labelled_shards, k=1)["num_val"] == 6
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_and_checkpoint_mismatch(labelled_shards, tmp_path):
     from mohico.models.backbones import build_backbone
     from mohico.models.backbone_file import save_backbone

@@ -109,7 +109,7 @@ def test_validation_top1_matches_an_independent_argmax_and_touches_no_state(synt
 
 
 @pytest.mark.slow
-def test_readme_finetune_learns_logs_validation_top1_and_resumes(tmp_path):
+def test_readme_finetune_learns_logs_validation_top1_and_resumes(readme_block_run):
     """The README's UCF101 commands as written (synth -> shards -> `mohico eval finetune random`,
     issue 28: the train loss stayed at chance, ln 3, at batch 2, which fails the loss check here): the
     train loss falls below chance, validation top-1 every eval.every_steps ends >= 4/6 (chance 1/3;
@@ -119,22 +119,21 @@ def test_readme_finetune_learns_logs_validation_top1_and_resumes(tmp_path):
     without it; the fine-tuned backbone exports."""
     import shutil
 
-    from test_readme import self_contained_block, shell_commands
     from test_trainer import assert_same_checkpoint, losses
 
-    cmds = shell_commands(self_contained_block())
-    readme = [a for a in cmds if (a[1] in ("synth", "shards") and "ucf101" in a) or a[1:3] == ["eval", "finetune"]]
-    assert [a[1] for a in readme] == ["synth", "shards", "eval"], readme
+    tmp_path, results = readme_block_run        # README's block, run once as written (conftest)
+    readme = [(a, r) for a, r in results if (a[1] in ("synth", "shards") and "ucf101" in a) or a[1:3] == ["eval", "finetune"]]
+    assert [a[1] for a, _ in readme] == ["synth", "shards", "eval"], [a for a, _ in results]
+    for argv, res in readme:
+        assert res.returncode == 0, (argv, res.stdout[-2000:], res.stderr[-4000:])
     env = {**os.environ, "WANDB_MODE": "offline"}
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "mohico", *map(str, args)], capture_output=True, text=True,
                               timeout=900, cwd=tmp_path, env=env)
 
-    for argv in readme:
-        res = cli(*argv[1:])
-        assert res.returncode == 0, (argv, res.stdout[-2000:], res.stderr[-4000:])
-    finetune = readme[-1][1:]
+    argv, res = readme[-1]
+    finetune = argv[1:]
     run_dir = tmp_path / next(a.split("=", 1)[1] for a in finetune if a.startswith("run.dir="))
     cfg = load_config(CONFIG, [])
     steps, every = cfg.trainer.max_steps, cfg.eval.every_steps
@@ -182,6 +181,7 @@ def test_readme_finetune_learns_logs_validation_top1_and_resumes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_module_learns_constant_colour_classes(synth_shards, synth_videos):
     """The fine-tune path's pieces that `mohico train` wires (FinetuneModule with its labels by video
     id, dropout, the config's optimizer over ``param_groups`` and the ``lr_at`` schedule) learn a

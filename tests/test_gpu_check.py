@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow
 def test_without_a_gpu_it_says_so_and_exits_0():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
@@ -45,11 +46,13 @@ def test_bank_step_fails_on_a_wrong_kernel(monkeypatch):
     assert not r["ok"] and "rel |dloss|" in r["note"]
 
 
+@pytest.mark.slow
 def test_correlation_step_interpreted_triton_vs_streaming():
     r = gpu_check.check_correlation("cpu", N=2, C=8, S=8, radius=2, repeats=1)
     assert r["ok"], r["note"]
 
 
+@pytest.mark.slow
 def test_decode_step_dali_cpu_vs_pyav(synth_shards, tmp_path):
     r = gpu_check.check_decode(tmp_path, "vp9", "cpu", "pyav", batches=1, shards=synth_shards, workers=0, crop_size=96)
     assert r["ok"], r["note"]

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_proof  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_stage_and_one_table(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_proof.sh"), "--out", str(tmp_path / "out")],
@@ -69,6 +72,7 @@ def test_zero_buckets_follow_the_model_size():
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == 1_187_840
 
 
+@pytest.mark.slow
 def test_a_stage_past_the_budget_is_written_as_not_run(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_proof.sh"), "--out", str(tmp_path), "--budget", "0",

@@ -63,6 +63,7 @@ def frames(x2d: torch.Tensor, t: int) -> torch.Tensor:
     return x2d.unsqueeze(2).repeat(1, 1, t, 1, 1)
 
 
+@pytest.mark.slow
 def test_inflated_r3d_reproduces_the_2d_network_on_a_clip_of_identical_frames(net2d, weights_file):
     """The inflation identity: stem, layer1 and layer2 (its temporal stride and downsample included) of
     the inflated R3D-18 give the 2D ResNet-18's activations at every frame the zero temporal padding
@@ -136,6 +137,7 @@ def test_r2plus1d_takes_the_2d_kernel_in_its_spatial_conv_and_an_identity_in_tim
     assert temporal.abs().sum() == 128
 
 
+@pytest.mark.slow
 def test_a_moco_v2_checkpoint_gives_its_query_encoder(net2d, tmp_path):
     sd = net2d.state_dict()
     other = resnet18_2d(seed=7).state_dict()
@@ -199,6 +201,7 @@ def test_unused_2d_keys_are_named(net2d, tmp_path, caplog):
     assert report.unused == ["layer5.0.conv1.weight"] and "unused 2D keys (1): layer5.0.conv1.weight" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_pretrain_module_starts_from_the_inflated_weights_and_a_resume_builds_without_them(weights_file, net2d):
     from mohico.models.pretrain import PretrainModule, without_init
 

@@ -59,6 +59,7 @@ def _run(fn, q, *args, **kw):
 SHAPES = [(B, K, d) for B in (1, 7, 33) for K in (1, 1000, 4097) for d in (64, 128)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("B,K,d", SHAPES)
 @pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 def test_bank_nce_and_lse_match_numpy_float64(B, K, d, impl):
@@ -110,6 +111,7 @@ def test_triton_writes_every_output_element():
         np.testing.assert_allclose(dq.numpy(), dqb_ref, rtol=1e-10, atol=1e-12, err_msg=f"seed={seed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_gradcheck(impl):
     seed = secrets.randbits(31)
@@ -193,6 +195,7 @@ def test_bad_inputs_raise():
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_second_derivatives_are_exact(impl):
     """create_graph=True takes a differentiable recomputation: gradgradcheck, and equal to the
@@ -208,6 +211,7 @@ def test_second_derivatives_are_exact(impl):
     torch.testing.assert_close(hv[1], hv[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error():
     """In a fresh process without TRITON_INTERPRET, impl='triton' on CPU names the fix."""
     import subprocess

@@ -92,6 +92,7 @@ def test_masked_float32_matches_reference(impl):
                                err_msg=f"seed={seed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 def test_masked_gradcheck(impl):
     seed = secrets.randbits(31)

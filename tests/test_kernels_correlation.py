@@ -49,6 +49,7 @@ def _np_brute(f1, f2, r, sigma, temperature):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B,C,H,W,r,sigma,temp", [(2, 5, 7, 9, 2, 1.5, 10.0), (1, 6, 11, 10, 7, 5.0, 100.0)])
 def test_matches_bruteforce_numpy(impl, B, C, H, W, r, sigma, temp):
@@ -60,6 +61,7 @@ def test_matches_bruteforce_numpy(impl, B, C, H, W, r, sigma, temp):
                                err_msg=f"seed={seed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_gradients_match_reference_autograd(impl):
     seed = secrets.randbits(31)
@@ -85,6 +87,7 @@ def _separated(f1, f2, r, margin=1e-3):
     return bool((top2[:, 0] - top2[:, 1] > margin).all() and (vol[pad].abs() > margin).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_gradcheck(impl):
     while True:  # fresh data, redrawn until finite differences are meaningful
@@ -108,6 +111,7 @@ def _shift(f, dx, dy):
 
 @pytest.mark.parametrize("impl,r,size,shift", [("reference", 7, 26, (3, -5)), ("torch", 7, 26, (-6, 2)),
                                                ("triton", 3, 14, (2, -1))])
+@pytest.mark.slow
 def test_known_shift_is_recovered_with_high_confidence(impl, r, size, shift):
     seed = secrets.randbits(31)
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +134,7 @@ def test_known_shift_is_recovered_with_high_confidence(impl, r, size, shift):
     assert unmatched.numel() > 0 and unmatched.max() < 0.9 and inner[2].min() > unmatched.max() + 0.1
 
 
+@pytest.mark.slow
 def test_triton_writes_every_output_element():
     seed = secrets.randbits(31)
     f1, f2 = _feats(2, 5, 9, 7, seed)

@@ -260,6 +260,7 @@ def _child_env():
     return env
 
 
+@pytest.mark.slow
 def test_plain_process_init_distributed(tmp_path, rank_script):
     """No launcher: a world of one with gloo on CPU; RANK etc. are exported for DeepSpeed."""
     out = subprocess.run([sys.executable, str(rank_script), str(tmp_path)], env=_child_env(),
@@ -270,6 +271,7 @@ def test_plain_process_init_distributed(tmp_path, rank_script):
         ("plain", 1, 1.0, "gloo", "0", "127.0.0.1")
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_spawn_local_two_ranks_all_reduce_forward_signal_and_exit_3(tmp_path, rank_script, sig):
@@ -370,6 +372,7 @@ def test_submit_cpu_cluster_and_config_defaults(tmp_path, capsys, monkeypatch, d
     assert code == 0 and "--nodes=1" in _sbatch_lines(out) and "--ntasks-per-node=2" in _sbatch_lines(out)
 
 
+@pytest.mark.slow
 def test_rendered_script_is_the_template_plus_header_and_args(tmp_path, capsys, monkeypatch, demo_shards):
     """Only the #SBATCH lines and the marked block change: the template stays the one source."""
     monkeypatch.chdir(tmp_path)

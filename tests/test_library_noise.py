@@ -48,6 +48,7 @@ def test_the_all_gather_future_warning_is_ignored_and_others_are_not():
     assert [str(w.message) for w in caught] == ["`torch.distributed.something_else` is deprecated."]
 
 
+@pytest.mark.slow
 def test_importing_mohico_silences_deepspeeds_accelerator_line():
     env_cmd = ("import os; os.environ.pop('DS_ACCELERATOR', None); import mohico; "
                "import deepspeed.accelerator as a; print(a.get_accelerator().device_name())")

@@ -109,6 +109,7 @@ def _tiny_mal(w1: torch.Tensor, x, w2, proj, k, target, variant):
     return mal_loss(pred, pool_motion(target, tuple(pred.shape[1:])))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["weighted_feature_map", "weighted_gradient_map"])
 def test_double_backprop_gradcheck(variant):
     g = torch.Generator().manual_seed(1)
@@ -181,6 +182,7 @@ def _moving_squares(b=4, t=2, h=12, seed=1):
     return x, m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,steps,min_corr", [("weighted_gradient_map", 80, 0.95), ("feature_map", 60, 0.8)])
 def test_tiny_model_trained_on_mal_aligns_with_motion(variant, steps, min_corr):
     torch.manual_seed(0)

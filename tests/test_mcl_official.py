@@ -154,6 +154,7 @@ def _np_nt_xent(z, ids, tau):
     return float(np.mean(out))
 
 
+@pytest.mark.slow
 def test_in_batch_negatives_match_simclr_and_need_no_bank_nor_key_encoder():
     cfg = _cfg("paper")
     cfg.objectives.mcl.negatives = "batch"

@@ -32,6 +32,7 @@ def test_every_registered_backbone_is_tested():
     assert set(EXPECTED) == set(BACKBONES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_backbone_shapes_and_feature_map(name):
     torch.manual_seed(0)
@@ -53,6 +54,7 @@ def test_backbone_shapes_and_feature_map(name):
     assert per_position.std(dim=1).max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_feature_map_supports_mal_double_backprop(name):
     """MAL: g = d(score)/d(fmap) with create_graph=True, a loss on g, backward to the weights (train mode)."""
@@ -89,6 +91,7 @@ def test_width_must_be_a_positive_int():
         build_backbone("msnet_resnet18", width=8, radius=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
 def test_residual_input_feeds_frame_differences(name):
     """input="residual": the net computes on x[t+1] - x[t] (last difference repeated), i.e. exactly
@@ -119,6 +122,7 @@ def test_residual_input_feeds_frame_differences(name):
         build_backbone(name, width=8, input="flow")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "s3d"])
 def test_rgb_plus_residual_input_stacks_both_on_channels(name):
     """input="rgb+residual": the first convolution takes 6 channels, the clip then its residual
@@ -330,6 +334,7 @@ def _identity_ms(channels: int) -> MotionSqueeze:
     return ms
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dx,dy", [(2, -3), (-5, 1), (0, 4)])
 def test_motionsqueeze_recovers_a_known_shift(dx, dy):
     """Frame 2 is frame 1 shifted by (dx, dy) px inside a textured square, noise elsewhere."""

@@ -156,6 +156,7 @@ def _key_encoder(backbone, objective, name, momentum, shuffle=False):
     return KeyEncoder(backbone, {name: objective.key_head}, momentum, {name: momentum}, shuffle=shuffle)
 
 
+@pytest.mark.slow
 def test_mcl_momentum_update_and_enqueue_after_loss():
     torch.manual_seed(0)
     cfg = _cfg(mcl__weight=1.0, mcl__bn="none", mcl__mal_enabled=False, mcl__momentum=0.9)
@@ -283,6 +284,7 @@ def _hico_train(hico_cls=HiCo, steps=200, seed=0, b=2, videos=8, dim=48):
     return visual
 
 
+@pytest.mark.slow
 def test_hico_bank_does_not_collapse_the_visual_head():
     """hico/visual starts at 4.2-5.0 here (seeds 0-5; chance ln(1 + 3 + 256) = 5.56). With a bank
     of the online head's own past outputs (the old design) it stayed at 3.2-3.7 after 200 steps
@@ -327,6 +329,7 @@ def _dist_worker(rank, world):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_gloo_ranks_ntxent_bank_and_shuffle_bn(tmp_path):
     res = run_gloo(_dist_worker, WORLD)

@@ -133,6 +133,7 @@ def reference() -> dict:
     return json.loads(REFERENCE.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_losses_grads_ema_match_the_pinned_reference(name, reference):
     got = run_case(name)

@@ -131,6 +131,7 @@ def _worker(rank, world):
     return loss.detach(), z.grad.clone()
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_gloo_ranks_ntxent_with_ids_match_one_process():
     res = run_gloo(_worker, 2)

@@ -214,6 +214,7 @@ def _partitioned_worker(rank, world):
     return rank
 
 
+@pytest.mark.slow
 def test_lars_partitioned_over_two_ranks_equals_whole_layers():
     """Under ZeRO 1/2 each group is a per-rank slice of one layer: the norms are all-reduced."""
     assert run_gloo(_partitioned_worker, 2) == [0, 1]

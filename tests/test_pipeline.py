@@ -150,6 +150,7 @@ def _same(a, b):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_state_dict_round_trip_gives_identical_batches(synth_shards, workers):
     cfg = small_cfg(num_workers=workers)
@@ -391,6 +392,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_workers_exit_when_the_rank_is_killed(synth_shards, tmp_path):
     """A rank killed with SIGKILL leaves no loader worker or forkserver behind."""

@@ -181,6 +181,7 @@ def test_feature_map_variant_and_sync_bn_at_world_one():
     (1.0, "none", "sync", True),         # either objective asking is enough
     (1.0, "sync", "shuffle", True),
     (1.0, "shuffle", "shuffle", False)])
+@pytest.mark.slow
 def test_sync_bn_when_either_objective_asks(mcl, mcl_bn, hico_bn, synced):
     torch.manual_seed(0)
     model = PretrainModule(_cfg(mcl=mcl, hico=1.0, mcl__bn=mcl_bn, hico__bn=hico_bn, mcl__mal_enabled=False))

@@ -116,6 +116,7 @@ def test_every_readme_command_parses():
             parses(argv)
 
 
+@pytest.mark.slow
 def test_readme_shell_commands_run_as_written(workdir, synth_shards, capsys):
     ran = []
     own = self_contained_block()
@@ -183,14 +184,12 @@ def test_readme_shards_command_runs_as_written(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_readme_self_contained_block_runs_as_written(tmp_path):
+def test_readme_self_contained_block_runs_as_written(readme_block_run):
     """The block that fabricates its own benchmark trees (synth -> shards -> eval protocols -> train),
-    every command in order as written (train with --dry-run), from a fresh directory."""
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    for argv in shell_commands(self_contained_block()):
+    every command in order as written (train with --dry-run), from a fresh directory
+    (``readme_block_run``, shared with test_finetune's check of the fine-tune it runs)."""
+    _, results = readme_block_run
+    for argv, res in results:
         assert argv[0] == "mohico", argv
-        if argv[1] == "train":
-            argv = [*argv, "--dry-run"]
-        res = subprocess.run([sys.executable, "-m", "mohico", *argv[1:]], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=1200)
         assert res.returncode == 0, (argv, res.stderr[-3000:])
+    assert [argv for argv, _ in results] == shell_commands(self_contained_block())

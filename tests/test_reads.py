@@ -162,6 +162,7 @@ def test_loader_draws_are_independent_and_from_seed_epoch_rank_key_r(synth_shard
     assert loader.stats()["bytes_read"] > 0
 
 
+@pytest.mark.slow
 def test_loader_resume_is_bitwise_with_several_draws(synth_shards):
     cfg = small_cfg(num_workers=2, samples_per_read=3, seconds_per_sample=0.0)
     full = build_loader(cfg, str(synth_shards))

@@ -247,6 +247,7 @@ def test_file_list_input_and_labels_file(src, tmp_path):
     assert meta["label"] == "bird" and meta["height"] == 64 and meta["motion"]["grid"] == [8, 10]
 
 
+@pytest.mark.slow
 def test_real_camera_clips(tmp_path):
     src = tmp_path / "real"
     src.mkdir()

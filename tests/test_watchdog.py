@@ -7,6 +7,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from mohico.trainer import watchdog as wd
 
 
@@ -35,6 +37,7 @@ def test_stop_after_a_signal_never_raises_even_when_the_grace_thread_ends_first(
         signal.signal(signal.SIGUSR1, old)
 
 
+@pytest.mark.slow
 def test_trainer_cleanup_runs_every_step_even_when_one_raises():
     import pytest
 
