@@ -10,7 +10,7 @@ and saved features; none retrains anything.
                on the saved video features as they are (``raw``), centred on the train videos'
                mean (``centred``) and standardised per dimension by the train videos' mean and
                std (``standardised``) before the L2 normalisation; mean +- sample std per arm.
-    backbone   kNN and recall@1 after embedding the eval clips again with the online backbone on
+    backbone   kNN and recall@1 (``--linear``: and the linear probe) after embedding the eval clips again with the online backbone on
                its running BN statistics (``running``: the ablation's), with BN statistics
                re-estimated on the train eval clips (``precise``: PySlowFast's precise BN), and
                with the checkpoint's EMA key backbone (``ema``); the random init has no EMA.
@@ -19,7 +19,7 @@ and saved features; none retrains anything.
                with ``--set checkpoint.every_steps=N --set checkpoint.keep=K`` to keep them.
 
     .venv/bin/python benchmarks/motion_eval_checks.py knn-norm [--work /tmp/mohico-motion-v2] [--test-videos 500]
-    .venv/bin/python benchmarks/motion_eval_checks.py backbone --runs random-s0 mcl-s0 [--modes running precise ema]
+    .venv/bin/python benchmarks/motion_eval_checks.py backbone --runs random-s0 mcl-s0 [--modes running precise ema] [--linear]
     .venv/bin/python benchmarks/motion_eval_checks.py curve --runs mcl-s0 [--linear]
 """
 from __future__ import annotations
@@ -153,8 +153,8 @@ def run_backbone(work: Path, args) -> dict:
                 precise_bn(backbone, torch.from_numpy(np.stack([v.clips for v in videos[0]])).flatten(0, 1))
             elif mode == "ema":
                 ema_backbone(backbone, ckpt)
-            res[f"{name}/{mode}"] = r = score(backbone, *videos, False, 0)
-            print(f"{name} | {mode} | kNN {r['knn']:.1f} | recall@1 {r['recall@1']:.1f}", flush=True)
+            res[f"{name}/{mode}"] = r = score(backbone, *videos, args.linear, int(name.rsplit("-s", 1)[1]))
+            print(f"{name} | {mode} | " + " | ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
     return res
 
 
@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=4)
     ap.add_argument("--runs", nargs="*", default=["random-s0", "mcl-s0"], help="backbone / curve: run dir names")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="backbone: what to vary")
-    ap.add_argument("--linear", action="store_true", help="curve: the 5-fold linear probe too (slower)")
+    ap.add_argument("--linear", action="store_true", help="backbone, curve: the 5-fold linear probe too (slower)")
     ap.add_argument("--set", action="append", default=[], metavar="key=value", help="the random init's config")
     ap.add_argument("--out", default="", help="write the result as JSON here")
     args = ap.parse_args()

@@ -81,20 +81,25 @@ def readme_block_run(tmp_path_factory):
     """README's self-contained bash block (it makes its own data: synth -> shards -> the eval
     protocols -> fine-tune -> train), every command in order as written from a fresh folder, once
     per session: ``(folder, [(argv, CompletedProcess), ...])``, stopping after the first command that
-    fails. `mohico train` runs with --dry-run; W&B is offline for the fine-tune command (its run is
-    read by test_finetune) and off for the others. Shared by test_readme (each command exits 0)
-    and test_finetune (the README's fine-tune learns, logs validation top-1 and resumes)."""
+    fails. `mohico train` runs with --dry-run; the fine-tune (it trains: DeepSpeed, its own ranks)
+    runs as a process of its own with W&B offline (its run is read by test_finetune), the other
+    commands in this process (:func:`run_cli_in_process`) with W&B off. Shared by test_readme (each
+    command exits 0) and test_finetune (the README's fine-tune learns, logs validation top-1 and
+    resumes)."""
     import subprocess
 
+    from _cli import run_cli_in_process
     from test_readme import self_contained_block, shell_commands
 
     folder = tmp_path_factory.mktemp("readme_block")
     results = []
     for argv in shell_commands(self_contained_block()):
         run = [*argv, "--dry-run"] if argv[1:2] == ["train"] else argv
-        mode = "offline" if argv[1:3] == ["eval", "finetune"] else "disabled"
-        res = subprocess.run([sys.executable, "-m", "mohico", *run[1:]], cwd=folder, capture_output=True, text=True,
-                             timeout=1200, env={**os.environ, "WANDB_MODE": mode})
+        if argv[1:3] == ["eval", "finetune"]:
+            res = subprocess.run([sys.executable, "-m", "mohico", *run[1:]], cwd=folder, capture_output=True,
+                                 text=True, timeout=1200, env={**os.environ, "WANDB_MODE": "offline"})
+        else:
+            res = run_cli_in_process(run[1:], folder, {"WANDB_MODE": "disabled"})
         results.append((argv, res))
         if res.returncode != 0:
             break

@@ -4,9 +4,6 @@ torchvision state_dict as the backbone)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +20,11 @@ CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 SMALL = dict(classes=3, per_class=3, seed=5, fps=15, size=(64, 48), duration=2.4)
 
 
-def cli(*args, timeout=300):
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "mohico", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+def cli(*args):
+    """`mohico ARGS` in this process (the CLI's main): exit code, stdout, stderr."""
+    from _cli import run_cli_in_process
+
+    return run_cli_in_process([str(a) for a in args], ROOT, {"WANDB_MODE": "offline"})
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ on labelled synthetic shards (the topic labels of the conftest videos)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,17 +225,21 @@ def test_cli_end_to_end_and_checkpoint_mismatch(labelled_shards, tmp_path):
     ckpt = tmp_path / "b.pt"
     save_backbone(ckpt, "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))
     out = tmp_path / "res.json"
-    cmd = [sys.executable, "-m", "mohico", "eval", str(ckpt), "--config", str(CONFIG), "--train", str(labelled_shards),
+    from _cli import run_cli_in_process
+
+    def cli(args):   # `mohico ARGS` in this process (the CLI's main): exit code, stdout, stderr
+        return run_cli_in_process(args, ROOT, {"WANDB_MODE": "offline"})
+
+    cmd = ["eval", str(ckpt), "--config", str(CONFIG), "--train", str(labelled_shards),
            "--val", str(labelled_shards), "--k", "3", "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    res = cli(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "top-1" in res.stdout
     saved = json.loads(out.read_text())
     assert saved["k"] == 3 and saved["num_val"] == 6 and len(saved["per_video"]) == 6 and 0 <= saved["top1"] <= 1
     # the config asks for another width: a clear error, exit 1
-    res = subprocess.run(cmd[:-2] + ["--set", "model.backbone_options={width: 16}"], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+    res = cli(cmd[:-2] + ["--set", "model.backbone_options={width: 16}"])
     assert res.returncode == 1 and "width" in res.stderr and "config" in res.stderr, res.stderr[-2000:]
     # no config and not a run directory: usage error
-    res = subprocess.run(cmd[:4] + cmd[6:], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    res = cli(cmd[:1] + cmd[3:])
     assert res.returncode == 2 and "--config" in res.stderr

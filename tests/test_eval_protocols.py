@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -307,14 +304,15 @@ def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_pat
 
     ckpt = tmp_path / "b.pt"
     save_backbone(ckpt, "r3d_18", {"width": 8}, build_backbone("r3d_18", width=8))
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    base = [sys.executable, "-m", "mohico", "eval"]
+    from _cli import run_cli_in_process
+
+    def cli(args):   # `mohico eval ARGS`, in this process (the CLI's main: exit code, stdout, stderr)
+        return run_cli_in_process(["eval", *args], ROOT, {"WANDB_MODE": "offline"})
+
     common = ["--config", str(CONFIG), "--train", str(synth_shards), "--labels", str(synth_videos / "labels.json"),
               "--cache", str(tmp_path / "cache")]
     out = tmp_path / "retrieval.json"
-    res = subprocess.run(base + ["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out),
-                                 "--recall-at", "1,5", *common], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT, env=env)
+    res = cli(["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out), "--recall-at", "1,5", *common])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "recall@1" in res.stdout and "R@5" in res.stdout
     saved = json.loads(out.read_text())
@@ -323,24 +321,23 @@ def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_pat
     assert 0 <= saved["recall@1"] <= saved["recall@5"] <= 1
     assert list((tmp_path / "wandb").glob("offline-run-*")), "results not logged to W&B"
     # --no-center: plain cosine, named in the JSON and the table (features from the cache)
-    res = subprocess.run(base + ["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out), "--no-center",
-                                 "--no-wandb", *common], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    res = cli(["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out), "--no-center", "--no-wandb",
+               *common])
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(out.read_text())["retrieval_protocol"] == "uncentred" and "uncentred" in res.stdout
     # linear: disjoint sets (one shard trains, the other tests); 2 clips x 3 crops per video
     shards = sorted(synth_shards.glob("*.tar"))
     assert len(shards) == 2
     out = tmp_path / "linear.json"
-    lin = base + ["linear", str(ckpt), "--config", str(CONFIG), "--labels", str(synth_videos / "labels.json"),
+    lin = ["linear", str(ckpt), "--config", str(CONFIG), "--labels", str(synth_videos / "labels.json"),
                   "--train", str(shards[0]), "--val", str(shards[1]), "--out", str(out), "--epochs", "3",
                   "--lr", "0.1", "--wd", "0", "--clips-per-video", "2", "--no-wandb"]
-    res = subprocess.run(lin, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    res = cli(lin)
     assert res.returncode == 0, res.stderr[-3000:]
     saved = json.loads(out.read_text())
     assert saved["protocol"] == "linear" and saved["views_per_video"] == 6 and saved["lr"] == 0.1
     assert saved["num_train"] + saved["num_test"] == 6 and 0 <= saved["top1"] <= saved["top5"] <= 1
     assert "top-1" in res.stdout and "linear" in res.stdout
     # the same shards as train and test: refused with the fix
-    res = subprocess.run(lin[:10] + ["--train", str(synth_shards), "--val", str(synth_shards), "--epochs", "1",
-                                      "--no-wandb"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    res = cli(lin[:6] + ["--train", str(synth_shards), "--val", str(synth_shards), "--epochs", "1", "--no-wandb"])
     assert res.returncode == 1 and "disjoint" in res.stderr, res.stderr[-2000:]
