@@ -9,7 +9,8 @@ from pathlib import Path
 
 def run_cli_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """``mohico ARGV`` run by the CLI's ``main`` in this process, from ``cwd`` with ``env`` added to the
-    environment (both restored after): exit code, stdout and stderr as a CompletedProcess. Saves the
+    environment (the folder and the whole environment restored after, W&B's service address
+    included): exit code, stdout and stderr as a CompletedProcess. Saves the
     ~3-4 s a fresh interpreter spends importing torch for each command."""
     import contextlib
     import io
@@ -17,7 +18,7 @@ def run_cli_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.Comp
     from mohico.launcher.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    old_cwd, old_env = os.getcwd(), {k: os.environ.get(k) for k in env}
+    old_cwd, old_environ = os.getcwd(), dict(os.environ)
     os.chdir(cwd)
     os.environ.update(env)
     try:
@@ -28,9 +29,9 @@ def run_cli_in_process(argv: list[str], cwd: Path, env: dict) -> subprocess.Comp
                 code = e.code if isinstance(e.code, int) else 1
     finally:
         os.chdir(old_cwd)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        # the whole environment back as it was: W&B puts its service's address in WANDB_SERVICE, and a
+        # later subprocess that inherited it would log through this process's service, whose writes
+        # can land after that subprocess has exited (its .wandb file read too early)
+        os.environ.clear()
+        os.environ.update(old_environ)
     return subprocess.CompletedProcess(["mohico", *argv], code, out.getvalue(), err.getvalue())

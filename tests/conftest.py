@@ -76,6 +76,18 @@ def benchmark_script():
     return load
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service():
+    """After each test, forget a W&B service address (``WANDB_SERVICE``) that W&B, run inside the test
+    process, left in its environment: a later test's subprocess would otherwise inherit it and log
+    through this process's service instead of its own, and its .wandb file could be written after the
+    subprocess has exited (a test reading it would see it incomplete)."""
+    before = os.environ.get("WANDB_SERVICE")
+    yield
+    if before is None:
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def readme_block_run(tmp_path_factory):
     """README's self-contained bash block (it makes its own data: synth -> shards -> the eval

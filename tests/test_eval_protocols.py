@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -320,6 +321,9 @@ def test_cli_retrieval_and_linear_end_to_end(synth_shards, synth_videos, tmp_pat
     assert saved["retrieval_protocol"] == "coclr-centred" and "retrieval (coclr-centred)" in res.stdout
     assert 0 <= saved["recall@1"] <= saved["recall@5"] <= 1
     assert list((tmp_path / "wandb").glob("offline-run-*")), "results not logged to W&B"
+    # W&B ran in this process: its service's address must not stay in the environment that later
+    # subprocesses inherit (they would log through this process's service)
+    assert "WANDB_SERVICE" not in os.environ
     # --no-center: plain cosine, named in the JSON and the table (features from the cache)
     res = cli(["retrieval", str(ckpt), "--val", str(synth_shards), "--out", str(out), "--no-center", "--no-wandb",
                *common])
