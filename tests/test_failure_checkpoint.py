@@ -260,3 +260,27 @@ def test_resuming_an_older_checkpoint_keeps_the_newer_ones_aside(tmp_path, caplo
         cp.save(states_for(FakeEngine(), meta, loader={"n": -s}, rng=rng_state()))
     assert [torch.load(p / "client_rank_00000.pt")["loader"] for p in aside] == [{"n": 4}, {"n": 6}]  # untouched
     assert verify_checkpoint(cp.dir, aside[0].name) == []
+
+
+@pytest.mark.parametrize("echo", [FileNotFoundError(2, "No such file or directory"),
+                                  RuntimeError("Parent directory /x/.tmp-step_00000004 does not exist.")])
+def test_a_write_that_fails_because_a_peer_removed_the_folder_names_the_peer(tmp_path, echo):
+    """Rank 1's write of checkpoint 4 failed (disk full): it removed the partial folder while rank 0
+    was still writing into it. Rank 0's own error is only the echo -- the file system's
+    FileNotFoundError or torch.save's RuntimeError for a vanished parent directory (this one failed a
+    fresh-clone run: rank 0 then reported its own write instead of rank 1's disk full) -- so it stops
+    naming rank 1 and its note. A disk-full error of its own, with the folder still there, stays its
+    own message."""
+    from mohico.errors import PeerFailureError
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "failed_rank1.txt").write_text("rank 1: disk full while writing checkpoint step 4 to X")
+    cp = ck.Checkpointer(run, rank=0, world_size=2, keep=1)
+    tmp = cp.dir / ".tmp-step_00000004"                  # removed by rank 1: it does not exist
+    err = cp._write_failed(echo, tmp, 4)
+    assert isinstance(err, PeerFailureError), err
+    assert "rank 1" in str(err) and "disk full while writing checkpoint step 4" in str(err), str(err)
+    tmp.mkdir(parents=True)                               # this rank's own disk full: its own message
+    own = cp._write_failed(OSError(errno.ENOSPC, "No space left on device"), tmp, 4)
+    assert not isinstance(own, PeerFailureError) and str(own).startswith("rank 0: disk full"), str(own)

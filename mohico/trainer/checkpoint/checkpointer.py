@@ -145,8 +145,12 @@ class Checkpointer:
 
     def _write_failed(self, e: BaseException, tmp: Path, step: int) -> MohicoError:
         """The error for this rank's failed write of checkpoint ``step``; the partial ``tmp`` is removed."""
-        if isinstance(e, FileNotFoundError) and not tmp.exists():
-            # another rank's write failed and it removed the partial folder: name that rank, not this echo
+        # The partial folder is gone and this rank did not remove it: another rank's write failed and it
+        # removed the folder while this rank was writing into it. Name that rank, not this echo: the
+        # echo is FileNotFoundError from the file system, or torch.save's RuntimeError ("Parent
+        # directory ... does not exist", its zip writer failing); not a disk-full OSError of its own.
+        vanished = isinstance(e, FileNotFoundError) or (isinstance(e, RuntimeError) and not isinstance(e, OSError))
+        if vanished and not tmp.exists():
             from mohico.errors import PeerFailureError
             from mohico.trainer.peer_failure import peer_failure_message
             return PeerFailureError(peer_failure_message(self.dir.parent, self.rank, e, world=self.world_size))
