@@ -3,7 +3,7 @@
     meta, ext = sample_meta(sample, name)   # sample: webdataset's {"__key__", "json": bytes, "webm": bytes, ...}
 
 ``meta`` is the sample's json with ``num_frames`` / ``width`` / ``height`` as int and ``fps`` as
-float; ``ext`` the video member's extension (one of :data:`VIDEO_EXTS`). A sample without them
+float; ``ext`` the video member's extension (one of :data:`mohico.datasets.sample_schema.VIDEO_EXTS`). A sample without them
 raises :class:`BadSample` (``reason``: the loader's skip counter). The loader worker checks every
 sample with it (:func:`mohico.datasets.load.pipeline_worker.prepare_sample`), `mohico train
 --dry-run` the first sample of each shard (:func:`mohico.datasets.load.loader_checks.shard_problem`;
@@ -11,9 +11,7 @@ only the video member's presence counts, never its bytes).
 """
 from __future__ import annotations
 
-from mohico.datasets.sample_schema import JSON_MEMBER, VIDEO_EXTS, no_video_member, parse_meta, video_member
-
-__all__ = ["BadSample", "VIDEO_EXTS", "sample_meta"]
+from mohico.datasets.sample_schema import JSON_MEMBER, no_video_member, parse_meta, video_member
 
 
 class BadSample(Exception):
