@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -42,7 +43,7 @@ def test_stalled_loader_ends_both_ranks_with_exit_5_naming_the_loader_state(tmp_
     run = tmp_path / "run"
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"rank [01] exited with code 5"):   # rank 0: its own watchdog or the peer line
-        run_fake_train(run, world=2, overrides=["trainer.stall_timeout_s=20"],
+        run_fake_train(run, world=2, overrides=["trainer.stall_timeout_s=8"],
                        env={"FAKE_STALL_AT": "3", "FAKE_STALL_RANK": "1"})
     assert time.monotonic() - t0 < 150
     log = (run / "logs" / "train_rank1.log").read_text()
@@ -101,8 +102,16 @@ def test_sigkilled_rank_is_named_by_its_peer_with_host_pid_and_log(tmp_path):
     assert "Traceback" not in log0
 
 
+@pytest.fixture(scope="module")
+def fake_run_at_step_2(tmp_path_factory):
+    """A finished 2-step fake run (one rank), trained once for the tests that tamper with a copy."""
+    run = tmp_path_factory.mktemp("fake2") / "run"
+    assert run_fake_train(run, overrides=["trainer.max_steps=2"]) == [("rc", 0)]
+    return run
+
+
 @pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, name):
+def test_resume_refuses_a_deepspeed_file_that_would_run_code(fake_run_at_step_2, tmp_path, name):
     """Issue 30 item 3: DeepSpeed's own model and optimizer files are read with weights_only=True
     on resume: a crafted file (its pickle creates a marker file when loaded), with the meta's
     digests rewritten so that the integrity check passes, stops the run naming the file, and no
@@ -111,7 +120,7 @@ def test_resume_refuses_a_deepspeed_file_that_would_run_code(tmp_path, name):
     from mohico.trainer.checkpoint.verify import file_digests
 
     run, marker = tmp_path / "run", tmp_path / "pwned"
-    assert run_fake_train(run, overrides=["trainer.max_steps=2"]) == [("rc", 0)]
+    shutil.copytree(fake_run_at_step_2, run)
     folder = run / "checkpoints" / "step_00000002"
     obj = torch.load(folder / name, map_location="cpu", weights_only=False)   # our own file
     obj["hostile"] = Hostile(marker)

@@ -347,4 +347,6 @@ def _wait_for_peers(status_dir: Path, nproc: int, timeout: float = 120.0) -> Non
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    from mohico.launcher.process_exit import exit_process
+
+    exit_process(_worker_main(sys.argv[1:]))
