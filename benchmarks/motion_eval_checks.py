@@ -10,10 +10,12 @@ and saved features; none retrains anything.
                on the saved video features as they are (``raw``), centred on the train videos'
                mean (``centred``) and standardised per dimension by the train videos' mean and
                std (``standardised``) before the L2 normalisation; mean +- sample std per arm.
-    backbone   kNN and recall@1 (``--linear``: and the linear probe) after embedding the eval clips again with the online backbone on
-               its running BN statistics (``running``: the ablation's), with BN statistics
-               re-estimated on the train eval clips (``precise``: PySlowFast's precise BN), and
-               with the checkpoint's EMA key backbone (``ema``); the random init has no EMA.
+    backbone   kNN, recall@1 and recall@5 (``--linear``: and the linear probe) after embedding the eval clips again with
+               the online backbone on its running BN statistics (``running``: the ablation's), with BN
+               statistics re-estimated on every train eval clip (``precise``: mohico.eval.features.precise_bn,
+               PySlowFast's precise BN, as `mohico eval --precise-bn`), and with the checkpoint's EMA
+               key backbone (``ema``); the random init has no EMA. A run dir holding a backbone file
+               (the sanity arm's ``backbone.pt``) is read at the ablation config's geometry.
     curve      kNN and recall@1 (``--linear``: and the 5-fold linear probe) of every checkpoint
                kept in one run dir: does the encoder get better or worse along the way? Train
                with ``--set checkpoint.every_steps=N --set checkpoint.keep=K`` to keep them.
@@ -79,30 +81,19 @@ def run_knn_norm(work: Path, test_videos: int) -> dict:
 
 def run_dir_backbone(run: Path, cfg_overrides: list[str]):
     """``(cfg, config path, last checkpoint or "random")`` of an ablation run dir (``random-sN``: the
-    seed's init, built from the ablation's config plus ``cfg_overrides``)."""
+    seed's init, built from the ablation's config plus ``cfg_overrides``; the sanity arm's dir holds
+    a backbone file, ``backbone.pt``, trained at the ablation config's geometry)."""
     from mohico.config import load_config
 
     arm, seed = run.name.rsplit("-s", 1)
     if arm == "random":
         return load_config(CONFIG, [f"trainer.seed={seed}", *cfg_overrides]), CONFIG, "random"
+    if (run / "backbone.pt").is_file() and not (run / "checkpoints").is_dir():
+        return load_config(CONFIG, [f"trainer.seed={seed}", *cfg_overrides]), CONFIG, run / "backbone.pt"
     steps = sorted((run / "checkpoints").glob("step_*"))
     if not steps:
         raise SystemExit(f"{run}/checkpoints: no step_* checkpoint; train it with benchmarks/motion_ablation.py first")
     return load_config(run / "config.yaml", []), run / "config.yaml", steps[-1]
-
-
-def precise_bn(backbone: torch.nn.Module, clips: torch.Tensor, batch: int = 16) -> None:
-    """Re-estimate every BN layer's running statistics as the plain average over ``clips: (N, C, T, H, W)``
-    in batches of ``batch`` (PySlowFast's precise BN); the backbone is left in eval mode."""
-    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None                       # cumulative average over the batches
-    backbone.train()
-    with torch.no_grad():
-        for i in range(0, len(clips), batch):
-            backbone(clips[i:i + batch])
-    backbone.eval()
 
 
 def ema_backbone(backbone: torch.nn.Module, ckpt: Path) -> None:
@@ -133,13 +124,15 @@ def score(backbone, train_videos, test_videos, linear: bool, seed: int) -> dict[
     cpu = torch.device("cpu")
     tr = embed_views(backbone, train_videos, cpu).labelled("train eval clips")
     te = embed_views(backbone, test_videos, cpu).labelled("test eval clips")
-    out = {"knn": 100 * ep.knn(tr, te)["top1"], "recall@1": 100 * ep.retrieval(tr, te)["recall@1"]}
+    recall = ep.retrieval(tr, te)
+    out = {"knn": 100 * ep.knn(tr, te)["top1"], "recall@1": 100 * recall["recall@1"], "recall@5": 100 * recall["recall@5"]}
     if linear:
         out["linear"] = 100 * ep.linear(tr, te, seed=seed)["top1"]
     return out
 
 
 def run_backbone(work: Path, args) -> dict:
+    from mohico.eval.features import precise_bn
     from mohico.eval.knn import load_eval_backbone
 
     res = {}
@@ -150,7 +143,7 @@ def run_backbone(work: Path, args) -> dict:
                 continue
             backbone = load_eval_backbone(str(ckpt), cfg, config)
             if mode == "precise":
-                precise_bn(backbone, torch.from_numpy(np.stack([v.clips for v in videos[0]])).flatten(0, 1))
+                precise_bn(backbone, (c for v in videos[0] for c in v.clips), torch.device("cpu"))   # every train clip
             elif mode == "ema":
                 ema_backbone(backbone, ckpt)
             res[f"{name}/{mode}"] = r = score(backbone, *videos, args.linear, int(name.rsplit("-s", 1)[1]))

@@ -217,6 +217,31 @@ def test_informative_embeddings_beat_chance(labelled_shards):
     assert P.knn_eval(noise, cfg, labelled_shards, labelled_shards, k=1)["num_val"] == 6
 
 
+def test_precise_bn_protocol_normalises_with_the_train_views_statistics(labelled_shards):
+    """run_protocol(precise_bn_batches=N) scores the backbone after precise_bn on N batches of the
+    train shards' views: the same BN buffers and kNN as doing it by hand, other features than the
+    running statistics give."""
+    from mohico.eval.features import embed_views, precise_bn
+
+    cfg = load_config(CONFIG)
+    cpu = torch.device("cpu")
+    views = lambda: list(C.iter_labelled(labelled_shards, cfg.data, 2))         # 6 videos x 2 clips
+    manual = K.load_eval_backbone("random", cfg)
+    assert precise_bn(manual, (c for v in views() for c in v.clips), cpu, 4, 2) == 8
+    feats = embed_views(manual, views(), cpu).labelled()
+    want = P.knn(feats, feats, k=3)
+    backbone = K.load_eval_backbone("random", cfg)
+    res = P.run_protocol("knn", backbone, cfg, labelled_shards, labelled_shards, {"k": 3}, clips_per_video=2,
+                         batch_size=4, precise_bn_batches=2)
+    assert res["bn_statistics"] == "precise: 8 train clips" and res["bn_precise_clips"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), manual.state_dict().values()))
+    assert (res["top1"], res["per_video"]) == (want["top1"], want["per_video"])
+    running = K.load_eval_backbone("random", cfg)
+    assert P.run_protocol("knn", running, cfg, labelled_shards, labelled_shards, {"k": 3}, clips_per_video=2,
+                          batch_size=4)["bn_statistics"] == "running"
+    assert not np.allclose(embed_views(running, views(), cpu).feats, feats.feats, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_and_checkpoint_mismatch(labelled_shards, tmp_path):
     from mohico.models.backbones import build_backbone
@@ -237,6 +262,13 @@ def test_cli_end_to_end_and_checkpoint_mismatch(labelled_shards, tmp_path):
     assert "top-1" in res.stdout
     saved = json.loads(out.read_text())
     assert saved["k"] == 3 and saved["num_val"] == 6 and len(saved["per_video"]) == 6 and 0 <= saved["top1"] <= 1
+    assert saved["bn_statistics"] == "running"
+    # --precise-bn: the statistics of the 6 train views (a batch of 4, then the other 2), in the table and the JSON
+    res = cli(cmd + ["--precise-bn", "2", "--batch-size", "4"])
+    assert res.returncode == 0 and "precise: 6 train clips" in res.stdout, res.stderr[-3000:]
+    assert json.loads(out.read_text())["bn_precise_clips"] == 6
+    res = cli(cmd + ["--precise-bn", "2", "--batch-size", "1"])
+    assert res.returncode == 2 and "--precise-bn" in res.stderr
     # the config asks for another width: a clear error, exit 1
     res = cli(cmd[:-2] + ["--set", "model.backbone_options={width: 16}"])
     assert res.returncode == 1 and "width" in res.stderr and "config" in res.stderr, res.stderr[-2000:]

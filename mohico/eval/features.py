@@ -11,7 +11,13 @@ time (``--labels FILE``: JSON ``{source: label}`` or ``source<TAB>label`` lines,
 video's source name, file name, stem or shard key), so relabelling needs no re-encode. A video
 with no label is skipped and counted (``FeatureSet.unlabelled``).
 
-Cache: ``cache_dir/<sha256>.npz`` keyed by the backbone's weights, the shard files (path, size,
+BN statistics: the frozen backbone embeds with its *running* BatchNorm statistics (those of its
+training data; for ``random``, PyTorch's defaults, i.e. no normalisation), or, after
+:func:`precise_bn`, with statistics re-estimated on the train clips (PySlowFast's precise BN: every
+backbone, pretrained or random, normalised by the same data). On the motion benchmark the choice
+moves a random init's kNN by ~11 points (``benchmarks/reports/2026-12-06-motion-bn-crop-hico.md``).
+
+Cache: ``cache_dir/<sha256>.npz`` keyed by the backbone's weights (BN statistics included), the shard files (path, size,
 mtime), the clip geometry (``data.clip_len, frame_stride, reference_fps, crop_size, mean, std``) and the view
 counts. Labels are applied after the cache, so a new labels file reuses the features.
 """
@@ -24,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,6 +144,54 @@ def embed_views(backbone: nn.Module, videos, device: torch.device, batch_size: i
         raise MohicoError("no videos to embed (empty shards)")
     f = np.concatenate(feats).astype(np.float32)
     return FeatureSet(keys, sources, labels, f.reshape(len(keys), views[0], f.shape[1]))
+
+
+@torch.no_grad()
+def precise_bn(backbone: nn.Module, clips: Iterable[np.ndarray], device: torch.device, batch_size: int = 16,
+               max_batches: int = 200) -> int:
+    """Re-estimate the running mean and variance of every BatchNorm layer of ``backbone`` on ``clips``
+    (``(C, T, H, W)`` arrays, e.g. the train videos' eval views), ``batch_size`` clips a forward pass,
+    at most ``max_batches`` passes: each statistic becomes the plain average over the passes of the
+    pass's batch mean and unbiased batch variance (PySlowFast's precise BN, ``BN.USE_PRECISE_STATS`` /
+    ``NUM_BATCHES_PRECISE``; PyTorch's cumulative average, ``momentum=None``). Weights are untouched;
+    the backbone is left in eval mode with each layer's momentum as it was. Returns the clips used
+    (0: no BN layer, nothing changed)."""
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    if batch_size < 2 or max_batches < 1:
+        raise MohicoError(f"precise BN needs batches of >= 2 clips and >= 1 batch, got {batch_size} x {max_batches}")
+    momenta = [m.momentum for m in bns]
+    backbone.to(device)
+    dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+    batches, used, pending = 0, 0, []
+
+    def forward() -> None:
+        backbone(torch.from_numpy(np.stack(pending)).to(device, dtype))
+
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        backbone.train()
+        for clip in clips:
+            pending.append(clip)
+            if len(pending) == batch_size:
+                forward()
+                batches, used = batches + 1, used + len(pending)
+                pending.clear()
+                if batches == max_batches:
+                    break
+        if len(pending) > 1 and batches < max_batches:      # the remainder (a lone clip: no variance)
+            forward()
+            used += len(pending)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        backbone.eval()
+    if not used:
+        raise MohicoError("precise BN: no clips to estimate the statistics on (empty train shards)")
+    return used
 
 
 def backbone_digest(backbone: nn.Module) -> str:

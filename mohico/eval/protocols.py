@@ -11,7 +11,9 @@ and returns a JSON-able dict):
 - ``linear(train, test, lrs=..., weight_decays=..., epochs=100, ...)`` -> ``{"top1", "top5", "lr",
   "weight_decay", "search": [...], ...}``;
 - ``retrieval_recall(gallery, gallery_labels, query, query_labels, ks, exclude, center=True)`` on arrays;
-- ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, ...)`` does both steps;
+- ``run_protocol(name, backbone, cfg, train_shards, test_shards, options={...}, precise_bn_batches=0, ...)``
+  does both steps (with ``precise_bn_batches`` > 0, after re-estimating the BN statistics on the train
+  views: :func:`mohico.eval.features.precise_bn`);
   ``knn_eval(backbone, cfg, train_shards, val_shards, k=20, ...)`` is its kNN case.
 
 **Retrieval** (CoCLR's ``test_retrieval``, the code behind most published UCF101/HMDB51 recall@k):
@@ -36,8 +38,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from mohico.datasets.load.eval_clips import iter_labelled
 from mohico.errors import MohicoError
-from mohico.eval.features import FeatureSet, class_index, extract_features
+from mohico.eval.features import FeatureSet, class_index, extract_features, precise_bn
 from mohico.eval.knn import knn_vote, ranked_classes, topk_accuracy
 from mohico.eval.linear_probe import fit_linear, stratified_folds, stratified_holdout, video_probabilities
 
@@ -228,14 +231,23 @@ def linear(train: FeatureSet, test: FeatureSet, lrs: Sequence[float] = LINEAR_LR
 # --------------------------------------------------------------------------- backbone + shards
 def run_protocol(name: str, backbone, cfg, train_shards, test_shards, options: Optional[dict] = None,
                  labels: Optional[dict] = None, clips_per_video: int = 1, spatial_crops: int = 1, cache_dir=None,
-                 batch_size: int = 16, device="cpu", progress: bool = False) -> dict:
+                 batch_size: int = 16, device="cpu", progress: bool = False, precise_bn_batches: int = 0) -> dict:
     """Extract (or read cached) features of both shard sets (``batch_size`` clips per forward pass),
     then run protocol ``name`` with keyword ``options`` (e.g. ``{"k": 20}``, ``{"ks": [1, 5]}``,
-    ``{"lrs": [0.1], "epochs": 50}``)."""
+    ``{"lrs": [0.1], "epochs": 50}``). ``precise_bn_batches`` > 0: first re-estimate the backbone's
+    BN statistics on that many batches of the train shards' views (:func:`precise_bn`); 0 keeps the
+    backbone's running statistics. The result says which (``"bn_statistics"``, and the clips used:
+    ``"bn_precise_clips"``, 0 for the running statistics or a backbone without BN)."""
     options = dict(options or {})
     fn = {"knn": knn, "retrieval": retrieval, "linear": linear}.get(name)
     if fn is None:
         raise MohicoError(f"unknown evaluation protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    used = 0
+    if precise_bn_batches > 0:
+        views = (clip for v in iter_labelled(train_shards, cfg.data, clips_per_video, "precise BN", spatial_crops,
+                                             require_label=False) for clip in v.clips)
+        used = precise_bn(backbone, views, torch.device(device), batch_size, precise_bn_batches)
+    bn_statistics = f"precise: {used} train clips" if used else "running"
     common = dict(labels=labels, clips_per_video=clips_per_video, spatial_crops=spatial_crops, cache_dir=cache_dir,
                   batch_size=batch_size, device=device, progress=progress)
     train = features(backbone, cfg, train_shards, where="train shards", **common)
@@ -245,7 +257,8 @@ def run_protocol(name: str, backbone, cfg, train_shards, test_shards, options: O
         options.setdefault("device", device)
         options.setdefault("progress", progress)
     res = fn(train, test, **options)
-    return {"protocol": name, "clips_per_video": clips_per_video, "spatial_crops": spatial_crops, **res}
+    return {"protocol": name, "clips_per_video": clips_per_video, "spatial_crops": spatial_crops,
+            "bn_statistics": bn_statistics, "bn_precise_clips": used, **res}
 
 
 def knn_eval(backbone: torch.nn.Module, cfg, train_shards, val_shards, k: int = 20, temperature: float = 0.07,

@@ -18,6 +18,8 @@ embedded by the frozen backbone and L2-normalised (no augmentation); features ca
   config (e.g. configs/finetune_ucf101.yaml; its run.dir, resumable, DeepSpeed, W&B), then multi-clip test
   accuracy on --val (finetune.test_clips x finetune.test_crops views, softmax averaged) in RUN_DIR/finetune_test.json.
 The same shards may be both sets for knn and retrieval: a video never matches itself.
+BN statistics: the backbone's running ones (default), or with --precise-bn N re-estimated on N batches of the
+train views first (PySlowFast's precise BN; every backbone, random init included, normalised by the same data).
 Results: a table on stdout, JSON (--out), and W&B (the pretraining run's when CKPT is a run, else a new run).
 """
 from __future__ import annotations
@@ -52,6 +54,9 @@ def add_arguments(p):
                    help="crops of the short side along the long side (1 centre, 3 left/centre/right; default 1, linear 3)")
     p.add_argument("--cache", default=None, metavar="DIR", help="cache extracted features here (reused when unchanged)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward pass (default 16)")
+    p.add_argument("--precise-bn", type=int, default=0, metavar="BATCHES",
+                   help="re-estimate the BN statistics on this many batches of the train views before embedding "
+                        "(PySlowFast's precise BN, e.g. 200; default 0: the backbone's running statistics)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", default=None, metavar="results.json", help="write the results (with per-video predictions)")
     p.add_argument("--no-wandb", action="store_true", help="do not log the results to W&B")
@@ -138,6 +143,8 @@ def run(args) -> int:
     crops = args.spatial_crops if args.spatial_crops is not None else (3 if linear else 1)
     if args.k < 1 or clips < 1 or crops < 1 or args.batch_size < 1 or args.temperature <= 0:
         raise UsageError("--k, --clips-per-video, --spatial-crops and --batch-size must be >= 1 and --temperature > 0")
+    if args.precise_bn < 0 or (args.precise_bn and args.batch_size < 2):
+        raise UsageError("--precise-bn takes a number of batches >= 0, and batches of --batch-size >= 2 clips")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise UsageError(f"--set takes key=value, got {bad}")
@@ -167,7 +174,7 @@ def run(args) -> int:
     backbone = load_eval_backbone(ckpt, cfg, config)
     res = run_protocol(protocol, backbone, cfg, args.train, args.val, options, labels=labels, clips_per_video=clips,
                        spatial_crops=crops, cache_dir=args.cache, batch_size=args.batch_size, device=device,
-                       progress=not args.quiet)
+                       progress=not args.quiet, precise_bn_batches=args.precise_bn)
     res = {"protocol": protocol, "checkpoint": str(ckpt), "config": str(config), "train": str(args.train),
            "val": str(args.val), "labels": args.labels, **res}
     if protocol == "knn":
