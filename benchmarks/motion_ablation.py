@@ -84,6 +84,9 @@ ARMS: dict[str, list[str] | None] = {
     "mcl-halves-ocrop": [HALVES, "sampling.crop_rule=official"],   # mcl-halves with the official code's crop rule
     "mcl-official": ["sampling.mcl_temporal=halves", "objectives.mcl.variant=official"],
     "nce-halves": [NO_MAL, "sampling.motion_prob=0.0", "sampling.motion_crop=false", "sampling.mcl_temporal=halves"],
+    # MCL's Table 1 rows on the official draw: + motion-focused temporal sampling, + spatial cropping
+    "nce-halves+ts": [NO_MAL, "sampling.motion_crop=false", HALVES],
+    "nce-halves+ts+sc": [NO_MAL, HALVES],
     "mcl-halves-adamw": [HALVES, *ADAMW],
     "mcl-official-adamw": [HALVES, "objectives.mcl.variant=official", *ADAMW],
     "mcl-halves-noaug": [HALVES, *FLIP_ONLY],
