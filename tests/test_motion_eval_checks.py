@@ -1,5 +1,5 @@
-"""benchmarks/motion_eval_checks.py: its feature normalisations, precise BN and EMA-backbone loading
-against independent computations."""
+"""benchmarks/motion_eval_checks.py: its feature normalisations and EMA-backbone loading against
+independent computations (its precise BN is mohico.eval.features.precise_bn: tests/test_precise_bn.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,20 +25,6 @@ def test_normalised_features_use_the_train_statistics_only(benchmark_script):
     s = m.normalised(train, test, "standardised")
     np.testing.assert_allclose(s["test"], (test - mu) / sd, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(s["train"].std(0), 1.0, rtol=1e-4)
-
-
-def test_precise_bn_sets_the_running_statistics_to_the_clips_statistics(benchmark_script):
-    m = benchmark_script("motion_eval_checks")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(3, 4, 1, bias=False), nn.BatchNorm3d(4))
-    net[1].running_mean.fill_(5.0)          # stale statistics from training
-    net[1].running_var.fill_(9.0)
-    clips = torch.randn(6, 3, 2, 4, 4) * 2 + 1
-    m.precise_bn(net, clips, batch=len(clips))
-    act = net[0](clips).detach().double().transpose(0, 1).reshape(4, -1).numpy()   # (C, N*T*H*W)
-    np.testing.assert_allclose(net[1].running_mean.double().numpy(), act.mean(1), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(net[1].running_var.double().numpy(), act.var(1, ddof=1), rtol=1e-5)
-    assert not net.training
 
 
 def test_ema_backbone_loads_the_key_encoders_weights(tmp_path, benchmark_script):
